@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: set up (idempotent), then run the suite. Services the tests need (SeaweedFS S3,
+# a Prefect server) are started by the test session itself on 127.0.0.1 and stopped at its end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash infra/setup.sh
+export PYTHONUNBUFFERED=1
+exec .venv/bin/python -m pytest -q -ra "$@"

@@ -1,0 +1,1 @@
+"""Prefect server fixtures for tests: see infra/prefect_server.py."""

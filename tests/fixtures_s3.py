@@ -1,0 +1,1 @@
+"""S3 (SeaweedFS) fixtures for tests: see infra/s3server.py."""
