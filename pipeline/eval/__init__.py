@@ -1,0 +1,1 @@
+"""Evaluation: benchmark importers, metrics, the generation runner, long-video scoring, checkpoint entry point."""
