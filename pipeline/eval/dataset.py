@@ -1,0 +1,89 @@
+"""The one eval format every benchmark is imported into: an Arrow IPC file of samples.
+
+Columns:
+  id        unique within the suite (string)
+  suite     benchmark name, e.g. "docvqa"
+  image     the encoded image file as published (PNG/JPEG bytes), null for text-only samples
+  question  the question text
+  hint      context shown before the question (MMBench), "" if none
+  answers   accepted answers; for multiple choice, the one correct letter
+  options   option texts in letter order (multiple choice), [] otherwise
+  metric    how a prediction is scored: one of metrics.METRICS
+  category  the benchmark's own category/type, used for per-category scores
+  source    sub-dataset (OCRBench's dataset_name, ChartQA's human/augmented split)
+  group     rotations of one circular multiple-choice question share a group, "" otherwise
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Iterable, Iterator
+
+import fsspec
+import pyarrow as pa
+from PIL import Image
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("suite", pa.string()),
+    ("image", pa.binary()),
+    ("question", pa.string()),
+    ("hint", pa.string()),
+    ("answers", pa.list_(pa.string())),
+    ("options", pa.list_(pa.string())),
+    ("metric", pa.string()),
+    ("category", pa.string()),
+    ("source", pa.string()),
+    ("group", pa.string()),
+])
+
+_DEFAULTS = {"image": None, "hint": "", "options": [], "category": "", "source": "", "group": ""}
+_BATCH_ROWS = 256  # keeps memory bounded when a benchmark holds gigabytes of images
+
+
+def make_sample(**fields) -> dict:
+    sample = {**_DEFAULTS, **fields}
+    missing = [name for name in SCHEMA.names if name not in sample]
+    if missing:
+        raise ValueError(f"sample lacks {missing}")
+    return {name: sample[name] for name in SCHEMA.names}
+
+
+def write_samples(samples: Iterable[dict], url: str) -> int:
+    """Writes samples to an Arrow IPC file at an fsspec URL; returns the number written."""
+    count = 0
+    with fsspec.open(url, "wb", auto_mkdir=True) as f, pa.ipc.new_file(f, SCHEMA) as writer:
+        batch: list[dict] = []
+        for sample in samples:
+            batch.append(make_sample(**sample))
+            if len(batch) == _BATCH_ROWS:
+                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
+                count += len(batch)
+                batch = []
+        if batch:
+            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
+            count += len(batch)
+    return count
+
+
+def read_samples(url: str, limit: int | None = None) -> Iterator[dict]:
+    """Samples of an eval file, one record batch in memory at a time."""
+    seen = 0
+    with fsspec.open(url, "rb") as f:
+        reader = pa.ipc.open_file(f)
+        for i in range(reader.num_record_batches):
+            for row in reader.get_batch(i).to_pylist():
+                if limit is not None and seen >= limit:
+                    return
+                seen += 1
+                yield row
+
+
+def decode_image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()

@@ -1,0 +1,196 @@
+"""Importers: each benchmark's published files → samples in the eval format (see dataset.py).
+
+Every importer takes fsspec URLs and yields samples; `import_benchmark` writes them to one Arrow file.
+Images are stored as the published encoded bytes, so nothing is re-compressed.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import posixpath
+import sys
+from typing import Callable, Iterator
+
+import fsspec
+
+from .dataset import make_sample, write_samples
+from .metrics import LETTERS
+
+
+def import_benchmark(layout: str, src: str, out_url: str, **options) -> int:
+    """Imports `src` in the named published layout into the Arrow eval file `out_url`; returns the count."""
+    if layout not in IMPORTERS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(sorted(IMPORTERS))}")
+    return write_samples(IMPORTERS[layout](src, **options), out_url)
+
+
+# -- DocVQA ---------------------------------------------------------------------------------------------------
+
+def import_docvqa(json_url: str, image_root: str | None = None, suite: str = "docvqa") -> Iterator[dict]:
+    """`{"data": [{questionId, question, image: "documents/x.png", answers, question_types}]}`.
+
+    Image paths are relative to the folder holding the json unless `image_root` is given. The test split
+    ships without answers; those samples get an empty answer list.
+    """
+    root = image_root or _parent(json_url)
+    for item in _read_json(json_url)["data"]:
+        yield make_sample(
+            id=str(item["questionId"]), suite=suite, image=_read_bytes(_join(root, item["image"])),
+            question=item["question"], answers=[str(a) for a in item.get("answers", [])], metric="anls",
+            category="/".join(item.get("question_types", [])),
+        )
+
+
+# -- TextVQA --------------------------------------------------------------------------------------------------
+
+def import_textvqa(json_url: str, image_root: str, suite: str = "textvqa",
+                   image_ext: str = ".jpg") -> Iterator[dict]:
+    """`TextVQA_0.5.1_val.json`: `{"data": [{question_id, question, image_id, answers (10)}]}`.
+
+    Images are `<image_root>/<image_id>.jpg` (the val split's images sit in train_images/).
+    """
+    for item in _read_json(json_url)["data"]:
+        yield make_sample(
+            id=str(item["question_id"]), suite=suite, image=_read_bytes(_join(image_root, item["image_id"] + image_ext)),
+            question=item["question"], answers=[str(a) for a in item.get("answers", [])], metric="vqa",
+        )
+
+
+# -- ChartQA --------------------------------------------------------------------------------------------------
+
+def import_chartqa(json_url: str, image_root: str | None = None, suite: str = "chartqa",
+                   source: str | None = None) -> Iterator[dict]:
+    """`test/test_human.json` or `test_augmented.json`: `[{imgname, query, label}]`, images in `test/png/`.
+
+    `source` (default: "human"/"augmented" from the file name) keeps the two splits apart in the report,
+    since ChartQA's headline number is their average.
+    """
+    root = image_root or _join(_parent(json_url), "png")
+    name = posixpath.basename(json_url).rsplit(".", 1)[0]
+    source = source or name.replace("test_", "").replace("val_", "")
+    for i, item in enumerate(_read_json(json_url)):
+        yield make_sample(
+            id=f"{source}/{i}", suite=suite, image=_read_bytes(_join(root, item["imgname"])),
+            question=item["query"], answers=[str(item["label"])], metric="relaxed", category=source, source=source,
+        )
+
+
+# -- MMBench and other VLMEvalKit-style multiple-choice TSVs (AI2D_TEST too) -------------------------------------
+
+def import_mc_tsv(tsv_url: str, suite: str = "mmbench", circular: bool = False) -> Iterator[dict]:
+    """TSV with index, question, hint, A, B, C, D (…), answer, category, image (base64), l2-category, ….
+
+    An image cell of at most 64 characters is the index of the row whose image it reuses (how VLMEvalKit
+    deduplicates). With `circular`, every question is repeated with its options rotated (MMBench's
+    CircularEval); the rotations share a group and the answer letter follows its option.
+    """
+    rows = list(_read_tsv(tsv_url))
+    images = {row["index"]: row["image"] for row in rows if len(row.get("image", "")) > 64}
+    for row in rows:
+        image = row.get("image", "")
+        image = images.get(image, image) if len(image) <= 64 else image
+        options = [row[c] for c in LETTERS if _present(row.get(c))]
+        answer = (row.get("answer") or "").strip()
+        category = row.get("category") or row.get("l2-category") or ""
+        hint = row.get("hint") if _present(row.get("hint")) else ""
+        base = dict(suite=suite, image=base64.b64decode(image) if image else None, question=row["question"],
+                    hint=hint, metric="mc", category=category, source=row.get("source") or "")
+        if not circular:
+            yield make_sample(id=row["index"], answers=[answer] if answer else [], options=options, **base)
+            continue
+        for shift in range(len(options)):
+            rotated = options[shift:] + options[:shift]
+            new_answer = LETTERS[(LETTERS.index(answer) - shift) % len(options)] if answer else ""
+            yield make_sample(id=row["index"] if shift == 0 else f"{row['index']}@{shift}", group=row["index"],
+                              answers=[new_answer] if new_answer else [], options=rotated, **base)
+
+
+def _present(value) -> bool:
+    # pandas writes missing cells as empty strings or "nan" depending on who produced the TSV
+    return value is not None and str(value).strip() not in ("", "nan", "NaN", "None")
+
+
+# -- AI2D, original release --------------------------------------------------------------------------------------
+
+def import_ai2d(root: str, suite: str = "ai2d", test_ids_url: str | None = None) -> Iterator[dict]:
+    """`<root>/questions/<image>.json` = {imageName, questions: {text: {answerTexts, correctAnswer, questionId,
+    abcLabel}}} with images in `<root>/images/`. `test_ids_url` (ai2d_test_ids.csv: one image id a line)
+    restricts to the test split the papers report."""
+    keep = None
+    if test_ids_url:
+        with fsspec.open(test_ids_url, "r") as f:
+            keep = {line.strip() for line in f if line.strip()}
+    fs, base = fsspec.core.url_to_fs(_join(root, "questions"))
+    for path in sorted(fs.glob(base + "/*.json")):
+        with fs.open(path, "r") as f:
+            doc = json.load(f)
+        image_name = doc["imageName"]
+        if keep is not None and image_name.split(".")[0] not in keep:
+            continue
+        image = _read_bytes(_join(_join(root, "images"), image_name))
+        for text, q in sorted(doc["questions"].items(), key=lambda kv: kv[1]["questionId"]):
+            options = [str(t) for t in q["answerTexts"]]
+            yield make_sample(
+                id=q["questionId"], suite=suite, image=image, question=text, options=options,
+                answers=[LETTERS[int(q["correctAnswer"])]], metric="mc",
+                category="abc-label" if q.get("abcLabel") else "no-label",
+            )
+
+
+# -- OCRBench -------------------------------------------------------------------------------------------------
+
+def import_ocrbench(json_url: str, image_root: str | None = None, suite: str = "ocrbench") -> Iterator[dict]:
+    """`OCRBench.json`: `[{image_path, question, answers (str or list), dataset_name, type}]`.
+
+    Image paths are relative to `image_root` (the OCRBench_Images folder), default the json's folder.
+    """
+    root = image_root or _parent(json_url)
+    for i, item in enumerate(_read_json(json_url)):
+        answers = item["answers"] if isinstance(item["answers"], list) else [item["answers"]]
+        yield make_sample(
+            id=str(item.get("id", i)), suite=suite, image=_read_bytes(_join(root, item["image_path"])),
+            question=item["question"], answers=[str(a) for a in answers], metric="ocrbench",
+            category=item.get("type", ""), source=item.get("dataset_name", ""),
+        )
+
+
+IMPORTERS: dict[str, Callable[..., Iterator[dict]]] = {
+    "docvqa": import_docvqa,
+    "textvqa": import_textvqa,
+    "chartqa": import_chartqa,
+    "mmbench": import_mc_tsv,
+    "mc_tsv": import_mc_tsv,
+    "ai2d": import_ai2d,
+    "ocrbench": import_ocrbench,
+}
+
+
+# -- file access -----------------------------------------------------------------------------------------------
+
+def _join(root: str, relative: str) -> str:
+    return root.rstrip("/") + "/" + relative.lstrip("/")
+
+
+def _parent(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def _read_json(url: str):
+    with fsspec.open(url, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def _read_tsv(url: str) -> Iterator[dict]:
+    csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default field limit
+    with fsspec.open(url, "rb") as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        for row in csv.DictReader(text, delimiter="\t"):
+            yield {k: (v if v is not None else "") for k, v in row.items()}
