@@ -1,0 +1,205 @@
+"""Batched greedy generation over eval samples, scoring, and the per-suite reports.
+
+A sample is a dict in the eval format (dataset.py); it may also carry `video`: a list of PIL frames,
+which the long-video task generates in memory. For each suite the runner writes, under
+`<out_dir>/<suite>/`:
+  results.json   the summary (score in percent, per-category scores, config)
+  results.md     the same as a markdown table
+  samples.jsonl  one line per sample: prompt, answers, prediction, the answer that was scored, score
+`rescore` recomputes results.json's numbers from samples.jsonl alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Iterable, Iterator
+
+import fsspec
+import torch
+from PIL import Image
+
+from .dataset import decode_image
+from .metrics import LETTERS, aggregate, score_sample
+
+log = logging.getLogger(__name__)
+
+# The instructions Qwen2.5-VL was tuned with, so scores compare with its published ones.
+DEFAULT_PROMPTS = {
+    "vqa": "Answer the question using a single word or phrase.",
+    "anls": "Answer the question using a single word or phrase.",
+    "relaxed": "Answer the question using a single word or phrase.",
+    "mc": "Answer with the option's letter from the given choices directly.",
+    "ocrbench": "",
+}
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    min_pixels: int | None = None        # image limits; None keeps the processor's own
+    max_pixels: int | None = None
+    video_min_pixels: int | None = None  # per-frame limits for video samples
+    video_max_pixels: int | None = None
+    video_fps: float = 2.0
+    limit: int | None = None             # evaluate only the first N samples of a suite
+    prompts: dict[str, str] = field(default_factory=dict)  # metric -> instruction, overriding DEFAULT_PROMPTS
+
+    @classmethod
+    def from_dict(cls, values: dict | "EvalConfig" | None) -> "EvalConfig":
+        if values is None:
+            return cls()
+        if isinstance(values, cls):
+            return values
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown eval config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+# -- prompts -----------------------------------------------------------------------------------------------------
+
+def build_prompt(sample: dict, prompts: dict[str, str] | None = None) -> str:
+    instruction = {**DEFAULT_PROMPTS, **(prompts or {})}.get(sample["metric"], "")
+    parts = []
+    if sample.get("hint"):
+        parts.append(f"Hint: {sample['hint']}")
+    parts.append(sample["question"])
+    if sample["metric"] == "mc":
+        parts.append("Options:\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(sample["options"])))
+    if instruction:
+        parts.append(instruction)
+    return "\n".join(parts)
+
+
+def build_messages(sample: dict, prompt: str) -> list[dict]:
+    content = []
+    if sample.get("image") is not None:
+        content.append({"type": "image"})
+    if sample.get("video") is not None:
+        content.append({"type": "video"})
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+# -- generation ------------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def generate_batch(model, processor, samples: list[dict], config: EvalConfig) -> list[str]:
+    """Greedy answers for one batch, prompts padded on the left."""
+    prompts = [build_prompt(s, config.prompts) for s in samples]
+    texts = [processor.apply_chat_template(build_messages(s, p), add_generation_prompt=True)
+             for s, p in zip(samples, prompts)]
+    images = [_as_image(s["image"]) for s in samples if s.get("image") is not None]
+    videos = [s["video"] for s in samples if s.get("video") is not None]
+    # The processor takes one pair of pixel limits; a batch with video uses the per-frame ones.
+    min_pixels, max_pixels = ((config.video_min_pixels, config.video_max_pixels) if videos
+                              else (config.min_pixels, config.max_pixels))
+    inputs = processor(text=texts, images=images or None, videos=videos or None, video_fps=config.video_fps,
+                       min_pixels=min_pixels, max_pixels=max_pixels, padding_side="left")
+    inputs = _to_model(inputs, model)
+    out = model.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _as_image(value) -> Image.Image:
+    return value if isinstance(value, Image.Image) else decode_image(value)
+
+
+def _to_model(inputs, model) -> dict:
+    device = getattr(model, "device", torch.device("cpu"))
+    dtype = getattr(model, "dtype", torch.float32)
+    moved = {}
+    for key, value in dict(inputs).items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if key.startswith("pixel_values"):
+                value = value.to(dtype)
+        moved[key] = value
+    return moved
+
+
+# -- a suite -----------------------------------------------------------------------------------------------------
+
+def run_suite(model, processor, samples: Iterable[dict], suite: str, out_dir: str,
+              config: EvalConfig | dict | None = None, model_name: str = "") -> dict:
+    """Generates, scores and reports one suite; returns the results written to results.json."""
+    config = EvalConfig.from_dict(config)
+    samples = itertools.islice(samples, config.limit) if config.limit is not None else iter(samples)
+    records = []
+    suite_dir = f"{out_dir.rstrip('/')}/{suite}"
+    with fsspec.open(f"{suite_dir}/samples.jsonl", "w", auto_mkdir=True) as per_sample:
+        for batch in _batches(samples, config.batch_size):
+            predictions = generate_batch(model, processor, batch, config)
+            for sample, prediction in zip(batch, predictions):
+                record = _score(sample, prediction, config)
+                per_sample.write(json.dumps(record) + "\n")
+                records.append(record)
+            log.info("%s: %d samples scored", suite, len(records))
+    results = {
+        "suite": suite,
+        "model": model_name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": sorted({r["metric"] for r in records}),
+        **aggregate(records),
+        "config": asdict(config),
+    }
+    _write_text(f"{suite_dir}/results.json", json.dumps(results, indent=2))
+    _write_text(f"{suite_dir}/results.md", markdown_table([results]))
+    return results
+
+
+def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    while batch := list(itertools.islice(samples, size)):
+        yield batch
+
+
+def _score(sample: dict, prediction: str, config: EvalConfig) -> dict:
+    score, scored_answer = score_sample(sample["metric"], prediction, sample["answers"], sample.get("options", []),
+                                        sample.get("source", ""))
+    return {
+        "id": sample["id"], "suite": sample["suite"], "metric": sample["metric"],
+        "category": sample.get("category", ""), "source": sample.get("source", ""), "group": sample.get("group", ""),
+        "prompt": build_prompt(sample, config.prompts), "answers": list(sample["answers"]),
+        "options": list(sample.get("options", [])), "prediction": prediction, "scored_answer": scored_answer,
+        "score": score,
+    }
+
+
+def rescore(samples_url: str) -> dict:
+    """The suite summary recomputed from a samples.jsonl: what results.json must agree with."""
+    records = []
+    with fsspec.open(samples_url, "r") as f:
+        for line in f:
+            r = json.loads(line)
+            r["score"], _ = score_sample(r["metric"], r["prediction"], r["answers"], r["options"], r["source"])
+            records.append(r)
+    return aggregate(records)
+
+
+# -- reports -------------------------------------------------------------------------------------------------------
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per suite, then one per category where a suite has several."""
+    lines = ["| suite | category | n | score |", "|---|---|---:|---:|"]
+    for r in results:
+        headline = f"{r['score']:.2f}"
+        if "final_score" in r:
+            headline += f" ({r['final_score']:g} correct)"
+        lines.append(f"| {r['suite']} | all | {r['n']} | {headline} |")
+        if len(r["categories"]) > 1:
+            for name, c in r["categories"].items():
+                lines.append(f"| {r['suite']} | {name} | {c['n']} | {c['score']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(url: str, text: str) -> None:
+    with fsspec.open(url, "w", auto_mkdir=True) as f:
+        f.write(text)
+
