@@ -1,0 +1,161 @@
+"""`infinitevl`: run the pipeline or one stage, serve the deployments, show what a run has done.
+
+    infinitevl run CONFIG [--set section.field=value ...] [--force stage,...]
+    infinitevl stage NAME CONFIG [--set ...] [--force]
+    infinitevl serve [--config CONFIG] [--set ...]
+    infinitevl status RUN_ROOT_OR_CONFIG
+
+`run` and `stage` execute in this process; with no PREFECT_API_URL set, Prefect starts its temporary
+local server for the run. The config is validated and the stage plan checked before Prefect starts,
+so mistakes cost a second, not a server start.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.stages import COMPLETE, STAGE_ORDER, join, read_json, stage_state
+
+from .stages import PlanError, StageUnavailable, fingerprints, is_available, plan, stage_output
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="InfiniteVL: convert Qwen2.5-VL, train it in stages, evaluate it, with Prefect.")
+console = Console()
+SET_HELP = "override a config field, e.g. --set train.stage1a.steps=5 (repeatable)"
+
+
+@app.command()
+def run(config: str = typer.Argument(..., help="YAML path or fsspec URL"),
+        set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+        force: str = typer.Option("", "--force", help="comma-separated stages to recompute")) -> None:
+    """Run the config's stages in order, skipping those already committed for this config."""
+    forced = [s.strip() for s in force.split(",") if s.strip()]
+    _checked(config, set_, None, forced)
+    _execute(config=config, overrides=set_, force=forced, stages=None)
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help=f"one of: {', '.join(STAGE_ORDER)}"),
+          config: str = typer.Argument(..., help="YAML path or fsspec URL"),
+          set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+          force: bool = typer.Option(False, "--force", help="recompute even if committed")) -> None:
+    """Run one stage; the stages it reads must be committed already."""
+    _checked(config, set_, [name], [name] if force else [])
+    _execute(config=config, overrides=set_, force=[name] if force else [], stages=[name])
+
+
+@app.command()
+def serve(config: Optional[str] = typer.Option(None, "--config", "-c", help="default config of the deployments; "
+                                                "also schedules the eval of its run's latest checkpoint"),
+          set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP)) -> None:
+    """Serve every deployment against PREFECT_API_URL until interrupted."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _fail("PREFECT_API_URL is not set: point it at a Prefect server "
+              "(for development: python -m infra.prefect_server)")
+    if config:
+        _load(config, set_)
+    from prefect import serve as prefect_serve
+
+    from .deployments import build_deployments
+
+    prefect_serve(*build_deployments(config, set_))
+
+
+@app.command()
+def status(target: str = typer.Argument(..., help="a run root (holding config.yaml) or a config file"),
+           set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP)) -> None:
+    """What is done, what is next and where the outputs are, read from the stage markers."""
+    is_config = target.endswith((".yaml", ".yml"))
+    cfg = _load(target if is_config else join(target, "config.yaml"), set_)
+    prints = fingerprints(cfg)
+    rows, next_stage = [], None
+    for name in STAGE_ORDER:
+        output = stage_output(cfg, name)
+        state = stage_state(output, prints[name][0])
+        planned = name in cfg.run.stages
+        if state != "done" and planned and next_stage is None:
+            next_stage = name
+        if state == "missing" and not planned:
+            state = "not in run.stages" if is_available(name) else "not in this build"
+        marker = (read_json(join(output, COMPLETE)) or {}) if state == "done" else {}
+        metrics = marker.get("metrics", {})
+        rows.append({"stage": name, "status": state, "time_s": marker.get("duration_s"), "loss": metrics.get("loss"),
+                     "score": metrics.get("score"), "output": output})
+    console.print(summary_table(rows, f"run {cfg.run.name} at {cfg.run.root}"))
+    console.print(f"next: {next_stage}" if next_stage else "all stages of run.stages are done")
+
+
+def summary_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for column, justify in [("stage", "left"), ("status", "left"), ("time", "right"), ("loss", "right"),
+                            ("score", "right")]:
+        table.add_column(column, justify=justify, no_wrap=True)
+    table.add_column("output", overflow="fold")
+    for row in rows:
+        table.add_row(row["stage"], row["status"], _seconds(row.get("time_s")), _number(row.get("loss")),
+                      _number(row.get("score")), row["output"])
+    return table
+
+
+def _checked(config: str, overrides: list[str], only: list[str] | None, force: list[str]) -> RunConfig:
+    cfg = _load(config, overrides)
+    try:
+        plan(cfg, only, force)
+    except (PlanError, StageUnavailable) as e:
+        _fail(str(e))
+    return cfg
+
+
+def _execute(**parameters) -> None:
+    from .pipeline import infinitevl
+
+    try:
+        rows = infinitevl(**parameters)
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+    except Exception as e:  # the flow already logged the traceback; the summary says what failed
+        _fail(f"run failed: {type(e).__name__}: {e}", code=1)
+    console.print(summary_table(rows, f"infinitevl run of {parameters['config']}"))
+
+
+def _load(config: str, overrides: list[str]) -> RunConfig:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def _number(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Runs are often on machines without internet; the temporary server's telemetry would only log errors.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

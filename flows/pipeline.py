@@ -1,0 +1,127 @@
+"""The Prefect flows: the whole pipeline (or some of its stages) and the evaluation of one checkpoint.
+
+Both are registered under the flow name `infinitevl`, so their deployments read as
+`infinitevl/full-pipeline`, `infinitevl/stage-<name>` and `infinitevl/eval-checkpoint`.
+The work itself is in `pipeline/`; these only load the config, decide what to skip, emit the
+checkpoint events and publish artifacts.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from pipeline import checkpoints
+from pipeline.config import RunConfig, load_config, to_yaml
+from pipeline.stages import StageContext, StageOutcome, execute_stage, join, write_text
+
+from . import plots
+from .stages import EVALUATOR, REGISTRY, StageUnavailable, fingerprints, load_entry, plan, stage_output
+
+CHECKPOINT_EVENT = "infinitevl.checkpoint.written"
+CONFIG_FILE = "config.yaml"
+
+
+@flow(name="infinitevl", log_prints=True)
+def infinitevl(config: str, overrides: list[str] | None = None, force: list[str] | None = None,
+               stages: list[str] | None = None) -> list[dict]:
+    """Runs the configured stages (or `stages`) in order, skipping those whose committed output matches.
+
+    config: YAML path or fsspec URL. overrides: `section.field=value` items. force: stages to recompute.
+    stages: run only these (their inputs must be committed or run too); default: the config's run.stages.
+    """
+    cfg = load_config(config, overrides or [])
+    names = plan(cfg, stages, force or [])
+    get_run_logger().info("stages to run: %s (run root %s)", ", ".join(names), cfg.run.root)
+    config_uri = save_resolved_config(cfg)
+    outcomes = [run_stage(name, cfg, name in (force or []), config_uri) for name in names]
+    rows = [summary_row(o) for o in outcomes]
+    create_table_artifact(rows, key="infinitevl-summary", description=f"Stages of run {cfg.run.name} ({cfg.run.root})")
+    return rows
+
+
+def save_resolved_config(cfg: RunConfig) -> str:
+    """The config with overrides applied, beside the outputs: what `status` and checkpoint evals read."""
+    uri = join(cfg.run.root, CONFIG_FILE)
+    write_text(uri, to_yaml(cfg))
+    return uri
+
+
+@task(task_run_name="{name}", cache_policy=NO_CACHE)
+def run_stage(name: str, cfg: RunConfig, force: bool, config_uri: str) -> StageOutcome:
+    stage = REGISTRY[name]
+    fingerprint_, section_hash, input_prints = fingerprints(cfg)[name]
+    log = get_run_logger()
+
+    def announce_checkpoint(uri: str, step: int, metrics: dict) -> None:
+        emit_event(event=CHECKPOINT_EVENT,
+                   resource={"prefect.resource.id": f"infinitevl.checkpoint.{uri}", "infinitevl.stage": name},
+                   payload={"checkpoint": uri, "step": step, "stage": name, "config": config_uri, "metrics": metrics})
+
+    ctx = StageContext(name=name, config=cfg, output=stage_output(cfg, name),
+                       inputs={need: stage_output(cfg, need) for need in input_prints},
+                       log=log, on_checkpoint=announce_checkpoint)
+    return execute_stage(ctx, stage.load(), section_hash, input_prints, force=force)
+
+
+def summary_row(outcome: StageOutcome) -> dict:
+    metrics = outcome.metrics or {}
+    return {"stage": outcome.name, "status": outcome.status, "time_s": round(outcome.duration_s, 1),
+            "loss": metrics.get("loss"), "score": metrics.get("score"), "output": outcome.output}
+
+
+@flow(name="infinitevl", flow_run_name="eval-checkpoint-{step}", log_prints=True)
+def eval_checkpoint(checkpoint: str = "latest", step: int | None = None, config: str | None = None,
+                    overrides: list[str] | None = None) -> dict:
+    """Evaluates one committed checkpoint and writes its report JSON next to it.
+
+    checkpoint: its URI, or "latest" for the newest committed checkpoint of the config's run.
+    config: the run's config (a checkpoint event carries the resolved one from the run root).
+    """
+    log = get_run_logger()
+    cfg = load_config(config, overrides or []) if config else None
+    if checkpoint == "latest":
+        if cfg is None:
+            raise ValueError("checkpoint='latest' needs a config to find the run")
+        found = checkpoints.latest_checkpoint_of_run(cfg.run.root)
+        if found is None:
+            raise FileNotFoundError(f"no committed checkpoint under {cfg.run.root} yet")
+        _, step, checkpoint = found
+    marker = checkpoints.checkpoint_metrics(checkpoint)
+    step = marker["step"] if step is None else int(step)
+    scores, evaluator = evaluate(checkpoint, cfg, log)
+    report = checkpoints.write_checkpoint_report(checkpoint, step, scores, evaluator)
+    publish_checkpoint_artifacts(report)
+    return report
+
+
+def evaluate(checkpoint: str, cfg: RunConfig | None, log) -> tuple[dict | None, str | None]:
+    try:
+        evaluator = load_entry(EVALUATOR, "the checkpoint evaluator")
+    except StageUnavailable as e:
+        # The report still records the checkpoint's training metrics; it says plainly that no
+        # benchmark ran rather than showing scores nobody computed.
+        log.warning("%s: the report holds training metrics only", e)
+        return None, None
+    if cfg is None:
+        raise ValueError("evaluating a checkpoint needs the run's config (the event payload's 'config')")
+    return dict(evaluator(checkpoint, cfg)), EVALUATOR
+
+
+def publish_checkpoint_artifacts(report: dict) -> None:
+    stage_dir = checkpoints.stage_output_of(report["checkpoint"])
+    history = checkpoints.report_history(stage_dir)
+    create_table_artifact(history, key="infinitevl-checkpoints",
+                          description=f"Checkpoints of {stage_dir}: training metrics and scores")
+    scores = report["scores"] or {}
+    lines = [f"# {report['stage']} step {report['step']}", f"`{report['checkpoint']}`", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in {**report["train_metrics"], **scores}.items()]
+    if not scores:
+        lines += ["", "No evaluator in this build: training metrics only."]
+    image = plots.history_png_data_uri(history)
+    if image:
+        lines += ["", f"![loss and score by step]({image})"]
+    create_markdown_artifact("\n".join(lines), key="infinitevl-eval", description=f"Evaluation of {report['checkpoint']}")

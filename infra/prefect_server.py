@@ -1,0 +1,119 @@
+"""A throwaway `prefect server start` on 127.0.0.1: its own port, PREFECT_HOME and SQLite database.
+
+Deployments, schedules and event triggers need a real server (the temporary one a flow starts on its
+own has no schedulers or triggers), so the tests and local development start one of these:
+
+    with PrefectServer() as server:          # in code; server.api_url is the PREFECT_API_URL
+        ...
+
+    python -m infra.prefect_server           # for development: prints the export line, runs until Ctrl-C
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class PrefectServer:
+    def __init__(self, port: int | None = None, home: str | None = None, startup_timeout_s: float = 90.0):
+        self.port = port or free_port()
+        self._own_home = home is None
+        self.home = home or tempfile.mkdtemp(prefix="prefect-home-")
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path = os.path.join(self.home, "server.log")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{HOST}:{self.port}/api"
+
+    def env(self) -> dict[str, str]:
+        """The environment that points a Prefect client or serving process at this server."""
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+    def start(self) -> "PrefectServer":
+        env = {
+            **os.environ,
+            "PREFECT_HOME": self.home,
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home}/prefect.db",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false"),
+            "PREFECT_API_URL": "",  # the server must not talk to another one
+        }
+        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(self.port)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_healthy()
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"prefect server not healthy after {self.startup_timeout_s} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        if self._own_home:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    def __enter__(self) -> "PrefectServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main() -> None:
+    with PrefectServer(home=os.environ.get("INFINITEVL_PREFECT_HOME")) as server:
+        print(f"export PREFECT_API_URL={server.api_url}", flush=True)
+        print(f"(PREFECT_HOME {server.home}; Ctrl-C stops the server)", flush=True)
+        try:
+            while server.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

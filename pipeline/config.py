@@ -1,0 +1,208 @@
+"""The run config: one pydantic model made of one section per stage, loaded from YAML plus overrides.
+
+A config is validated as a whole before anything runs, so a typo in the last stage's section fails the
+run in its first second rather than after hours of training. Every section forbids unknown fields;
+errors name the dotted field (`train.stage1a.steps: Input should be greater than 0 (got -5)`).
+
+Each stage's config hash covers only the sections it reads (see flows/stages.py), so changing the
+evaluation settings does not invalidate the training stages.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .stages import STAGE_ORDER
+
+
+class ConfigError(ValueError):
+    """A bad run config or override; the message names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field(min_length=1)
+    root: str = Field(min_length=1, description="fsspec URL or local path; stage outputs go to <root>/<stage>/")
+    stages: list[str] = Field(min_length=1, description="stages to run, in pipeline order")
+    seed: int = 0
+
+
+class TeacherSection(Section):
+    # "tiny" builds the in-code tiny Qwen2.5-VL (model/tiny.py); anything else is a local directory,
+    # an fsspec URL or a Hugging Face Hub id of a Qwen2.5-VL checkpoint, copied into the run root so a
+    # run keeps working when the source moves.
+    source: str = Field(min_length=1)
+    seed: int = 0
+
+
+class StudentSection(Section):
+    """The hybrid decoder built from the teacher; names follow model/config.py."""
+    sliding_window: int = Field(gt=0)
+    layer_period: int = Field(4, gt=0, description="one sliding-window layer, then layer_period-1 Gated DeltaNet layers")
+    num_linear_heads: int | None = Field(None, gt=0)
+    linear_head_dim: int | None = Field(None, gt=0)
+    expand_v: float = Field(2.0, gt=0)
+    conv_size: int = Field(4, gt=0)
+
+
+class CorpusSection(Section):
+    sources: list[str] = Field(default_factory=list, description="source record URLs, or 'sample' for the built-in sample data")
+    max_samples: int | None = Field(None, gt=0)
+    seq_len: int = Field(gt=0)
+    max_pixels: int = Field(gt=0)
+
+
+class DataSection(Section):
+    distill: CorpusSection
+    instruct: CorpusSection
+    long: CorpusSection
+    shard_tokens: int = Field(1 << 20, gt=0)
+    workers: int = Field(1, gt=0)
+
+
+class TeacherLogitsSection(Section):
+    top_k: int = Field(gt=0)
+    # 300 bytes per token is the design budget for the sparse logit store (DESIGN.md).
+    max_bytes_per_token: int = Field(300, gt=0)
+    batch_size: int = Field(1, gt=0)
+
+
+class TrainStageSection(Section):
+    steps: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    seq_len: int = Field(gt=0)
+    micro_batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    trainable: list[str] = Field(min_length=1, description="parameter-name patterns trained in this stage")
+    checkpoint_every: int = Field(gt=0)
+    launcher: Literal["python", "torchrun", "deepspeed"] = "python"
+    nproc_per_node: int = Field(1, gt=0)
+    deepspeed_config: str | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class KLStageSection(TrainStageSection):
+    temperature: float = Field(1.0, gt=0)
+
+
+class LoraSection(Section):
+    r: int = Field(gt=0)
+    alpha: int = Field(gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class LongStageSection(TrainStageSection):
+    lora: LoraSection
+    # Fraction of Stage II instruction data mixed into the long video/document data.
+    stage2_mix: float = Field(ge=0, le=1)
+
+
+class TrainSection(Section):
+    stage1a: TrainStageSection
+    stage1b: KLStageSection
+    stage2: TrainStageSection
+    stage3: LongStageSection
+
+
+class EvalSection(Section):
+    target: str = Field("stage3", description="the stage whose checkpoint the final evaluation reads")
+    benchmarks: list[str] = Field(min_length=1)
+    max_samples: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    schedule: str = Field("0 3 * * *", description="cron of the scheduled eval of the latest checkpoint")
+
+
+class RunConfig(Section):
+    run: RunSection
+    teacher: TeacherSection
+    student: StudentSection
+    data: DataSection
+    teacher_logits: TeacherLogitsSection
+    train: TrainSection
+    eval: EvalSection
+
+    @model_validator(mode="after")
+    def _stages_known_and_ordered(self) -> "RunConfig":
+        unknown = [s for s in self.run.stages if s not in STAGE_ORDER]
+        if unknown:
+            raise ValueError(f"run.stages: unknown stage {unknown[0]!r}; known: {', '.join(STAGE_ORDER)}")
+        positions = [STAGE_ORDER.index(s) for s in self.run.stages]
+        if positions != sorted(set(positions)):
+            raise ValueError(f"run.stages must list each stage once, in pipeline order: {', '.join(STAGE_ORDER)}")
+        if self.eval.target not in STAGE_ORDER:
+            raise ValueError(f"eval.target: unknown stage {self.eval.target!r}")
+        return self
+
+    def section(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+
+def load_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Reads YAML from a path or fsspec URL, applies `a.b.c=value` overrides, validates."""
+    try:
+        with fsspec.open(source, "r") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config not found: {source}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {source} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} must be a YAML mapping, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, origin=source)
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = (), origin: str = "config") -> RunConfig:
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid {origin}:\n" + format_errors(e)) from None
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`train.stage1a.steps=5`: the value is read as YAML, so numbers, booleans and [lists] keep their type."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, dict) else None
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+
+
+def format_errors(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        got = "" if err["type"] in ("missing", "value_error") else f" (got {err.get('input')!r})"
+        lines.append(f"  {field}: {message}{got}")
+    return "\n".join(lines)
+
+
+def to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

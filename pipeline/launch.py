@@ -1,0 +1,102 @@
+"""Run a training process (python -m, torchrun, deepspeed) as a subprocess that cannot outlive its stage.
+
+The child starts its own process group, so torchrun's workers and their dataloader processes can be
+ended together: cancelling the run (KeyboardInterrupt, Prefect's TerminationSignal on SIGTERM, any
+exception in the caller) sends SIGTERM to the whole group, then SIGKILL after a grace period. Its
+output streams line by line into a logger (the Prefect run log under the flow), and a non-zero exit
+raises LaunchError carrying the last lines, so the failure is readable where the stage failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Mapping, Sequence
+
+TAIL_LINES = 40
+
+
+class LaunchError(RuntimeError):
+    def __init__(self, cmd: Sequence[str], returncode: int, tail: list[str]):
+        self.cmd, self.returncode, self.tail = list(cmd), returncode, tail
+        shown = "\n".join(tail) if tail else "(no output)"
+        super().__init__(f"{' '.join(cmd)} exited with code {returncode}; last {len(tail)} lines:\n{shown}")
+
+
+def python_command(module: str, args: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def torchrun_command(module: str, args: Sequence[str] = (), nproc_per_node: int = 1, nnodes: int = 1) -> list[str]:
+    rendezvous = ["--standalone"] if nnodes == 1 else []
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
+            f"--nnodes={nnodes}", *rendezvous, "-m", module, *args]
+
+
+def deepspeed_command(module: str, args: Sequence[str] = (), nproc_per_node: int = 1) -> list[str]:
+    return ["deepspeed", f"--num_gpus={nproc_per_node}", "--module", module, *args]
+
+
+def launch_command(launcher: str, module: str, args: Sequence[str] = (), nproc_per_node: int = 1) -> list[str]:
+    """The command for a stage's `launcher` config field."""
+    if launcher == "python":
+        return python_command(module, args)
+    if launcher == "torchrun":
+        return torchrun_command(module, args, nproc_per_node)
+    if launcher == "deepspeed":
+        return deepspeed_command(module, args, nproc_per_node)
+    raise ValueError(f"unknown launcher {launcher!r}; use python, torchrun or deepspeed")
+
+
+def launch(cmd: Sequence[str], log: logging.Logger, env: Mapping[str, str] | None = None, cwd: str | None = None,
+           grace_s: float = 10.0, tail_lines: int = TAIL_LINES) -> None:
+    """Runs `cmd` to completion, streaming its output to `log`; raises LaunchError on a non-zero exit."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+                            start_new_session=True, text=True, errors="replace", bufsize=1)
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            log.info(line)
+        returncode = proc.wait()
+    except BaseException:
+        log.warning("stopping process group %d of %s", proc.pid, cmd[0])
+        kill_group(proc, grace_s)
+        raise
+    finally:
+        proc.stdout.close()
+    if returncode != 0:
+        raise LaunchError(cmd, returncode, list(tail))
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the child's whole process group, SIGKILL for whatever is left after `grace_s`."""
+    deadline = time.monotonic() + grace_s
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    # Workers may outlive the group leader (torchrun's do): the group, not the leader, decides when
+    # we are done.
+    while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Whether any process of the group was there to receive `sig` (0 only checks)."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
