@@ -1,0 +1,112 @@
+"""Constant-size inference state.
+
+Sliding layers keep a ring buffer of the last W-1 keys/values (a query attends to itself plus the W-1
+tokens before it); Gated DeltaNet layers keep their recurrent state and the last conv_size-1 inputs of
+each short convolution. Nothing grows with the number of tokens seen.
+
+All rows of a batch share one token timeline (generation pads on the left), so slot positions are shared
+and validity (padding) is kept per row.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class SlidingWindowCache:
+    def __init__(self, window: int):
+        self.window = window
+        self.size = max(window - 1, 1)
+        self.keys = self.values = self.pos = self.valid = None
+
+    def allocate(self, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        B, H, _, D = like_k.shape
+        self.keys = like_k.new_zeros(B, H, self.size, D)
+        self.values = like_v.new_zeros(B, H, self.size, like_v.shape[-1])
+        self.pos = torch.full((self.size,), -1, dtype=torch.long, device=like_k.device)
+        self.valid = torch.zeros(B, self.size, dtype=torch.bool, device=like_k.device)
+
+    def context(self, k, v, pos, valid):
+        """Keys/values a chunk of new tokens attends to: the ring (in slot order: attention does not care about
+        order, the mask uses absolute positions) followed by the new tokens."""
+        if self.keys is None:
+            self.allocate(k, v)
+        return (torch.cat([self.keys, k], 2), torch.cat([self.values, v], 2),
+                torch.cat([self.pos, pos]), torch.cat([self.valid & (self.pos >= 0), valid], 1))
+
+    def update(self, k, v, pos, valid) -> None:
+        if self.window <= 1:
+            return
+        keep = min(k.shape[2], self.size)
+        k, v, pos, valid = k[:, :, -keep:], v[:, :, -keep:], pos[-keep:], valid[:, -keep:]
+        slots = pos % self.size
+        self.keys[:, :, slots] = k.to(self.keys.dtype)
+        self.values[:, :, slots] = v.to(self.values.dtype)
+        self.pos[slots] = pos
+        self.valid[:, slots] = valid
+
+    @property
+    def seen_any(self) -> bool:
+        return self.keys is not None
+
+    def tensors(self):
+        return [t for t in (self.keys, self.values, self.pos, self.valid) if t is not None]
+
+
+class GatedDeltaNetCache:
+    def __init__(self):
+        self.conv: dict[str, torch.Tensor] = {}
+        self.state: torch.Tensor | None = None
+
+    def tensors(self):
+        return list(self.conv.values()) + ([self.state] if self.state is not None else [])
+
+
+class InfiniteVLCache:
+    """Per-layer constant-size state plus the count of tokens seen (the position of the next token)."""
+
+    # what transformers' generate() asks before choosing compiled or assisted decoding paths
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config):
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        self.layers = [SlidingWindowCache(text.sliding_window) if t == "sliding_attention" else GatedDeltaNetCache()
+                       for t in text.layer_types]
+        self.seen = 0
+        self.is_linear = [isinstance(layer, GatedDeltaNetCache) for layer in self.layers]
+
+    # -- what generate() and the model ask of a cache ----------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def advance(self, n: int) -> None:
+        self.seen += n
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+    def copy(self) -> "InfiniteVLCache":
+        """An independent copy (e.g. to ask a question without disturbing a stream)."""
+        return copy.deepcopy(self)
+
+    def _map_batch(self, fn) -> None:
+        for layer in self.layers:
+            if isinstance(layer, SlidingWindowCache):
+                if layer.keys is not None:
+                    layer.keys, layer.values, layer.valid = fn(layer.keys), fn(layer.values), fn(layer.valid)
+            else:
+                layer.conv = {k: fn(v) for k, v in layer.conv.items()}
+                if layer.state is not None:
+                    layer.state = fn(layer.state)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])

@@ -1,0 +1,136 @@
+"""The Gated DeltaNet mixer. Parameter names and shapes follow flash-linear-attention's `GatedDeltaNet`
+layer (and so the released InfiniteVL checkpoints): q_proj k_proj v_proj g_proj a_proj b_proj A_log dt_bias
+q_conv1d k_conv1d v_conv1d o_norm o_proj.
+
+No positional encoding, no bias; a short causal depthwise conv + SiLU on q, k and v; q and k L2-normalised;
+β = sigmoid(b_proj x); per-step log-decay g = −exp(A_log)·softplus(a_proj x + dt_bias); output through a
+gated RMSNorm (RMSNorm(o)·w·SiLU(g_proj x)) and o_proj.
+
+Padding (2-D mask): padded positions get x = 0 (so nothing enters the conv), β = 0 and g = 0, so the state
+passes through them untouched: each row's real tokens see exactly what they would see alone.
+Packing (cu_seqlens): the conv and the recurrent state both restart at every document boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import GatedDeltaNetCache
+from .gdn_ops import gated_delta_rule
+
+
+class GatedRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype, acc = x.dtype, torch.promote_types(x.dtype, torch.float32)
+        x = x.to(acc)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(acc)
+        return (x * F.silu(gate.to(acc))).to(dtype)
+
+
+def short_conv(x: torch.Tensor, weight: torch.Tensor, seq_idx: torch.Tensor | None = None,
+               state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv + SiLU. x [B, T, C]; weight [C, 1, K]; seq_idx [B, T] (document of each token,
+    taps that reach into another document are dropped); state [B, C, K-1] (inputs before x).
+    Returns (y [B, T, C], new state [B, C, K-1])."""
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    prev = x.new_zeros(B, K - 1, C) if state is None else state.transpose(1, 2).to(x.dtype)
+    xs = torch.cat([prev, x], 1)  # [B, T+K-1, C]
+    w = weight[:, 0, :].to(x.dtype)  # [C, K]; tap K-1 multiplies the current token
+    y = x * w[:, K - 1]
+    for j in range(1, K):
+        tap = xs[:, K - 1 - j:K - 1 - j + T] * w[:, K - 1 - j]
+        if seq_idx is not None:
+            same = torch.zeros_like(seq_idx, dtype=torch.bool)
+            same[:, j:] = seq_idx[:, j:] == seq_idx[:, :-j]
+            tap = tap * same.unsqueeze(-1)
+        y = y + tap
+    new_state = xs[:, -(K - 1):].transpose(1, 2) if K > 1 else x.new_zeros(B, C, 0)
+    return F.silu(y), new_state
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_linear_heads
+        self.head_k_dim = config.linear_head_dim
+        self.head_v_dim = config.head_v_dim
+        self.key_dim = self.num_heads * self.head_k_dim
+        self.value_dim = self.num_heads * self.head_v_dim
+        self.conv_size = config.conv_size
+        self.backend = config.linear_backend
+
+        self.q_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
+        self.b_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        self.q_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
+        self.k_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
+        self.v_conv1d = nn.Conv1d(self.value_dim, self.value_dim, self.conv_size, groups=self.value_dim, bias=False)
+        self.g_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=config.norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
+
+    @torch.no_grad()
+    def reset_gates(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """Mamba-style gate init: A ~ U(1, 16), per-head step dt log-uniform in [dt_min, dt_max]."""
+        self.A_log.copy_(torch.empty(self.num_heads).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand(self.num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt.clamp_min(1e-4))))  # inverse softplus
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, cache: GatedDeltaNetCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if attention_mask is not None:
+            x = x * attention_mask.unsqueeze(-1).to(x.dtype)
+        seq_idx = None
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("packed sequences (cu_seqlens) cannot be decoded with a cache")
+            seq_idx = _seq_idx(cu_seqlens, T, x.device)
+        conv = cache.conv if cache is not None else {}
+        q, conv_q = short_conv(self.q_proj(x), self.q_conv1d.weight, seq_idx, conv.get("q"))
+        k, conv_k = short_conv(self.k_proj(x), self.k_conv1d.weight, seq_idx, conv.get("k"))
+        v, conv_v = short_conv(self.v_proj(x), self.v_conv1d.weight, seq_idx, conv.get("v"))
+        q = q.view(B, T, self.num_heads, self.head_k_dim)
+        k = k.view(B, T, self.num_heads, self.head_k_dim)
+        v = v.view(B, T, self.num_heads, self.head_v_dim)
+        beta = self.b_proj(x).sigmoid()
+        acc = torch.promote_types(x.dtype, torch.float32)
+        g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
+        if attention_mask is not None:
+            beta = beta * attention_mask.unsqueeze(-1).to(beta.dtype)
+            g = g * attention_mask.unsqueeze(-1).to(g.dtype)
+
+        o, state = gated_delta_rule(
+            q, k, v, g, beta.to(q.dtype), initial_state=cache.state if cache is not None else None,
+            output_final_state=cache is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=True, backend=self.backend)
+        if cache is not None:
+            cache.conv = {"q": conv_q, "k": conv_k, "v": conv_v}
+            cache.state = state
+        gate = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
+        o = self.o_norm(o, gate).reshape(B, T, self.value_dim)
+        return self.o_proj(o)
+
+
+def _seq_idx(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+    if int(cu_seqlens[-1]) != T:
+        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but the packed sequence has {T} tokens")
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths).unsqueeze(0)

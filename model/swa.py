@@ -1,0 +1,152 @@
+"""Sliding-window attention: the teacher's GQA attention (same q/k/v/o weights, M-RoPE), where a query at
+token index i sees keys at indices j with 0 ≤ i − j < W (window counted in tokens, itself included), never
+across documents of a packed batch and never padding.
+
+Backends: flash-attn varlen with a window when it is installed; torch flex_attention on CUDA; SDPA with an
+explicit boolean mask otherwise (the CPU path, and cached decoding everywhere).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+from .cache import SlidingWindowCache
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+class SlidingWindowAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.window = int(config.sliding_window)
+        self.backend = config.attention_backend
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, position_embeddings, attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, cache: SlidingWindowCache | None = None,
+                offset: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+
+        pos = torch.arange(offset, offset + T, device=x.device)
+        valid = attention_mask.bool() if attention_mask is not None else \
+            torch.ones(B, T, dtype=torch.bool, device=x.device)
+        backend = self._pick_backend(x, cache)
+        if backend == "flash":
+            o = _flash(q, k, v, self.window, attention_mask, cu_seqlens)
+        elif backend == "flex":
+            o = _flex(q, k, v, self.window, attention_mask, cu_seqlens)
+        else:
+            k_ctx, v_ctx, kpos, kvalid = (k, v, pos, valid) if cache is None else cache.context(k, v, pos, valid)
+            mask = window_mask(pos, kpos, self.window, kvalid, _doc_ids(cu_seqlens, T, x.device))
+            o = F.scaled_dot_product_attention(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), attn_mask=mask,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
+        if cache is not None:
+            if cache.keys is None:
+                cache.allocate(k, v)
+            cache.update(k, v, pos, valid)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _pick_backend(self, x, cache) -> str:
+        """Cached steps attend over the ring buffer with SDPA (a short, explicit mask); a fresh prefill or a
+        training step uses the fastest kernel for a window over the new tokens alone."""
+        if cache is not None and cache.seen_any:
+            return "sdpa"
+        if self.backend != "auto":
+            return self.backend
+        if not x.is_cuda or x.shape[1] == 1:
+            return "sdpa"
+        return "flash" if flash_attn_available() else "flex"
+
+
+def window_mask(qpos, kpos, window: int, kvalid, doc_ids=None) -> torch.Tensor:
+    """[B, 1, Tq, Tk] boolean: causal, inside the window, same document, key not padding. Every query also
+    sees itself so that rows of pure padding stay finite."""
+    d = qpos[:, None] - kpos[None, :]
+    allowed = (d >= 0) & (d < window) & (kpos[None, :] >= 0)
+    mask = allowed[None] & kvalid[:, None, :]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    mask = mask | (d == 0)[None]
+    return mask[:, None]
+
+
+def _doc_ids(cu_seqlens, T, device):
+    if cu_seqlens is None:
+        return None
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths).unsqueeze(0)
+
+
+# -- CUDA backends ---------------------------------------------------------------------------------------------
+
+def _flash(q, k, v, window, attention_mask, cu_seqlens):
+    from flash_attn import flash_attn_varlen_func
+
+    B, H, T, D = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, T, H, D]
+    if cu_seqlens is None and attention_mask is None:
+        cu = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
+        idx = None
+    elif cu_seqlens is not None:
+        cu, idx = cu_seqlens.to(q.device, torch.int32), None
+    else:
+        idx = attention_mask.flatten().nonzero().squeeze(-1)
+        cu = F.pad(attention_mask.sum(-1).cumsum(0), (1, 0)).to(torch.int32)
+    flat = lambda t: t.reshape(B * T, *t.shape[2:]) if idx is None else t.reshape(B * T, *t.shape[2:])[idx]  # noqa
+    maxlen = int((cu[1:] - cu[:-1]).max())
+    o = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, maxlen, maxlen, causal=True,
+                               window_size=(window - 1, 0))
+    if idx is not None:
+        full = o.new_zeros(B * T, H, D)
+        full[idx] = o
+        o = full
+    return o.view(B, T, H, D).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, window, attention_mask, cu_seqlens):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, H, T, D = q.shape
+    doc = _doc_ids(cu_seqlens, T, q.device)
+    valid = attention_mask.bool() if attention_mask is not None else None
+
+    def mask_mod(b, h, qi, ki):
+        ok = (qi >= ki) & (qi - ki < window)
+        if doc is not None:
+            ok = ok & (doc[0, qi] == doc[0, ki])
+        if valid is not None:
+            ok = ok & (valid[b, ki] | (qi == ki))
+        return ok
+
+    block = create_block_mask(mask_mod, B if valid is not None else None, None, T, T, device=q.device)
+    return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=k.shape[1] != H)

@@ -1,0 +1,79 @@
+"""Sliding-window attention: the window in tokens, documents of a packed batch, padding."""
+
+import pytest
+import torch
+
+from model.config import InfiniteVLTextConfig
+from model.swa import SlidingWindowAttention
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
+W = 6
+
+
+def _layer(window=W):
+    cfg = InfiniteVLTextConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+                               intermediate_size=64, vocab_size=64, sliding_window=window,
+                               rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+    torch.manual_seed(0)
+    return SlidingWindowAttention(cfg, 0).double(), Qwen2_5_VLRotaryEmbedding(cfg)
+
+
+def _rope(rot, x, start=0, B=1):
+    T = x.shape[1]
+    pos = torch.arange(start, start + T).view(1, 1, T).expand(3, B, T)
+    return rot(x, pos)
+
+
+def test_key_W_or_more_back_has_zero_influence_and_inside_has_some():
+    attn, rot = _layer()
+    T = 20
+    x = torch.randn(1, T, 32, dtype=torch.float64, requires_grad=True)
+    y = attn(x, _rope(rot, x))
+    q = 15
+    (grad,) = torch.autograd.grad(y[0, q].sum(), x)
+    influence = grad[0].abs().sum(-1)
+    assert influence[q - W] == 0 and influence[: q - W + 1].sum() == 0
+    assert (influence[q - W + 1: q + 1] > 0).all()
+    assert influence[q + 1:].sum() == 0  # causal
+
+
+def test_packed_batch_equals_each_document_alone():
+    attn, rot = _layer()
+    lengths = [4, 9, 1, 7]
+    x = torch.randn(1, sum(lengths), 32, dtype=torch.float64)
+    cu = torch.tensor([0, 4, 13, 14, 21])
+    # M-RoPE positions restart in each document
+    pos = torch.cat([torch.arange(n) for n in lengths]).view(1, 1, -1).expand(3, 1, -1)
+    y = attn(x, rot(x, pos), cu_seqlens=cu)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        xd = x[:, a:b]
+        torch.testing.assert_close(y[:, a:b], attn(xd, _rope(rot, xd)), atol=1e-12, rtol=1e-10)
+
+
+def test_left_padded_batch_equals_rows_alone():
+    attn, rot = _layer()
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)[None].expand(3, -1, -1)
+    y = attn(x, rot(x, pos), attention_mask=mask)
+    torch.testing.assert_close(y[0:1, 3:], attn(x[0:1, 3:], _rope(rot, x[0:1, 3:])), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(y[1:2], attn(x[1:2], _rope(rot, x[1:2])), atol=1e-12, rtol=1e-10)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.gpu
+def test_flex_backend_matches_sdpa_on_gpu():
+    attn, rot = _layer(window=64)
+    attn = attn.cuda().to(torch.bfloat16)
+    x = torch.randn(1, 512, 32, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 100, 300, 512], device="cuda")
+    pos = torch.cat([torch.arange(n) for n in (100, 200, 212)]).view(1, 1, -1).expand(3, 1, -1).cuda()
+    pe = rot.cuda()(x, pos)
+    attn.backend = "flex"
+    a = attn(x, pe, cu_seqlens=cu)
+    attn.backend = "sdpa"
+    b = attn(x, pe, cu_seqlens=cu)
+    err = (a.float() - b.float()).abs().max().item()
+    print(f"flex vs sdpa max abs err {err}")
+    assert err < 2e-2
