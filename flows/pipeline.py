@@ -52,18 +52,18 @@ def save_resolved_config(cfg: RunConfig) -> str:
 @task(task_run_name="{name}", cache_policy=NO_CACHE)
 def run_stage(name: str, cfg: RunConfig, force: bool, config_uri: str) -> StageOutcome:
     stage = REGISTRY[name]
-    fingerprint_, section_hash, input_prints = fingerprints(cfg)[name]
-    log = get_run_logger()
-
-    def announce_checkpoint(uri: str, step: int, metrics: dict) -> None:
-        emit_event(event=CHECKPOINT_EVENT,
-                   resource={"prefect.resource.id": f"infinitevl.checkpoint.{uri}", "infinitevl.stage": name},
-                   payload={"checkpoint": uri, "step": step, "stage": name, "config": config_uri, "metrics": metrics})
-
+    _, section_hash, input_prints = fingerprints(cfg)[name]
     ctx = StageContext(name=name, config=cfg, output=stage_output(cfg, name),
-                       inputs={need: stage_output(cfg, need) for need in input_prints},
-                       log=log, on_checkpoint=announce_checkpoint)
+                       inputs={need: stage_output(cfg, need) for need in input_prints}, log=get_run_logger(),
+                       on_checkpoint=lambda uri, step, metrics: announce_checkpoint(uri, step, metrics, name, config_uri))
     return execute_stage(ctx, stage.load(), section_hash, input_prints, force=force)
+
+
+def announce_checkpoint(uri: str, step: int, metrics: dict, stage: str, config_uri: str) -> None:
+    """The event that triggers `infinitevl/eval-checkpoint`; it carries what that run needs."""
+    emit_event(event=CHECKPOINT_EVENT,
+               resource={"prefect.resource.id": f"infinitevl.checkpoint.{uri}", "infinitevl.stage": stage},
+               payload={"checkpoint": uri, "step": step, "stage": stage, "config": config_uri, "metrics": metrics})
 
 
 def summary_row(outcome: StageOutcome) -> dict:

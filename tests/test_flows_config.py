@@ -1,0 +1,69 @@
+"""The run config and the stage plan: everything refused here is refused before any stage runs."""
+
+import pytest
+
+from flows.stages import REGISTRY, PlanError, StageUnavailable, is_available, plan
+from pipeline.config import ConfigError, load_config
+from pipeline.stages import STAGE_ORDER
+
+TINY = "configs/tiny.yaml"
+
+
+def test_shipped_configs_validate():
+    tiny = load_config(TINY)
+    paper = load_config("configs/infinitevl_4b.yaml")
+    assert tiny.teacher.source == "tiny"
+    assert paper.student.sliding_window == 8192
+    assert [paper.section(f"train.{s}").seq_len for s in ("stage1a", "stage1b", "stage2", "stage3")] == [8192, 8192, 8192, 32768]
+    assert paper.run.stages == list(STAGE_ORDER)
+
+
+def test_overrides_keep_their_yaml_types():
+    cfg = load_config(TINY, ["train.stage1a.steps=5", "train.stage1a.lr=2e-4", "eval.benchmarks=[a, b]",
+                             "run.root=s3://bucket/runs/x"])
+    assert cfg.train.stage1a.steps == 5 and cfg.train.stage1a.lr == 2e-4
+    assert cfg.eval.benchmarks == ["a", "b"] and cfg.run.root == "s3://bucket/runs/x"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.stage1a.steps=-5", "train.stage1a.steps"),
+    ("train.stage1a.stepz=5", "train.stage1a.stepz"),
+    ("train.stage3.lora.r=many", "train.stage3.lora.r"),
+    ("run.stages=[teacher, nonsense]", "run.stages"),
+    ("run.stages=[data, teacher]", "run.stages"),
+])
+def test_bad_override_names_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert field in str(e.value)
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(TINY, ["train.stage1a.steps"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(TINY, ["run.name.first=x"])
+    with pytest.raises(ConfigError, match="config not found"):
+        load_config("configs/nope.yaml")
+
+
+def test_tiny_stages_are_all_available():
+    cfg = load_config(TINY)
+    assert plan(cfg) == cfg.run.stages
+    assert all(is_available(name) for name in cfg.run.stages)
+
+
+def test_a_stage_missing_from_the_build_is_refused_by_name():
+    missing = [name for name in STAGE_ORDER if not is_available(name)]
+    if not missing:
+        pytest.skip("every stage is in this build")
+    with pytest.raises(StageUnavailable, match=f"stage {missing[0]} is not available in this build"):
+        REGISTRY[missing[0]].load()
+
+
+def test_plan_refuses_a_stage_whose_input_is_not_committed(tmp_path):
+    cfg = load_config(TINY, [f"run.root={tmp_path}"])
+    with pytest.raises((PlanError, StageUnavailable), match="(needs teacher|not available)"):
+        plan(cfg, only=["data"])
+    with pytest.raises(PlanError, match="unknown stage 'nonsense'"):
+        plan(cfg, force=["nonsense"])

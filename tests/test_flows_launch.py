@@ -1,0 +1,103 @@
+"""The subprocess launcher: output streams line by line, a failure carries the log tail, and an
+interrupted launch takes its whole process group down (grandchildren included)."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pipeline.launch import LaunchError, launch, launch_command
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append((time.monotonic(), record.getMessage()))
+
+
+@pytest.fixture
+def log():
+    logger = logging.getLogger("test.launch")
+    logger.setLevel(logging.INFO)
+    handler = Lines()
+    logger.addHandler(handler)
+    yield logger, handler
+    logger.removeHandler(handler)
+
+
+def test_output_streams_as_it_is_written(log):
+    logger, handler = log
+    code = "import time\nprint('first')\ntime.sleep(1.0)\nprint('second')"
+    launch([sys.executable, "-c", code], logger)
+    lines = {message: t for t, message in handler.lines}
+    assert "first" in lines and "second" in lines
+    assert lines["second"] - lines["first"] > 0.5, "lines arrive as the child prints them, not at exit"
+
+
+def test_nonzero_exit_raises_with_the_tail(log):
+    logger, _ = log
+    code = "import sys\nfor i in range(100): print(f'line {i}')\nprint('boom', file=sys.stderr)\nsys.exit(3)"
+    with pytest.raises(LaunchError) as e:
+        launch([sys.executable, "-c", code], logger, tail_lines=5)
+    assert e.value.returncode == 3
+    assert e.value.tail == ["line 96", "line 97", "line 98", "line 99", "boom"]
+    assert "exited with code 3" in str(e.value) and "boom" in str(e.value) and "line 50" not in str(e.value)
+
+
+def test_launch_command_builds_each_launcher():
+    assert launch_command("python", "pipeline.x", ["--a"])[1:] == ["-m", "pipeline.x", "--a"]
+    torchrun = launch_command("torchrun", "pipeline.x", [], nproc_per_node=2)
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in torchrun
+    assert launch_command("deepspeed", "pipeline.x", [], nproc_per_node=2)[:3] == ["deepspeed", "--num_gpus=2", "--module"]
+    with pytest.raises(ValueError):
+        launch_command("slurm", "pipeline.x")
+
+
+# The launching process is a real one we signal, as Prefect's runner signals a cancelled flow run: a
+# SIGTERM that becomes an exception (Prefect raises TerminationSignal) or a Ctrl-C.
+LAUNCHER = textwrap.dedent("""
+    import logging, signal, sys
+    from pipeline.launch import launch
+
+    def terminate(signum, frame):
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, terminate)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    child = "import subprocess, sys, time; p = subprocess.Popen(['sleep', '300']); print('grandchild', p.pid, flush=True); time.sleep(300)"
+    launch([sys.executable, "-c", child], logging.getLogger("x"), grace_s=2)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cancel_kills_the_whole_process_group(sig):
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    grandchild = None
+    for line in proc.stdout:
+        if line.startswith("grandchild"):
+            grandchild = int(line.split()[1])
+            break
+    assert grandchild is not None
+    proc.send_signal(sig)
+    proc.wait(timeout=20)
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild), "the grandchild outlived the cancelled launch"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie is dead, only not yet reaped
+    except FileNotFoundError:
+        return False
