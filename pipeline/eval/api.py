@@ -1,0 +1,184 @@
+"""Evaluating a checkpoint: what the eval-on-checkpoint flow, the eval stage and `infinitevl eval` call.
+
+A suite is named by a spec:
+  tiny (or sample)   the built-in synthetic image questions (synthetic.py)
+  longvideo          the needle task at growing frame counts, with its plot (longvideo.py)
+  NAME=URL           an Arrow eval file made by importers.py, reported as NAME
+  URL.arrow          the same, reported under the file's stem
+Reports go to `<out_dir>/<suite>/` (see runner.py) plus `<out_dir>/summary.json` and `summary.md`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import posixpath
+import tempfile
+from typing import TYPE_CHECKING
+
+import fsspec
+import torch
+
+from .dataset import read_samples
+from .longvideo import LongVideoConfig, run_longvideo
+from .runner import EvalConfig, markdown_table, run_suite
+from .synthetic import tiny_samples
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+BUILTIN = {"tiny": "tiny", "sample": "tiny", "longvideo": "longvideo"}
+
+
+def evaluate_checkpoint(checkpoint: str, config: "RunConfig | EvalConfig | dict | None" = None, *,
+                        suite: str | list[str] | None = None, out_dir: str | None = None,
+                        longvideo: LongVideoConfig | dict | None = None, device: str | None = None,
+                        dtype: str | None = None) -> dict[str, float]:
+    """Scores a checkpoint (local directory or fsspec URL) on one or more suites.
+
+    `config` is the run config (its `eval` section gives the suites, sample limit and token budget) or
+    the runner's own settings. `suite` overrides the suites. Reports go to `out_dir`, by default
+    `<checkpoint>.eval/`. Returns flat scores in percent: one per suite, `longvideo/<frames>` per frame
+    count, and `score`, the mean over suites.
+    """
+    suites, eval_config = _settings(config, suite)
+    out_dir = out_dir or checkpoint.rstrip("/") + ".eval"
+    model, processor = load_checkpoint(checkpoint, device=device, dtype=dtype)
+    results = evaluate_model(model, processor, suites, out_dir, eval_config, longvideo,
+                             model_name=checkpoint.rstrip("/"))
+    return flat_scores(results)
+
+
+def evaluate_model(model, processor, suites: list[str], out_dir: str, config: EvalConfig | dict | None = None,
+                   longvideo: LongVideoConfig | dict | None = None, model_name: str = "") -> dict[str, dict]:
+    """Runs suites on a model already in memory (e.g. during training); returns suite -> results."""
+    config = EvalConfig.from_dict(config)
+    results = {}
+    for spec in suites:
+        name, source = resolve_suite(spec)
+        if source == "longvideo":
+            results[name] = run_longvideo(model, processor, out_dir, longvideo, config, model_name)
+            continue
+        samples = tiny_samples() if source == "tiny" else read_samples(source)
+        results[name] = run_suite(model, processor, samples, name, out_dir, config, model_name)
+    _write_summary(results, out_dir)
+    return results
+
+
+def resolve_suite(spec: str) -> tuple[str, str]:
+    """A suite spec -> (report name, source): "tiny", "longvideo" or the URL of an Arrow eval file."""
+    if spec in BUILTIN:
+        return BUILTIN[spec], BUILTIN[spec]
+    name, sep, url = spec.partition("=")
+    if sep and name and url:
+        return name, url
+    if spec.endswith(".arrow"):
+        return posixpath.basename(spec)[: -len(".arrow")], spec
+    raise ValueError(f"unknown suite {spec!r}: use one of {sorted(BUILTIN)}, NAME=URL of an eval file "
+                     "(pipeline.eval.importers), or a URL ending in .arrow")
+
+
+def flat_scores(results: dict[str, dict]) -> dict[str, float]:
+    scores: dict[str, float] = {}
+    for name, r in results.items():
+        if "rows" in r:  # long video: one score per frame count, the suite's score their mean
+            for row in r["rows"]:
+                scores[f"{name}/{row['frames']}"] = row["score"]
+            scores[name] = sum(row["score"] for row in r["rows"]) / max(1, len(r["rows"]))
+        else:
+            scores[name] = r["score"]
+    suite_scores = [scores[name] for name in results]
+    scores["score"] = sum(suite_scores) / len(suite_scores) if suite_scores else 0.0
+    return scores
+
+
+def _settings(config, suite) -> tuple[list[str], EvalConfig]:
+    if config is not None and hasattr(config, "eval") and hasattr(config.eval, "benchmarks"):  # a RunConfig
+        section = config.eval
+        suites = list(section.benchmarks)
+        eval_config = EvalConfig(max_new_tokens=section.max_new_tokens, limit=section.max_samples)
+    else:
+        suites = ["tiny"]
+        eval_config = EvalConfig.from_dict(config)
+    if suite is not None:
+        suites = [suite] if isinstance(suite, str) else list(suite)
+    return suites, eval_config
+
+
+def _write_summary(results: dict[str, dict], out_dir: str) -> None:
+    root = out_dir.rstrip("/")
+    with fsspec.open(f"{root}/summary.json", "w", auto_mkdir=True) as f:
+        f.write(json.dumps({"scores": flat_scores(results), "suites": results}, indent=2))
+    table_rows = [r for r in results.values() if "rows" not in r]
+    lines = [markdown_table(table_rows)] if table_rows else []
+    for name, r in results.items():
+        if "rows" in r:
+            lines.append(f"\n{name}: " + ", ".join(f"{row['frames']} frames {row['score']:.1f}" for row in r["rows"])
+                         + f" (plot: {r['plot']})\n")
+    with fsspec.open(f"{root}/summary.md", "w", auto_mkdir=True) as f:
+        f.write("".join(lines))
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+
+def load_checkpoint(checkpoint: str, device: str | None = None, dtype: str | None = None):
+    """(model, processor) from a Hugging Face-format directory, local or at an fsspec URL.
+
+    A Qwen2.5-VL checkpoint (the teacher) loads with its transformers class; anything else goes through
+    AutoModelForImageTextToText after importing `model`, which registers InfiniteVL with the Auto classes.
+    """
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
+
+    from model.processing import InfiniteVLProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    with _local_copy(checkpoint) as local:
+        config_path = os.path.join(local, "config.json")
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"{checkpoint} has no config.json: not a Hugging Face-format checkpoint")
+        with open(config_path) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type == "qwen2_5_vl":
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(local, dtype=torch_dtype)
+        else:
+            _register_student(model_type)
+            model = AutoModelForImageTextToText.from_pretrained(local, dtype=torch_dtype)
+        processor = InfiniteVLProcessor.from_pretrained(local)
+    return model.to(device).eval(), processor
+
+
+def _register_student(model_type: str | None) -> None:
+    from transformers import AutoConfig
+
+    try:
+        importlib.import_module("model")
+    except ImportError as e:
+        raise RuntimeError(f"checkpoint has model_type {model_type!r}, but the `model` package that registers "
+                           f"InfiniteVL with transformers failed to import: {e}") from e
+    try:
+        AutoConfig.for_model(model_type)
+    except ValueError:
+        raise RuntimeError(f"checkpoint has model_type {model_type!r}, which no transformers Auto class knows; "
+                           "this build's `model` package does not register it") from None
+
+
+class _local_copy:
+    """A local directory holding the checkpoint: itself when local, a temporary download otherwise."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> str:
+        fs, path = fsspec.core.url_to_fs(self.url)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            return path
+        self._tmp = tempfile.TemporaryDirectory(prefix="infinitevl-eval-")
+        fs.get(path.rstrip("/") + "/", self._tmp.name + "/", recursive=True)
+        return self._tmp.name
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
