@@ -89,3 +89,18 @@ def test_unregistered_model_type_fails_clearly(tmp_path):
 def test_missing_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_checkpoint(str(tmp_path))
+
+
+def test_student_checkpoint_loads_through_the_auto_classes(tiny_teacher, tmp_path):
+    from model import convert_from_qwen2_5_vl
+
+    teacher, processor = tiny_teacher
+    student = convert_from_qwen2_5_vl(teacher)
+    student.save_pretrained(tmp_path / "student")
+    processor.save_pretrained(str(tmp_path / "student"))
+    loaded, _ = load_checkpoint(str(tmp_path / "student"))
+    assert type(loaded).__name__ == "InfiniteVLForConditionalGeneration"
+    scores = evaluate_checkpoint(str(tmp_path / "student"), {"max_new_tokens": 2, "limit": 3},
+                                 out_dir=str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out/tiny/results.json").read_text())["n"] == 3
+    assert set(scores) == {"tiny", "score"}
