@@ -102,7 +102,7 @@ def generate_batch(model, processor, samples: list[dict], config: EvalConfig) ->
                               else (config.min_pixels, config.max_pixels))
     inputs = processor(text=texts, images=images or None, videos=videos or None, video_fps=config.video_fps,
                        min_pixels=min_pixels, max_pixels=max_pixels, padding_side="left")
-    inputs = _to_model(inputs, model)
+    inputs = to_model_inputs(inputs, model)
     out = model.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -112,7 +112,7 @@ def _as_image(value) -> Image.Image:
     return value if isinstance(value, Image.Image) else decode_image(value)
 
 
-def _to_model(inputs, model) -> dict:
+def to_model_inputs(inputs, model) -> dict:
     device = getattr(model, "device", torch.device("cpu"))
     dtype = getattr(model, "dtype", torch.float32)
     moved = {}

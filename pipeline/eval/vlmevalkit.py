@@ -1,0 +1,105 @@
+"""Running InfiniteVL inside VLMEvalKit, the toolkit the paper's numbers come from.
+
+VLMEvalKit calls a model through `generate(message, dataset)`, where a message is a list of
+`{"type": "image" | "text", "value": path or text}` dicts in reading order, and its `BaseModel.generate`
+hands the checked message to `generate_inner`. `InfiniteVLChat` implements that interface on top of our
+processor and greedy decoding; `vlmevalkit_model_class()` mixes it with VLMEvalKit's `BaseModel`, which
+is imported only then, so this module loads where VLMEvalKit is not installed. Registration:
+docs/vlmevalkit.md.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from PIL import Image
+
+from .runner import build_prompt, to_model_inputs
+
+
+class InfiniteVLChat:
+    """VLMEvalKit's custom-model interface for an InfiniteVL (or Qwen2.5-VL teacher) checkpoint.
+
+    custom_prompt: build multiple-choice and short-answer prompts the way our own runner does (the
+    instructions the model was tuned with) instead of VLMEvalKit's generic ones.
+    """
+
+    INSTALL_REQ = False
+    INTERLEAVE = True
+
+    def __init__(self, model_path: str | None = None, max_new_tokens: int = 128, min_pixels: int | None = None,
+                 max_pixels: int | None = None, custom_prompt: bool = True, device: str | None = None,
+                 dtype: str | None = None, model=None, processor=None):
+        if model is None:
+            if model_path is None:
+                raise ValueError("give model_path, or model and processor")
+            from .api import load_checkpoint
+
+            model, processor = load_checkpoint(model_path, device=device, dtype=dtype)
+        self.model, self.processor = model, processor
+        self.max_new_tokens = max_new_tokens
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.custom_prompt = custom_prompt
+
+    # -- message -> inputs -> text ------------------------------------------------------------------------------
+    def build_inputs(self, message: list[dict]):
+        content, images = [], []
+        for item in message:
+            if item["type"] == "image":
+                content.append({"type": "image"})
+                images.append(Image.open(item["value"]).convert("RGB"))
+            elif item["type"] == "text":
+                content.append({"type": "text", "text": item["value"]})
+            else:
+                raise ValueError(f"InfiniteVLChat takes image and text items, not {item['type']!r}")
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return self.processor(text=[text], images=images or None, min_pixels=self.min_pixels,
+                              max_pixels=self.max_pixels, padding_side="left")
+
+    @torch.inference_mode()
+    def generate_inner(self, message: list[dict], dataset: str | None = None) -> str:
+        inputs = to_model_inputs(self.build_inputs(message), self.model)
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+    # -- prompts ------------------------------------------------------------------------------------------------
+    def use_custom_prompt(self, dataset: str) -> bool:
+        return self.custom_prompt and _dataset_type(dataset) in ("MCQ", "VQA")
+
+    def build_prompt(self, line, dataset: str) -> list[dict]:
+        """Called by VLMEvalKit when use_custom_prompt is true; `dump_image` comes from its BaseModel."""
+        paths = self.dump_image(line, dataset)
+        text = prompt_for_line(line, _dataset_type(dataset))
+        return [{"type": "image", "value": p} for p in paths] + [{"type": "text", "value": text}]
+
+
+def prompt_for_line(line, dataset_type: str) -> str:
+    """A VLMEvalKit data row (pandas Series or dict) as our runner would prompt it."""
+    if dataset_type == "MCQ":
+        options = [str(line[c]) for c in string.ascii_uppercase if c in line and _present(line[c])]
+        hint = str(line["hint"]) if "hint" in line and _present(line["hint"]) else ""
+        return build_prompt({"question": str(line["question"]), "hint": hint, "options": options, "metric": "mc"})
+    return build_prompt({"question": str(line["question"]), "metric": "vqa"})
+
+
+def _present(value) -> bool:
+    return value is not None and value == value and str(value).strip() != ""  # NaN != NaN
+
+
+def _dataset_type(dataset: str | None) -> str | None:
+    if dataset is None:
+        return None
+    from vlmeval.dataset import DATASET_TYPE
+
+    return DATASET_TYPE(dataset)
+
+
+def vlmevalkit_model_class(name: str = "InfiniteVL") -> type:
+    """InfiniteVLChat combined with VLMEvalKit's BaseModel (input checks, `generate`, `dump_image`)."""
+    try:
+        from vlmeval.vlm.base import BaseModel
+    except ImportError as e:
+        raise ImportError("VLMEvalKit is not installed: pip install -e <VLMEvalKit checkout> "
+                          "(see docs/vlmevalkit.md)") from e
+    return type(name, (InfiniteVLChat, BaseModel), {"__module__": __name__})

@@ -1,0 +1,114 @@
+"""The VLMEvalKit adapter without VLMEvalKit: message conversion, generation, prompts, class assembly."""
+
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from PIL import Image
+
+from model.tiny import build_tiny_teacher
+from pipeline.eval.dataset import encode_image
+from pipeline.eval.runner import EvalConfig, generate_batch
+from pipeline.eval.vlmevalkit import InfiniteVLChat, prompt_for_line, vlmevalkit_model_class
+
+
+@pytest.fixture(scope="module")
+def lively_teacher():
+    # Wide weights so the greedy output depends on the input (see test_eval_runner.py).
+    model, processor = build_tiny_teacher(seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0.0, 0.2)
+    return model, processor
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    for i, (color, size) in enumerate((("red", (56, 56)), ("blue", (112, 56)))):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", size, color).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_module_does_not_import_vlmevalkit():
+    code = "import sys, pipeline.eval.vlmevalkit; print('vlmeval' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_interleaved_message_becomes_the_processor_inputs_in_order(tiny_teacher, images):
+    model, processor = tiny_teacher
+    chat = InfiniteVLChat(model=model, processor=processor)
+    message = [{"type": "text", "value": "Compare"}, {"type": "image", "value": images[0]},
+               {"type": "text", "value": "with"}, {"type": "image", "value": images[1]}]
+    inputs = chat.build_inputs(message)
+    text = processor.decode(inputs["input_ids"][0], skip_special_tokens=False)
+    # 56x56 -> 2x2 merged patches, 112x56 -> 4x2
+    expected = ("<|im_start|>user\nCompare<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>with"
+                "<|vision_start|>" + "<|image_pad|>" * 8 + "<|vision_end|><|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith(expected)
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 8]]
+    direct = processor(text=[processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "with"}, {"type": "image"}]}],
+        add_generation_prompt=True)], images=[Image.open(p).convert("RGB") for p in images])
+    assert torch.equal(inputs["pixel_values"], direct["pixel_values"])
+
+
+def test_generate_inner_answers_like_the_runner(lively_teacher, images):
+    model, processor = lively_teacher
+    chat = InfiniteVLChat(model=model, processor=processor, max_new_tokens=5)
+    sample = {"id": "0", "suite": "x", "image": encode_image(Image.open(images[1])), "question": "What colour?",
+              "answers": ["blue"], "metric": "vqa"}
+    message = [{"type": "image", "value": images[1]},
+               {"type": "text", "value": "What colour?\nAnswer the question using a single word or phrase."}]
+    answer = chat.generate_inner(message, dataset=None)
+    assert answer == generate_batch(model, processor, [sample], EvalConfig(max_new_tokens=5))[0]
+    assert answer  # the lively model says something
+
+
+def test_rejects_other_item_types(tiny_teacher):
+    model, processor = tiny_teacher
+    with pytest.raises(ValueError, match="video"):
+        InfiniteVLChat(model=model, processor=processor).build_inputs([{"type": "video", "value": "x.mp4"}])
+
+
+def test_prompt_for_mcq_and_vqa_rows():
+    row = {"index": 3, "question": "Which colour?", "hint": float("nan"), "A": "red", "B": "blue", "C": float("nan"),
+           "answer": "B"}
+    assert prompt_for_line(row, "MCQ") == ("Which colour?\nOptions:\nA. red\nB. blue\n"
+                                           "Answer with the option's letter from the given choices directly.")
+    assert prompt_for_line({"question": "What is written?"}, "VQA") == (
+        "What is written?\nAnswer the question using a single word or phrase.")
+
+
+def test_vlmevalkit_class_without_vlmevalkit_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vlmeval", None)
+    with pytest.raises(ImportError, match="VLMEvalKit is not installed"):
+        vlmevalkit_model_class()
+
+
+def test_vlmevalkit_class_puts_our_methods_before_base_model(monkeypatch, tiny_teacher):
+    # A stand-in for vlmeval.vlm.base with the one class the adapter builds on.
+    class BaseModel:
+        INTERLEAVE = False
+
+        def use_custom_prompt(self, dataset):
+            return False
+
+        def generate(self, message, dataset=None):
+            return self.generate_inner(message, dataset)
+
+    for name in ("vlmeval", "vlmeval.vlm", "vlmeval.vlm.base"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["vlmeval.vlm.base"].BaseModel = BaseModel
+    cls = vlmevalkit_model_class()
+    assert cls.__mro__[1:3] == (InfiniteVLChat, BaseModel) and cls.INTERLEAVE is True
+    model, processor = tiny_teacher
+    chat = cls(model=model, processor=processor, max_new_tokens=2)
+    assert isinstance(chat.generate([{"type": "text", "value": "hi"}]), str)
