@@ -63,7 +63,7 @@ def test_run_config_gives_suites_limit_and_token_budget(checkpoint, tmp_path):
     config = load_config("configs/tiny.yaml", ["eval.max_samples=5", "eval.max_new_tokens=3"])
     scores = evaluate_checkpoint(checkpoint, config, out_dir=str(tmp_path))
     results = json.loads((tmp_path / "tiny/results.json").read_text())
-    assert results["n"] == 5 and results["config"]["max_new_tokens"] == 3
+    assert results["n"] == 5 and results["config"]["max_new_tokens"] == 3 and results["config"]["limit"] == 5
     assert scores["score"] == results["score"]
 
 

@@ -72,6 +72,8 @@ def test_chartqa_human_and_augmented(tmp_path):
     assert (h["id"], h["source"], h["answers"], h["metric"]) == ("human/0", "human", ["45%"], "relaxed")
     assert (a["id"], a["source"], a["answers"]) == ("augmented/0", "augmented", ["2014"])
     assert decode_image(a["image"]).getpixel((0, 0)) == (0, 128, 0)
+    both = _roundtrip("chartqa", tmp_path / "test", tmp_path)  # the split folder: human, then augmented
+    assert [s["id"] for s in both] == ["human/0", "augmented/0"]
 
 
 def _write_mmbench_tsv(path):

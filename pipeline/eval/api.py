@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import tempfile
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import fsspec
@@ -97,7 +98,9 @@ def _settings(config, suite) -> tuple[list[str], EvalConfig]:
     if config is not None and hasattr(config, "eval") and hasattr(config.eval, "benchmarks"):  # a RunConfig
         section = config.eval
         suites = list(section.benchmarks)
-        eval_config = EvalConfig(max_new_tokens=section.max_new_tokens, limit=section.max_samples)
+        # Every runner setting the eval section has is taken; max_samples is the runner's limit.
+        shared = {f.name: getattr(section, f.name) for f in fields(EvalConfig) if hasattr(section, f.name)}
+        eval_config = EvalConfig(**{**shared, "limit": getattr(section, "max_samples", None)})
     else:
         suites = ["tiny"]
         eval_config = EvalConfig.from_dict(config)

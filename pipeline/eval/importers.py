@@ -65,9 +65,15 @@ def import_chartqa(json_url: str, image_root: str | None = None, suite: str = "c
                    source: str | None = None) -> Iterator[dict]:
     """`test/test_human.json` or `test_augmented.json`: `[{imgname, query, label}]`, images in `test/png/`.
 
-    `source` (default: "human"/"augmented" from the file name) keeps the two splits apart in the report,
-    since ChartQA's headline number is their average.
+    Given the split folder itself (`test/`), both files are imported: ChartQA's headline number is the
+    relaxed accuracy over human and augmented questions together (the mean of two equal-sized halves).
+    `source` (default: "human"/"augmented" from the file name) keeps them apart as report categories.
     """
+    if not json_url.endswith(".json"):
+        split = posixpath.basename(json_url.rstrip("/"))
+        for part in ("human", "augmented"):
+            yield from import_chartqa(_join(json_url, f"{split}_{part}.json"), image_root, suite)
+        return
     root = image_root or _join(_parent(json_url), "png")
     name = posixpath.basename(json_url).rsplit(".", 1)[0]
     source = source or name.replace("test_", "").replace("val_", "")
