@@ -35,6 +35,7 @@ def commit_checkpoint(ctx: StageContext, step: int, metrics: dict | None = None)
 def list_checkpoints(stage_output: str) -> list[tuple[int, str]]:
     """(step, uri) of every committed checkpoint of a stage, oldest first."""
     fs, path = fsspec.core.url_to_fs(join(stage_output, "checkpoints"))
+    fs.invalidate_cache(path)  # another process (the training job) writes the checkpoints
     if not fs.exists(path):
         return []
     found = []

@@ -73,6 +73,7 @@ def write_json(url: str, obj: Any) -> None:
 
 def remove_tree(url: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
