@@ -1,0 +1,74 @@
+"""The shard format: an Arrow IPC file, one packed sequence per record batch.
+
+One batch per sequence lets a reader fetch a single sequence with a ranged read (the file footer
+indexes the batches), so a loader can visit sequences in any order without downloading whole shards.
+Images and video frames are PNG at model resolution; the loader turns them into patches.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+
+from pipeline import storage
+
+from .tokenize import Sample
+
+_grid = pa.list_(pa.list_(pa.int32()))
+SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("doc_lens", pa.list_(pa.int32())),
+    ("sample_ids", pa.list_(pa.string())),
+    ("images", pa.list_(pa.binary())),
+    ("image_grid_thw", _grid),
+    ("videos", pa.list_(pa.list_(pa.binary()))),
+    ("video_grid_thw", _grid),
+    ("second_per_grid_ts", pa.list_(pa.float64())),
+])
+
+
+def pack_row(samples: list[Sample]) -> dict:
+    """Concatenates samples (documents) into one sequence row."""
+    return {
+        "input_ids": [t for s in samples for t in s.input_ids],
+        "labels": [t for s in samples for t in s.labels],
+        "doc_lens": [len(s) for s in samples],
+        "sample_ids": [s.sample_id for s in samples],
+        "images": [im for s in samples for im in s.images],
+        "image_grid_thw": [g for s in samples for g in s.image_grid_thw],
+        "videos": [v for s in samples for v in s.videos],
+        "video_grid_thw": [g for s in samples for g in s.video_grid_thw],
+        "second_per_grid_ts": [x for s in samples for x in s.second_per_grid_ts],
+    }
+
+
+def encode_shard(rows: list[dict]) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, SCHEMA) as writer:
+        for row in rows:
+            writer.write_batch(pa.RecordBatch.from_pylist([row], schema=SCHEMA))
+    return sink.getvalue()
+
+
+class ShardReader:
+    """Random access to the sequences of one shard, local or remote."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        if storage.is_local(url):
+            self._file = pa.memory_map(url.removeprefix("file://"), "r")
+        else:
+            # small blocks: a ranged read should fetch about one sequence, not megabytes of its neighbours
+            self._file = storage.open_url(url, "rb", storage_options, block_size=1 << 20, cache_type="bytes")
+        self._reader = pa.ipc.open_file(self._file)
+
+    def __len__(self) -> int:
+        return self._reader.num_record_batches
+
+    def row(self, i: int) -> dict:
+        return self._reader.get_batch(i).to_pylist()[0]
+
+    def close(self) -> None:
+        self._file.close()

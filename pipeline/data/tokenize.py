@@ -1,0 +1,251 @@
+"""One raw record → one training sample: checked turns, media at model resolution, tokens and labels.
+
+The text is the teacher's chat template; each image or video is one pad token in it, expanded to one
+token per merged patch of its grid, exactly as `InfiniteVLProcessor.__call__` does. Labels keep the
+assistant turns (their text and the end-of-turn token, so the model learns to stop) and are -100
+everywhere else. Images and frames are resized here to the size the processor would pick and stored
+as PNG; normalising and patchifying them is left to the loader's worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from model.processing import IMAGE_TOKEN, VIDEO_TOKEN, InfiniteVLProcessor
+
+from . import media
+from .config import CorpusConfig, SourceConfig
+from .quarantine import BadRecord
+from .sources import RawRecord
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PLACEHOLDERS = {"<image>": "image", "<video>": "video", "<document>": "document"}
+
+
+@dataclass
+class Sample:
+    sample_id: str
+    source: str
+    input_ids: list[int]
+    labels: list[int]
+    images: list[bytes] = field(default_factory=list)  # PNG at model resolution
+    image_grid_thw: list[list[int]] = field(default_factory=list)
+    videos: list[list[bytes]] = field(default_factory=list)  # PNG frames at model resolution
+    video_grid_thw: list[list[int]] = field(default_factory=list)
+    second_per_grid_ts: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@lru_cache(maxsize=4)
+def load_processor(name: str) -> InfiniteVLProcessor:
+    """'tiny' builds the offline tiny processor; anything else is a saved processor folder."""
+    if name == "tiny":
+        from model.tiny import build_processor
+
+        return build_processor()
+    return InfiniteVLProcessor.from_pretrained(name)
+
+
+def processor_fingerprint(processor: InfiniteVLProcessor) -> str:
+    ip = processor.image_processor
+    parts = [processor.tokenizer.backend_tokenizer.to_str(), processor.chat_template,
+             repr((ip.patch_size, ip.merge_size, ip.temporal_patch_size, list(ip.image_mean), list(ip.image_std)))]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def tokenize_record(record: RawRecord, source: SourceConfig, config: CorpusConfig, processor: InfiniteVLProcessor,
+                    sample_id: str, storage_options: dict | None = None) -> Sample:
+    turns = check_turns(record.turns)
+    images, videos, pages = _load_media(record, config, storage_options)
+    messages = _messages(turns, n_images=len(images), has_video=bool(videos), n_pages=len(pages))
+    min_px, max_px = config.pixels_for(source)
+    sample = Sample(sample_id=sample_id, source=record.source, input_ids=[], labels=[])
+    for image in images + pages:
+        png, grid = _fit_image(image, min_px, max_px, config.max_aspect_ratio, processor)
+        sample.images.append(png)
+        sample.image_grid_thw.append(grid)
+    for clip in videos:
+        frames, grid, seconds = _fit_video(clip, config, processor)
+        sample.videos.append(frames)
+        sample.video_grid_thw.append(grid)
+        sample.second_per_grid_ts.append(seconds)
+    ids, labels = tokenize_messages(messages, processor)
+    merge = processor.merge_size ** 2
+    sample.input_ids, sample.labels = expand_media_tokens(
+        ids, labels, processor,
+        [t * h * w // merge for t, h, w in sample.image_grid_thw],
+        [t * h * w // merge for t, h, w in sample.video_grid_thw])
+    if len(sample) > config.max_len:
+        raise BadRecord(f"sample overflows max_len: {len(sample)} tokens > {config.max_len}")
+    return sample
+
+
+# -- turns ------------------------------------------------------------------------------------------------------
+def check_turns(turns) -> list[tuple[str, str]]:
+    """(role, text) with roles normalised; an optional system turn, then user/assistant alternating."""
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("empty or malformed conversation")
+    out = []
+    for turn in turns:
+        if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and isinstance(turn[1], str)):
+            raise BadRecord("malformed turn: expected a role and a text")
+        role = ROLES.get(str(turn[0]).lower()) if turn[0] is not None else None
+        if role is None:
+            raise BadRecord(f"wrong role: {turn[0]!r}")
+        out.append((role, turn[1]))
+    body = out[1:] if out[0][0] == "system" else out
+    expected = ["user", "assistant"] * (len(body) // 2 + 1)
+    roles = [r for r, _ in body]
+    if not body or roles != expected[:len(roles)]:
+        raise BadRecord(f"wrong roles: turns must alternate user/assistant after an optional system turn, "
+                        f"got {roles}")
+    if roles[-1] != "assistant":
+        raise BadRecord("wrong roles: the conversation does not end with an assistant turn")
+    if any(role == "assistant" and not text.strip() for role, text in body):
+        raise BadRecord("empty or malformed conversation: an assistant turn is empty")
+    return out
+
+
+def _messages(turns, n_images: int, has_video: bool, n_pages: int) -> list[dict]:
+    """Chat messages with image/video parts where the placeholders were (or before the first question)."""
+    if n_images and n_pages:
+        raise BadRecord("malformed record: both images and a document")
+    counts = {tag: sum(text.count(tag) for role, text in turns if role == "user") for tag in PLACEHOLDERS}
+    for role, text in turns:
+        if role != "user" and any(tag in text for tag in PLACEHOLDERS):
+            raise BadRecord(f"malformed conversation: media placeholder in a {role} turn")
+    expected = {"<image>": n_images, "<video>": int(has_video), "<document>": int(n_pages > 0)}
+    for tag, n in expected.items():
+        if counts[tag] not in (0, n):
+            raise BadRecord(f"placeholder mismatch: {counts[tag]} {tag} in the text for {n} given")
+    leading = [tag for tag, n in expected.items() if n and counts[tag] == 0]
+    messages, first_user = [], True
+    for role, text in turns:
+        if role != "user":
+            messages.append({"role": role, "content": text})
+            continue
+        parts = []
+        if first_user:
+            for tag in leading:
+                parts += [{"type": "image"}] * n_images if tag == "<image>" else _media_parts(tag, n_images, n_pages)
+            first_user = False
+        for piece in _split_placeholders(text):
+            parts += _media_parts(piece, n_images, n_pages) if piece in PLACEHOLDERS else (
+                [{"type": "text", "text": piece}] if piece else [])
+        messages.append({"role": "user", "content": parts})
+    return messages
+
+
+def _media_parts(tag: str, n_images: int, n_pages: int) -> list[dict]:
+    if tag == "<video>":
+        return [{"type": "video"}]
+    if tag == "<document>":
+        return [{"type": "image"}] * n_pages
+    return [{"type": "image"}]  # each <image> tag stands for one image
+
+
+def _split_placeholders(text: str) -> list[str]:
+    return re.split("(" + "|".join(map(re.escape, PLACEHOLDERS)) + ")", text)
+
+
+# -- media ------------------------------------------------------------------------------------------------------
+def _load_media(record: RawRecord, config: CorpusConfig, storage_options):
+    images = [media.open_image(x, f"{record.location} {record.position}") if isinstance(x, bytes)
+              else media.load_image(x, storage_options) for x in record.images]
+    videos = [media.decode_video(record.video, config.video.fps, config.video.max_frames, storage_options)
+              ] if record.video else []
+    pages = media.load_document(record.document, config.document.dpi, config.document.max_pages,
+                                storage_options) if record.document else []
+    return images, videos, pages
+
+
+def _fit_image(image: Image.Image, min_pixels: int, max_pixels: int, max_ratio: float,
+               processor: InfiniteVLProcessor) -> tuple[bytes, list[int]]:
+    h, w = _target_size(image, min_pixels, max_pixels, max_ratio, processor)
+    p = processor.patch_size
+    return _png(image.resize((w, h), Image.BICUBIC) if (w, h) != image.size else image), [1, h // p, w // p]
+
+
+def _target_size(image: Image.Image, min_pixels: int, max_pixels: int, max_ratio: float,
+                 processor: InfiniteVLProcessor) -> tuple[int, int]:
+    w, h = image.size
+    ratio = max(w, h) / max(1, min(w, h))
+    if ratio > max_ratio:
+        raise BadRecord(f"absurd aspect ratio: {w}x{h} ({ratio:.0f}:1 > {max_ratio:.0f}:1)")
+    try:
+        return smart_resize(h, w, factor=processor.patch_size * processor.merge_size,
+                            min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as exc:
+        raise BadRecord(f"absurd aspect ratio: {exc}") from None
+
+
+def _fit_video(clip: media.VideoClip, config: CorpusConfig, processor: InfiniteVLProcessor):
+    min_px = config.video.min_pixels or config.min_pixels
+    max_px = config.video.max_pixels or config.max_pixels
+    h, w = _target_size(clip.frames[0], min_px, max_px, config.max_aspect_ratio, processor)
+    frames = [_png(f.resize((w, h), Image.BICUBIC) if f.size != (w, h) else f) for f in clip.frames]
+    tp, p = processor.temporal_patch_size, processor.patch_size
+    # the processor pads the last temporal patch by repeating the final frame
+    return frames, [math.ceil(len(frames) / tp), h // p, w // p], tp / clip.fps
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# -- tokens -----------------------------------------------------------------------------------------------------
+def tokenize_messages(messages: list[dict], processor: InfiniteVLProcessor) -> tuple[list[int], list[int]]:
+    """Token ids of the chat-templated conversation and labels that keep only the assistant turns.
+
+    Each assistant turn's characters are found by rendering the conversation up to it (with the
+    generation prompt, so the span starts at its first answer character) and through it; tokens whose
+    characters lie inside a span are supervised.
+    """
+    text = processor.apply_chat_template(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(processor.apply_chat_template(messages[:i], add_generation_prompt=True))
+        through = processor.apply_chat_template(messages[:i + 1])
+        if not text.startswith(through) or start > len(through):
+            raise BadRecord("chat template is not prefix-stable; cannot locate assistant turns")
+        spans.append((start, len(through.rstrip())))
+    enc = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [tok if any(s <= a and b <= e for s, e in spans) and b > a else IGNORE_INDEX
+              for tok, (a, b) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def expand_media_tokens(ids: list[int], labels: list[int], processor: InfiniteVLProcessor,
+                        image_counts: list[int], video_counts: list[int]) -> tuple[list[int], list[int]]:
+    """Each image/video pad token becomes one per merged patch (pad tokens are never supervised)."""
+    counts = {processor.image_token_id: iter(image_counts), processor.video_token_id: iter(video_counts)}
+    n_img, n_vid = ids.count(processor.image_token_id), ids.count(processor.video_token_id)
+    if (n_img, n_vid) != (len(image_counts), len(video_counts)):
+        raise BadRecord(f"placeholder mismatch: {n_img} {IMAGE_TOKEN} / {n_vid} {VIDEO_TOKEN} tokens for "
+                        f"{len(image_counts)} images / {len(video_counts)} videos")
+    out_ids, out_labels = [], []
+    for tok, lab in zip(ids, labels):
+        if tok in counts:
+            n = next(counts[tok])
+            out_ids += [tok] * n
+            out_labels += [IGNORE_INDEX] * n
+        else:
+            out_ids.append(tok)
+            out_labels.append(lab)
+    return out_ids, out_labels
