@@ -17,7 +17,7 @@ def test_needle_shows_the_answer_object_only_during_its_frames():
     sample = needle_sample(32, 5, config)
     start = int(sample["source"].rsplit(" ", 1)[1])
     colour, _ = sample["options"]["ABCD".index(sample["answers"][0])].split()
-    frames = sample["video"]
+    frames = sample["frames"]
     assert len(frames) == 32 and frames[0].size == (56, 56)
     for t, frame in enumerate(frames):
         shown = start <= t < start + 4
@@ -30,9 +30,9 @@ def test_needle_shows_the_answer_object_only_during_its_frames():
 def test_needle_videos_are_deterministic_and_vary_with_index():
     config = LongVideoConfig()
     a, b, c = needle_sample(16, 0, config), needle_sample(16, 0, config), needle_sample(16, 1, config)
-    assert [f.tobytes() for f in a["video"]] == [f.tobytes() for f in b["video"]]
+    assert [f.tobytes() for f in a["frames"]] == [f.tobytes() for f in b["frames"]]
     assert a["options"] == b["options"] and a["source"] == b["source"]
-    assert [f.tobytes() for f in a["video"]] != [f.tobytes() for f in c["video"]]
+    assert [f.tobytes() for f in a["frames"]] != [f.tobytes() for f in c["frames"]]
 
 
 def test_run_longvideo_scores_each_frame_count_and_plots(tiny_teacher, tmp_path):
@@ -43,7 +43,7 @@ def test_run_longvideo_scores_each_frame_count_and_plots(tiny_teacher, tmp_path)
     assert all(r["n"] == 3 for r in results["rows"])
     for row in results["rows"]:
         suite = json.loads((tmp_path / "longvideo" / f"frames_{row['frames']}" / "results.json").read_text())
-        assert suite["score"] == row["score"] and suite["config"]["video_fps"] == config.fps
+        assert suite["score"] == row["score"] and suite["config"]["video_frames"] == row["frames"]
     assert json.loads((tmp_path / "longvideo" / "results.json").read_text()) == results
     with Image.open(tmp_path / "longvideo" / "longvideo.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 300

@@ -3,7 +3,8 @@
 A suite is named by a spec:
   tiny (or sample)   the built-in synthetic image questions (synthetic.py)
   longvideo          the needle task at growing frame counts, with its plot (longvideo.py)
-  NAME=URL           an Arrow eval file made by importers.py, reported as NAME
+  NAME=URL           an Arrow eval file made by importers.py, reported as NAME; a video benchmark in it
+                     is scored at every frame count of the long-video config, like the needle task
   URL.arrow          the same, reported under the file's stem
 Reports go to `<out_dir>/<suite>/` (see runner.py) plus `<out_dir>/summary.json` and `summary.md`.
 """
@@ -22,8 +23,8 @@ import fsspec
 import torch
 
 from .dataset import read_samples
-from .longvideo import LongVideoConfig, run_longvideo
-from .runner import EvalConfig, markdown_table, run_suite
+from .longvideo import LongVideoConfig, run_longvideo, run_video_benchmark
+from .runner import EvalConfig, has_video, markdown_table, run_suite
 from .synthetic import tiny_samples
 
 if TYPE_CHECKING:
@@ -40,8 +41,8 @@ def evaluate_checkpoint(checkpoint: str, config: "RunConfig | EvalConfig | dict 
 
     `config` is the run config (its `eval` section gives the suites, sample limit and token budget) or
     the runner's own settings. `suite` overrides the suites. Reports go to `out_dir`, by default
-    `<checkpoint>.eval/`. Returns flat scores in percent: one per suite, `longvideo/<frames>` per frame
-    count, and `score`, the mean over suites.
+    `<checkpoint>.eval/`. Returns flat scores in percent: one per suite (for video suites the mean over
+    frame counts), `<suite>/<frames>` per frame count of a video suite, and `score`, the mean over suites.
     """
     suites, eval_config = _settings(config, suite)
     out_dir = out_dir or checkpoint.rstrip("/") + ".eval"
@@ -55,14 +56,20 @@ def evaluate_model(model, processor, suites: list[str], out_dir: str, config: Ev
                    longvideo: LongVideoConfig | dict | None = None, model_name: str = "") -> dict[str, dict]:
     """Runs suites on a model already in memory (e.g. during training); returns suite -> results."""
     config = EvalConfig.from_dict(config)
+    frame_counts = LongVideoConfig.from_dict(longvideo).frame_counts
     results = {}
     for spec in suites:
         name, source = resolve_suite(spec)
         if source == "longvideo":
             results[name] = run_longvideo(model, processor, out_dir, longvideo, config, model_name)
-            continue
-        samples = tiny_samples() if source == "tiny" else read_samples(source)
-        results[name] = run_suite(model, processor, samples, name, out_dir, config, model_name)
+        elif source == "tiny":
+            results[name] = run_suite(model, processor, tiny_samples(), name, out_dir, config, model_name)
+        elif has_video(next(read_samples(source, limit=1), {})):
+            # Video benchmarks are the paper's length-generalisation figure: every video at every frame count.
+            results[name] = run_video_benchmark(model, processor, name, source, frame_counts, out_dir, config,
+                                                model_name)
+        else:
+            results[name] = run_suite(model, processor, read_samples(source), name, out_dir, config, model_name)
     _write_summary(results, out_dir)
     return results
 

@@ -4,6 +4,7 @@ Columns:
   id        unique within the suite (string)
   suite     benchmark name, e.g. "docvqa"
   image     the encoded image file as published (PNG/JPEG bytes), null for text-only samples
+  video     URL of the video file (video benchmarks), "" otherwise; frames are sampled at eval time
   question  the question text
   hint      context shown before the question (MMBench), "" if none
   answers   accepted answers; for multiple choice, the one correct letter
@@ -27,6 +28,7 @@ SCHEMA = pa.schema([
     ("id", pa.string()),
     ("suite", pa.string()),
     ("image", pa.binary()),
+    ("video", pa.string()),
     ("question", pa.string()),
     ("hint", pa.string()),
     ("answers", pa.list_(pa.string())),
@@ -37,7 +39,7 @@ SCHEMA = pa.schema([
     ("group", pa.string()),
 ])
 
-_DEFAULTS = {"image": None, "hint": "", "options": [], "category": "", "source": "", "group": ""}
+_DEFAULTS = {"image": None, "video": "", "hint": "", "options": [], "category": "", "source": "", "group": ""}
 _BATCH_ROWS = 256  # keeps memory bounded when a benchmark holds gigabytes of images
 
 

@@ -163,6 +163,50 @@ def import_ocrbench(json_url: str, image_root: str | None = None, suite: str = "
         )
 
 
+# -- Video-MME ------------------------------------------------------------------------------------------------
+
+def import_videomme(parquet_url: str, video_root: str, suite: str = "videomme",
+                    video_ext: str = ".mp4") -> Iterator[dict]:
+    """`videomme/test-*.parquet`: rows of videoID, question_id, duration (short/medium/long), domain, task_type,
+    question, options (["A. …", …]) and answer (a letter); videos are `<video_root>/<videoID>.mp4`.
+
+    Videos are referenced, not copied: frames are sampled from them at evaluation time, at each frame count.
+    """
+    import pyarrow.parquet as pq
+
+    with fsspec.open(parquet_url, "rb") as f:
+        rows = pq.read_table(f).to_pylist()
+    for row in rows:
+        options = [_strip_letter(o) for o in row["options"]]
+        yield make_sample(
+            id=str(row["question_id"]), suite=suite, video=_join(video_root, row["videoID"] + video_ext),
+            question=row["question"], options=options, answers=[row["answer"].strip()], metric="mc",
+            category=row.get("duration") or "", source=row.get("task_type") or "",
+        )
+
+
+def _strip_letter(option: str) -> str:
+    # "A. Three." -> "Three."; the runner puts its own letters back
+    head, sep, rest = option.partition(". ")
+    return rest if sep and len(head) == 1 and head in LETTERS else option
+
+
+# -- LongVideoBench -------------------------------------------------------------------------------------------
+
+def import_longvideobench(json_url: str, video_root: str | None = None, suite: str = "longvideobench") -> Iterator[dict]:
+    """`lvb_val.json`: `[{id, video_path, question, candidates, correct_choice, duration_group, question_category}]`
+    with videos in `<video_root>` (default: `videos/` beside the json)."""
+    root = video_root or _join(_parent(json_url), "videos")
+    for item in _read_json(json_url):
+        candidates = [str(c) for c in item["candidates"]]
+        correct = item.get("correct_choice")
+        yield make_sample(
+            id=str(item["id"]), suite=suite, video=_join(root, item["video_path"]), question=item["question"],
+            options=candidates, answers=[LETTERS[int(correct)]] if correct is not None else [], metric="mc",
+            category=str(item.get("duration_group", "")), source=item.get("question_category", ""),
+        )
+
+
 IMPORTERS: dict[str, Callable[..., Iterator[dict]]] = {
     "docvqa": import_docvqa,
     "textvqa": import_textvqa,
@@ -171,6 +215,8 @@ IMPORTERS: dict[str, Callable[..., Iterator[dict]]] = {
     "mc_tsv": import_mc_tsv,
     "ai2d": import_ai2d,
     "ocrbench": import_ocrbench,
+    "videomme": import_videomme,
+    "longvideobench": import_longvideobench,
 }
 
 

@@ -4,7 +4,8 @@ The task is a needle in a video: among frames of grey distractor shapes drifting
 one coloured object shows for a few consecutive frames at a random moment; the question asks which
 object appeared (four options). Videos are drawn deterministically from (seed, frame count, index), so
 every checkpoint sees the same ones. Each frame count is scored as its own suite and the scores are
-plotted against the number of frames.
+plotted against the number of frames. Imported video benchmarks (Video-MME, LongVideoBench) are swept
+the same way, sampling each video file at every frame count.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import io
 import json
 import random
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterable
 
 import fsspec
 from PIL import Image, ImageDraw
 
+from .dataset import read_samples
 from .metrics import LETTERS
 from .runner import EvalConfig, run_suite
 from .synthetic import COLORS, SHAPES, draw_shape
@@ -58,7 +61,8 @@ def needle_sample(n_frames: int, index: int, config: LongVideoConfig) -> dict:
         frames.append(image)
     options = _options(rng, colour, shape)
     return {
-        "id": f"{n_frames}/{index}", "suite": "longvideo", "image": None, "video": frames, "question": QUESTION,
+        "id": f"{n_frames}/{index}", "suite": "longvideo", "image": None, "video": "", "frames": frames,
+        "video_fps": config.fps, "question": QUESTION,
         "hint": "", "options": options, "answers": [LETTERS[options.index(f"{colour} {shape}")]], "metric": "mc",
         "category": str(n_frames), "source": f"needle at frame {start}", "group": "",
     }
@@ -99,26 +103,44 @@ def run_longvideo(model, processor, out_dir: str, config: LongVideoConfig | dict
                   eval_config: EvalConfig | dict | None = None, model_name: str = "") -> dict:
     """Scores the needle task at every frame count; writes results.json and longvideo.png."""
     config = LongVideoConfig.from_dict(config)
-    eval_config = replace(EvalConfig.from_dict(eval_config), video_fps=config.fps, limit=None)
-    root = f"{out_dir.rstrip('/')}/longvideo"
+
+    def samples_at(n_frames: int):
+        return (needle_sample(n_frames, i, config) for i in range(config.samples_per_count))
+
+    return sweep_frames(model, processor, "longvideo", samples_at, config.frame_counts, out_dir, eval_config,
+                        model_name, title="Long-video needle task", chance=CHANCE, extra={"config": asdict(config)})
+
+
+def run_video_benchmark(model, processor, name: str, samples_url: str, frame_counts: list[int], out_dir: str,
+                        eval_config: EvalConfig | dict | None = None, model_name: str = "") -> dict:
+    """An imported video benchmark (Video-MME, LongVideoBench) with each video sampled at every frame count."""
+    return sweep_frames(model, processor, name, lambda n: read_samples(samples_url), frame_counts, out_dir,
+                        eval_config, model_name, title=name)
+
+
+def sweep_frames(model, processor, name: str, samples_at: Callable[[int], Iterable[dict]], frame_counts: list[int],
+                 out_dir: str, eval_config: EvalConfig | dict | None = None, model_name: str = "", title: str = "",
+                 chance: float | None = None, extra: dict | None = None) -> dict:
+    """Runs `samples_at(n)` as suite `frames_<n>` for each n; writes `<name>/results.json` and `<name>.png`."""
+    eval_config = EvalConfig.from_dict(eval_config)
+    root = f"{out_dir.rstrip('/')}/{name}"
     rows = []
-    for n_frames in config.frame_counts:
-        samples = (needle_sample(n_frames, i, config) for i in range(config.samples_per_count))
-        suite = run_suite(model, processor, samples, f"frames_{n_frames}", root, eval_config, model_name)
+    for n_frames in frame_counts:
+        at_n = replace(eval_config, video_frames=n_frames)
+        suite = run_suite(model, processor, samples_at(n_frames), f"frames_{n_frames}", root, at_n, model_name)
         rows.append({"frames": n_frames, "n": suite["n"], "score": suite["score"]})
     results = {
-        "suite": "longvideo", "model": model_name, "rows": rows,
+        "suite": name, "model": model_name, "rows": rows,
         "score_by_frames": {str(r["frames"]): r["score"] for r in rows},
-        "config": asdict(config), "eval_config": asdict(eval_config),
-        "plot": f"{root}/longvideo.png",
+        **(extra or {}), "eval_config": asdict(eval_config), "plot": f"{root}/{name}.png",
     }
-    _save_plot(rows, model_name, results["plot"])
+    _save_plot(rows, model_name, results["plot"], title or name, chance)
     with fsspec.open(f"{root}/results.json", "w", auto_mkdir=True) as f:
         f.write(json.dumps(results, indent=2))
     return results
 
 
-def _save_plot(rows: list[dict], model_name: str, url: str) -> None:
+def _save_plot(rows: list[dict], model_name: str, url: str, title: str, chance: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training nodes
@@ -126,13 +148,14 @@ def _save_plot(rows: list[dict], model_name: str, url: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([r["frames"] for r in rows], [r["score"] for r in rows], marker="o", label=model_name or "model")
-    ax.axhline(CHANCE, color="grey", linestyle="--", linewidth=1, label="chance")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xscale("log", base=2)
     ax.set_xticks([r["frames"] for r in rows], [str(r["frames"]) for r in rows])
     ax.set_ylim(0, 100)
     ax.set_xlabel("frames")
-    ax.set_ylabel("needle accuracy (%)")
-    ax.set_title("Long-video needle task")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
     ax.legend(loc="lower left")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

@@ -1,7 +1,8 @@
 """Batched greedy generation over eval samples, scoring, and the per-suite reports.
 
-A sample is a dict in the eval format (dataset.py); it may also carry `video`: a list of PIL frames,
-which the long-video task generates in memory. For each suite the runner writes, under
+A sample is a dict in the eval format (dataset.py). A video sample either names its file in `video`, from
+which `video_frames` frames are sampled evenly, or carries `frames` (PIL images) and `video_fps` itself,
+as the generated long-video task does. For each suite the runner writes, under
 `<out_dir>/<suite>/`:
   results.json   the summary (score in percent, per-category scores, config)
   results.md     the same as a markdown table
@@ -45,7 +46,8 @@ class EvalConfig:
     max_pixels: int | None = None
     video_min_pixels: int | None = None  # per-frame limits for video samples
     video_max_pixels: int | None = None
-    video_fps: float = 2.0
+    video_fps: float = 2.0               # the time step given for in-memory frames without their own fps
+    video_frames: int = 32               # frames sampled evenly from each video file
     limit: int | None = None             # evaluate only the first N samples of a suite
     prompts: dict[str, str] = field(default_factory=dict)  # metric -> instruction, overriding DEFAULT_PROMPTS
 
@@ -81,7 +83,7 @@ def build_messages(sample: dict, prompt: str) -> list[dict]:
     content = []
     if sample.get("image") is not None:
         content.append({"type": "image"})
-    if sample.get("video") is not None:
+    if has_video(sample):
         content.append({"type": "video"})
     content.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": content}]
@@ -96,16 +98,33 @@ def generate_batch(model, processor, samples: list[dict], config: EvalConfig) ->
     texts = [processor.apply_chat_template(build_messages(s, p), add_generation_prompt=True)
              for s, p in zip(samples, prompts)]
     images = [_as_image(s["image"]) for s in samples if s.get("image") is not None]
-    videos = [s["video"] for s in samples if s.get("video") is not None]
+    clips = [video_frames(s, config) for s in samples if has_video(s)]
+    videos, fps = [c[0] for c in clips], [c[1] for c in clips]
     # The processor takes one pair of pixel limits; a batch with video uses the per-frame ones.
     min_pixels, max_pixels = ((config.video_min_pixels, config.video_max_pixels) if videos
                               else (config.min_pixels, config.max_pixels))
-    inputs = processor(text=texts, images=images or None, videos=videos or None, video_fps=config.video_fps,
+    inputs = processor(text=texts, images=images or None, videos=videos or None, video_fps=fps or config.video_fps,
                        min_pixels=min_pixels, max_pixels=max_pixels, padding_side="left")
     inputs = to_model_inputs(inputs, model)
     out = model.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def has_video(sample: dict) -> bool:
+    return bool(sample.get("frames")) or bool(sample.get("video"))
+
+
+def video_frames(sample: dict, config: EvalConfig) -> tuple[list[Image.Image], float]:
+    """(frames, frames per second) of a video sample: its own frames, or an even sampling of its file."""
+    if sample.get("frames"):
+        return sample["frames"], sample.get("video_fps", config.video_fps)
+    from pipeline.data.media import decode_video
+
+    # An fps far above any video's makes decode_video spread exactly video_frames frames over the whole
+    # video (fewer for a shorter one) and report the sampling rate that results.
+    clip = decode_video(sample["video"], fps=1e6, max_frames=config.video_frames)
+    return clip.frames, clip.fps
 
 
 def _as_image(value) -> Image.Image:
