@@ -49,7 +49,7 @@ def test_config_rejects_unknown_keys():
 def test_tiny_suite_is_deterministic_and_covers_every_metric():
     a, b = tiny_samples(per_kind=2, seed=3), tiny_samples(per_kind=2, seed=3)
     assert a == b and len(a) == 10
-    assert sorted({s["metric"] for s in a}) == ["anls", "mc", "ocrbench", "relaxed", "vqa"]
+    assert sorted(s["metric"] for s in a[:5]) == ["anls", "mc", "ocrbench", "relaxed", "vqa"]
 
 
 def test_run_suite_writes_reports_that_rescore_to_the_same_numbers(tiny_teacher, tmp_path):
@@ -111,3 +111,21 @@ def test_markdown_table_lists_categories_and_ocrbench_count():
         "| ocrbench | Digit String Recognition | 1 | 0.00 |",
         "| ocrbench | Regular Text Recognition | 2 | 100.00 |",
     ]
+
+
+def test_tiny_suite_answers_match_what_is_drawn():
+    from pipeline.eval.dataset import decode_image
+    from pipeline.eval.synthetic import COLORS
+
+    green = COLORS["green"]
+    for s in tiny_samples(per_kind=6, seed=2):
+        image = decode_image(s["image"])
+        if s["category"] == "colour":
+            assert image.getpixel((28, 28)) == COLORS[s["answers"][0]]
+        elif s["category"] == "count":
+            blue_slots = [image.getpixel((14 + (k % 2) * 26, 14 + (k // 2) * 26)) == COLORS["blue"] for k in range(4)]
+            assert sum(blue_slots) == int(s["answers"][0]) and blue_slots == sorted(blue_slots, reverse=True)
+        elif s["category"] == "shape":
+            shape = s["options"]["ABC".index(s["answers"][0])]
+            corners = (image.getpixel((12, 12)) == green, image.getpixel((12, 45)) == green)
+            assert corners == {"square": (True, True), "triangle": (False, True), "circle": (False, False)}[shape]
