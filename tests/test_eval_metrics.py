@@ -128,6 +128,12 @@ def test_score_sample_dispatches_and_rejects_unknown_metrics():
         score_sample("bleu", "x", ["x"])
 
 
+def test_samples_without_answers_are_unscored_not_wrong():
+    assert score_sample("anls", "0.28", []) == (None, "0.28")
+    result = aggregate([{"score": 1.0, "metric": "anls"}, {"score": None, "metric": "anls"}])
+    assert (result["n"], result["n_unscored"], result["score"]) == (1, 1, 100.0)
+
+
 def test_aggregate_circular_groups_and_categories():
     samples = [
         {"score": 1.0, "metric": "mc", "category": "color", "group": "q1"},

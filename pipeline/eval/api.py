@@ -11,13 +11,14 @@ Reports go to `<out_dir>/<suite>/` (see runner.py) plus `<out_dir>/summary.json`
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import posixpath
 import tempfile
 from dataclasses import fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import fsspec
 import torch
@@ -174,21 +175,15 @@ def _register_student(model_type: str | None) -> None:
                            "this build's `model` package does not register it") from None
 
 
-class _local_copy:
-    """A local directory holding the checkpoint: itself when local, a temporary download otherwise."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self._tmp: tempfile.TemporaryDirectory | None = None
-
-    def __enter__(self) -> str:
-        fs, path = fsspec.core.url_to_fs(self.url)
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            return path
-        self._tmp = tempfile.TemporaryDirectory(prefix="infinitevl-eval-")
-        fs.get(path.rstrip("/") + "/", self._tmp.name + "/", recursive=True)
-        return self._tmp.name
-
-    def __exit__(self, *exc) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
+@contextlib.contextmanager
+def _local_copy(url: str) -> Iterator[str]:
+    """A local directory holding the checkpoint: itself when local, a temporary download otherwise
+    (from_pretrained reads local files only)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="infinitevl-eval-") as tmp:
+        fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
+        yield tmp

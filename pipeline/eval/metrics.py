@@ -202,8 +202,15 @@ def ocrbench_match(prediction: str, answers: Sequence[str], dataset_name: str = 
 # -- one sample, one suite ------------------------------------------------------------------------------------
 
 def score_sample(metric: str, prediction: str, answers: Sequence[str], options: Sequence[str] = (),
-                 source: str = "") -> tuple[float, str]:
-    """(score in [0, 1], the answer that was scored: the extracted letter for multiple choice)."""
+                 source: str = "") -> tuple[float | None, str]:
+    """(score in [0, 1], the answer that was scored: the extracted letter for multiple choice).
+
+    The score is None for a sample without answers (a test split scored by its benchmark's server).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    if not answers:
+        return None, prediction
     if metric == "vqa":
         return vqa_accuracy(prediction, answers), prediction
     if metric == "anls":
@@ -213,18 +220,18 @@ def score_sample(metric: str, prediction: str, answers: Sequence[str], options: 
     if metric == "mc":
         score, choice = mc_accuracy(prediction, answers[0] if answers else "", options)
         return score, choice or ""
-    if metric == "ocrbench":
-        return ocrbench_match(prediction, answers, source), prediction
-    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    return ocrbench_match(prediction, answers, source), prediction
 
 
 def aggregate(samples: Iterable[dict]) -> dict:
     """Suite summary from scored samples (each with score, metric, category, and group for circular MC).
 
     `score` is the mean in percent. Samples sharing a non-empty `group` are the rotations of one circular
-    multiple-choice question and count once, as right only if all of them are.
+    multiple-choice question and count once, as right only if all of them are. Samples whose score is
+    None (no answers to score against) are counted in `n_unscored` and left out of the scores.
     """
-    samples = list(samples)
+    all_samples = list(samples)
+    samples = [s for s in all_samples if s["score"] is not None]
     units: dict[str, list[dict]] = defaultdict(list)
     for i, s in enumerate(samples):
         units[s.get("group") or f"#{i}"].append(s)
@@ -236,6 +243,7 @@ def aggregate(samples: Iterable[dict]) -> dict:
     result = {
         "n": n,
         "n_samples": len(samples),
+        "n_unscored": len(all_samples) - len(samples),
         "score": 100.0 * sum(s for _, s in per_unit) / n if n else 0.0,
         "categories": {c: {"n": len(v), "score": 100.0 * sum(v) / len(v)} for c, v in sorted(by_category.items())},
     }

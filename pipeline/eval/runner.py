@@ -211,6 +211,8 @@ def markdown_table(results: list[dict]) -> str:
         headline = f"{r['score']:.2f}"
         if "final_score" in r:
             headline += f" ({r['final_score']:g} correct)"
+        if r.get("n_unscored"):
+            headline += f" ({r['n_unscored']} without answers, not scored)"
         lines.append(f"| {r['suite']} | all | {r['n']} | {headline} |")
         if len(r["categories"]) > 1:
             for name, c in r["categories"].items():
