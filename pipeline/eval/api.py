@@ -25,7 +25,7 @@ import torch
 
 from .dataset import read_samples
 from .longvideo import LongVideoConfig, run_longvideo, run_video_benchmark
-from .runner import EvalConfig, has_video, markdown_table, run_suite
+from .runner import EvalConfig, has_video, is_main_process, markdown_table, run_suite
 from .synthetic import tiny_samples
 
 if TYPE_CHECKING:
@@ -71,7 +71,8 @@ def evaluate_model(model, processor, suites: list[str], out_dir: str, config: Ev
                                                 model_name)
         else:
             results[name] = run_suite(model, processor, read_samples(source), name, out_dir, config, model_name)
-    _write_summary(results, out_dir)
+    if is_main_process():
+        _write_summary(results, out_dir)
     return results
 
 
@@ -143,7 +144,8 @@ def load_checkpoint(checkpoint: str, device: str | None = None, dtype: str | Non
 
     from model.processing import InfiniteVLProcessor
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Under torchrun each process evaluates on its own GPU.
+    device = device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     with _local_copy(checkpoint) as local:
         config_path = os.path.join(local, "config.json")

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from .dataset import read_samples
 from .metrics import LETTERS
-from .runner import EvalConfig, run_suite
+from .runner import EvalConfig, is_main_process, run_suite
 from .synthetic import COLORS, SHAPES, draw_shape
 
 QUESTION = "A coloured object appears for a moment in this video. Which object is it?"
@@ -134,9 +134,10 @@ def sweep_frames(model, processor, name: str, samples_at: Callable[[int], Iterab
         "score_by_frames": {str(r["frames"]): r["score"] for r in rows},
         **(extra or {}), "eval_config": asdict(eval_config), "plot": f"{root}/{name}.png",
     }
-    _save_plot(rows, model_name, results["plot"], title or name, chance)
-    with fsspec.open(f"{root}/results.json", "w", auto_mkdir=True) as f:
-        f.write(json.dumps(results, indent=2))
+    if is_main_process():
+        _save_plot(rows, model_name, results["plot"], title or name, chance)
+        with fsspec.open(f"{root}/results.json", "w", auto_mkdir=True) as f:
+            f.write(json.dumps(results, indent=2))
     return results
 
 

@@ -148,19 +148,70 @@ def to_model_inputs(inputs, model) -> dict:
 
 def run_suite(model, processor, samples: Iterable[dict], suite: str, out_dir: str,
               config: EvalConfig | dict | None = None, model_name: str = "") -> dict:
-    """Generates, scores and reports one suite; returns the results written to results.json."""
+    """Generates, scores and reports one suite; returns the results written to results.json.
+
+    Under torch.distributed (e.g. torchrun, one process per GPU) every rank answers every world-th
+    sample; rank 0 merges the per-rank files in sample order and writes the reports, and every rank
+    returns the same results.
+    """
     config = EvalConfig.from_dict(config)
+    rank, world = _rank_and_world()
     samples = itertools.islice(samples, config.limit) if config.limit is not None else iter(samples)
-    records = []
+    mine = (sample for i, sample in enumerate(samples) if i % world == rank)
     suite_dir = f"{out_dir.rstrip('/')}/{suite}"
-    with fsspec.open(f"{suite_dir}/samples.jsonl", "w", auto_mkdir=True) as per_sample:
-        for batch in _batches(samples, config.batch_size):
+    part = f"{suite_dir}/samples.jsonl" if world == 1 else f"{suite_dir}/samples.rank{rank:03d}.jsonl"
+    count = 0
+    with fsspec.open(part, "w", auto_mkdir=True) as per_sample:
+        for batch in _batches(mine, config.batch_size):
             predictions = generate_batch(model, processor, batch, config)
             for sample, prediction in zip(batch, predictions):
-                record = _score(sample, prediction, config)
-                per_sample.write(json.dumps(record) + "\n")
-                records.append(record)
-            log.info("%s: %d samples scored", suite, len(records))
+                per_sample.write(json.dumps(_score(sample, prediction, config)) + "\n")
+            count += len(batch)
+            log.info("%s: %d samples scored on rank %d", suite, count, rank)
+    if world == 1:
+        return _report(_read_jsonl(part), suite, suite_dir, config, model_name)
+    import torch.distributed as dist
+
+    dist.barrier()
+    results = [None]
+    if rank == 0:
+        records = _merge_parts(suite_dir, world)
+        results = [_report(records, suite, suite_dir, config, model_name)]
+    dist.broadcast_object_list(results, src=0)
+    return results[0]
+
+
+def is_main_process() -> bool:
+    """True except on the non-zero ranks of a distributed run, which leave shared reports to rank 0."""
+    return _rank_and_world()[0] == 0
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _merge_parts(suite_dir: str, world: int) -> list[dict]:
+    """Rank r answered samples r, r + world, …: interleaving the parts restores the sample order."""
+    parts = [_read_jsonl(f"{suite_dir}/samples.rank{r:03d}.jsonl") for r in range(world)]
+    records = [parts[i % world][i // world] for i in range(sum(len(p) for p in parts))]
+    with fsspec.open(f"{suite_dir}/samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    for r in range(world):
+        fs, path = fsspec.core.url_to_fs(f"{suite_dir}/samples.rank{r:03d}.jsonl")
+        fs.rm(path)
+    return records
+
+
+def _read_jsonl(url: str) -> list[dict]:
+    with fsspec.open(url, "r") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _report(records: list[dict], suite: str, suite_dir: str, config: EvalConfig, model_name: str) -> dict:
     results = {
         "suite": suite,
         "model": model_name,
@@ -193,12 +244,9 @@ def _score(sample: dict, prediction: str, config: EvalConfig) -> dict:
 
 def rescore(samples_url: str) -> dict:
     """The suite summary recomputed from a samples.jsonl: what results.json must agree with."""
-    records = []
-    with fsspec.open(samples_url, "r") as f:
-        for line in f:
-            r = json.loads(line)
-            r["score"], _ = score_sample(r["metric"], r["prediction"], r["answers"], r["options"], r["source"])
-            records.append(r)
+    records = _read_jsonl(samples_url)
+    for r in records:
+        r["score"], _ = score_sample(r["metric"], r["prediction"], r["answers"], r["options"], r["source"])
     return aggregate(records)
 
 
