@@ -22,7 +22,7 @@ from rich.table import Table
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.stages import COMPLETE, STAGE_ORDER, join, read_json, stage_state
 
-from .stages import PlanError, StageUnavailable, fingerprints, is_available, plan, stage_output
+from flows.stages import PlanError, StageUnavailable, fingerprints, is_available, plan, stage_output
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="InfiniteVL: convert Qwen2.5-VL, train it in stages, evaluate it, with Prefect.")
@@ -64,7 +64,7 @@ def serve(config: Optional[str] = typer.Option(None, "--config", "-c", help="def
         _load(config, set_)
     from prefect import serve as prefect_serve
 
-    from .deployments import build_deployments
+    from flows.deployments import build_deployments
 
     prefect_serve(*build_deployments(config, set_))
 
@@ -115,7 +115,7 @@ def _checked(config: str, overrides: list[str], only: list[str] | None, force: l
 
 
 def _execute(**parameters) -> None:
-    from .pipeline import infinitevl
+    from flows.pipeline import infinitevl
 
     try:
         rows = infinitevl(**parameters)

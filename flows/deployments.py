@@ -18,7 +18,7 @@ from prefect.schedules import Cron
 from pipeline.config import load_config
 from pipeline.stages import STAGE_ORDER
 
-from .pipeline import CHECKPOINT_EVENT, eval_checkpoint, infinitevl
+from flows.pipeline import CHECKPOINT_EVENT, eval_checkpoint, infinitevl
 
 
 def checkpoint_trigger() -> DeploymentEventTrigger:

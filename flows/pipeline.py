@@ -17,8 +17,8 @@ from pipeline import checkpoints
 from pipeline.config import RunConfig, load_config, to_yaml
 from pipeline.stages import StageContext, StageOutcome, execute_stage, join, write_text
 
-from . import plots
-from .stages import EVALUATOR, REGISTRY, StageUnavailable, fingerprints, load_entry, plan, stage_output
+from flows import plots
+from flows.stages import EVALUATOR, REGISTRY, StageUnavailable, fingerprints, load_entry, plan, stage_output
 
 CHECKPOINT_EVENT = "infinitevl.checkpoint.written"
 CONFIG_FILE = "config.yaml"
