@@ -72,10 +72,35 @@ def test_generate_inner_answers_like_the_runner(lively_teacher, images):
     assert answer  # the lively model says something
 
 
+def test_video_item_is_sampled_into_one_timed_video(tiny_teacher, tmp_path):
+    import av
+    import numpy as np
+
+    with av.open(str(tmp_path / "v.mp4"), "w") as container:  # 2 s of 56x56 frames at 10 fps
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width = stream.height = 56
+        stream.pix_fmt = "yuv420p"
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((56, 56, 3), 10 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    model, processor = tiny_teacher
+    chat = InfiniteVLChat(model=model, processor=processor, video_frames=8, max_new_tokens=2)
+    message = [{"type": "video", "value": str(tmp_path / "v.mp4")}, {"type": "text", "value": "What happens?"}]
+    inputs = chat.build_inputs(message)
+    # 8 frames -> 4 temporal patches of 2x2 merged patches; 8 frames over 2 s -> 4 fps, 0.5 s a patch
+    assert inputs["video_grid_thw"].tolist() == [[4, 4, 4]]
+    assert (inputs["input_ids"] == processor.video_token_id).sum().item() == 16
+    assert inputs["second_per_grid_ts"].tolist() == [0.5]
+    assert isinstance(chat.generate_inner(message), str)
+
+
 def test_rejects_other_item_types(tiny_teacher):
     model, processor = tiny_teacher
-    with pytest.raises(ValueError, match="video"):
-        InfiniteVLChat(model=model, processor=processor).build_inputs([{"type": "video", "value": "x.mp4"}])
+    with pytest.raises(ValueError, match="audio"):
+        InfiniteVLChat(model=model, processor=processor).build_inputs([{"type": "audio", "value": "x.wav"}])
 
 
 def test_prompt_for_mcq_and_vqa_rows():

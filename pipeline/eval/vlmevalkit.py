@@ -1,7 +1,7 @@
 """Running InfiniteVL inside VLMEvalKit, the toolkit the paper's numbers come from.
 
 VLMEvalKit calls a model through `generate(message, dataset)`, where a message is a list of
-`{"type": "image" | "text", "value": path or text}` dicts in reading order, and its `BaseModel.generate`
+`{"type": "image" | "video" | "text", "value": path or text}` dicts in reading order, and its `BaseModel.generate`
 hands the checked message to `generate_inner`. `InfiniteVLChat` implements that interface on top of our
 processor and greedy decoding; `vlmevalkit_model_class()` mixes it with VLMEvalKit's `BaseModel`, which
 is imported only then, so this module loads where VLMEvalKit is not installed. Registration:
@@ -15,7 +15,7 @@ import string
 import torch
 from PIL import Image
 
-from .runner import build_prompt, to_model_inputs
+from .runner import EvalConfig, build_prompt, to_model_inputs, video_frames
 
 
 class InfiniteVLChat:
@@ -27,10 +27,15 @@ class InfiniteVLChat:
 
     INSTALL_REQ = False
     INTERLEAVE = True
+    # Video datasets then hand over the video file itself, so frames keep their timing (M-RoPE time
+    # positions) instead of arriving as unrelated images.
+    VIDEO_LLM = True
+    allowed_types = ["text", "image", "video"]
 
     def __init__(self, model_path: str | None = None, max_new_tokens: int = 128, min_pixels: int | None = None,
-                 max_pixels: int | None = None, custom_prompt: bool = True, device: str | None = None,
-                 dtype: str | None = None, model=None, processor=None):
+                 max_pixels: int | None = None, custom_prompt: bool = True, video_frames: int = 64,
+                 video_max_pixels: int | None = None, device: str | None = None, dtype: str | None = None,
+                 model=None, processor=None):
         if model is None:
             if model_path is None:
                 raise ValueError("give model_path, or model and processor")
@@ -41,21 +46,29 @@ class InfiniteVLChat:
         self.max_new_tokens = max_new_tokens
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.custom_prompt = custom_prompt
+        self.video_frames, self.video_max_pixels = video_frames, video_max_pixels
 
     # -- message -> inputs -> text ------------------------------------------------------------------------------
     def build_inputs(self, message: list[dict]):
-        content, images = [], []
+        content, images, videos, fps = [], [], [], []
         for item in message:
             if item["type"] == "image":
                 content.append({"type": "image"})
                 images.append(Image.open(item["value"]).convert("RGB"))
+            elif item["type"] == "video":
+                content.append({"type": "video"})
+                frames, rate = video_frames({"video": item["value"]}, EvalConfig(video_frames=self.video_frames))
+                videos.append(frames)
+                fps.append(rate)
             elif item["type"] == "text":
                 content.append({"type": "text", "text": item["value"]})
             else:
-                raise ValueError(f"InfiniteVLChat takes image and text items, not {item['type']!r}")
+                raise ValueError(f"InfiniteVLChat takes text, image and video items, not {item['type']!r}")
         text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        return self.processor(text=[text], images=images or None, min_pixels=self.min_pixels,
-                              max_pixels=self.max_pixels, padding_side="left")
+        # The processor takes one pixel limit per call; a message with a video uses the per-frame one.
+        max_pixels = self.video_max_pixels if videos and self.video_max_pixels else self.max_pixels
+        return self.processor(text=[text], images=images or None, videos=videos or None, video_fps=fps or 2.0,
+                              min_pixels=self.min_pixels, max_pixels=max_pixels, padding_side="left")
 
     @torch.inference_mode()
     def generate_inner(self, message: list[dict], dataset: str | None = None) -> str:
