@@ -137,6 +137,23 @@ def test_ai2d_vlmevalkit_tsv(tmp_path):
     assert [s["suite"] for s in samples] == ["ai2d", "ai2d"]
 
 
+def test_vlmevalkit_open_answer_tsv(tmp_path):
+    image = base64.b64encode(_png("red")).decode()
+    with open(tmp_path / "OCRBench.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["index", "image", "question", "answer", "category"])
+        writer.writerow([0, image, "what is written in the image?", "['Spar', 'SPAR']", "Regular Text Recognition"])
+        writer.writerow([1, image, "Write the formula in LaTeX.", "x ^ { 2 }",
+                         "Handwritten Mathematical Expression Recognition"])
+    first, second = _roundtrip("vqa_tsv", tmp_path / "OCRBench.tsv", tmp_path, suite="ocrbench", metric="ocrbench")
+    assert first["answers"] == ["Spar", "SPAR"] and first["source"] == ""
+    assert second["answers"] == ["x ^ { 2 }"] and second["source"] == "HME100k"  # gets the formula rule
+    assert decode_image(first["image"]).getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(ValueError, match="unknown metric"):
+        import_benchmark("vqa_tsv", str(tmp_path / "OCRBench.tsv"), str(tmp_path / "x.arrow"), suite="x", metric="bleu")
+    assert not (tmp_path / "x.arrow").exists()
+
+
 def test_ocrbench(tmp_path):
     _save(tmp_path / "OCRBench_Images/IIIT5K/1.png", "white")
     _save(tmp_path / "OCRBench_Images/HME100k/2.jpg", "black")

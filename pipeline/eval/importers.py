@@ -6,6 +6,7 @@ Images are stored as the published encoded bytes, so nothing is re-compressed.
 
 from __future__ import annotations
 
+import ast
 import base64
 import csv
 import io
@@ -17,7 +18,7 @@ from typing import Callable, Iterator
 import fsspec
 
 from .dataset import make_sample, write_samples
-from .metrics import LETTERS
+from .metrics import LETTERS, METRICS
 
 
 def import_benchmark(layout: str, src: str, out_url: str, **options) -> int:
@@ -112,6 +113,43 @@ def import_mc_tsv(tsv_url: str, suite: str = "mmbench", circular: bool = False) 
             new_answer = LETTERS[(LETTERS.index(answer) - shift) % len(options)] if answer else ""
             yield make_sample(id=row["index"] if shift == 0 else f"{row['index']}@{shift}", group=row["index"],
                               answers=[new_answer] if new_answer else [], options=rotated, **base)
+
+
+def import_vqa_tsv(tsv_url: str, suite: str, metric: str) -> Iterator[dict]:
+    """VLMEvalKit's open-answer TSVs (DocVQA_VAL, TextVQA_VAL, ChartQA_TEST, OCRBench, InfoVQA_VAL, …):
+    index, image (base64), question, answer, category.
+
+    `answer` holds one answer or a Python list literal of several (the ten TextVQA answers). `metric`
+    says how the benchmark scores them (anls, vqa, relaxed, ocrbench): the TSVs do not say.
+    """
+    if metric not in METRICS:  # checked now, before an output file is opened
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    return _vqa_tsv_samples(tsv_url, suite, metric)
+
+
+def _vqa_tsv_samples(tsv_url: str, suite: str, metric: str) -> Iterator[dict]:
+    for row in _read_tsv(tsv_url):
+        category = row.get("category") or ""
+        yield make_sample(
+            id=row["index"], suite=suite, image=base64.b64decode(row["image"]) if row.get("image") else None,
+            question=row["question"], answers=_answer_list(row.get("answer") or ""), metric=metric,
+            category=category, source="HME100k" if category == OCRBENCH_FORMULA_TYPE else row.get("source") or "",
+        )
+
+
+# OCRBench's formula questions all come from HME100k; VLMEvalKit's TSV keeps only their type.
+OCRBENCH_FORMULA_TYPE = "Handwritten Mathematical Expression Recognition"
+
+
+def _answer_list(cell: str) -> list[str]:
+    text = cell.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return [text]
+        return [str(a) for a in parsed]
+    return [text] if text else []
 
 
 def _present(value) -> bool:
@@ -213,6 +251,7 @@ IMPORTERS: dict[str, Callable[..., Iterator[dict]]] = {
     "chartqa": import_chartqa,
     "mmbench": import_mc_tsv,
     "mc_tsv": import_mc_tsv,
+    "vqa_tsv": import_vqa_tsv,
     "ai2d": import_ai2d,
     "ocrbench": import_ocrbench,
     "videomme": import_videomme,
