@@ -172,6 +172,15 @@ def test_ocrbench(tmp_path):
     assert second["category"] == "Handwritten Mathematical Expression Recognition"
 
 
+def test_a_failed_import_leaves_no_truncated_file(tmp_path):
+    _save(tmp_path / "test/png/a.png", "red")
+    rows = [{"imgname": "a.png", "query": "q", "label": "1"}] * 300 + [{"imgname": "missing.png", "query": "q", "label": "1"}]
+    (tmp_path / "test/test_human.json").write_text(json.dumps(rows))  # the bad row comes after a full batch
+    with pytest.raises(FileNotFoundError):
+        import_benchmark("chartqa", str(tmp_path / "test/test_human.json"), str(tmp_path / "out.arrow"))
+    assert not (tmp_path / "out.arrow").exists()
+
+
 def test_unknown_layout(tmp_path):
     with pytest.raises(ValueError, match="unknown layout"):
         import_benchmark("mmmu", "x", str(tmp_path / "x.arrow"))

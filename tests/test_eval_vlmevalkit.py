@@ -110,6 +110,21 @@ def test_prompt_for_mcq_and_vqa_rows():
                                            "Answer with the option's letter from the given choices directly.")
     assert prompt_for_line({"question": "What is written?"}, "VQA") == (
         "What is written?\nAnswer the question using a single word or phrase.")
+    open_question = {"question": "What is x?", "A": float("nan"), "answer": "3"}
+    assert prompt_for_line(open_question, "MCQ") == "What is x?\nAnswer the question using a single word or phrase."
+
+
+def test_custom_prompts_only_for_choice_and_extractive_datasets(monkeypatch, tiny_teacher):
+    types_by_name = {"MMBench_DEV_EN": "MCQ", "DocVQA_VAL": "VQA", "MathVista_MINI": "VQA", "OCRBench": "VQA"}
+    dataset_module = types.ModuleType("vlmeval.dataset")
+    dataset_module.DATASET_TYPE = types_by_name.__getitem__
+    monkeypatch.setitem(sys.modules, "vlmeval", types.ModuleType("vlmeval"))
+    monkeypatch.setitem(sys.modules, "vlmeval.dataset", dataset_module)
+    model, processor = tiny_teacher
+    chat = InfiniteVLChat(model=model, processor=processor)
+    assert {name: chat.use_custom_prompt(name) for name in types_by_name} == {
+        "MMBench_DEV_EN": True, "DocVQA_VAL": True, "MathVista_MINI": False, "OCRBench": False}
+    assert not InfiniteVLChat(model=model, processor=processor, custom_prompt=False).use_custom_prompt("MMBench_DEV_EN")
 
 
 def test_vlmevalkit_class_without_vlmevalkit_says_how_to_install(monkeypatch):

@@ -52,19 +52,29 @@ def make_sample(**fields) -> dict:
 
 
 def write_samples(samples: Iterable[dict], url: str) -> int:
-    """Writes samples to an Arrow IPC file at an fsspec URL; returns the number written."""
+    """Writes samples to an Arrow IPC file at an fsspec URL; returns the number written.
+
+    If producing the samples fails, the file is removed: closing the writer would otherwise leave a
+    valid-looking file holding only the first part of the benchmark.
+    """
     count = 0
-    with fsspec.open(url, "wb", auto_mkdir=True) as f, pa.ipc.new_file(f, SCHEMA) as writer:
-        batch: list[dict] = []
-        for sample in samples:
-            batch.append(make_sample(**sample))
-            if len(batch) == _BATCH_ROWS:
+    try:
+        with fsspec.open(url, "wb", auto_mkdir=True) as f, pa.ipc.new_file(f, SCHEMA) as writer:
+            batch: list[dict] = []
+            for sample in samples:
+                batch.append(make_sample(**sample))
+                if len(batch) == _BATCH_ROWS:
+                    writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
+                    count += len(batch)
+                    batch = []
+            if batch:
                 writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
                 count += len(batch)
-                batch = []
-        if batch:
-            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
-            count += len(batch)
+    except BaseException:
+        fs, path = fsspec.core.url_to_fs(url)
+        if fs.exists(path):
+            fs.rm(path)
+        raise
     return count
 
 

@@ -78,7 +78,12 @@ class InfiniteVLChat:
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def use_custom_prompt(self, dataset: str) -> bool:
-        return self.custom_prompt and _dataset_type(dataset) in ("MCQ", "VQA")
+        # Short-answer instructions suit extractive VQA only; MathVista and the like need free-form
+        # answers for their judges, so they keep VLMEvalKit's prompts.
+        if not self.custom_prompt or dataset is None:
+            return False
+        dataset_type = _dataset_type(dataset)
+        return dataset_type == "MCQ" or (dataset_type == "VQA" and any(d in dataset for d in SHORT_ANSWER_DATASETS))
 
     def build_prompt(self, line, dataset: str) -> list[dict]:
         """Called by VLMEvalKit when use_custom_prompt is true; `dump_image` comes from its BaseModel."""
@@ -87,10 +92,13 @@ class InfiniteVLChat:
         return [{"type": "image", "value": p} for p in paths] + [{"type": "text", "value": text}]
 
 
+SHORT_ANSWER_DATASETS = ("DocVQA", "InfoVQA", "TextVQA", "ChartQA", "OCRVQA")
+
+
 def prompt_for_line(line, dataset_type: str) -> str:
     """A VLMEvalKit data row (pandas Series or dict) as our runner would prompt it."""
-    if dataset_type == "MCQ":
-        options = [str(line[c]) for c in string.ascii_uppercase if c in line and _present(line[c])]
+    options = [str(line[c]) for c in string.ascii_uppercase if c in line and _present(line[c])]
+    if dataset_type == "MCQ" and options:  # MMMU's open questions are MCQ rows without options
         hint = str(line["hint"]) if "hint" in line and _present(line["hint"]) else ""
         return build_prompt({"question": str(line["question"]), "hint": hint, "options": options, "metric": "mc"})
     return build_prompt({"question": str(line["question"]), "metric": "vqa"})
