@@ -25,6 +25,7 @@ def test_resolve_suite():
     assert resolve_suite("longvideo") == ("longvideo", "longvideo")
     assert resolve_suite("docvqa=s3://b/eval/docvqa_val.arrow") == ("docvqa", "s3://b/eval/docvqa_val.arrow")
     assert resolve_suite("s3://b/eval/chartqa.arrow") == ("chartqa", "s3://b/eval/chartqa.arrow")
+    assert resolve_suite("docvqa", "s3://b/eval/") == ("docvqa", "s3://b/eval/docvqa.arrow")
     with pytest.raises(ValueError, match="unknown suite"):
         resolve_suite("mmmu")
 
@@ -51,10 +52,13 @@ def test_evaluate_checkpoint_on_builtin_imported_and_long_video_suites(checkpoin
 def test_evaluate_checkpoint_from_fsspec_url_writes_next_to_it(checkpoint):
     fs = fsspec.filesystem("memory")
     fs.put(checkpoint + "/", "/bucket/run/step-10/", recursive=True)
-    scores = evaluate_checkpoint("memory://bucket/run/step-10", {"max_new_tokens": 2, "limit": 3})
-    assert set(scores) == {"tiny", "score"}
-    with fsspec.open("memory://bucket/run/step-10.eval/tiny/samples.jsonl", "r") as f:
-        assert len(f.read().splitlines()) == 3
+    write_samples(tiny_samples(per_kind=1, seed=7), "memory://bucket/eval/mini.arrow")
+    scores = evaluate_checkpoint("memory://bucket/run/step-10", {"max_new_tokens": 2, "limit": 3},
+                                 suite=["tiny", "mini"], data_root="memory://bucket/eval")
+    assert set(scores) == {"tiny", "mini", "score"}
+    for suite in ("tiny", "mini"):
+        with fsspec.open(f"memory://bucket/run/step-10.eval/{suite}/samples.jsonl", "r") as f:
+            assert len(f.read().splitlines()) == 3
 
 
 def test_run_config_gives_suites_limit_and_token_budget(checkpoint, tmp_path):

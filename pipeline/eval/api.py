@@ -6,6 +6,7 @@ A suite is named by a spec:
   NAME=URL           an Arrow eval file made by importers.py, reported as NAME; a video benchmark in it
                      is scored at every frame count of the long-video config, like the needle task
   URL.arrow          the same, reported under the file's stem
+  NAME               `<data_root>/NAME.arrow`, when a data root is given
 Reports go to `<out_dir>/<suite>/` (see runner.py) plus `<out_dir>/summary.json` and `summary.md`.
 """
 
@@ -36,31 +37,34 @@ BUILTIN = {"tiny": "tiny", "sample": "tiny", "longvideo": "longvideo"}
 
 def evaluate_checkpoint(checkpoint: str, config: "RunConfig | EvalConfig | dict | None" = None, *,
                         suite: str | list[str] | None = None, out_dir: str | None = None,
-                        longvideo: LongVideoConfig | dict | None = None, device: str | None = None,
-                        dtype: str | None = None) -> dict[str, float]:
+                        data_root: str | None = None, longvideo: LongVideoConfig | dict | None = None,
+                        device: str | None = None, dtype: str | None = None) -> dict[str, float]:
     """Scores a checkpoint (local directory or fsspec URL) on one or more suites.
 
     `config` is the run config (its `eval` section gives the suites, sample limit and token budget) or
-    the runner's own settings. `suite` overrides the suites. Reports go to `out_dir`, by default
+    the runner's own settings. `suite` overrides the suites; `data_root` is where bare suite names find
+    their eval files (default: the run config's `eval.data_root`, if it has one). Reports go to `out_dir`, by default
     `<checkpoint>.eval/`. Returns flat scores in percent: one per suite (for video suites the mean over
     frame counts), `<suite>/<frames>` per frame count of a video suite, and `score`, the mean over suites.
     """
     suites, eval_config = _settings(config, suite)
+    data_root = data_root or getattr(getattr(config, "eval", None), "data_root", None)
     out_dir = out_dir or checkpoint.rstrip("/") + ".eval"
     model, processor = load_checkpoint(checkpoint, device=device, dtype=dtype)
     results = evaluate_model(model, processor, suites, out_dir, eval_config, longvideo,
-                             model_name=checkpoint.rstrip("/"))
+                             model_name=checkpoint.rstrip("/"), data_root=data_root)
     return flat_scores(results)
 
 
 def evaluate_model(model, processor, suites: list[str], out_dir: str, config: EvalConfig | dict | None = None,
-                   longvideo: LongVideoConfig | dict | None = None, model_name: str = "") -> dict[str, dict]:
+                   longvideo: LongVideoConfig | dict | None = None, model_name: str = "",
+                   data_root: str | None = None) -> dict[str, dict]:
     """Runs suites on a model already in memory (e.g. during training); returns suite -> results."""
     config = EvalConfig.from_dict(config)
     frame_counts = LongVideoConfig.from_dict(longvideo).frame_counts
     results = {}
     for spec in suites:
-        name, source = resolve_suite(spec)
+        name, source = resolve_suite(spec, data_root)
         if source == "longvideo":
             results[name] = run_longvideo(model, processor, out_dir, longvideo, config, model_name)
         elif source == "tiny":
@@ -76,7 +80,7 @@ def evaluate_model(model, processor, suites: list[str], out_dir: str, config: Ev
     return results
 
 
-def resolve_suite(spec: str) -> tuple[str, str]:
+def resolve_suite(spec: str, data_root: str | None = None) -> tuple[str, str]:
     """A suite spec -> (report name, source): "tiny", "longvideo" or the URL of an Arrow eval file."""
     if spec in BUILTIN:
         return BUILTIN[spec], BUILTIN[spec]
@@ -85,8 +89,10 @@ def resolve_suite(spec: str) -> tuple[str, str]:
         return name, url
     if spec.endswith(".arrow"):
         return posixpath.basename(spec)[: -len(".arrow")], spec
+    if data_root and "/" not in spec:
+        return spec, f"{data_root.rstrip('/')}/{spec}.arrow"
     raise ValueError(f"unknown suite {spec!r}: use one of {sorted(BUILTIN)}, NAME=URL of an eval file "
-                     "(pipeline.eval.importers), or a URL ending in .arrow")
+                     "(pipeline.eval.importers), a URL ending in .arrow, or a name with a data root")
 
 
 def flat_scores(results: dict[str, dict]) -> dict[str, float]:
