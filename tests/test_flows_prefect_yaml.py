@@ -12,10 +12,19 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from infra.prefect_server import PrefectServer
 from pipeline.stages import STAGE_ORDER
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def prefect_server():
+    """A server of its own: these deployments share names with the ones `infinitevl serve` registers
+    on the session's server, and must not replace them."""
+    with PrefectServer() as server:
+        yield server.api_url
 
 
 def test_prefect_yaml_deploys_on_work_pools(prefect_server):
