@@ -11,7 +11,7 @@ evaluation settings does not invalidate the training stages.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import fsspec
 import yaml
@@ -61,6 +61,7 @@ class CorpusSection(Section):
 
 
 class DataSection(Section):
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("workers",)
     distill: CorpusSection
     instruct: CorpusSection
     long: CorpusSection
@@ -115,6 +116,7 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("schedule",)
     target: str = Field("stage3", description="the stage whose checkpoint the final evaluation reads")
     benchmarks: list[str] = Field(min_length=1)
     max_samples: int | None = Field(None, gt=0)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import fsspec
+from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -45,7 +46,16 @@ def stable_hash(obj: Any) -> str:
 
 
 def config_hash(config: "RunConfig", sections: tuple[str, ...]) -> str:
-    return stable_hash({s: config.section(s).model_dump(mode="json") for s in sections})
+    return stable_hash({s: identity(config.section(s)) for s in sections})
+
+
+def identity(section: BaseModel) -> dict:
+    """The fields that decide a stage's output bytes: all but those a section lists in RUN_ONLY
+    (how the work is run: schedules, worker counts), so changing those never recomputes a stage."""
+    dumped = section.model_dump(mode="json")
+    run_only = getattr(section, "RUN_ONLY", ())
+    return {name: identity(getattr(section, name)) if isinstance(getattr(section, name), BaseModel) else dumped[name]
+            for name in type(section).model_fields if name not in run_only}
 
 
 def fingerprint(section_hash: str, inputs: Mapping[str, str]) -> str:

@@ -60,6 +60,14 @@ def test_skip_force_and_config_change(tmp_path):
     assert work.calls == 3 and work.resumed_from[-1] is None, "a changed config never resumes old outputs"
 
 
+def test_how_a_stage_is_run_is_not_part_of_its_fingerprint():
+    base = fingerprints(load_config("configs/tiny.yaml"))
+    rescheduled = fingerprints(load_config("configs/tiny.yaml", ["eval.schedule=0 5 * * *", "data.workers=8"]))
+    assert rescheduled == base
+    changed = fingerprints(load_config("configs/tiny.yaml", ["eval.max_new_tokens=8"]))
+    assert changed["eval"] != base["eval"] and changed["teacher"] == base["teacher"]
+
+
 def test_a_failed_attempt_leaves_no_marker_and_resumes_from_its_checkpoint(tmp_path):
     cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
     with pytest.raises(RuntimeError, match="killed"):
