@@ -53,7 +53,8 @@ def stage(name: str = typer.Argument(..., help=f"one of: {', '.join(STAGE_ORDER)
 @app.command()
 def serve(config: Optional[str] = typer.Option(None, "--config", "-c", help="default config of the deployments; "
                                                 "also schedules the eval of its run's latest checkpoint"),
-          set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP)) -> None:
+          set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+          limit: Optional[int] = typer.Option(None, "--limit", help="most flow runs at once (e.g. 1 per GPU host)")) -> None:
     """Serve every deployment against PREFECT_API_URL until interrupted."""
     from prefect.settings import PREFECT_API_URL
 
@@ -66,7 +67,7 @@ def serve(config: Optional[str] = typer.Option(None, "--config", "-c", help="def
 
     from flows.deployments import build_deployments
 
-    prefect_serve(*build_deployments(config, set_))
+    prefect_serve(*build_deployments(config, set_), limit=limit)
 
 
 @app.command()
