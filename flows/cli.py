@@ -13,6 +13,7 @@ so mistakes cost a second, not a server start.
 from __future__ import annotations
 
 import os
+import sys
 from typing import List, Optional
 
 import typer
@@ -26,7 +27,8 @@ from flows.stages import PlanError, StageUnavailable, fingerprints, is_available
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="InfiniteVL: convert Qwen2.5-VL, train it in stages, evaluate it, with Prefect.")
-console = Console()
+# Piped output (CI logs, `| tee`) gets a wide table rather than rich's 80 columns, so paths stay whole.
+console = Console(width=None if sys.stdout.isatty() else 160)
 SET_HELP = "override a config field, e.g. --set train.stage1a.steps=5 (repeatable)"
 
 
