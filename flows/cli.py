@@ -29,6 +29,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="InfiniteVL: convert Qwen2.5-VL, train it in stages, evaluate it, with Prefect.")
 # Piped output (CI logs, `| tee`) gets a wide table rather than rich's 80 columns, so paths stay whole.
 console = Console(width=None if sys.stdout.isatty() else 160)
+STATE_WORDS = {"done": "done", "stale": "stale (other config)", "partial": "unfinished (resumes)", "missing": "to do"}
 SET_HELP = "override a config field, e.g. --set train.stage1a.steps=5 (repeatable)"
 
 
@@ -38,8 +39,8 @@ def run(config: str = typer.Argument(..., help="YAML path or fsspec URL"),
         force: str = typer.Option("", "--force", help="comma-separated stages to recompute")) -> None:
     """Run the config's stages in order, skipping those already committed for this config."""
     forced = [s.strip() for s in force.split(",") if s.strip()]
-    _checked(config, set_, None, forced)
-    _execute(config=config, overrides=set_, force=forced, stages=None)
+    cfg = _checked(config, set_, None, forced)
+    _execute(cfg, config=config, overrides=set_, force=forced, stages=None)
 
 
 @app.command()
@@ -48,8 +49,8 @@ def stage(name: str = typer.Argument(..., help=f"one of: {', '.join(STAGE_ORDER)
           set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
           force: bool = typer.Option(False, "--force", help="recompute even if committed")) -> None:
     """Run one stage; the stages it reads must be committed already."""
-    _checked(config, set_, [name], [name] if force else [])
-    _execute(config=config, overrides=set_, force=[name] if force else [], stages=[name])
+    cfg = _checked(config, set_, [name], [name] if force else [])
+    _execute(cfg, config=config, overrides=set_, force=[name] if force else [], stages=[name])
 
 
 @app.command()
@@ -77,7 +78,10 @@ def status(target: str = typer.Argument(..., help="a run root (holding config.ya
            set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP)) -> None:
     """What is done, what is next and where the outputs are, read from the stage markers."""
     is_config = target.endswith((".yaml", ".yml"))
-    cfg = _load(target if is_config else join(target, "config.yaml"), set_)
+    print_status(_load(target if is_config else join(target, "config.yaml"), set_))
+
+
+def print_status(cfg: RunConfig) -> None:
     prints = fingerprints(cfg)
     rows, next_stage = [], None
     for name in STAGE_ORDER:
@@ -86,11 +90,12 @@ def status(target: str = typer.Argument(..., help="a run root (holding config.ya
         planned = name in cfg.run.stages
         if state != "done" and planned and next_stage is None:
             next_stage = name
+        shown = STATE_WORDS[state]
         if state == "missing" and not planned:
-            state = "not in run.stages" if is_available(name) else "not in this build"
+            shown = "not in run.stages" if is_available(name) else "not in this build"
         marker = (read_json(join(output, COMPLETE)) or {}) if state == "done" else {}
         metrics = marker.get("metrics", {})
-        rows.append({"stage": name, "status": state, "time_s": marker.get("duration_s"), "loss": metrics.get("loss"),
+        rows.append({"stage": name, "status": shown, "time_s": marker.get("duration_s"), "loss": metrics.get("loss"),
                      "score": metrics.get("score"), "output": output})
     console.print(summary_table(rows, f"run {cfg.run.name} at {cfg.run.root}"))
     console.print(f"next: {next_stage}" if next_stage else "all stages of run.stages are done")
@@ -117,14 +122,16 @@ def _checked(config: str, overrides: list[str], only: list[str] | None, force: l
     return cfg
 
 
-def _execute(**parameters) -> None:
+def _execute(cfg: RunConfig, **parameters) -> None:
     from flows.pipeline import infinitevl
 
     try:
         rows = infinitevl(**parameters)
     except KeyboardInterrupt:
+        print_status(cfg)
         _fail("interrupted", code=130)
-    except Exception as e:  # the flow already logged the traceback; the summary says what failed
+    except Exception as e:  # the flow logged the traceback; the status says what is committed and what is next
+        print_status(cfg)
         _fail(f"run failed: {type(e).__name__}: {e}", code=1)
     console.print(summary_table(rows, f"infinitevl run of {parameters['config']}"))
 

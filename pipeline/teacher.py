@@ -35,6 +35,8 @@ def _materialise(source: str, seed: int, tmp: str) -> str:
         return tmp
     if os.path.isdir(source):
         return source
+    if source.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"teacher.source {source} is not a directory")
     if "://" in source:
         fs, path = fsspec.core.url_to_fs(source)
         if not fs.isdir(path):
