@@ -9,6 +9,7 @@ raises LaunchError carrying the last lines, so the failure is readable where the
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
@@ -19,6 +20,10 @@ import time
 from typing import Mapping, Sequence
 
 TAIL_LINES = 40
+
+# Process groups of launches still running. A launch in a worker thread never sees the exception a
+# signal raises in the main thread, so whatever is left when the interpreter exits is killed then.
+_live_groups: set[int] = set()
 
 
 class LaunchError(RuntimeError):
@@ -60,6 +65,7 @@ def launch(cmd: Sequence[str], log: logging.Logger, env: Mapping[str, str] | Non
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
                             start_new_session=True, text=True, errors="replace", bufsize=1)
+    _live_groups.add(proc.pid)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     try:
         for line in proc.stdout:
@@ -72,6 +78,7 @@ def launch(cmd: Sequence[str], log: logging.Logger, env: Mapping[str, str] | Non
         kill_group(proc, grace_s)
         raise
     finally:
+        _live_groups.discard(proc.pid)
         proc.stdout.close()
     if returncode != 0:
         raise LaunchError(cmd, returncode, list(tail))
@@ -91,6 +98,12 @@ def kill_group(proc: subprocess.Popen, grace_s: float) -> None:
         time.sleep(0.1)
     _signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@atexit.register
+def _kill_live_groups() -> None:
+    for pgid in list(_live_groups):
+        _signal_group(pgid, signal.SIGKILL)
 
 
 def _signal_group(pgid: int, sig: int) -> bool:

@@ -95,6 +95,28 @@ def test_cancel_kills_the_whole_process_group(sig):
     assert not _alive(grandchild), "the grandchild outlived the cancelled launch"
 
 
+# Launched from a worker thread (as a task submitted to a thread pool would): the signal's exception
+# reaches the main thread only, and the group must still go when the process exits.
+THREADED_LAUNCHER = LAUNCHER.replace(
+    'launch([sys.executable, "-c", child], logging.getLogger("x"), grace_s=2)',
+    'import threading, time\n'
+    'threading.Thread(target=launch, args=([sys.executable, "-c", child], logging.getLogger("x")), daemon=True).start()\n'
+    'time.sleep(300)')
+
+
+def test_a_launch_in_a_worker_thread_dies_with_its_process():
+    assert THREADED_LAUNCHER != LAUNCHER
+    proc = subprocess.Popen([sys.executable, "-c", THREADED_LAUNCHER], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    grandchild = next(int(line.split()[1]) for line in proc.stdout if line.startswith("grandchild"))
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=20)
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild), "the grandchild outlived the process that launched it"
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
