@@ -141,8 +141,9 @@ class RunConfig(Section):
         positions = [STAGE_ORDER.index(s) for s in self.run.stages]
         if positions != sorted(set(positions)):
             raise ValueError(f"run.stages must list each stage once, in pipeline order: {', '.join(STAGE_ORDER)}")
-        if self.eval.target not in STAGE_ORDER:
-            raise ValueError(f"eval.target: unknown stage {self.eval.target!r}")
+        if self.eval.target not in STAGE_ORDER[:-1]:
+            raise ValueError(f"eval.target: {self.eval.target!r} is not a stage before eval; "
+                             f"one of: {', '.join(STAGE_ORDER[:-1])}")
         return self
 
     def section(self, dotted: str) -> Any:

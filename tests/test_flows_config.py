@@ -31,6 +31,7 @@ def test_overrides_keep_their_yaml_types():
     ("train.stage3.lora.r=many", "train.stage3.lora.r"),
     ("run.stages=[teacher, nonsense]", "run.stages"),
     ("run.stages=[data, teacher]", "run.stages"),
+    ("eval.target=eval", "eval.target"),
 ])
 def test_bad_override_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
