@@ -141,7 +141,8 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                      use_qk_l2norm=True, backend: str = "auto"):
     """Dispatch: fla's chunk kernel (training, prefill) or fused recurrent kernel (≤ 64 new tokens) on CUDA;
     the torch chunked reference on CPU or when `backend="torch"`."""
-    use_fla = backend == "fla" or (backend == "auto" and q.is_cuda and fla_available())
+    # head dims under 32 (tiny test models) crashed fla's backward on the H100 here: they take the torch path
+    use_fla = backend == "fla" or (backend == "auto" and q.is_cuda and q.shape[-1] >= 32 and fla_available())
     if not use_fla:
         fn = torch_recurrent_gated_delta_rule if q.shape[1] <= 4 and not torch.is_grad_enabled() else \
             torch_chunk_gated_delta_rule
@@ -149,7 +150,8 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm)
+                  cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.long),
+                  use_qk_l2norm_in_kernel=use_qk_l2norm)
     if q.shape[1] <= 64 and not (torch.is_grad_enabled() and q.requires_grad):
         return fused_recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     if torch.is_grad_enabled():
@@ -222,7 +224,7 @@ def compare_with_reference(kernel, device, B=2, T=300, H=4, K=64, V=128, dtype=t
         o, _ = fn(**xs, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens) if fn is kernel else \
             fn(**xs, use_qk_l2norm=True, cu_seqlens=cu_seqlens)
         (o.float() * do.to(dev)).sum().backward()
-        return {"o": o.float().cpu(), **{f"d{n}": x.grad.float().cpu() for n, x in xs.items()}}
+        return {"o": o.detach().float().cpu(), **{f"d{n}": x.grad.float().cpu() for n, x in xs.items()}}
 
     got = run(kernel, dtype, device)
     ref = run(torch_chunk_gated_delta_rule, torch.float32, device)

@@ -76,7 +76,7 @@ class SlidingWindowAttention(nn.Module):
             return "sdpa"
         if self.backend != "auto":
             return self.backend
-        if not x.is_cuda or x.shape[1] == 1:
+        if not x.is_cuda or x.shape[1] == 1 or self.head_dim < 32:  # tiny heads: flex needs ≥ 16, 16 crashed
             return "sdpa"
         return "flash" if flash_attn_available() else "flex"
 

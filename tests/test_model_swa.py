@@ -10,10 +10,11 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryE
 W = 6
 
 
-def _layer(window=W):
-    cfg = InfiniteVLTextConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+def _layer(window=W, hidden=32):
+    sections = [hidden // 16, hidden // 32, hidden // 32]  # head_dim/2 frequencies split t/h/w
+    cfg = InfiniteVLTextConfig(hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
                                intermediate_size=64, vocab_size=64, sliding_window=window,
-                               rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+                               rope_scaling={"type": "mrope", "mrope_section": sections})
     torch.manual_seed(0)
     return SlidingWindowAttention(cfg, 0).double(), Qwen2_5_VLRotaryEmbedding(cfg)
 
@@ -64,9 +65,9 @@ def test_left_padded_batch_equals_rows_alone():
 
 @pytest.mark.gpu
 def test_flex_backend_matches_sdpa_on_gpu():
-    attn, rot = _layer(window=64)
+    attn, rot = _layer(window=64, hidden=256)  # head_dim 64: flex needs at least 16
     attn = attn.cuda().to(torch.bfloat16)
-    x = torch.randn(1, 512, 32, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 512, 256, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, 100, 300, 512], device="cuda")
     pos = torch.cat([torch.arange(n) for n in (100, 200, 212)]).view(1, 1, -1).expand(3, 1, -1).cuda()
     pe = rot.cuda()(x, pos)
