@@ -34,7 +34,7 @@ from .packing import pack
 from .quarantine import BadRecord, QuarantineEntry, check_rate, reason_counts, to_jsonl
 from .shards import encode_shard, pack_row
 from .sources import count_records, locate, read_record
-from .tokenize import load_processor, processor_fingerprint, tokenize_record
+from .tokenize import install_processor, load_processor, processor_fingerprint, tokenize_record
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def build_corpus(config: CorpusConfig, storage_options: dict | None = None, prog
              config_hash, config.name, len(plan.tasks), len(markers), len(pending), config.engine, config.workers)
     started = time.monotonic()
     args = [(config, task, config_hash, storage_options) for task in pending]
-    for marker in _with_progress(run_tasks(build_shard, args, config), len(pending), config.name, progress):
+    results = run_tasks(build_shard, args, config, install_processor, (config.processor, processor))
+    for marker in _with_progress(results, len(pending), config.name, progress):
         markers[marker["shard"]] = marker
     manifest = assemble_manifest(config, config_hash, plan, markers, processor_fingerprint(processor))
     check_rate(manifest["quarantined"], manifest["records"], config.max_quarantine_rate,

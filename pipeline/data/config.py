@@ -95,7 +95,7 @@ class CorpusConfig(_Strict):
 
     def build_hash(self, processor_fingerprint: str = "") -> str:
         """Hash of everything that decides the output bytes."""
-        identity = self.model_dump(exclude={"output", "max_quarantine_rate", "engine", "workers", "engine_address"})
+        identity = self.model_dump(exclude={"output", "processor", "max_quarantine_rate", "engine", "workers", "engine_address"})
         identity["schema_version"] = SCHEMA_VERSION
         identity["processor_fingerprint"] = processor_fingerprint
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

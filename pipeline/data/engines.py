@@ -1,7 +1,9 @@
 """Running independent shard tasks in parallel, on one machine or a cluster.
 
-- `process` (default): a process pool on this machine. Workers are forked where the platform allows,
-  so each starts with the tokenizer already built instead of rebuilding it.
+- `process` (default): a process pool on this machine. Workers come from a fork server (spawn where
+  there is none), never forked from the caller: a forked worker inherits the caller's live S3 client
+  (aiohttp sessions bound to another event loop), and tearing those down in the child has hung the
+  parent's next request. The processor is shipped to each worker once instead of being rebuilt.
 - `dask`: a Dask cluster through dask.distributed: a local one with `workers` processes, or the
   scheduler at `engine_address`.
 - `prefect-dask`: the same cluster driven by Prefect's `DaskTaskRunner` inside a Prefect flow, so
@@ -20,22 +22,33 @@ from typing import Callable, Iterable, Iterator
 from .config import CorpusConfig
 
 
-def run_tasks(fn: Callable, args: list[tuple], config: CorpusConfig) -> Iterator:
+def run_tasks(fn: Callable, args: list[tuple], config: CorpusConfig, initializer: Callable | None = None,
+              initargs: tuple = ()) -> Iterator:
+    """Yields fn(*a) for each a, in completion order; `initializer(*initargs)` runs once per process."""
     if not args:
         return iter(())
     if config.engine == "process":
-        return _process_pool(fn, args, config.workers)
+        return _process_pool(fn, args, config.workers, initializer, initargs)
     if config.engine == "dask":
         return _dask(fn, args, config.workers, config.engine_address)
     return _prefect_dask(fn, args, config.workers, config.engine_address)
 
 
-def _process_pool(fn, args, workers: int) -> Iterator:
+def worker_context() -> mp.context.BaseContext:
+    """Fresh worker processes with the heavy imports done once, in the fork server."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "transformers", "pyarrow", "pipeline.data.build"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def _process_pool(fn, args, workers: int, initializer, initargs) -> Iterator:
     if workers == 1:
         yield from (fn(*a) for a in args)
         return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=min(workers, len(args)), mp_context=mp.get_context(method)) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(args)), mp_context=worker_context(),
+                             initializer=initializer, initargs=initargs) as pool:
         futures = [pool.submit(fn, *a) for a in args]
         for future in as_completed(futures):
             yield future.result()

@@ -25,7 +25,6 @@ Decoding PNGs and patchifying happen in the DataLoader's worker processes.
 from __future__ import annotations
 
 import io
-import multiprocessing as mp
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from model.processing import InfiniteVLProcessor
 from pipeline import storage
 
+from .engines import worker_context
 from .rope import mrope_position_ids
 from .shards import ShardReader
 
@@ -118,8 +118,9 @@ class PackedLoader:
                                 tokens_per_second=self.tokens_per_second, manifest=self.manifest)
         kwargs = {}
         if self.num_workers:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            kwargs = dict(prefetch_factor=self.prefetch_factor, multiprocessing_context=method)
+            # not forked from the trainer: a fork inherits its live S3 client (see pipeline.data.engines)
+            kwargs = dict(prefetch_factor=self.prefetch_factor, multiprocessing_context=worker_context(),
+                          persistent_workers=False)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **kwargs)
         for batch in loader:
             # every rank takes a batch this step, so world_size positions are now used

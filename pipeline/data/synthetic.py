@@ -142,15 +142,15 @@ def _conversation(qa: list[tuple[str, str]], placeholder: str) -> list[dict]:
 
 # -- sources ----------------------------------------------------------------------------------------------------
 def write_llava(root: str | Path, n: int, seed: int = 0, fmt: str = "jsonl",
-                size: tuple[int, int] | None = None) -> Path:
-    """LLaVA-style annotations (.jsonl or .json) with images under root/images."""
+                sizes: list[tuple[int, int]] | None = None) -> Path:
+    """LLaVA-style annotations (.jsonl or .json) with images under root/images (of `sizes`, cycled)."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     records = []
     for i in range(n):
         kind = PICTURES[i % len(PICTURES)]
-        image, qa = kind(rng, size) if size else kind(rng)
+        image, qa = kind(rng, sizes[i % len(sizes)]) if sizes else kind(rng)
         name = f"images/{i:05d}.png"
         image.save(root / name)
         records.append({"id": f"{kind.__name__}-{i}", "image": name, "conversations": _conversation(qa, "<image>")})

@@ -14,7 +14,6 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -47,14 +46,24 @@ class Sample:
         return len(self.input_ids)
 
 
-@lru_cache(maxsize=4)
-def load_processor(name: str) -> InfiniteVLProcessor:
-    """'tiny' builds the offline tiny processor; anything else is a saved processor folder."""
-    if name == "tiny":
-        from model.tiny import build_processor
+_processors: dict[str, InfiniteVLProcessor] = {}
 
-        return build_processor()
-    return InfiniteVLProcessor.from_pretrained(name)
+
+def load_processor(name: str) -> InfiniteVLProcessor:
+    """'tiny' builds the offline tiny processor; anything else is a saved processor folder. Cached."""
+    if name not in _processors:
+        if name == "tiny":
+            from model.tiny import build_processor
+
+            _processors[name] = build_processor()
+        else:
+            _processors[name] = InfiniteVLProcessor.from_pretrained(name)
+    return _processors[name]
+
+
+def install_processor(name: str, processor: InfiniteVLProcessor) -> None:
+    """Seeds the cache, so a worker process gets the processor shipped to it instead of rebuilding it."""
+    _processors[name] = processor
 
 
 def processor_fingerprint(processor: InfiniteVLProcessor) -> str:
