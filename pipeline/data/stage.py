@@ -1,0 +1,90 @@
+"""The `data` stage of a run: the three corpora of the paper, from the run config's `data` section.
+
+    distill   Stage I distillation mix           (data.distill)
+    instruct  Stage II instruction mix           (data.instruct, images up to data.instruct.max_pixels)
+    long      Stage III long video and documents (data.long, up to 32K tokens)
+
+Each lands in `<stage output>/<corpus>/` with its manifest. A source is a record URL (a .json/.jsonl
+LLaVA annotation file, or Parquet file/folder) or `sample`, the built-in synthetic data, generated into
+`<stage output>/sample-data/` so the run is self-contained. Credentials come from the environment
+(AWS_* variables), as for every stage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+from pipeline import storage
+
+from .build import build_corpus
+from .config import CorpusConfig
+from .synthetic import write_sample_corpora
+
+CORPORA = ("distill", "instruct", "long")
+SAMPLE = "sample"
+# the shards of a build are cut by sample count before anything is tokenized; the run config gives a
+# token budget per shard, turned into samples at this many tokens per sample
+TOKENS_PER_SAMPLE_ESTIMATE = 256
+SAMPLE_KINDS = {"distill": ("pictures", "cauldron"), "instruct": ("pictures", "cauldron"),
+                "long": ("videos", "documents")}
+
+
+def build_corpora(ctx) -> dict:
+    data = ctx.config.data
+    processor = _processor_folder(ctx.inputs["teacher"])
+    samples = None
+    metrics = {}
+    for name in CORPORA:
+        section = getattr(data, name)
+        sources = []
+        for ref in section.sources:
+            if ref == SAMPLE:
+                samples = samples or _sample_sources(ctx.path("sample-data"), ctx.config.run.seed)
+                sources += [samples[kind] for kind in SAMPLE_KINDS[name]]
+            else:
+                sources.append(source_for_url(ref))
+        config = CorpusConfig(
+            name=name, output=ctx.path(name), sources=sources, processor=processor, max_len=section.seq_len,
+            max_pixels=section.max_pixels, num_samples=section.max_samples, seed=ctx.config.run.seed + CORPORA.index(name),
+            samples_per_shard=max(1, data.shard_tokens // TOKENS_PER_SAMPLE_ESTIMATE), workers=data.workers)
+        manifest = build_corpus(config, progress=False)
+        ctx.log.info("corpus %s: %d samples, %d tokens in %d sequences (utilisation %.1f%%), %d quarantined",
+                     name, manifest["samples"], manifest["tokens"], manifest["sequences"],
+                     100 * manifest["token_utilization"], manifest["quarantined"])
+        metrics.update({f"{name}_samples": manifest["samples"], f"{name}_tokens": manifest["tokens"],
+                        f"{name}_token_utilization": round(manifest["token_utilization"], 4),
+                        f"{name}_quarantined": manifest["quarantined"]})
+    return metrics
+
+
+def source_for_url(url: str) -> dict:
+    """A source config for a record URL: LLaVA annotations by suffix, Parquet otherwise."""
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "source"
+    fmt = "llava" if base.endswith((".json", ".jsonl")) else "parquet"
+    return {"name": name, "format": fmt, "path": url}
+
+
+def _sample_sources(root: str, seed: int) -> dict[str, dict]:
+    """The synthetic sample data, written once under `root` (a local folder or a bucket prefix)."""
+    if storage.is_local(root):
+        return write_sample_corpora(root, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = write_sample_corpora(tmp, seed)
+        fs, path = storage.filesystem(root)
+        fs.put(tmp.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+    return {k: dict(v, path=root.rstrip("/") + v["path"].removeprefix(tmp)) for k, v in local.items()}
+
+
+def _processor_folder(teacher: str) -> str:
+    """The teacher's saved processor as a local folder (transformers loads from local paths only)."""
+    if storage.is_local(teacher):
+        return teacher
+    local = os.path.join(tempfile.gettempdir(), "infinitevl-processor", re.sub(r"[^A-Za-z0-9]", "_", teacher))
+    fs, path = storage.filesystem(teacher)
+    for name in fs.ls(path, detail=False):
+        if not name.endswith((".safetensors", ".bin")):  # the processor files, not the weights
+            fs.get(name, os.path.join(local, name.rsplit("/", 1)[-1]))
+    return local
