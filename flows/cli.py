@@ -4,6 +4,7 @@
     infinitevl stage NAME CONFIG [--set ...] [--force]
     infinitevl serve [--config CONFIG] [--set ...]
     infinitevl status RUN_ROOT_OR_CONFIG
+    infinitevl generate CHECKPOINT --prompt TEXT [--image PATH ...] [--video PATH]
 
 `run` and `stage` execute in this process; with no PREFECT_API_URL set, Prefect starts its temporary
 local server for the run. The config is validated and the stage plan checked before Prefect starts,
@@ -79,6 +80,25 @@ def status(target: str = typer.Argument(..., help="a run root (holding config.ya
     """What is done, what is next and where the outputs are, read from the stage markers."""
     is_config = target.endswith((".yaml", ".yml"))
     print_status(_load(target if is_config else join(target, "config.yaml"), set_))
+
+
+@app.command()
+def generate(checkpoint: str = typer.Argument(..., help="a local checkpoint directory (model + processor)"),
+             prompt: str = typer.Option(..., "--prompt", "-p", help="the question"),
+             image: List[str] = typer.Option([], "--image", help="an image path or URL (repeatable)"),
+             video: Optional[str] = typer.Option(None, "--video", help="a video path or URL"),
+             max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+             fps: float = typer.Option(2.0, "--fps", help="video frames sampled per second"),
+             max_frames: int = typer.Option(64, "--max-frames", help="most video frames (spread evenly)")) -> None:
+    """Answer a prompt about images and/or a video with a checkpoint; prints the answer."""
+    from pipeline.data.quarantine import BadRecord
+    from pipeline.serve.chat import answer_from_checkpoint
+
+    try:
+        answer = answer_from_checkpoint(checkpoint, prompt, image, video, max_new_tokens, fps, max_frames)
+    except (FileNotFoundError, ValueError, BadRecord) as e:
+        _fail(str(e))
+    typer.echo(answer)
 
 
 def print_status(cfg: RunConfig) -> None:

@@ -1,0 +1,246 @@
+"""CUDA graphs for decode steps and per-frame prefill.
+
+A decode step of the 3B student is 36 layers of ~15 small kernels each: at batch 1 the GPU mostly waits
+for the CPU to launch them (DESIGN.md: a Gated DeltaNet step is ~0.09 ms, mostly launch overhead). A CUDA
+graph records the launches once and replays them with one call. A replay reads and writes the addresses
+it was captured with, so everything a step touches lives in buffers allocated once:
+
+- the inputs (token ids or embeddings, M-RoPE positions, the count of tokens seen) are static tensors
+  the caller fills before a replay; a decode graph advances its positions and count itself;
+- the cache is allocated up front at its final size (ring buffers and Gated DeltaNet states are fixed
+  size), and every layer's new state is copied back into those same tensors.
+
+The model's own decoder forward cannot be captured as it is: a sliding layer builds its key positions
+from a Python int (`torch.arange(offset, offset + T)`, a constant once captured), and a Gated DeltaNet
+layer rebinds `cache.conv` / `cache.state` to fresh tensors every step. `forward_in_place` is that forward
+with those two points done the capturable way. It has no host syncs (no `.item()`, no `bool(tensor)`, no
+data-dependent shapes), so it is the body of every graph here, and on CPU it runs eagerly (tested
+against the model's forward).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+from .cache import GatedDeltaNetCache, InfiniteVLCache, SlidingWindowCache
+from .swa import window_mask
+
+WARMUP_STEPS = 3  # eager runs before capture: Triton autotuning, cuBLAS workspaces, lazy inits
+
+
+# -- the capturable forward ------------------------------------------------------------------------------------
+
+def allocate_cache(model, batch_size: int, device=None, dtype=None) -> InfiniteVLCache:
+    """An empty cache with every tensor allocated at its final size (what a graph needs before capture)."""
+    cache = InfiniteVLCache(model.config)
+    param = next(model.parameters())
+    device, dtype = device or param.device, dtype or param.dtype
+    for layer, state in zip(model.model.language_model.layers, cache.layers):
+        mixer = layer.self_attn
+        if isinstance(state, SlidingWindowCache):
+            like = torch.empty(batch_size, mixer.num_kv_heads, 0, mixer.head_dim, device=device, dtype=dtype)
+            state.allocate(like, like)
+        else:
+            width = mixer.conv_size - 1
+            state.conv = {name: torch.zeros(batch_size, dim, width, device=device, dtype=dtype)
+                          for name, dim in (("q", mixer.key_dim), ("k", mixer.key_dim), ("v", mixer.value_dim))}
+            state.state = torch.zeros(batch_size, mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim,
+                                      device=device, dtype=torch.float32)
+    return cache
+
+
+def copy_cache_(dst: InfiniteVLCache, src: InfiniteVLCache) -> None:
+    """Copies the state of `src` into the tensors `dst` already holds (so a graph over `dst` sees it)."""
+    for d, s in zip(dst.layers, src.layers):
+        if isinstance(d, SlidingWindowCache):
+            if s.keys is None:
+                d.pos.fill_(-1)
+                d.valid.zero_()
+                continue
+            for a, b in ((d.keys, s.keys), (d.values, s.values), (d.pos, s.pos), (d.valid, s.valid)):
+                if a.shape != b.shape:
+                    raise ValueError(f"cache shapes differ: {tuple(b.shape)} into {tuple(a.shape)} "
+                                     "(a decoder serves one batch size)")
+                a.copy_(b)
+        elif s.state is None:
+            d.state.zero_()
+            for t in d.conv.values():
+                t.zero_()
+        else:
+            for name, t in d.conv.items():
+                t.copy_(s.conv[name])
+            d.state.copy_(s.state)
+    dst.seen = src.seen
+
+
+def forward_in_place(model, cache: InfiniteVLCache, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                     offset) -> torch.Tensor:
+    """The decoder over new tokens that follow `offset` (int or 0-d tensor) tokens already in `cache`;
+    returns the final hidden states [B, T, hidden]. New state goes into the cache's existing tensors; the
+    caller advances `cache.seen` (a Python int, which a replay cannot do)."""
+    text = model.model.language_model
+    position_embeddings = text.rotary_emb(inputs_embeds, position_ids)
+    h = inputs_embeds
+    for layer, state in zip(text.layers, cache.layers):
+        x = layer.input_layernorm(h)
+        if isinstance(state, SlidingWindowCache):
+            x = _sliding_attention(layer.self_attn, x, position_embeddings, state, offset)
+        else:
+            x = _gated_deltanet(layer.self_attn, x, state)
+        h = h + x
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return text.norm(h)
+
+
+def _sliding_attention(attn, x, position_embeddings, ring: SlidingWindowCache, offset):
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    pos = torch.arange(T, device=x.device) + offset  # a tensor offset stays live across replays
+    valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+    k_ctx, v_ctx, kpos, kvalid = ring.context(k, v, pos, valid)
+    mask = window_mask(pos, kpos, attn.window, kvalid)
+    o = F.scaled_dot_product_attention(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), attn_mask=mask,
+                                       enable_gqa=attn.num_kv_heads != attn.num_heads)
+    ring.update(k, v, pos, valid)
+    return attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+def _gated_deltanet(gdn, x, state: GatedDeltaNetCache):
+    conv, recurrent = state.conv, state.state
+    out = gdn(x, None, None, state)  # rebinds state.conv / state.state to new tensors
+    for name, t in conv.items():
+        t.copy_(state.conv[name])
+    recurrent.copy_(state.state)
+    state.conv, state.state = conv, recurrent
+    return out
+
+
+# -- graphs ----------------------------------------------------------------------------------------------------
+
+def graphs_available(device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+class GraphedForward:
+    """`forward_in_place` over `tokens` new tokens for `batch_size` rows of `cache`, captured once and
+    replayed (or run eagerly where there is no CUDA device). Inputs are either token ids (decode: the
+    embedding lookup is captured too) or embeddings (frames: the vision tower ran before). With
+    `advance_positions`, each run moves the positions on by `tokens` (text continues 1-D)."""
+
+    def __init__(self, model, cache: InfiniteVLCache, batch_size: int, tokens: int, *, from_ids: bool,
+                 logits: bool, advance_positions: bool, use_graph: bool):
+        param = next(model.parameters())
+        self.model, self.cache, self.tokens = model, cache, tokens
+        self.from_ids, self.want_logits, self.advance_positions = from_ids, logits, advance_positions
+        self.ids = torch.zeros(batch_size, tokens, dtype=torch.long, device=param.device)
+        self.embeds = torch.zeros(batch_size, tokens, model.config.text_config.hidden_size, dtype=param.dtype,
+                                  device=param.device)
+        self.positions = torch.zeros(3, batch_size, tokens, dtype=torch.long, device=param.device)
+        self.offset = torch.zeros((), dtype=torch.long, device=param.device)
+        self.graph = None
+        self.output = None
+        if use_graph:
+            self._capture()
+
+    def _body(self) -> torch.Tensor:
+        embeds = self.model.model.language_model.embed_tokens(self.ids) if self.from_ids else self.embeds
+        h = forward_in_place(self.model, self.cache, embeds, self.positions, self.offset)[:, -1]
+        self.offset += self.tokens
+        if self.advance_positions:
+            self.positions += self.tokens
+        return self.model.lm_head(h) if self.want_logits else h
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        """Warm up on a side stream, then capture. Warm-up runs write into the cache and counters (a capture
+        does not), so their contents are saved first and put back after."""
+        saved_cache, saved = self.cache.copy(), (self.offset.clone(), self.positions.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = self._body()
+        copy_cache_(self.cache, saved_cache)
+        self.offset.copy_(saved[0])
+        self.positions.copy_(saved[1])
+
+    @torch.no_grad()
+    def run(self) -> torch.Tensor:
+        """One step over the static inputs; the returned tensor is overwritten by the next run."""
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.output
+        else:
+            out = self._body()
+        self.cache.seen += self.tokens
+        return out
+
+
+class CUDAGraphDecoder:
+    """Greedy or sampled decoding one token at a time for a fixed batch size, replaying a captured step.
+
+    The decoder owns its cache (allocated once); `load` copies another cache's state into it, so decoding
+    never disturbs the cache it started from (a stream asks questions this way). On a machine without
+    CUDA it says so once and runs the same step eagerly."""
+
+    def __init__(self, model, batch_size: int = 1, use_graph: bool | None = None):
+        device = next(model.parameters()).device
+        if use_graph is None:
+            use_graph = graphs_available(device)
+        elif use_graph and not graphs_available(device):
+            warnings.warn(f"CUDA graphs need a CUDA device; the model is on {device}, decoding eagerly",
+                          stacklevel=2)
+            use_graph = False
+        self.model, self.batch_size, self.use_graph = model, batch_size, use_graph
+        self.cache = allocate_cache(model, batch_size)
+        self.step_graph = GraphedForward(model, self.cache, batch_size, 1, from_ids=True, logits=True,
+                                         advance_positions=True, use_graph=use_graph)
+
+    @property
+    def device(self):
+        return self.step_graph.ids.device
+
+    def load(self, cache: InfiniteVLCache, next_positions: torch.Tensor | int) -> None:
+        """Start from `cache`'s state; `next_positions` ([3, B], [B] or an int) is the M-RoPE position of
+        the next token (after images or video it is not the count of tokens seen)."""
+        copy_cache_(self.cache, cache)
+        self._set_counters(next_positions)
+
+    def _set_counters(self, next_positions) -> None:
+        g = self.step_graph
+        g.offset.fill_(self.cache.seen)
+        p = torch.as_tensor(next_positions, device=self.device)
+        g.positions.copy_(p.view(*p.shape, 1).expand_as(g.positions) if p.ndim < 3 else p)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text tokens [B, T] continuing the loaded state, run eagerly over the decoder's cache (prompts vary
+        in length; a graph has one shape). Returns the logits of the last token [B, vocab]."""
+        g = self.step_graph
+        T = input_ids.shape[1]
+        start = g.positions[..., :1]
+        positions = start + torch.arange(T, device=self.device)
+        embeds = self.model.model.language_model.embed_tokens(input_ids.to(self.device))
+        h = forward_in_place(self.model, self.cache, embeds, positions, g.offset)[:, -1]
+        self.cache.seen += T
+        g.offset += T
+        g.positions += T
+        return self.model.lm_head(h)
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feeds one token per row ([B] or [B, 1]); returns next-token logits [B, vocab] (a static buffer:
+        clone it to keep it past the next step)."""
+        self.step_graph.ids.copy_(input_ids.view(self.batch_size, 1))
+        return self.step_graph.run()

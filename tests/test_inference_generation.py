@@ -1,0 +1,151 @@
+"""Generation and chat: every generated token is what one full forward over the prompt and the tokens
+before it picks (the cache, positions, padding and image/video paths agree with the model's own
+forward); chat from frames or a video file; the `infinitevl generate` command on a saved checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import convert_from_qwen2_5_vl
+from model.checkpoint import save_pretrained
+from model.generation import generate, sample
+from pipeline.data.media import decode_video
+from pipeline.serve.chat import chat, user_turn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: with the two cores shared by other test runs, one thread is several times faster
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_teacher):
+    torch.manual_seed(0)
+    return convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8, init="random").eval()
+
+
+def _image(seed, h=90, w=120):
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def _frames(n, seed=0, size=56):
+    rs = np.random.RandomState(seed)
+    return [Image.fromarray((rs.rand(size, size, 3) * 255).astype("uint8")) for _ in range(n)]
+
+
+def _greedy_by_full_forwards(model, inputs, n):
+    """The reference: n tokens, each the argmax of a fresh forward (no cache, positions computed by the
+    model from the whole sequence) over the prompt plus the tokens chosen so far."""
+    ids = inputs["input_ids"]
+    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([ids, torch.tensor([out], dtype=torch.long).view(1, -1)], 1)
+            out.append(int(model(input_ids=seq, **vision).logits[0, -1].argmax()))
+    return out
+
+
+def test_generated_tokens_equal_full_forwards_with_images_and_padding(student, processor):
+    questions = ["how many?", "what is the color of the biggest shape in the picture on the left?"]
+    texts = [processor.apply_chat_template([user_turn(q, 1)], add_generation_prompt=True) for q in questions]
+    images = [_image(1), _image(2, 120, 90)]
+    batch = processor(texts, images=images)
+    assert (batch["attention_mask"][0] == 0).any()  # row 0 is left-padded
+    got = generate(student, batch, max_new_tokens=10, eos_token_id=[])  # past the window of 8
+    assert got.shape == (2, 10)
+    for i in range(2):
+        alone = processor(texts[i:i + 1], images=images[i:i + 1])
+        assert got[i].tolist() == _greedy_by_full_forwards(student, alone, 10)
+
+
+def test_generation_stops_at_end_of_turn_and_pads_finished_rows(student, processor):
+    batch = processor([processor.apply_chat_template([user_turn("count")], True)])
+    free = generate(student, batch, max_new_tokens=6, eos_token_id=[])[0].tolist()
+    stop = free[2]  # pretend the third token ends the turn
+    got = generate(student, batch, max_new_tokens=6, eos_token_id=stop)[0].tolist()
+    assert got == free[:free.index(stop) + 1]
+
+
+def test_sampling_is_seeded_and_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]]).repeat(64, 1)
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    a, b = sample(logits, 1.0, 1.0, g(1)), sample(logits, 1.0, 1.0, g(1))
+    assert torch.equal(a, b) and set(a.tolist()) >= {1, 2}
+    # p(1) ≈ 0.52, p(2) ≈ 0.47: top_p 0.5 keeps token 1 alone, 0.9 keeps both, never 0 or 3
+    assert set(sample(logits, 1.0, 0.5, g(2)).tolist()) == {1}
+    assert set(sample(logits, 1.0, 0.9, g(3)).tolist()) == {1, 2}
+    assert torch.equal(sample(logits, 0.0), torch.ones(64, dtype=torch.long))
+
+
+def _write_video(path, n_frames=12, fps=6, size=56):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(n_frames):
+            frame = np.full((size, size, 3), 20 * i, np.uint8)
+            frame[: size // 2, : size // 2] = 255 - 20 * i
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_chat_with_video_frames_and_image_equals_full_forwards(student, processor):
+    frames, image = _frames(4, seed=3), _image(4)
+    messages = [user_turn("which object appeared first?", 1, True)]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text, images=[image], videos=[frames], video_fps=2.0)
+    assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]  # 4 frames → 2 temporal patches of 4×4 patches
+    expected = _greedy_by_full_forwards(student, inputs, 5)
+    answer = chat(student, processor, messages, images=[image], video=frames, video_fps=2.0, max_new_tokens=5)
+    answer_ids = generate(student, inputs, max_new_tokens=5)[0].tolist()
+    assert answer_ids == expected[:len(answer_ids)]
+    assert answer == processor.decode(answer_ids, skip_special_tokens=True).strip()
+
+
+def test_chat_reads_a_video_file_at_the_asked_rate_and_frame_cap(student, processor, tmp_path, monkeypatch):
+    path = tmp_path / "clip.mp4"
+    _write_video(path)  # 2 s at 6 fps
+    clip = decode_video(str(path), 1.5, 2)  # 1.5 fps would give 3 frames: capped at 2, spread over 2 s
+    assert len(clip.frames) == 2 and clip.fps == pytest.approx(1.0)
+    from_path = chat(student, processor, "what happens?", video=path, video_fps=1.5, max_frames=2, max_new_tokens=6)
+    from_frames = chat(student, processor, "what happens?", video=clip.frames, video_fps=clip.fps, max_new_tokens=6)
+    assert from_path == from_frames
+    seen = []
+    preprocess = processor.preprocess_video
+    monkeypatch.setattr(processor, "preprocess_video", lambda frames, fps, *a: seen.append((len(frames), fps))
+                        or preprocess(frames, fps, *a))
+    chat(student, processor, "what happens?", video=path, video_fps=3.0, max_frames=12, max_new_tokens=1)
+    assert seen == [(6, 3.0)]
+
+
+def test_generate_command_prints_the_answer_of_a_saved_checkpoint(student, processor, tmp_path):
+    save_pretrained(student, processor, tmp_path / "ckpt")
+    image = tmp_path / "shapes.png"
+    _image(5).save(image)
+    expected = chat(student, processor, "how many circles?", images=[_image(5)], max_new_tokens=8)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "generate", str(tmp_path / "ckpt"), "--image", str(image),
+                           "--prompt", "how many circles?", "--max-new-tokens", "8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == expected
+
+    missing = subprocess.run([sys.executable, "-m", "flows.cli", "generate", str(tmp_path / "nope"), "--prompt", "hi"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no checkpoint directory" in missing.stdout
