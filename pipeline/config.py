@@ -70,10 +70,14 @@ class DataSection(Section):
 
 
 class TeacherLogitsSection(Section):
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "nproc_per_node")
     top_k: int = Field(gt=0)
     # 300 bytes per token is the design budget for the sparse logit store (DESIGN.md).
     max_bytes_per_token: int = Field(300, gt=0)
-    batch_size: int = Field(1, gt=0)
+    batch_size: int = Field(1, gt=0, description="packed rows per teacher forward")
+    positions: Literal["answer", "text"] = Field("answer", description="positions whose next token is supervised, or every text token")
+    values: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="how stored log-probs are encoded")
+    nproc_per_node: int = Field(1, gt=0, description="GPUs, one torchrun process each")
 
 
 class TrainStageSection(Section):

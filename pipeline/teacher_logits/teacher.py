@@ -1,0 +1,188 @@
+"""The teacher as this stage uses it: loaded once, checked against the corpus vocabulary, run on packed
+rows, and reduced to top-k log-probs without ever holding a full [T, vocab] logit tensor.
+
+Packed rows. HF Qwen2.5-VL takes no cu_seqlens; a packed row is given as position_ids of shape [4, 1, T]:
+row 0 the text positions restarting at 0 in every document (transformers builds the block-diagonal
+causal mask from where they restart), rows 1-3 the M-RoPE positions. The mask is only built from them
+when there is no KV cache, so the forward runs with use_cache=False; with a cache, documents would
+attend to each other silently. tests/test_teacher_logits_packed.py holds this to each document run alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline import storage
+
+if TYPE_CHECKING:
+    from model.processing import InfiniteVLProcessor
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+DOWNLOADED = ".download-complete"
+
+
+class VocabularyMismatch(ValueError):
+    """The teacher's vocabulary is not the one the token shards were written with."""
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    processor: "InfiniteVLProcessor"
+    source: str
+    local_dir: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.text_config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def identity(self) -> dict:
+        return {"path": self.source, "weights_sha256": weights_hash(self.local_dir),
+                "vocab_size": self.vocab_size, "dtype": str(self.model.dtype).removeprefix("torch.")}
+
+
+def load_teacher(source: str, *, device: str | torch.device | None = None, cache_dir: str | None = None,
+                 storage_options: dict | None = None, attn_implementation: str = "sdpa") -> Teacher:
+    """A Qwen2.5-VL checkpoint from a local folder or a remote prefix (copied into `cache_dir` first):
+    bf16 on a GPU, fp32 on the CPU."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from model.processing import InfiniteVLProcessor
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    local = source if storage.is_local(source) else download(source, cache_dir, storage_options)
+    local = local.removeprefix("file://")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(local, dtype=dtype,
+                                                               attn_implementation=attn_implementation)
+    processor = InfiniteVLProcessor.from_pretrained(local)
+    return Teacher(model.to(device).eval(), processor, source, local)
+
+
+def download(url: str, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
+    """Copies a remote checkpoint folder to a local cache once; a partial copy (no completion file) is redone."""
+    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "infinitevl", "teachers")
+    local = os.path.join(root, hashlib.sha256(url.encode()).hexdigest()[:16])
+    if os.path.exists(os.path.join(local, DOWNLOADED)):
+        return local
+    fs, path = storage.filesystem(url, storage_options)
+    files = [p for p in fs.find(path) if not p.rsplit("/", 1)[-1].startswith(".")]
+    if not files:
+        raise FileNotFoundError(f"no teacher checkpoint under {url}")
+    for remote in files:
+        target = os.path.join(local, os.path.relpath(remote, path.rstrip("/")))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            fs.get_file(remote, target + ".part")  # streamed: weight files do not fit comfortably in memory
+        except Exception as exc:  # noqa: BLE001 - re-raised without credentials
+            raise storage.StorageError(storage.redact(f"cannot copy {remote}: {exc}", storage_options)) from None
+        os.replace(target + ".part", target)
+    with open(os.path.join(local, DOWNLOADED), "w") as f:
+        f.write(url + "\n")
+    log.info("teacher %s cached in %s (%d files)", storage.redact(url, storage_options), local, len(files))
+    return local
+
+
+def weights_hash(local_dir: str) -> str:
+    """sha256 over the weight files (names and bytes, in name order): the teacher's identity."""
+    digest = hashlib.sha256()
+    names = sorted(n for n in os.listdir(local_dir) if n.endswith(WEIGHT_SUFFIXES))
+    if not names:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {local_dir}")
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with open(os.path.join(local_dir, name), "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_vocabulary(teacher: Teacher, data_manifest: dict) -> None:
+    """Raises VocabularyMismatch unless the teacher's token ids mean what the shards' token ids mean."""
+    from pipeline.data.tokenize import load_processor, processor_fingerprint
+
+    config, tok = teacher.model.config, teacher.processor.tokenizer
+    if len(tok) > teacher.vocab_size:
+        raise VocabularyMismatch(f"the teacher's tokenizer has {len(tok)} tokens but its LM head only "
+                                 f"{teacher.vocab_size}: {teacher.source} is not a consistent checkpoint")
+    for name in ("image_token_id", "video_token_id"):
+        if getattr(config, name) != getattr(teacher.processor, name):
+            raise VocabularyMismatch(f"{teacher.source}: config {name} {getattr(config, name)} differs from its "
+                                     f"processor's {getattr(teacher.processor, name)}")
+    if data_manifest.get("processor_fingerprint") == processor_fingerprint(teacher.processor):
+        return
+    # Same vocabulary, other serialisation (a tokenizer saved and reloaded gains a normaliser) is fine:
+    # the stored ids only need to name the same tokens.
+    data_processor_name = data_manifest.get("config", {}).get("processor")
+    try:
+        data_processor = load_processor(data_processor_name)
+    except Exception as exc:  # noqa: BLE001 - any failure means we cannot vouch for the ids
+        raise VocabularyMismatch(
+            f"the shards were tokenized by processor {data_processor_name!r} (fingerprint "
+            f"{data_manifest.get('processor_fingerprint')}), which differs from the teacher's "
+            f"({processor_fingerprint(teacher.processor)}) and cannot be loaded to compare vocabularies: {exc}") from None
+    ours, theirs = tok.get_vocab(), data_processor.tokenizer.get_vocab()
+    if ours != theirs:
+        differing = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:5]
+        raise VocabularyMismatch(
+            f"the teacher {teacher.source} ({len(ours)} tokens) does not have the vocabulary the shards were "
+            f"tokenized with ({data_processor_name!r}, {len(theirs)} tokens); first differing (token, id): "
+            f"{differing}. Rebuild the data with the teacher's processor or point teacher.source at the right model")
+
+
+def packed_inputs(examples: list[dict], device: torch.device) -> dict:
+    """Loader examples (one packed row each) → the teacher's inputs for one packed sequence of them all."""
+    doc_lens = torch.cat([e["cu_seqlens"].long().diff() for e in examples])
+    text_positions = torch.cat([torch.arange(int(n)) for n in doc_lens])
+    mrope = torch.cat([e["position_ids"] for e in examples], dim=-1)
+    inputs = {"input_ids": torch.cat([e["input_ids"] for e in examples], dim=1),
+              "position_ids": torch.cat([text_positions.view(1, 1, -1), mrope], dim=0)}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        parts = [e[key] for e in examples if key in e]
+        if parts:
+            inputs[key] = torch.cat(parts)
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def sparse_logits(model, inputs: dict, positions: torch.Tensor, k: int, chunk: int = 2048,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of the teacher's next-token distribution at `positions` of the packed row:
+    ([N, k] ids in rank order, [N, k] fp32 log-probs, [N] fp32 log of the mass outside the top-k).
+
+    The LM head runs on `chunk` positions at a time, so memory is chunk × vocab, not T × vocab."""
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state[0]
+    hidden = hidden[positions.to(hidden.device)]
+    out_idx, out_lp, out_tail = [], [], []
+    for h in hidden.split(chunk):
+        logits = model.lm_head(h).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        values, idx = logits.topk(k, dim=-1)
+        logits.scatter_(1, idx, float("-inf"))
+        out_idx.append(idx)
+        out_lp.append(values - lse[:, None])
+        out_tail.append(torch.logsumexp(logits, dim=-1) - lse)
+    if not out_idx:
+        dev = hidden.device
+        return (torch.zeros(0, k, dtype=torch.long, device=dev), torch.zeros(0, k, device=dev),
+                torch.zeros(0, device=dev))
+    return torch.cat(out_idx), torch.cat(out_lp), torch.cat(out_tail)
+
+
+@torch.no_grad()
+def full_log_probs(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
+    """[N, vocab] fp32 log-probs at `positions`: the dense reference the fidelity report compares with."""
+    logits = model(**inputs, use_cache=False, logits_to_keep=positions.to(inputs["input_ids"].device)).logits
+    return torch.log_softmax(logits[0].float(), dim=-1)

@@ -1,0 +1,222 @@
+"""The stored teacher logits: aligned with the token shards, equal to the teacher's own top-k, resumable,
+refusing a teacher of another vocabulary, and the same through S3 as on local disk."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import s3fs
+import torch
+
+from model.processing import InfiniteVLProcessor
+from model.tiny import build_processor, build_tiny_teacher, build_tokenizer
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.data.loader import PackedDataset, PackedLoader, example_from_row, read_manifest, shard_urls
+from pipeline.data.shards import ShardReader
+from pipeline.stages import StageContext
+from pipeline.teacher_logits import store as store_module
+from pipeline.teacher_logits.coverage import covered_mask
+from pipeline.teacher_logits.reader import TeacherLogitReader
+from pipeline.teacher_logits.run import run
+from pipeline.teacher_logits.stage import store_teacher_logits
+from pipeline.teacher_logits.store import StoreConflict, StoreSettings
+from pipeline.teacher_logits.teacher import VocabularyMismatch
+from tests.test_teacher_logits_helpers import build_small_corpus, save_teacher
+
+SETTINGS = StoreSettings(top_k=8, positions="answer", values="fp16", batch_size=2, chunk=64)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_teacher, tmp_path_factory):
+    return save_teacher(*tiny_teacher, tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def stored(corpus, teacher_dir, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("logits"))
+    result = run(corpus, teacher_dir, output, SETTINGS, max_bytes_per_token=300, progress=False)
+    return output, result
+
+
+def test_rows_align_with_the_token_shards(corpus, stored, processor):
+    output, result = stored
+    manifest = result["manifest"]
+    data = read_manifest(corpus)
+    assert result["computed"] == [s["shard"] for s in data["shards"]] and result["skipped"] == []
+    assert [s["file"] for s in manifest["shards"]] == [s["file"] for s in data["shards"]]
+    reader = TeacherLogitReader(output)
+    media = (processor.image_token_id, processor.video_token_id)
+    covered = 0
+    for i, url in enumerate(shard_urls(corpus, data)):
+        tokens = ShardReader(url)
+        for r in range(len(tokens)):
+            example = example_from_row(tokens.row(r), processor)
+            stored_row, target = reader.row(i, r)
+            assert stored_row["row"] == r and stored_row["sample_ids"] == example["sample_ids"]
+            expected = covered_mask("answer", example["input_ids"][0], example["labels"][0], example["cu_seqlens"],
+                                    media)
+            assert torch.equal(target.mask[0], expected) and expected.any()
+            # "answer": the covered positions predict exactly the supervised tokens
+            assert torch.equal(target.positions + 1, (example["labels"][0] != -100).nonzero()[:, 0])
+            covered += len(target.positions)
+    assert manifest["covered"] == covered
+    assert manifest["tokens"] == data["tokens"]
+
+
+def test_manifest_names_the_teacher_and_the_encoding(stored, teacher_dir, corpus):
+    manifest = stored[1]["manifest"]
+    assert manifest["teacher"]["path"] == teacher_dir and len(manifest["teacher"]["weights_sha256"]) == 64
+    assert manifest["encoding"] == {"k": 8, "vocab_size": 512, "index_bits": 9, "values": "fp16",
+                                    "value_kind": "log_prob", "tail": "fp32 log(1 - topk_mass)",
+                                    "bytes_per_position": 9 + 16 + 4}
+    assert manifest["positions"] == "answer"
+    assert manifest["data"]["manifest"] == corpus
+    on_disk = sum(os.path.getsize(os.path.join(stored[0], s["file"])) for s in manifest["shards"])
+    assert manifest["bytes"] == on_disk
+    assert manifest["bytes_per_token"] == pytest.approx(on_disk / manifest["covered"])
+    # the payload, plus Arrow framing per row (under 1 KB: negligible on 8K-token rows, not on these)
+    assert manifest["payload_bytes_per_token"] == 29
+    assert 0 < on_disk - 29 * manifest["covered"] < 1024 * manifest["sequences"]
+    fid = manifest["fidelity"]
+    assert fid["positions"] > 0 and 0 < fid["topk_mass"] < 1 and fid["kl_mean"] >= 0
+
+
+def test_reader_gives_the_teachers_topk_for_loader_batches(corpus, stored, tiny_teacher):
+    """Against the teacher run directly on each batch the training loader yields (independent path:
+    the model's own forward and log_softmax, no packing across rows)."""
+    model, processor = tiny_teacher
+    reader = TeacherLogitReader(stored[0])
+    loader = PackedLoader(corpus, processor, seed=5, num_workers=0)
+    n = loader.sequences_per_epoch
+    for batch, _ in zip(loader, range(n + 2)):  # past the epoch end: a new order
+        target = reader.for_batch(batch, seed=5)
+        text_positions = torch.cat([torch.arange(int(n)) for n in batch["cu_seqlens"].diff()])
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], use_cache=False,
+                           position_ids=torch.cat([text_positions.view(1, 1, -1), batch["position_ids"]]),
+                           pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
+                           pixel_values_videos=batch.get("pixel_values_videos"),
+                           video_grid_thw=batch.get("video_grid_thw"),
+                           second_per_grid_ts=batch.get("second_per_grid_ts")).logits[0]
+        direct = torch.log_softmax(logits[target.positions], -1)
+        top = direct.topk(8)
+        assert torch.allclose(target.log_probs, top.values, rtol=2e-3, atol=1e-4)
+        assert torch.allclose(target.log_probs, direct.gather(1, target.indices), rtol=2e-3, atol=1e-4)
+        assert torch.allclose(target.topk_mass, top.values.exp().sum(-1), atol=1e-3)
+        rest = direct.scatter(1, target.indices, float("-inf")).logsumexp(-1)
+        assert torch.allclose(target.log_tail, rest, atol=1e-4)
+
+
+def test_reader_refuses_a_batch_it_was_not_built_for(corpus, stored, processor):
+    reader = TeacherLogitReader(stored[0])
+    batch = next(iter(PackedLoader(corpus, processor, seed=5, num_workers=0)))
+    first_row = PackedDataset(corpus, processor, seed=5).locate(0)
+    other = next(s for s in range(6, 60) if PackedDataset(corpus, processor, seed=s).locate(0) != first_row)
+    with pytest.raises(ValueError, match=f"loader's seed is not {other}"):
+        reader.for_batch(batch, seed=other)
+
+
+def test_k_equal_to_vocab_reconstructs_the_teacher_exactly(corpus, teacher_dir, tmp_path):
+    result = run(corpus, teacher_dir, str(tmp_path / "full"), StoreSettings(top_k=512, values="fp32", chunk=64),
+                 progress=False)
+    fid = result["manifest"]["fidelity"]
+    # fp32 rounding only: the stored path and the dense reference run the LM head on differently shaped inputs
+    assert fid["kl_max"] < 1e-5 and fid["topk_mass"] == pytest.approx(1.0, abs=1e-6)
+    _, target = TeacherLogitReader(str(tmp_path / "full")).row(0, 0)
+    assert torch.isneginf(target.log_tail).all()
+    assert torch.allclose(target.log_probs.exp().sum(-1), torch.ones(len(target.positions)), atol=1e-5)
+
+
+def test_resume_after_a_kill_between_shards_redoes_only_unfinished_ones(corpus, teacher_dir, stored, tmp_path,
+                                                                          monkeypatch):
+    output = str(tmp_path / "resume")
+    commit = store_module._commit_shard
+    done = []
+
+    def dies_after_two(*args, **kwargs):
+        if len(done) == 2:
+            raise KeyboardInterrupt("killed")
+        commit(*args, **kwargs)
+        done.append(args[1])
+
+    monkeypatch.setattr(store_module, "_commit_shard", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(corpus, teacher_dir, output, SETTINGS, progress=False)
+    assert not os.path.exists(os.path.join(output, "manifest.json"))
+    assert sorted(os.listdir(os.path.join(output, "shards"))) == [
+        "shard-00000.arrow", "shard-00000.done.json", "shard-00001.arrow", "shard-00001.done.json"]
+    monkeypatch.setattr(store_module, "_commit_shard", commit)
+    result = run(corpus, teacher_dir, output, SETTINGS, progress=False)
+    assert result["skipped"] == [0, 1] and result["computed"] == [2, 3]
+    # byte for byte what the uninterrupted run wrote
+    assert [s["sha256"] for s in result["manifest"]["shards"]] == [s["sha256"] for s in stored[1]["manifest"]["shards"]]
+    again = run(corpus, teacher_dir, output, SETTINGS, progress=False)
+    assert again["computed"] == [] and again["skipped"] == [0, 1, 2, 3]
+
+
+def test_ranks_write_their_own_shards_and_rank_0_the_manifest(corpus, teacher_dir, stored, tmp_path):
+    output = str(tmp_path / "ranks")
+    one = run(corpus, teacher_dir, output, SETTINGS, rank=1, world_size=2, progress=False)
+    assert one["computed"] == [1, 3] and one["manifest"] is None
+    zero = run(corpus, teacher_dir, output, SETTINGS, rank=0, world_size=2, progress=False)
+    assert zero["computed"] == [0, 2]
+    assert [s["sha256"] for s in zero["manifest"]["shards"]] == [s["sha256"] for s in stored[1]["manifest"]["shards"]]
+
+
+def test_rank_0_does_not_write_a_manifest_over_missing_shards(corpus, teacher_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="shard 1 has no marker"):
+        run(corpus, teacher_dir, str(tmp_path / "alone"), SETTINGS, rank=0, world_size=2, progress=False)
+
+
+def test_other_settings_in_the_same_output_are_refused(corpus, teacher_dir, stored):
+    with pytest.raises(StoreConflict, match="teacher, k, encoding, positions or corpus changed"):
+        run(corpus, teacher_dir, stored[0], StoreSettings(top_k=4, chunk=64), progress=False)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_any_work(corpus, tmp_path):
+    base = build_processor()
+    other = InfiniteVLProcessor(build_tokenizer(vocab_size=400), base.image_processor)
+    model, processor = build_tiny_teacher(processor=other)
+    teacher = save_teacher(model, processor, tmp_path / "other")
+    with pytest.raises(VocabularyMismatch, match="does not have the vocabulary the shards were tokenized with"):
+        run(corpus, teacher, str(tmp_path / "out"), SETTINGS, progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_teacher_data_and_store_on_s3(s3, corpus, teacher_dir, stored):
+    fs = s3fs.S3FileSystem(**s3.storage_options)
+    data_root, teacher_root, output = s3.fresh("data"), s3.fresh("teacher"), s3.fresh("logits")
+    fs.put(os.path.dirname(corpus) + "/", data_root.removeprefix("s3://") + "/", recursive=True)
+    fs.put(teacher_dir + "/", teacher_root.removeprefix("s3://") + "/", recursive=True)
+    cache = os.path.join(os.path.dirname(stored[0]), "cache")
+    result = run(f"{data_root}/manifest.json", teacher_root, output, SETTINGS, cache_dir=cache,
+                 storage_options=s3.storage_options, progress=False)
+    manifest = storage.read_json(f"{output}/manifest.json", s3.storage_options)
+    assert manifest == result["manifest"]
+    assert manifest["teacher"]["weights_sha256"] == stored[1]["manifest"]["teacher"]["weights_sha256"]
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in stored[1]["manifest"]["shards"]]
+    remote, local = TeacherLogitReader(output, s3.storage_options), TeacherLogitReader(stored[0])
+    for shard, row in [(0, 0), (3, 1)]:
+        a, b = remote.row(shard, row)[1], local.row(shard, row)[1]
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.log_probs, b.log_probs)
+    assert s3.secret not in json.dumps(manifest)
+
+
+def test_the_stage_function_runs_from_the_tiny_config(corpus, teacher_dir, tmp_path):
+    config = load_config("configs/tiny.yaml", ["teacher_logits.top_k=4", "teacher_logits.positions=text"])
+    data_root = os.path.dirname(os.path.dirname(corpus))  # <data>/distill/manifest.json
+    ctx = StageContext("teacher-logits", config, str(tmp_path / "teacher-logits"),
+                       {"teacher": teacher_dir, "data": data_root}, __import__("logging").getLogger("t"))
+    metrics = store_teacher_logits(ctx)
+    manifest = storage.read_json(str(tmp_path / "teacher-logits" / "manifest.json"))
+    assert manifest["positions"] == "text" and manifest["encoding"]["k"] == 4
+    assert metrics["covered"] == manifest["covered"] > 0 and metrics["topk_mass"] == manifest["fidelity"]["topk_mass"]
+    assert 0 < metrics["bytes_per_token"] <= config.teacher_logits.max_bytes_per_token
