@@ -1,0 +1,158 @@
+"""Streaming video: frames pushed one at a time, text at any moment, into a state of constant size;
+questions answered on a copy of that state, so the stream goes on undisturbed.
+
+Each frame (or each `frames_per_chunk` consecutive frames: Qwen2.5-VL's temporal patch is 2 frames)
+enters as a video of one temporal patch, wrapped in <|vision_start|> … <|vision_end|>. Positions follow
+a running counter exactly as `rope_index` lays out a prompt holding those chunks in that order: a chunk's
+visual tokens take (counter, counter + row, counter + column) and the counter then moves past the
+chunk's longer side, so the temporal position keeps increasing from frame to frame, and a stream sees the
+same token sequence, at the same positions, as one forward over all of it would (tested).
+
+The whole stream is one user turn of the chat template: the session opens it, `push_text` adds to it,
+and `ask` closes it on the copy (question, end of turn, assistant header) and generates the answer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cuda_graphs import CUDAGraphDecoder, GraphedForward, allocate_cache, forward_in_place, graphs_available
+from .generation import sample
+from .positions import rope_index
+from .processing import VIDEO_TOKEN, VISION_END, VISION_START
+
+_SLOT = "\x00question\x00"
+
+
+class StreamingSession:
+    """One stream on one model. Not thread-safe; one session per stream.
+
+    `cuda_graphs` (default: when the model is on a CUDA device) replays a captured forward for every frame
+    chunk of a size seen before, and a captured decode step for answers."""
+
+    def __init__(self, model, processor, system_prompt: str | None = None, frames_per_chunk: int = 1,
+                 min_pixels: int | None = None, max_pixels: int | None = None, cuda_graphs: bool | None = None):
+        tp = processor.temporal_patch_size
+        if frames_per_chunk not in (1, tp):
+            raise ValueError(f"frames_per_chunk must be 1 (each frame its own temporal patch) or {tp} "
+                             f"(consecutive frames share one), got {frames_per_chunk}")
+        self.model, self.processor = model, processor
+        self.frames_per_chunk = frames_per_chunk
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.device = next(model.parameters()).device
+        self.cuda_graphs = graphs_available(self.device) if cuda_graphs is None else cuda_graphs
+        self.cache = allocate_cache(model, 1)
+        self.position = 0  # M-RoPE position of the next token
+        self.frames_seen = 0
+        self.last_timestamp: float | None = None
+        self._pending: list = []
+        self._chunk_graphs: dict[int, GraphedForward] = {}
+        self._decoder: CUDAGraphDecoder | None = None
+        self._ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VIDEO_TOKEN, VISION_END)}
+        eos = model.generation_config.eos_token_id
+        self._eos = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+            [{"role": "user", "content": _SLOT}]
+        opening, self._answer_header = processor.apply_chat_template(messages, add_generation_prompt=True).split(_SLOT)
+        self.push_text(opening)
+
+    # -- the stream ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def push_text(self, text: str) -> None:
+        ids = self._tokenize(text)
+        if ids.shape[1] == 0:
+            return
+        positions = self.position + torch.arange(ids.shape[1], device=self.device).expand(3, 1, -1)
+        embeds = self.model.model.language_model.embed_tokens(ids)
+        forward_in_place(self.model, self.cache, embeds, positions, self.cache.seen)
+        self.cache.seen += ids.shape[1]
+        self.position += ids.shape[1]
+
+    @torch.no_grad()
+    def push_frame(self, image, timestamp: float | None = None) -> None:
+        """A frame (PIL image or H×W×3 uint8 array) at `timestamp` seconds; with `frames_per_chunk=2` it
+        waits for the next one, and the pair enters together."""
+        if timestamp is not None:
+            if self.last_timestamp is not None and timestamp < self.last_timestamp:
+                raise ValueError(f"frame timestamps go back: {timestamp} after {self.last_timestamp}")
+            self.last_timestamp = timestamp
+        self._pending.append(image)
+        self.frames_seen += 1
+        if len(self._pending) == self.frames_per_chunk:
+            frames, self._pending = self._pending, []
+            self._push_chunk(frames)
+
+    def _push_chunk(self, frames) -> None:
+        # one temporal patch: its time step does not enter the positions (temporal index 0 × interval)
+        video = self.processor.preprocess_video(frames, fps=1.0, min_pixels=self.min_pixels,
+                                                max_pixels=self.max_pixels)
+        grid = video["video_grid_thw"]
+        n = int(grid.prod()) // self.processor.merge_size ** 2
+        ids = torch.tensor([[self._ids[VISION_START]] + [self._ids[VIDEO_TOKEN]] * n + [self._ids[VISION_END]]])
+        positions, _ = rope_index(self.model.config, ids, video_grid_thw=grid,
+                                  second_per_grid_ts=video["second_per_grid_ts"])
+        next_position = self.position + int(positions[0, 0, -1]) + 1  # the end tag is text: all rows equal
+        positions = (positions + self.position).to(self.device)
+
+        visual = self.model.model.get_video_features(video["pixel_values_videos"].to(self.device),
+                                                     grid.to(self.device), return_dict=True).pooler_output[0]
+        embeds = self.model.model.language_model.embed_tokens(ids.to(self.device))
+        embeds[0, 1:-1] = visual.to(embeds.dtype)
+        self._forward_chunk(embeds, positions)
+        self.position = next_position
+
+    def _forward_chunk(self, embeds, positions) -> None:
+        T = embeds.shape[1]
+        if not self.cuda_graphs:
+            forward_in_place(self.model, self.cache, embeds, positions, self.cache.seen)
+            self.cache.seen += T
+            return
+        graph = self._chunk_graphs.get(T)
+        if graph is None:
+            graph = self._chunk_graphs[T] = GraphedForward(self.model, self.cache, 1, T, from_ids=False, logits=False,
+                                                           advance_positions=False, use_graph=True)
+        graph.embeds.copy_(embeds)
+        graph.positions.copy_(positions)
+        graph.offset.fill_(self.cache.seen)
+        graph.run()
+
+    # -- questions -------------------------------------------------------------------------------------------
+    def ask(self, question: str, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
+        """The answer to `question` about everything pushed so far (frames still waiting for their pair are
+        not seen yet). Runs on a copy of the state: the stream is left as it was."""
+        return self.processor.decode(self.answer_ids(question, max_new_tokens, temperature), skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def answer_logits(self, question: str) -> torch.Tensor:
+        """Logits [vocab] of the answer's first token (e.g. to score choices), on a copy of the state."""
+        return self._start_answer(question)[0].clone()
+
+    @torch.no_grad()
+    def answer_ids(self, question: str, max_new_tokens: int = 64, temperature: float = 0.0) -> list[int]:
+        logits = self._start_answer(question)
+        decoder = self._decoder
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            token = sample(logits, temperature)
+            out.append(int(token))
+            if out[-1] in self._eos or i + 1 == max_new_tokens:
+                break
+            logits = decoder.step(token)
+        return out
+
+    def _start_answer(self, question: str) -> torch.Tensor:
+        """Copies the state into the decoder's own cache and runs the question and the assistant header."""
+        if self._decoder is None:
+            self._decoder = CUDAGraphDecoder(self.model, 1, use_graph=self.cuda_graphs)
+        self._decoder.load(self.cache, self.position)
+        return self._decoder.prefill(self._tokenize(question + self._answer_header))
+
+    # -- what the state holds --------------------------------------------------------------------------------
+    @property
+    def state_bytes(self) -> int:
+        return self.cache.nbytes()
+
+    def _tokenize(self, text: str) -> torch.Tensor:
+        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor([ids], dtype=torch.long, device=self.device)

@@ -1,0 +1,114 @@
+"""The CUDA-graph decoder: its step (the capturable in-place forward) equals the model's forward step by
+step, batched and left-padded, and leaves the cache it started from alone; on the GPU, replayed graphs
+give the logits of eager steps over 20 tokens, for decoding and for streamed frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import convert_from_qwen2_5_vl
+from model.cuda_graphs import CUDAGraphDecoder
+from model.generation import prefill
+from pipeline.serve.chat import user_turn
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _image(seed, h=90, w=120):
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def _padded_batch(processor):
+    questions = ["how many?", "what is the color of the biggest shape in the picture?"]
+    texts = [processor.apply_chat_template([user_turn(q, 1)], add_generation_prompt=True) for q in questions]
+    batch = processor(texts, images=[_image(1), _image(2)])
+    assert (batch["attention_mask"][0] == 0).any()
+    return batch
+
+
+def _reference_steps(model, cache, next_pos, tokens):
+    out = []
+    with torch.no_grad():
+        for i, token in enumerate(tokens):
+            out.append(model(input_ids=token[:, None], position_ids=(next_pos + i)[:, :, None], cache=cache,
+                             use_cache=True).logits[:, -1])
+    return out
+
+
+def test_decoder_steps_equal_model_forward_and_leave_the_source_cache(tiny_teacher, processor):
+    torch.manual_seed(0)
+    model = convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8, init="random").eval()
+    batch = _padded_batch(processor)
+    cache = model.new_cache()
+    _, next_pos = prefill(model, batch, cache)
+    source = [t.clone() for layer in cache.layers for t in layer.tensors()]
+    tokens = torch.randint(0, model.config.text_config.vocab_size, (20, 2), generator=torch.Generator().manual_seed(0))
+
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
+        decoder = CUDAGraphDecoder(model, batch_size=2, use_graph=True)
+    decoder.load(cache, next_pos)
+    got = [decoder.step(t).clone() for t in tokens]
+    assert all(torch.equal(a, b) for a, b in zip(source, (t for layer in cache.layers for t in layer.tensors())))
+    expected = _reference_steps(model, cache.copy(), next_pos, tokens)  # 20 steps: the window of 8 wraps
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    assert decoder.cache.seen == cache.seen + 20
+
+
+def _gpu_student():
+    from model.tiny import build_tiny_teacher
+
+    # head_dim 64 so that the Gated DeltaNet layers take fla's kernels, as the full-size model does
+    teacher, processor = build_tiny_teacher(seed=0, hidden=256, heads=4, kv_heads=2, intermediate=512,
+                                            num_layers=4, vision_hidden=64)
+    torch.manual_seed(0)
+    model = convert_from_qwen2_5_vl(teacher, sliding_window=16, init="random").eval()
+    return model.cuda().to(torch.bfloat16), processor
+
+
+@pytest.mark.gpu
+def test_replayed_decode_graph_gives_the_eager_logits_over_20_steps():
+    model, processor = _gpu_student()
+    batch = _padded_batch(processor)
+    cache = model.new_cache()
+    _, next_pos = prefill(model, batch, cache)
+    tokens = torch.randint(0, model.config.text_config.vocab_size, (20, 2), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(0))
+    eager, graphed = CUDAGraphDecoder(model, 2, use_graph=False), CUDAGraphDecoder(model, 2, use_graph=True)
+    assert graphed.step_graph.graph is not None
+    eager.load(cache, next_pos)
+    graphed.load(cache, next_pos)
+    reference = _reference_steps(model, cache.copy(), next_pos, tokens)
+    for i, token in enumerate(tokens):
+        e, g = eager.step(token).float(), graphed.step(token).float()
+        torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-3)  # the same kernels, replayed
+        err = (g - reference[i].float()).abs().max() / reference[i].float().abs().max()
+        assert err < 3e-2, (i, err)  # the model's own forward: other kernels in bf16
+
+
+@pytest.mark.gpu
+def test_streamed_frames_through_graphs_match_eager_frames():
+    from model.streaming import StreamingSession
+
+    model, processor = _gpu_student()
+    rs = np.random.RandomState(0)
+    frames = [Image.fromarray((rs.rand(56, 56, 3) * 255).astype("uint8")) for _ in range(12)]
+    sessions = [StreamingSession(model, processor, cuda_graphs=g) for g in (False, True)]
+    for s in sessions:
+        for i, f in enumerate(frames):
+            s.push_frame(f, i / 4)
+            if i == 5:
+                s.push_text("a car passes.")
+    assert sessions[1]._chunk_graphs and all(g.graph is not None for g in sessions[1]._chunk_graphs.values())
+    assert sessions[0].state_bytes == sessions[1].state_bytes
+    eager, graphed = (s.answer_logits("what passed?").float() for s in sessions)
+    torch.testing.assert_close(graphed, eager, atol=2e-2, rtol=2e-2)
