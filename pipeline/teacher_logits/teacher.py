@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline import storage
-
 if TYPE_CHECKING:
     from model.processing import InfiniteVLProcessor
 
@@ -60,6 +58,7 @@ def load_teacher(source: str, *, device: str | torch.device | None = None, cache
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from model.processing import InfiniteVLProcessor
+    from pipeline import storage
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     local = source if storage.is_local(source) else download(source, cache_dir, storage_options)
@@ -73,6 +72,8 @@ def load_teacher(source: str, *, device: str | torch.device | None = None, cache
 
 def download(url: str, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
     """Copies a remote checkpoint folder to a local cache once; a partial copy (no completion file) is redone."""
+    from pipeline import storage
+
     root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "infinitevl", "teachers")
     local = os.path.join(root, hashlib.sha256(url.encode()).hexdigest()[:16])
     if os.path.exists(os.path.join(local, DOWNLOADED)):
