@@ -7,10 +7,11 @@ fixed corpus (so it is deterministic) with Qwen's special tokens.
 
 from __future__ import annotations
 
+import json
 import string
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import models, pre_tokenizers, trainers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -33,15 +34,18 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(vocab_size: int = 512) -> Qwen2TokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    """A byte-level BPE trained here with Qwen2's own normaliser and pre-tokenizer, then handed to
+    Qwen2TokenizerFast as vocab + merges, so that saving and loading it gives the very same tokenizer."""
+    trainer_tok = Qwen2TokenizerFast(vocab={"<|endoftext|>": 0}, merges=[]).backend_tokenizer
+    trainer_tok.model = models.BPE(unk_token=None)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    fast = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                              unk_token=None, bos_token=None)
+    trainer_tok.train_from_iterator(_corpus(), trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    fast = Qwen2TokenizerFast(vocab=trained["vocab"], merges=merges, eos_token="<|im_end|>",
+                              pad_token="<|endoftext|>", unk_token=None, bos_token=None)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in fast.get_vocab()]})
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

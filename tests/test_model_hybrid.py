@@ -155,7 +155,10 @@ def test_save_load_round_trip_is_identical_and_never_unpickles(tiny_teacher, tmp
         ref = student(**batch).logits
         assert torch.equal(loaded(**batch).logits, ref)
         assert torch.equal(auto(**batch).logits, ref)
-    assert proc2(["hello"])["input_ids"].tolist() == processor(["hello"])["input_ids"].tolist()
+    # the reloaded tokenizer is the same pipeline, not just the same vocabulary
+    assert proc2.tokenizer.backend_tokenizer.to_str() == processor.tokenizer.backend_tokenizer.to_str()
+    text = "<|im_start|>user\nHow many Circles? 42 shapes!<|im_end|>"
+    assert proc2([text])["input_ids"].tolist() == processor([text])["input_ids"].tolist()
     (tmp_path / "evil.bin").write_bytes(b"not a pickle")
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(Exception):
