@@ -81,6 +81,7 @@ class TeacherLogitsSection(Section):
 
 
 class TrainStageSection(Section):
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("launcher", "loader_workers", "keep_last")
     steps: int = Field(gt=0)
     lr: float = Field(gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -91,8 +92,16 @@ class TrainStageSection(Section):
     checkpoint_every: int = Field(gt=0)
     launcher: Literal["python", "torchrun", "deepspeed"] = "python"
     nproc_per_node: int = Field(1, gt=0)
-    deepspeed_config: str | None = None
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON merged over the generated config")
     precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: Literal[2, 3] = 2
+    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule floor, as a fraction of lr")
+    gradient_checkpointing: bool = False
+    keep_last: int = Field(3, gt=0, description="committed checkpoints kept; older ones are deleted")
+    loader_workers: int = Field(2, ge=0)
+    loss_scale: float = Field(1000.0, gt=0, description="stage1a: factor on the layer-wise MSE (the authors used 1000)")
 
 
 class KLStageSection(TrainStageSection):
@@ -104,6 +113,7 @@ class LoraSection(Section):
     alpha: int = Field(gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(min_length=1)
+    merge: bool = Field(True, description="merge the adapters into the exported weights, or keep them beside")
 
 
 class LongStageSection(TrainStageSection):

@@ -1,0 +1,125 @@
+"""Builds a stage's recipe inside a worker: the module DeepSpeed trains, its data stream, its export."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from model import InfiniteVLConfig
+
+from .job import TrainJob, load_processor, materialize
+from .params import select_trainable
+from .recipes import LayerwiseAligner, StudentObjective, export_student, load_student, student_overrides
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+
+
+@dataclasses.dataclass
+class Recipe:
+    job: TrainJob
+    module: torch.nn.Module
+    processor: object
+    dtype: torch.dtype
+    export_fn: object
+    flops_per_token: float
+    logits: object = None
+
+    def loader(self, rank: int, world: int):
+        from pipeline.data.loader import PackedLoader
+
+        return PackedLoader(self.job.corpus, self.processor, rank=rank, world_size=world, seed=self.job.seed,
+                            num_workers=self.job.section.get("loader_workers", 2))
+
+    def next_batch(self, batches, device) -> dict:
+        rows = [next(batches) for _ in range(self.job.section["micro_batch_size"])]
+        batch = concat_packed(rows)
+        if self.logits is not None:
+            batch.update(self.logits.for_rows(rows))
+        return {k: (v.to(device, self.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v)
+                for k, v in batch.items()}
+
+    def mfu(self, tokens_per_s: float) -> float:
+        """6·N·tokens/s over the card's peak (N: parameters a token passes through; attention is left out,
+        so this is a lower bound). NaN off GPU."""
+        if not torch.cuda.is_available():
+            return float("nan")
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        return self.flops_per_token * tokens_per_s / peak if peak else float("nan")
+
+    def export(self, state: dict, out_dir: str) -> None:
+        self.export_fn(state, out_dir)
+
+
+def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
+    processor = load_processor(job.teacher)
+    section = job.section
+    if job.stage == "stage1a":
+        teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(materialize(job.teacher), dtype=dtype,
+                                                                     use_safetensors=True).to(device)
+        n_layers = teacher.config.text_config.num_hidden_layers
+        config = InfiniteVLConfig.from_teacher(teacher.config, **student_overrides(job.student, n_layers))
+        module = LayerwiseAligner(teacher, config, loss_scale=section.get("loss_scale", 1000.0)).to(device)
+        if section["trainable"] != ["linear_attn"]:
+            raise ValueError("train.stage1a.trainable must be [linear_attn]: layer-wise alignment trains the "
+                             "Gated DeltaNet mixers only")
+        module.teacher.requires_grad_(False)
+        counts = {"linear_attn": sum(p.numel() for p in module.mixers.parameters())}
+        teacher_dir = materialize(job.teacher)
+        export_fn = lambda state, out: module.export(state, teacher_dir, out, processor)  # noqa: E731
+        flops = 6 * counts["linear_attn"] + 2 * sum(p.numel() for p in teacher.parameters())
+        recipe = Recipe(job, module, processor, dtype, export_fn, flops)
+    else:
+        student = load_student(materialize(job.init), dtype).to(device)
+        layer_types = student.config.text_config.layer_types
+        if section.get("gradient_checkpointing"):
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if job.stage == "stage3":
+            student = add_lora(student, section["lora"])
+        kind = "kl" if job.stage == "stage1b" else "ce"
+        module = StudentObjective(student, kind, section.get("temperature", 1.0))
+        counts = select_trainable(module, section["trainable"], layer_types)
+        merge = section.get("lora", {}).get("merge", True) if job.stage == "stage3" else True
+        export_fn = lambda state, out: export_student(student, state, out, processor, merge)  # noqa: E731
+        flops = 6 * sum(p.numel() for p in student.parameters())
+        recipe = Recipe(job, module, processor, dtype, export_fn, flops)
+        if kind == "kl":
+            from pipeline.teacher_logits.reader import TeacherLogits
+
+            recipe.logits = TeacherLogits(job.logits, job.corpus)
+    if log:
+        log(f"{job.stage}: trainable parameters " + ", ".join(f"{g} {n:,}" for g, n in counts.items()))
+    return recipe
+
+
+def add_lora(student, lora: dict):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora["target_modules"]), bias="none")
+    try:
+        return get_peft_model(student, config)
+    except ValueError as e:
+        raise ValueError(f"train.stage3.lora.target_modules {lora['target_modules']} match no module of the "
+                         f"student: {e}") from None
+
+
+def concat_packed(rows: list[dict]) -> dict:
+    """Several packed sequences as one (documents stay apart: their boundaries are kept)."""
+    if len(rows) == 1:
+        return dict(rows[0])
+    out = {k: torch.cat([r[k] for r in rows], -1) for k in ("input_ids", "labels", "mm_token_type_ids")}
+    out["position_ids"] = torch.cat([r["position_ids"] for r in rows], -1)
+    offsets, cu = 0, [torch.zeros(1, dtype=torch.int32)]
+    for r in rows:
+        cu.append(r["cu_seqlens"][1:].to(torch.int32) + offsets)
+        offsets += int(r["input_ids"].shape[-1])
+    out["cu_seqlens"] = torch.cat(cu)
+    for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        parts = [r[k] for r in rows if r.get(k) is not None]
+        if parts:
+            out[k] = torch.cat(parts)
+    out["position"] = [r.get("position") for r in rows]
+    return out

@@ -1,0 +1,149 @@
+"""What each stage trains and how it scores a batch. A recipe builds the module DeepSpeed wraps (its
+forward takes a packed batch and returns the loss and metrics) and exports the trained model.
+
+Stage I-a keeps one model in memory: the frozen teacher plus the new Gated DeltaNet mixers; each mixer is
+fed the teacher's input to that layer's attention (hooked during the teacher's forward) and regressed
+onto that attention's output. The other stages train the student itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration, default_layer_types
+from model.checkpoint import save_pretrained
+from model.convert import convert_from_qwen2_5_vl, init_gdn_from_attention
+from model.gdn import GatedDeltaNet
+
+from .losses import answer_cross_entropy, layer_mse, topk_kl
+
+MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                "second_per_grid_ts", "mm_token_type_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+def student_overrides(student: dict, num_layers: int) -> dict:
+    """InfiniteVLTextConfig fields from the run config's `student` section."""
+    out = {"sliding_window": student["sliding_window"], "expand_v": student.get("expand_v", 2.0),
+           "conv_size": student.get("conv_size", 4)}
+    for k in ("num_linear_heads", "linear_head_dim"):
+        if student.get(k):
+            out[k] = student[k]
+    if student.get("num_linear_heads"):
+        out["num_linear_key_value_heads"] = student["num_linear_heads"]
+    out["layer_types"] = default_layer_types(num_layers, student.get("layer_period", 4))
+    return out
+
+
+class LayerwiseAligner(nn.Module):
+    """Stage I-a: frozen teacher + one Gated DeltaNet per linear layer, trained on the teacher's own
+    per-layer inputs and attention outputs (online: nothing is precomputed)."""
+
+    def __init__(self, teacher: Qwen2_5_VLForConditionalGeneration, student_config: InfiniteVLConfig,
+                 loss_scale: float):
+        super().__init__()
+        self.teacher = teacher.requires_grad_(False)
+        self.student_config = student_config
+        self.loss_scale = loss_scale
+        types = student_config.text_config.layer_types
+        self.linear_layers = [i for i, t in enumerate(types) if t == "linear_attention"]
+        self.mixers = nn.ModuleDict()
+        for i in self.linear_layers:
+            gdn = GatedDeltaNet(student_config.text_config, i)
+            gdn.to(next(teacher.parameters()).dtype)
+            init_gdn_from_attention(gdn, teacher.model.language_model.layers[i].self_attn, student_config.text_config)
+            self.mixers[str(i)] = gdn
+            teacher.model.language_model.layers[i].self_attn.register_forward_hook(self._hook(i), with_kwargs=True)
+        self._losses: list[torch.Tensor] = []
+        self._cu_seqlens = None
+
+    def _hook(self, i: int):
+        def hook(module, args, kwargs, output):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            target = output[0] if isinstance(output, tuple) else output
+            with torch.enable_grad():
+                y = self.mixers[str(i)](x.detach(), cu_seqlens=self._cu_seqlens)
+                self._losses.append(layer_mse(y, target.detach(), None))
+        return hook
+
+    def forward(self, batch: dict):
+        self._losses, self._cu_seqlens = [], batch["cu_seqlens"]
+        with torch.no_grad():
+            self.teacher.model(**model_inputs(batch), position_ids=packed_teacher_positions(batch))
+        mse = torch.stack(self._losses).mean()
+        return mse * self.loss_scale, {"mse": float(mse.detach()), "tokens": int(batch["input_ids"].numel())}
+
+    def export(self, state: dict, teacher_dir: str, out_dir: str, processor) -> None:
+        teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher_dir, use_safetensors=True)
+        student = convert_from_qwen2_5_vl(teacher, init="random", **_config_overrides(self.student_config))
+        mixers = {f"model.language_model.layers.{k[len('mixers.'):].split('.', 1)[0]}.self_attn."
+                  f"{k[len('mixers.'):].split('.', 1)[1]}": v for k, v in state.items() if k.startswith("mixers.")}
+        missing = student.load_state_dict(mixers, strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"stage 1a export: unexpected mixer keys {missing.unexpected_keys[:5]}")
+        save_pretrained(student, processor, out_dir)
+
+
+def _config_overrides(config: InfiniteVLConfig) -> dict:
+    t = config.text_config
+    return {"layer_types": list(t.layer_types), "sliding_window": t.sliding_window, "expand_v": t.expand_v,
+            "conv_size": t.conv_size, "num_linear_heads": t.num_linear_heads,
+            "num_linear_key_value_heads": t.num_linear_key_value_heads, "linear_head_dim": t.linear_head_dim}
+
+
+def packed_teacher_positions(batch: dict) -> torch.Tensor:
+    """[4, 1, T]: transformers' packed form for Qwen2.5-VL: text positions restarting per document (from
+    which it builds a block-diagonal causal mask) followed by the three M-RoPE rows."""
+    cu = batch["cu_seqlens"].long()
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    text = torch.cat([torch.arange(n) for n in lengths]).view(1, 1, -1).to(batch["input_ids"].device)
+    return torch.cat([text, batch["position_ids"].to(text.device)], 0)
+
+
+class StudentObjective(nn.Module):
+    """Stages I-b, II, III: the student itself, scored by KL to the stored teacher logits or by
+    cross-entropy on answer tokens."""
+
+    def __init__(self, student: nn.Module, kind: str, temperature: float = 1.0):
+        super().__init__()
+        self.student = student
+        self.kind = kind
+        self.temperature = temperature
+
+    def forward(self, batch: dict):
+        out = self.student(**model_inputs(batch), position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
+        if self.kind == "kl":
+            rows = batch["logit_positions"].to(out.logits.device)
+            lse = batch.get("logit_lse")
+            loss = topk_kl(out.logits[0, rows], batch["topk_index"].to(out.logits.device),
+                           batch["topk_logit"].to(out.logits.device),
+                           None if lse is None else lse.to(out.logits.device), self.temperature)
+            return loss, {"kl": float(loss.detach()), "tokens": int(batch["input_ids"].numel()),
+                          "supervised_tokens": int(rows.numel())}
+        loss, n = answer_cross_entropy(out.logits, batch["labels"].to(out.logits.device))
+        return loss, {"ce": float(loss.detach()), "tokens": int(batch["input_ids"].numel()), "supervised_tokens": n}
+
+
+def load_student(path: str, dtype: torch.dtype) -> InfiniteVLForConditionalGeneration:
+    model = InfiniteVLForConditionalGeneration.from_pretrained(path, use_safetensors=True, dtype=dtype)
+    return model.train()
+
+
+def export_student(student: nn.Module, state: dict, out_dir: str, processor, merge_lora: bool = True) -> None:
+    """Writes the trained student (merging LoRA adapters unless asked to keep them) in HF format."""
+    student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")},
+                            strict=False)
+    if hasattr(student, "peft_config"):
+        if merge_lora:
+            student = student.merge_and_unload()
+        else:
+            student.save_pretrained(os.path.join(out_dir, "adapter"), safe_serialization=True)
+            student = student.get_base_model()
+    save_pretrained(student, processor, out_dir)

@@ -1,0 +1,231 @@
+"""One training process (of torchrun's N): `python -m pipeline.train.worker JOB.json`.
+
+It reads as the stage it runs: join the process group, build the recipe's module, choose what trains,
+wrap it in DeepSpeed, open the data stream, resume from the newest committed checkpoint, take the steps
+(logging, checkpointing every N), export the trained model for the next stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+
+import torch
+
+from .job import TrainJob
+
+
+def main(job_path: str) -> None:
+    job = TrainJob.load(job_path)
+    rank, world, local_rank, device = join_process_group()
+    torch.manual_seed(job.seed)
+    dtype = torch.bfloat16 if job.section["precision"] == "bf16" else torch.float32
+
+    from .build import build_recipe
+
+    recipe = build_recipe(job, dtype, device, log=_log if rank == 0 else None)
+    engine = wrap_in_deepspeed(recipe.module, job, dtype)
+    loader = recipe.loader(rank, world)
+
+    from . import state
+
+    staging = state.staging_dir(job.output)
+    resumed = state.restore(engine, job.output, rank, local_rank, staging)
+    step = 0
+    if resumed is not None:
+        step = resumed["step"]
+        loader.load_state_dict(resumed["loader"])
+        if rank == 0:
+            _log(f"resumed {job.stage} at step {step} from its newest committed checkpoint")
+
+    steps, accum = job.section["steps"], job.section["grad_accum"]
+    writer = MetricsWriter(job, rank, staging, resume_step=step)
+    batches = iter(loader)
+    started, tokens_seen = time.monotonic(), 0
+    while step < steps:
+        metrics = {"loss": 0.0, "tokens": 0}
+        for _ in range(accum):
+            batch = recipe.next_batch(batches, device)
+            loss, extra = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            metrics["loss"] += float(loss.detach()) / accum
+            metrics["tokens"] += extra.pop("tokens", 0)
+            for k, v in extra.items():
+                metrics[k] = metrics.get(k, 0.0) + v / accum
+        step += 1
+        tokens_seen += metrics["tokens"]
+        elapsed = time.monotonic() - started
+        metrics.update(lr=engine.get_lr()[0], grad_norm=_grad_norm(engine), tokens_per_s=tokens_seen * world / elapsed)
+        metrics["mfu"] = recipe.mfu(metrics["tokens_per_s"] / world)
+        writer.write(step, metrics)
+        if rank == 0:
+            eta = elapsed / max(step - (resumed or {}).get("step", 0), 1) * (steps - step)
+            _log(f"{job.stage} step {step}/{steps} loss {metrics['loss']:.6g} lr {metrics['lr']:.3g} "
+                 f"grad_norm {metrics['grad_norm']:.3g} tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s")
+        if step % job.section["checkpoint_every"] == 0 or step == steps:
+            writer.flush()
+            state.save(engine, job.stage, job.output, step, loader.state_dict(), _summary(metrics),
+                       job.section.get("keep_last", 3), rank, local_rank, staging)
+    export(engine, recipe, job, rank, local_rank, staging)
+    writer.close()
+
+
+def join_process_group():
+    """torchrun sets RANK/WORLD_SIZE; a plain `python -m` run is a group of one."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device
+
+
+def deepspeed_config(section: dict, dtype: torch.dtype) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": section["grad_accum"],
+        "gradient_clipping": section.get("grad_clip", 1.0),
+        "zero_optimization": {"stage": section.get("zero_stage", 2), "overlap_comm": False,
+                              "contiguous_gradients": True},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if section.get("deepspeed_config"):
+        with open(section["deepspeed_config"]) as f:
+            config.update(json.load(f))
+    return config
+
+
+def wrap_in_deepspeed(module, job: TrainJob, dtype: torch.dtype):
+    import deepspeed
+
+    section = job.section
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)]
+    no_decay = [p for p in params if not (p.ndim >= 2 and not getattr(p, "_no_weight_decay", False))]
+    groups = [{"params": decay, "weight_decay": section.get("weight_decay", 0.0)},
+              {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]],  # ZeRO drops empty groups
+                                  lr=section["lr"], betas=(0.9, 0.95), eps=1e-8)
+    schedule = warmup_cosine(section["warmup_steps"], section["steps"], section.get("min_lr_ratio", 0.1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(section, dtype))
+    return engine
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def export(engine, recipe, job: TrainJob, rank: int, local_rank: int, staging: str) -> None:
+    """Gathers the full weights on rank 0 and writes the Hugging Face export the next stage reads."""
+    from . import state as st
+    from pipeline.stages import join, write_json
+
+    if job.section.get("zero_stage", 2) == 3:
+        full = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        full = engine.module.state_dict() if rank == 0 else None
+    if rank == 0:
+        out = join(job.output, "export")
+        work = st.local_path(out) if st.is_local(out) else os.path.join(staging, "export")
+        recipe.export({k: v.detach().cpu() for k, v in full.items()}, work)
+        if not st.is_local(out):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(out)
+            fs.put(work.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        write_json(join(out, "_EXPORTED.json"), {"stage": job.stage, "step": job.section["steps"]})
+        _log(f"{job.stage} exported to {out}")
+    st.barrier()
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _summary(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+class MetricsWriter:
+    """TensorBoard scalars and a JSON line per step (rank 0), next to the stage's output."""
+
+    def __init__(self, job: TrainJob, rank: int, staging: str, resume_step: int = 0):
+        from . import state as st
+
+        self.rank = rank
+        self.remote = None if st.is_local(job.output) else job.output
+        root = st.local_path(job.output) if self.remote is None else os.path.join(staging, "logs")
+        self.dir = os.path.join(root, "logs")
+        self.tb = None
+        if rank == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"), purge_step=resume_step + 1)
+            path = os.path.join(self.dir, "steps.jsonl")
+            kept = []
+            if os.path.exists(path):  # steps after the checkpoint we resumed from are taken again
+                with open(path) as f:
+                    kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            self.steps = open(path, "w")
+            self.steps.writelines(kept)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"train/{k}", v, step)
+        self.steps.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def flush(self) -> None:
+        if self.rank != 0:
+            return
+        self.tb.flush()
+        self.steps.flush()
+        if self.remote:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.remote)
+            fs.put(self.dir.rstrip("/") + "/", path.rstrip("/") + "/logs/", recursive=True)
+
+    def close(self) -> None:
+        if self.rank == 0:
+            self.flush()
+            self.tb.close()
+            self.steps.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

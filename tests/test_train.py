@@ -1,0 +1,197 @@
+"""The training stages on the tiny model: losses against hand computation, trainable groups, config errors
+before the first step, 2-process ZeRO-2/3 runs on CPU (gloo), and an exact resume after SIGKILL."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.train.job import TrainConfigError, TrainJob, check_job
+from pipeline.train.losses import answer_cross_entropy, layer_mse, topk_kl
+from pipeline.train.params import select_trainable
+
+SECTION = dict(steps=6, lr=1e-3, warmup_steps=1, seq_len=512, micro_batch_size=1, grad_accum=1,
+               trainable=["linear_attn", "sliding_attn"], checkpoint_every=2, launcher="torchrun", nproc_per_node=2,
+               deepspeed_config=None, precision="fp32", zero_stage=2, grad_clip=1.0, weight_decay=0.0,
+               min_lr_ratio=0.1, gradient_checkpointing=False, keep_last=2, loader_workers=0, loss_scale=1000.0)
+STUDENT = dict(sliding_window=64, layer_period=4, expand_v=2.0, conv_size=4)
+
+
+# -- losses -----------------------------------------------------------------------------------------------------
+
+def test_answer_cross_entropy_is_per_supervised_token():
+    logits = torch.randn(1, 5, 7)
+    labels = torch.tensor([[-100, 3, -100, 1, 6]])
+    loss, n = answer_cross_entropy(logits, labels)
+    # position t predicts label t+1: pairs (0→3), (2→1), (3→6)
+    ref = -(torch.log_softmax(logits[0, 0], -1)[3] + torch.log_softmax(logits[0, 2], -1)[1]
+            + torch.log_softmax(logits[0, 3], -1)[6]) / 3
+    assert n == 3 and torch.allclose(loss, ref)
+
+
+def test_topk_kl_with_full_vocab_equals_exact_kl_and_scales_with_t_squared():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 11), torch.randn(4, 11)
+    idx = torch.arange(11).expand(4, 11)
+    for T in (1.0, 2.0):
+        p = torch.softmax(t / T, -1)
+        exact = (p * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+        assert torch.allclose(topk_kl(s, idx, t, None, T), exact, atol=1e-6)
+    assert torch.allclose(topk_kl(s, idx, t, torch.logsumexp(t, -1), 1.0),
+                          topk_kl(s, idx, t, None, 1.0), atol=1e-6)
+
+
+def test_topk_kl_with_stored_partition_counts_the_tail_as_one_bucket():
+    s, t = torch.tensor([[2.0, 1.0, 0.0, -1.0]]), torch.tensor([[3.0, 0.5, 0.2, 0.1]])
+    idx, top = torch.tensor([[0, 1]]), t[:, :2]
+    lse = torch.logsumexp(t, -1)
+    p, q = torch.softmax(t, -1)[0], torch.softmax(s, -1)[0]
+    ref = p[0] * math.log(p[0] / q[0]) + p[1] * math.log(p[1] / q[1]) + \
+        (p[2] + p[3]) * math.log((p[2] + p[3]) / (q[2] + q[3]))
+    assert torch.allclose(topk_kl(s, idx, top, lse, 1.0), torch.tensor(float(ref)), atol=1e-6)
+
+
+def test_layer_mse_ignores_masked_tokens():
+    a, b = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 1.0], [2.0, 2.0], [100.0, 100.0]]])
+    assert layer_mse(a, b, torch.tensor([[1, 1, 0]])) == pytest.approx((1 + 1 + 4 + 4) / 4)
+
+
+# -- trainable groups ------------------------------------------------------------------------------------------
+
+def test_trainable_groups_select_exactly_their_parameters(tiny_teacher):
+    from model import convert_from_qwen2_5_vl
+
+    student = convert_from_qwen2_5_vl(tiny_teacher[0])
+    types = student.config.text_config.layer_types
+    counts = select_trainable(student, ["linear_attn"], types)
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trained and all(".self_attn." in n and int(n.split("layers.")[1].split(".")[0]) % 4 for n in trained)
+    assert counts["linear_attn"] == sum(p.numel() for n, p in student.named_parameters() if n in trained)
+    with pytest.raises(ValueError, match="unknown group"):
+        select_trainable(student, ["attention"], types)
+    with pytest.raises(ValueError, match="lora"):
+        select_trainable(student, ["lora"], types)
+
+
+# -- runs --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A saved tiny teacher and small packed corpora built by the data stage."""
+    from model.tiny import build_tiny_teacher
+    from pipeline.data.build import build_corpus
+    from pipeline.data.config import CorpusConfig, SourceConfig
+    from pipeline.data.synthetic import write_llava
+
+    root = tmp_path_factory.mktemp("train")
+    teacher, processor = build_tiny_teacher()
+    teacher.save_pretrained(root / "teacher")
+    processor.save_pretrained(root / "teacher")
+    src = write_llava(root / "src", 24, seed=0)
+    for name in ("distill", "instruct"):
+        build_corpus(CorpusConfig(name=name, output=str(root / "data" / name), max_len=512, max_pixels=28 * 28 * 16,
+                                  samples_per_shard=8, workers=1,
+                                  sources=[SourceConfig(name="s", format="llava", path=str(src))]), progress=False)
+    return root
+
+
+def _job(ws, stage, output, **section):
+    init = str(ws / "teacher") if stage == "stage1a" else str(ws / "stage1a-export")
+    return TrainJob(stage=stage, section={**SECTION, **section}, student=STUDENT, init=init,
+                    teacher=str(ws / "teacher"), corpus=str(ws / "data" / ("distill" if stage == "stage1a" else
+                                                                            "instruct") / "manifest.json"),
+                    output=str(output), seed=0)
+
+
+def _launch(job: TrainJob, path, kill_after_step: int | None = None) -> str:
+    job.dump(str(path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={job.section['nproc_per_node']}",
+           "--standalone", "-m", "pipeline.train.worker", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if kill_after_step is not None and f"step {kill_after_step}/" in line:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group, mid-run, no chance to clean up
+            break
+    proc.wait()
+    log = "".join(out)
+    if kill_after_step is None:
+        assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+def _losses(output) -> dict[int, float]:
+    with open(os.path.join(output, "logs", "steps.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def stage1a_zero3(workspace):
+    """Stage I-a on 2 processes with ZeRO-3; its export is what the later runs start from."""
+    out = workspace / "stage1a"
+    log = _launch(_job(workspace, "stage1a", out, steps=3, checkpoint_every=3, zero_stage=3,
+                       trainable=["linear_attn"]), workspace / "job1a.json")
+    os.symlink(out / "export", workspace / "stage1a-export")
+    return out, log
+
+
+def test_stage1a_layerwise_mse_on_two_processes_with_zero3(stage1a_zero3):
+    out, log = stage1a_zero3
+    losses = _losses(out)
+    assert losses[3] < losses[1], losses
+    assert "trainable parameters linear_attn" in log
+    from model.checkpoint import load_pretrained
+
+    student, processor = load_pretrained(out / "export")
+    assert student.config.text_config.layer_types[1] == "linear_attention" and processor is not None
+
+
+def test_zero2_run_killed_with_sigkill_resumes_to_the_same_losses(workspace, stage1a_zero3):
+    reference, killed = workspace / "stage2-ref", workspace / "stage2-killed"
+    _launch(_job(workspace, "stage2", reference), workspace / "ref.json")
+    full = _losses(reference)
+    assert list(full) == [1, 2, 3, 4, 5, 6] and full[6] < full[1]
+
+    job = _job(workspace, "stage2", killed)
+    _launch(job, workspace / "killed.json", kill_after_step=5)
+    from pipeline.checkpoints import list_checkpoints
+
+    assert [s for s, _ in list_checkpoints(str(killed))] == [2, 4]  # step 5 was never committed
+    log = _launch(job, workspace / "killed.json")
+    assert "resumed stage2 at step 4" in log
+    resumed = _losses(killed)
+    assert list(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in full:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (step, resumed, full)
+    # keep_last=2: only the two newest checkpoints remain
+    assert [s for s, _ in list_checkpoints(str(killed))] == [4, 6]
+
+
+def test_config_errors_are_caught_before_the_first_step(workspace, stage1a_zero3):
+    job = _job(workspace, "stage2", workspace / "bad", seq_len=4096)
+    with pytest.raises(TrainConfigError, match="seq_len 4096 is above the shards' max_len 512"):
+        check_job(job)
+    job = _job(workspace, "stage2", workspace / "bad")
+    job.init = str(workspace / "nowhere")
+    with pytest.raises(TrainConfigError, match="no model at"):
+        check_job(job)
+    job = _job(workspace, "stage2", workspace / "bad")
+    job.corpus = str(workspace / "data" / "missing" / "manifest.json")
+    with pytest.raises(TrainConfigError, match="no packed corpus"):
+        check_job(job)
+
+
+def test_lora_target_that_matches_nothing_is_refused(workspace, stage1a_zero3):
+    from pipeline.train.build import add_lora
+    from pipeline.train.recipes import load_student
+
+    student = load_student(str(workspace / "stage1a-export"), torch.float32)
+    with pytest.raises(ValueError, match="match no module"):
+        add_lora(student, dict(r=4, alpha=8, dropout=0.0, target_modules=["not_a_module"]))
