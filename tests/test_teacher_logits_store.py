@@ -220,3 +220,38 @@ def test_the_stage_function_runs_from_the_tiny_config(corpus, teacher_dir, tmp_p
     assert manifest["positions"] == "text" and manifest["encoding"]["k"] == 4
     assert metrics["covered"] == manifest["covered"] > 0 and metrics["topk_mass"] == manifest["fidelity"]["topk_mass"]
     assert 0 < metrics["bytes_per_token"] <= config.teacher_logits.max_bytes_per_token
+
+
+def test_tempered_targets_are_the_softmax_of_the_teacher_logits_over_the_topk(stored, tiny_teacher, corpus):
+    model, processor = tiny_teacher
+    reader = TeacherLogitReader(stored[0])
+    example = example_from_row(ShardReader(shard_urls(corpus, read_manifest(corpus))[1]).row(0), processor)
+    _, target = reader.row(1, 0)
+    text_positions = torch.cat([torch.arange(int(n)) for n in example["cu_seqlens"].diff()])
+    with torch.no_grad():
+        logits = model(input_ids=example["input_ids"], pixel_values=example["pixel_values"],
+                       image_grid_thw=example["image_grid_thw"], use_cache=False,
+                       position_ids=torch.cat([text_positions.view(1, 1, -1), example["position_ids"]])).logits[0]
+    z = logits[target.positions].gather(1, target.indices)
+    for t in (1.0, 2.0):
+        # fp16 log-probs near -6 are kept to 2^-9 (half a step of 2^-8)
+        assert torch.allclose(target.tempered_log_probs(t), torch.log_softmax(z / t, -1), atol=4e-3)
+
+
+def test_the_stage_runs_one_process_per_rank_under_torchrun(corpus, teacher_dir, stored, tmp_path):
+    config = load_config("configs/tiny.yaml", ["teacher_logits.top_k=8", "teacher_logits.nproc_per_node=2",
+                                               "teacher_logits.batch_size=2"])
+    ctx = StageContext("teacher-logits", config, str(tmp_path / "teacher-logits"),
+                       {"teacher": teacher_dir, "data": os.path.dirname(os.path.dirname(corpus))},
+                       __import__("logging").getLogger("t"))
+    store_teacher_logits(ctx)
+    manifest = storage.read_json(str(tmp_path / "teacher-logits" / "manifest.json"))
+    assert manifest["covered"] == stored[1]["manifest"]["covered"]
+    # what two ranks wrote is what one process wrote, up to fp32 summation order (torchrun sets one
+    # thread per process), so values are compared, not bytes
+    two, one = TeacherLogitReader(str(tmp_path / "teacher-logits")), TeacherLogitReader(stored[0])
+    for shard in manifest["shards"]:
+        for row in range(shard["sequences"]):
+            (a_row, a), (b_row, b) = two.row(shard["shard"], row), one.row(shard["shard"], row)
+            assert a_row["sample_ids"] == b_row["sample_ids"] and torch.equal(a.mask, b.mask)
+            assert torch.allclose(a.log_probs, b.log_probs, atol=1e-3)

@@ -48,6 +48,11 @@ class TeacherTargets:
         """[N] probability mass the stored top-k covers."""
         return self.log_probs.exp().sum(-1)
 
+    def tempered_log_probs(self, temperature: float) -> torch.Tensor:
+        """[N, k] log softmax(z / T) over the top-k ids alone (renormalised: the tail cannot be tempered,
+        its logits are not stored). At T = 1 this is the stored distribution conditioned on the top-k."""
+        return torch.log_softmax(self.log_probs / temperature, dim=-1)
+
 
 class TeacherLogitReader:
     def __init__(self, url: str, storage_options: dict | None = None):

@@ -168,12 +168,14 @@ def sparse_logits(model, inputs: dict, positions: torch.Tensor, k: int, chunk: i
     hidden = hidden[positions.to(hidden.device)]
     out_idx, out_lp, out_tail = [], [], []
     for h in hidden.split(chunk):
-        logits = model.lm_head(h).float()
-        lse = torch.logsumexp(logits, dim=-1)
+        logits = model.lm_head(h)
+        # top-k on the head's own dtype (half the bytes in bf16, same values); the sums in fp32
         values, idx = logits.topk(k, dim=-1)
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1)
         logits.scatter_(1, idx, float("-inf"))
         out_idx.append(idx)
-        out_lp.append(values - lse[:, None])
+        out_lp.append(values.float() - lse[:, None])
         out_tail.append(torch.logsumexp(logits, dim=-1) - lse)
     if not out_idx:
         dev = hidden.device
