@@ -1,0 +1,526 @@
+"""Inference speed and memory at full size, in one run on one GPU: the Qwen2.5-VL-3B teacher (transformers,
+SDPA) against its converted InfiniteVL student, both with random weights in bf16.
+
+    python -m bench.inference            # one H100: ~8 minutes; writes bench/results/inference.{json,png}
+    python -m bench.inference --tiny     # CPU smoke test in seconds (results go to a temporary folder)
+
+What is measured (one model in memory at a time, so peak memory is that model's):
+- prefill: the latency of one prompt of N text tokens (first-token logits only), building the cache. The
+  teacher runs it in one pass. The student runs it in one pass where its sliding-window kernel can
+  (see `--single-max`) and in chunks through its constant-size cache (`--prefill-chunk`), which is how
+  it takes prompts of any length in constant memory.
+- decode: tokens/s and ms/step at batch 1 and 8 after a context of N tokens. The teacher's KV cache is
+  filled with random tensors of the right shape (a real prefill would take minutes at these lengths and
+  gives the same step cost); it is allocated once at full length and written in place, as serving
+  engines do (transformers' DynamicCache would copy the whole cache every step). Contexts grow until the
+  teacher runs out of memory; the student's state has the same size at every context, and is filled
+  the same way. The student decodes eagerly (the model's forward) and with CUDA graphs.
+- streaming: 448×448 frames pushed one at a time (vision tower, 256 visual tokens each, the decoder over
+  them with CUDA graphs), frames per second over the whole stream and how much memory moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from bench.common import print_table, write_result
+
+K = 1024
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda s: [_tokens(x) for x in s.split(",") if x.strip()]  # noqa: E731
+    p.add_argument("--tiny", action="store_true", help="tiny models on CPU: a smoke test of every code path")
+    p.add_argument("--prefill", type=ints, default=None, help="prompt lengths, e.g. 8k,32k,128k,256k")
+    p.add_argument("--contexts", type=ints, default=None, help="decode contexts, e.g. 8k,32k,128k,256k,512k")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per point")
+    p.add_argument("--single-max", type=_tokens, default=None,
+                   help="longest student prompt tried in one pass (longer ones only in chunks)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="student chunked-prefill chunk (tokens)")
+    p.add_argument("--stream-frames", type=int, default=None, help="frames streamed with CUDA graphs")
+    p.add_argument("--stream-eager-frames", type=int, default=None, help="frames streamed eagerly (comparison)")
+    p.add_argument("--frame-size", type=int, default=None, help="frame side in pixels")
+    p.add_argument("--skip-teacher", action="store_true")
+    p.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: a temp folder)")
+    args = p.parse_args(argv)
+    defaults = TINY if args.tiny else FULL
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def _tokens(x: str) -> int:
+    x = x.strip().lower()
+    return int(float(x[:-1]) * K) if x.endswith("k") else int(x)
+
+
+FULL = dict(prefill=[8 * K, 32 * K, 128 * K, 256 * K], contexts=[8 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 * K],
+            batches=[1, 8], decode_steps=32, single_max=32 * K, prefill_chunk=8 * K, stream_frames=2000,
+            stream_eager_frames=100, frame_size=448)
+TINY = dict(prefill=[64, 256], contexts=[64, 256, 1024], batches=[1, 2], decode_steps=4, single_max=64,
+            prefill_chunk=64, stream_frames=24, stream_eager_frames=6, frame_size=56)
+
+
+# -- models ----------------------------------------------------------------------------------------------------
+
+def build_models_config(tiny: bool, processor):
+    """The teacher's config (3B shapes, or the tiny test shapes), with the special-token ids of our
+    processor's tokenizer so streamed frames are laid out by the real M-RoPE code."""
+    if tiny:
+        from model.tiny import tiny_teacher_config
+
+        return tiny_teacher_config(processor.tokenizer)
+    from bench.param_count import qwen2_5_vl_3b_config
+
+    cfg = qwen2_5_vl_3b_config()
+    for name, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+        setattr(cfg, name, processor.tokenizer.convert_tokens_to_ids(token))
+    return cfg
+
+
+def build_teacher(cfg, device, dtype):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
+
+
+def build_student(cfg, device, dtype, window: int):
+    from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
+
+    with torch.device(device):
+        model = InfiniteVLForConditionalGeneration._from_config(InfiniteVLConfig.from_teacher(cfg, sliding_window=window),
+                                                                dtype=dtype)
+    return model.eval()
+
+
+def weights_gb(model) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+
+
+# -- measuring -------------------------------------------------------------------------------------------------
+
+class Meter:
+    """Wall time with the device synchronised, and the peak of allocated device memory since `start`."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def start(self):
+        free_memory()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.sync()
+        return time.perf_counter()
+
+    def seconds_since(self, t0) -> float:
+        self.sync()
+        return time.perf_counter() - t0
+
+    def peak_gb(self):
+        return round(torch.cuda.max_memory_allocated() / 1e9, 2) if self.cuda else None
+
+    def allocated_mb(self):
+        return torch.cuda.memory_allocated() / 1e6 if self.cuda else 0.0
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def guarded(row: dict, fn) -> dict:
+    """Runs one measurement; out-of-memory and other failures become the row's `error`, and the run goes on."""
+    try:
+        row.update(fn())
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as e:  # noqa: BLE001 - one failed point must not lose the others
+        traceback.print_exc(file=sys.stderr)
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    free_memory()
+    print(f"  {row}", flush=True)
+    return row
+
+
+def random_ids(vocab: int, batch: int, n: int, device) -> torch.Tensor:
+    """Ordinary token ids, clear of the special ones (image/video placeholders), so the models see text."""
+    low, high = (1000, vocab - 1000) if vocab > 4000 else (0, 200)
+    return torch.randint(low, high, (batch, n), device=device)
+
+
+def forward_kwargs(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+# -- prefill ---------------------------------------------------------------------------------------------------
+
+def teacher_prefill(teacher, n, meter, device):
+    ids = random_ids(teacher.config.text_config.vocab_size, 1, n, device)
+    t0 = meter.start()
+    with torch.no_grad():
+        teacher(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return {"latency_ms": round(meter.seconds_since(t0) * 1e3, 1), "peak_gb": meter.peak_gb()}
+
+
+def student_prefill(student, n, meter, device, chunk: int | None):
+    ids = random_ids(student.config.text_config.vocab_size, 1, n, device)
+    step = n if chunk is None else chunk
+    t0 = meter.start()
+    with torch.no_grad():
+        cache = student.new_cache()
+        for i in range(0, n, step):
+            student(input_ids=ids[:, i:i + step], cache=cache, use_cache=True, logits_to_keep=1)
+    out = {"latency_ms": round(meter.seconds_since(t0) * 1e3, 1), "peak_gb": meter.peak_gb(),
+           "state_mb": round(cache.nbytes() / 1e6, 1)}
+    return out
+
+
+# -- decode ----------------------------------------------------------------------------------------------------
+
+def preallocated_kv_cache(teacher, batch: int, context: int, room: int, device, dtype):
+    """A transformers DynamicCache holding `context` random keys/values per layer in storage allocated once
+    for `context + room` tokens; new tokens are written in place."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, keys, values, length):
+            super().__init__()
+            self.device, self.is_initialized = keys.device, True
+            self._k, self._v, self._n = keys, values, length
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, T = self._n, key_states.shape[-2]
+            self._k[:, :, n:n + T] = key_states
+            self._v[:, :, n:n + T] = value_states
+            self._n = n + T
+            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+            return self.keys, self.values
+
+    text = teacher.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    shape = (batch, text.num_key_value_heads, context + room, head_dim)
+    cache = DynamicCache()
+    cache.layers = [PreallocatedLayer(torch.empty(shape, device=device, dtype=dtype).normal_(),
+                                      torch.empty(shape, device=device, dtype=dtype).normal_(), context)
+                    for _ in range(text.num_hidden_layers)]
+    return cache
+
+
+def teacher_decode(teacher, batch, context, steps, warmup, meter, device, dtype):
+    meter.start()
+    cache = preallocated_kv_cache(teacher, batch, context, warmup + steps + 1, device, dtype)
+    kv_gb = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer._k, layer._v)) / 1e9
+    key = forward_kwargs(teacher)
+    ids = random_ids(teacher.config.text_config.vocab_size, batch, warmup + steps, device)
+    with torch.no_grad():
+        for i in range(warmup):
+            teacher(input_ids=ids[:, i:i + 1], use_cache=True, logits_to_keep=1, **{key: cache})
+        meter.sync()
+        t0 = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            teacher(input_ids=ids[:, i:i + 1], use_cache=True, logits_to_keep=1, **{key: cache})
+        dt = meter.seconds_since(t0)
+    return {"ms_per_step": round(dt / steps * 1e3, 3), "tokens_per_s": round(batch * steps / dt, 1),
+            "peak_gb": meter.peak_gb(), "state_gb": round(kv_gb, 2)}
+
+
+def student_state_at(student, batch: int, context: int):
+    """The student's cache as it is after `context` tokens: ring buffers full with the last W-1 positions,
+    recurrent and conv states set; values random (the cost of a step does not depend on them)."""
+    from model.cache import SlidingWindowCache
+    from model.cuda_graphs import allocate_cache
+
+    cache = allocate_cache(student, batch)
+    for state in cache.layers:
+        if isinstance(state, SlidingWindowCache):
+            state.keys.normal_()
+            state.values.normal_()
+            pos = torch.arange(max(context - state.size, 0), context, device=state.pos.device)
+            state.pos[pos % state.size] = pos
+            state.valid[:, pos % state.size] = True
+        else:
+            state.state.normal_(std=0.05)
+            for t in state.conv.values():
+                t.normal_()
+    cache.seen = context
+    return cache
+
+
+def student_decode(student, batch, context, steps, warmup, meter, device, decoder=None):
+    """`decoder` None: the model's own forward step by step (eager); else a CUDAGraphDecoder's replays."""
+    ids = random_ids(student.config.text_config.vocab_size, batch, warmup + steps, device)
+    meter.start()
+    cache = student_state_at(student, batch, context)
+    with torch.no_grad():
+        if decoder is not None:
+            decoder.load(cache, context)
+            step = lambda i: decoder.step(ids[:, i])  # noqa: E731
+        else:
+            pos = torch.full((3, batch, 1), context, device=device, dtype=torch.long)
+
+            def step(i):
+                student(input_ids=ids[:, i:i + 1], position_ids=pos + i, cache=cache, use_cache=True, logits_to_keep=1)
+        for i in range(warmup):
+            step(i)
+        meter.sync()
+        t0 = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            step(i)
+        dt = meter.seconds_since(t0)
+    state = decoder.cache if decoder is not None else cache
+    return {"ms_per_step": round(dt / steps * 1e3, 3), "tokens_per_s": round(batch * steps / dt, 1),
+            "peak_gb": meter.peak_gb(), "state_gb": round(state.nbytes() / 1e9, 3)}
+
+
+# -- streaming -------------------------------------------------------------------------------------------------
+
+def streaming(student, processor, frames: int, size: int, graphs: bool, meter, sample_every: int):
+    """Pushes `frames` frames (a pool of distinct random images, cycled) and times them end to end:
+    preprocessing, vision tower, decoder. Memory is read after the first 10% of frames (graphs captured,
+    allocator warm) and at the end."""
+    from model.streaming import StreamingSession
+
+    rs = np.random.RandomState(0)
+    pool = [(rs.rand(size, size, 3) * 255).astype(np.uint8) for _ in range(16)]
+    meter.start()
+    session = StreamingSession(student, processor, frames_per_chunk=1, cuda_graphs=graphs)
+    settle = max(2, frames // 10)
+    for i in range(settle):
+        session.push_frame(pool[i % len(pool)], i / 30)
+    meter.sync()
+    mem0, bytes0, seen0 = meter.allocated_mb(), session.state_bytes, session.cache.seen
+    samples = []
+    t0 = t_last = time.perf_counter()
+    for i in range(settle, settle + frames):
+        session.push_frame(pool[i % len(pool)], i / 30)
+        if (i - settle + 1) % sample_every == 0:
+            meter.sync()
+            now = time.perf_counter()
+            samples.append({"frames": i - settle + 1, "fps": round(sample_every / (now - t_last), 1),
+                            "allocated_mb": round(meter.allocated_mb(), 1)})
+            t_last = now
+    dt = meter.seconds_since(t0)
+    mem1 = meter.allocated_mb()
+    t_ask = time.perf_counter()
+    answer = session.answer_ids("What happened in the video?", max_new_tokens=32)
+    ask_s = meter.seconds_since(t_ask)
+    tokens_per_frame = (session.cache.seen - seen0) / frames
+    return {"fps": round(frames / dt, 1), "frames": frames, "tokens_per_frame": tokens_per_frame,
+            "memory_growth_mb": round(mem1 - mem0, 2), "state_bytes_same": session.state_bytes == bytes0,
+            "state_mb": round(session.state_bytes / 1e6, 1), "peak_gb": meter.peak_gb(),
+            "ask_ms": round(ask_s * 1e3, 1), "ask_tokens": len(answer), "samples": samples}
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+
+def run(args) -> tuple[dict, list[dict], dict]:
+    from model.tiny import build_processor
+
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if args.tiny:
+        torch.set_num_threads(1)  # tiny matrices: threads cost more than they give
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    processor = build_processor(min_pixels=args.frame_size ** 2, max_pixels=args.frame_size ** 2)
+    cfg = build_models_config(args.tiny, processor)
+    window = 32 if args.tiny else 8192
+    meter = Meter(device)
+    config = {"device": device, "dtype": str(dtype).replace("torch.", ""), "teacher": "tiny" if args.tiny else
+              "Qwen2.5-VL-3B shapes, random weights, transformers SDPA", "student": f"converted, 1 SWA : 3 GDN, "
+              f"window {window}", **{k: getattr(args, k) for k in FULL}}
+    rows: list[dict] = []
+    warmup = 2
+
+    if not args.skip_teacher:
+        print("teacher: building", flush=True)
+        teacher = build_teacher(cfg, device, dtype)
+        config["teacher_weights_gb"] = round(weights_gb(teacher), 2)
+        guarded({}, lambda: teacher_prefill(teacher, min(args.prefill), meter, device))  # warm-up
+        for n in args.prefill:
+            rows.append(guarded({"bench": "prefill", "model": "teacher", "mode": "one pass", "batch": 1,
+                                 "context": n}, lambda: teacher_prefill(teacher, n, meter, device)))
+        for b in args.batches:
+            for ctx in args.contexts:
+                row = guarded({"bench": "decode", "model": "teacher", "mode": "eager", "batch": b, "context": ctx},
+                              lambda: teacher_decode(teacher, b, ctx, args.decode_steps, warmup, meter, device, dtype))
+                rows.append(row)
+                if row.get("error") == "out of memory":
+                    break  # longer contexts need more
+        del teacher
+        free_memory()
+
+    print("student: building", flush=True)
+    student = build_student(cfg, device, dtype, window)
+    config["student_weights_gb"] = round(weights_gb(student), 2)
+    guarded({}, lambda: student_prefill(student, min(args.prefill), meter, device, None))  # warm-up / compile
+    for n in args.prefill:
+        if n <= args.single_max:
+            rows.append(guarded({"bench": "prefill", "model": "student", "mode": "one pass", "batch": 1, "context": n},
+                                lambda: student_prefill(student, n, meter, device, None)))
+        rows.append(guarded({"bench": "prefill", "model": "student", "mode": f"chunks of {args.prefill_chunk}",
+                             "batch": 1, "context": n},
+                            lambda: student_prefill(student, n, meter, device, args.prefill_chunk)))
+
+    from model.cuda_graphs import CUDAGraphDecoder, graphs_available
+
+    graphs = graphs_available(device)
+    for b in args.batches:
+        decoder = None
+        if graphs:
+            try:
+                decoder = CUDAGraphDecoder(student, b, use_graph=True)
+            except Exception:  # noqa: BLE001 - the eager rows still come
+                traceback.print_exc(file=sys.stderr)
+                rows.append({"bench": "decode", "model": "student", "mode": "cuda graphs", "batch": b,
+                             "error": "capture failed (traceback on stderr)"})
+        for ctx in args.contexts:
+            rows.append(guarded({"bench": "decode", "model": "student", "mode": "eager", "batch": b, "context": ctx},
+                                lambda: student_decode(student, b, ctx, args.decode_steps, warmup, meter, device)))
+            if decoder is not None:
+                rows.append(guarded({"bench": "decode", "model": "student", "mode": "cuda graphs", "batch": b,
+                                     "context": ctx},
+                                    lambda: student_decode(student, b, ctx, args.decode_steps, warmup, meter, device,
+                                                           decoder)))
+        del decoder
+        free_memory()
+
+    for mode, n, use_graphs in (("eager", args.stream_eager_frames, False), ("cuda graphs", args.stream_frames, graphs)):
+        if n and (use_graphs or mode == "eager"):
+            rows.append(guarded({"bench": "streaming", "model": "student", "mode": mode, "batch": 1,
+                                 "frame": f"{args.frame_size}x{args.frame_size}"},
+                                lambda: streaming(student, processor, n, args.frame_size, use_graphs, meter,
+                                                  sample_every=max(n // 20, 1))))
+    if not graphs:  # CPU: the eager stream is the stream
+        for r in rows:
+            if r["bench"] == "streaming":
+                r["mode"] = "eager (no CUDA)"
+    return config, rows, summarize(rows)
+
+
+def _find(rows, **match):
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()) and "error" not in r:
+            return r
+    return None
+
+
+def summarize(rows) -> dict:
+    """The issue's headline figures (None where a point failed)."""
+    def ratio(a, b, key):
+        return round(a[key] / b[key], 2) if a and b and b.get(key) else None
+
+    big = max((r["context"] for r in rows if r["bench"] == "prefill"), default=None)
+    c128 = 128 * K if any(r.get("context") == 128 * K for r in rows) else None
+    ctxs = sorted({r["context"] for r in rows if r["bench"] == "decode"})
+    long_ctx, short_ctx = (c128 or (ctxs[-1] if ctxs else None)), (ctxs[0] if ctxs else None)
+    prefill_ctx = c128 or big
+    teacher_prefill = _find(rows, bench="prefill", model="teacher", context=prefill_ctx)
+    student_prefill = _find(rows, bench="prefill", model="student", mode="one pass", context=prefill_ctx) or \
+        next((r for r in rows if r["bench"] == "prefill" and r["model"] == "student" and
+              r["context"] == prefill_ctx and "error" not in r), None)
+    b_max = max((r["batch"] for r in rows if r["bench"] == "decode"), default=None)
+    best = "cuda graphs" if _find(rows, bench="decode", model="student", mode="cuda graphs") else "eager"
+    s_long = _find(rows, bench="decode", model="student", mode=best, batch=b_max, context=long_ctx)
+    t_long = _find(rows, bench="decode", model="teacher", batch=b_max, context=long_ctx)
+    s_long_eager = _find(rows, bench="decode", model="student", mode="eager", batch=b_max, context=long_ctx)
+    s1_long = _find(rows, bench="decode", model="student", mode=best, batch=1, context=long_ctx)
+    s1_short = _find(rows, bench="decode", model="student", mode=best, batch=1, context=short_ctx)
+    t1_long = _find(rows, bench="decode", model="teacher", batch=1, context=long_ctx)
+    t1_short = _find(rows, bench="decode", model="teacher", batch=1, context=short_ctx)
+    stream = _find(rows, bench="streaming", mode="cuda graphs") or _find(rows, bench="streaming")
+    return {
+        "prefill_speedup_128k": ratio(teacher_prefill, student_prefill, "latency_ms"),
+        "decode_speedup_b8_128k": ratio(s_long, t_long, "tokens_per_s"),
+        "decode_speedup_b8_128k_eager": ratio(s_long_eager, t_long, "tokens_per_s"),
+        "decode_latency_ratio_128k_vs_8k": ratio(s1_long, s1_short, "ms_per_step"),
+        "teacher_decode_latency_ratio_128k_vs_8k": ratio(t1_long, t1_short, "ms_per_step"),
+        "streaming_fps": stream["fps"] if stream else None,
+        "streaming_memory_growth_mb": stream["memory_growth_mb"] if stream else None,
+        "contexts": {"prefill": prefill_ctx, "decode_long": long_ctx, "decode_short": short_ctx, "decode_batch": b_max},
+    }
+
+
+def plot(rows, path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the JSON has every number)", flush=True)
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    series = {}
+    for r in rows:
+        if "error" in r or r["bench"] not in ("prefill", "decode"):
+            continue
+        key = (r["bench"], f"{r['model']} {r['mode']}" + (f" b{r['batch']}" if r["bench"] == "decode" else ""))
+        series.setdefault(key, []).append(r)
+    for (bench, label), pts in sorted(series.items()):
+        pts.sort(key=lambda r: r["context"])
+        x = [r["context"] for r in pts]
+        style = "--" if label.startswith("teacher") else "-"
+        if bench == "prefill":
+            axes[0].plot(x, [r["latency_ms"] / 1e3 for r in pts], style, marker="o", label=label)
+        else:
+            axes[1].plot(x, [r["ms_per_step"] for r in pts], style, marker="o", label=label)
+        axes[2].plot(x, [r["peak_gb"] for r in pts], style, marker="o", label=f"{bench}: {label}")
+    titles = ("prefill latency (s)", "decode latency (ms / step)", "peak GPU memory (GB)")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = args.out or (tempfile.mkdtemp(prefix="bench-inference-") if args.tiny else None)
+    t0 = time.perf_counter()
+    config, rows, summary = run(args)
+    config["wall_s"] = round(time.perf_counter() - t0, 1)
+    for bench in ("prefill", "decode", "streaming"):
+        part = [{k: v for k, v in r.items() if k not in ("bench", "samples")} for r in rows if r["bench"] == bench]
+        if part:
+            keys = list(dict.fromkeys(k for r in part for k in r))
+            print(f"\n{bench}")
+            print_table([{k: r.get(k, "") for k in keys} for r in part])
+    print({k: v for k, v in summary.items()})
+    kwargs = {"out_dir": out} if out else {}
+    path = write_result("inference", config, rows, summary, **kwargs)
+    plot(rows, os.path.join(os.path.dirname(path), "inference.png"))
+    print(f"wrote {path} in {config['wall_s']} s")
+    return {"path": path, "summary": summary, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The inference bench: its tiny mode runs every code path on CPU and writes the results contract, and
+its teacher KV cache (allocated once, written in place) gives the logits of transformers' own cache."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from bench import inference
+
+
+def test_tiny_bench_writes_every_section_and_the_summary(tmp_path):
+    result = inference.main(["--tiny", "--out", str(tmp_path), "--prefill", "32,96", "--contexts", "64,128",
+                             "--batches", "1,2", "--decode-steps", "2", "--stream-frames", "3",
+                             "--stream-eager-frames", "3", "--single-max", "32", "--prefill-chunk", "32"])
+    record = json.load(open(tmp_path / "inference.json"))
+    assert record["bench"] == "inference" and record["device"].startswith("cpu")
+    rows = record["rows"]
+    assert not [r for r in rows if "error" in r]
+    seen = {(r["bench"], r["model"], r["mode"]) for r in rows}
+    assert seen >= {("prefill", "teacher", "one pass"), ("prefill", "student", "one pass"),
+                    ("prefill", "student", "chunks of 32"), ("decode", "teacher", "eager"),
+                    ("decode", "student", "eager"), ("streaming", "student", "eager (no CUDA)")}
+    stream = next(r for r in rows if r["bench"] == "streaming")
+    assert stream["tokens_per_frame"] == 6 and stream["state_bytes_same"]
+    summary = record["summary"]
+    for key in ("prefill_speedup_128k", "decode_speedup_b8_128k", "decode_latency_ratio_128k_vs_8k", "streaming_fps",
+                "streaming_memory_growth_mb"):
+        assert isinstance(summary[key], (int, float)), key
+    assert os.path.exists(tmp_path / "inference.png")
+    assert result["summary"] == summary
+
+
+def test_preallocated_teacher_cache_gives_the_logits_of_a_dynamic_cache(tiny_teacher):
+    from transformers import DynamicCache
+
+    teacher = tiny_teacher[0]
+    torch.manual_seed(0)
+    ours = inference.preallocated_kv_cache(teacher, batch=2, context=40, room=3, device="cpu", dtype=torch.float32)
+    theirs = DynamicCache()
+    for i, layer in enumerate(ours.layers):
+        theirs.update(layer.keys.clone(), layer.values.clone(), i)
+    ids = torch.randint(0, 200, (2, 3))
+    with torch.no_grad():
+        for i in range(3):  # steps write into the preallocated room
+            a = teacher(input_ids=ids[:, i:i + 1], cache=ours, use_cache=True).logits
+            b = teacher(input_ids=ids[:, i:i + 1], cache=theirs, use_cache=True).logits
+            torch.testing.assert_close(a, b)
+    assert ours.get_seq_length() == 43
