@@ -28,9 +28,9 @@ SIZES = [(224, 224), (448, 336), (672, 672), (896, 640), (1344, 1344), (336, 448
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=384, help="records per source (two sources)")
+    parser.add_argument("--samples", type=int, default=512, help="records per source (two sources)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--samples-per-shard", type=int, default=192)
+    parser.add_argument("--samples-per-shard", type=int, default=512)
     parser.add_argument("--loader-batches", type=int, default=16)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,6 +44,7 @@ def main() -> None:
     from pipeline.data.loader import PackedLoader
     from pipeline.data.tokenize import load_processor
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp, s3_server(buckets=["bench"]) as s3:
         opts = s3.storage_options
         synthetic.write_llava(Path(tmp, "llava"), args.samples, seed=1, sizes=SIZES)
@@ -90,7 +91,9 @@ def main() -> None:
                    "image_sizes": [f"{w}x{h}" for w, h in SIZES], "max_len": 8192, "max_pixels": 1344 * 1344,
                    "samples_per_shard": args.samples_per_shard, "engine": "process", "workers": args.workers,
                    "storage": "SeaweedFS weed mini on 127.0.0.1 (s3://)",
-                   "per_worker": "samples_per_s_per_worker and mb_per_s are divided by the build workers"},
+                   "per_worker": "samples_per_s_per_worker and mb_per_s are divided by the build workers",
+                   "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+                   "note": "the 2 cores are shared with other jobs; a load above 2 means they competed for them"},
         "rows": rows,
         "summary": {"samples_per_s_per_worker": rows[0]["samples_per_s_per_worker"],
                     "mb_per_s": rows[0]["mb_per_s_per_worker"],

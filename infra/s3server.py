@@ -69,6 +69,15 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when its parent dies, so a killed test run leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _ready(endpoint: str) -> bool:
     try:
         urllib.request.urlopen(endpoint, timeout=0.5)
@@ -101,7 +110,8 @@ def s3_server(buckets: list[str] | tuple[str, ...] = ("data",), timeout: float =
     if buckets:
         cmd.append("-bucket=" + ",".join(buckets))
     log = open(log_path or Path(workdir, "weed.log"), "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     server = S3Server(endpoint=f"http://{HOST}:{ports['s3']}", key=key, secret=secret, buckets=tuple(buckets))
     try:
         _wait(server, proc, timeout, log.name)

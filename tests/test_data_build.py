@@ -23,6 +23,15 @@ from pipeline.data.packing import pack, utilization
 from pipeline.data.shards import ShardReader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD_SCRIPT = """
+import json, sys
+from pipeline.data.build import build_corpus
+from pipeline.data.config import CorpusConfig
+
+if __name__ == "__main__":
+    config = CorpusConfig.model_validate_json(open(sys.argv[1]).read())
+    build_corpus(config, json.loads(sys.argv[2]), progress=False)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +132,7 @@ def test_killed_build_resumes_at_the_first_unfinished_shard(s3, sources, tmp_pat
     ref_cfg = make(sources, s3.fresh("ref5"), samples_per_shard=5)
     reference = build_corpus(ref_cfg, s3.storage_options, progress=False)
     (tmp_path / "config.json").write_text(cfg.model_dump_json())
-    script = ("import json, sys\nfrom pipeline.data.build import build_corpus\nfrom pipeline.data.config import "
-              "CorpusConfig\ncfg = CorpusConfig.model_validate_json(open(sys.argv[1]).read())\n"
-              "build_corpus(cfg, json.loads(sys.argv[2]), progress=False)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "config.json"),
+    proc = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "config.json"),
                              json.dumps(s3.storage_options)], cwd=ROOT, start_new_session=True)
     markers = []
     try:
@@ -148,8 +154,13 @@ def test_killed_build_resumes_at_the_first_unfinished_shard(s3, sources, tmp_pat
         assert storage.read_json(url, s3.storage_options) == marker
 
 
-def test_dask_cluster_of_two_workers_gives_the_same_bytes(s3, sources):
-    base = build_corpus(make(sources, s3.fresh("proc")), s3.storage_options, progress=False)
+@pytest.fixture(scope="module")
+def base(s3, sources):
+    """The default engine's build, to compare the others with."""
+    return build_corpus(make(sources, s3.fresh("proc")), s3.storage_options, progress=False)
+
+
+def test_dask_cluster_of_two_workers_gives_the_same_bytes(s3, sources, base):
     out = s3.fresh("dask")
     dask = build_corpus(make(sources, out, engine="dask", workers=2), s3.storage_options, progress=False)
     assert [s["sha256"] for s in dask["shards"]] == [s["sha256"] for s in base["shards"]]
@@ -161,3 +172,16 @@ def hashlib_sha256(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.slow
+def test_prefect_dask_task_runner_gives_the_same_bytes(s3, sources, base, prefect_server, tmp_path):
+    # in a child process, so Prefect's in-process log and event workers end with it, not at pytest's exit
+    cfg = make(sources, s3.fresh("prefect"), engine="prefect-dask", workers=2)
+    (tmp_path / "config.json").write_text(cfg.model_dump_json())
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "config.json"), json.dumps(s3.storage_options)],
+                   cwd=ROOT, env=env, check=True, timeout=240)
+    flow = storage.read_json(f"{cfg.output}/manifest.json", s3.storage_options)
+    assert [s["sha256"] for s in flow["shards"]] == [s["sha256"] for s in base["shards"]]
