@@ -5,13 +5,14 @@
         --output s3://bucket/run/teacher-logits --top-k 64 --positions answer
 
 Each rank takes cuda:LOCAL_RANK and the shards at rank, rank + world, ...; rank 0 writes the manifest
-after a barrier. Without torchrun it is rank 0 of 1.
+after a barrier (gloo). Without torchrun it is rank 0 of 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import logging
 import os
 
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if world > 1:
-        torch.distributed.init_process_group("nccl" if device is not None else "gloo")
+        # Only a barrier before the manifest is ever exchanged, so gloo even on GPUs; ranks with fewer or
+        # shorter shards may wait there for hours, hence the long timeout.
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     try:
         settings = StoreSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StoreSettings)})
         result = run(args.data, args.teacher, args.output, settings, max_bytes_per_token=args.max_bytes_per_token,

@@ -85,25 +85,27 @@ def store_teacher_logits_for(data_manifest_url: str, teacher: Teacher, output: s
     log.info("rank %d/%d: %d shards, %d committed already, %d to compute", rank, world_size, len(mine),
              len(done), len(todo))
 
+    # One shard is written while the next is computed; waiting for it before handing over another
+    # bounds memory to two shards and stops the run at the first failed write.
     with concurrent.futures.ThreadPoolExecutor(1) as writer, _Progress(todo, rank, progress) as bar:
-        commits = []
+        in_flight = None
         for shard in todo:
             started = time.monotonic()
             rows, covered, tokens, report = _compute_shard(
                 teacher, urls[shard["shard"]], encoding, settings, storage_options, bar,
                 with_fidelity=shard["shard"] == shards[0]["shard"])
-            marker = {"shard": shard["shard"], "file": logit_shard_url("", shard["file"]).lstrip("/"),
+            marker = {"shard": shard["shard"], "file": f"{SHARD_DIR}/{shard['file'].rsplit('/', 1)[-1]}",
                       "settings_hash": fingerprint, "sequences": len(rows), "tokens": tokens, "covered": covered,
                       "seconds": round(time.monotonic() - started, 3), "fidelity": report}
-            for c in commits:
-                if c.done():
-                    c.result()  # a failed write stops the run now, not at the end
-            commits.append(writer.submit(_commit_shard, output, shard["file"], rows, marker, storage_options))
-        for c in commits:
-            c.result()
+            if in_flight is not None:
+                in_flight.result()
+            in_flight = writer.submit(_commit_shard, output, shard["file"], rows, marker, storage_options)
+        if in_flight is not None:
+            in_flight.result()
 
+    _wait_for_other_ranks(world_size)
     manifest = None
-    if _barrier(world_size) and rank == 0:
+    if rank == 0:
         manifest = _write_manifest(data_manifest_url, data_manifest, output, identity, encoding, settings,
                                    fingerprint, storage_options)
     return {"computed": [s["shard"] for s in todo], "skipped": sorted(done), "manifest": manifest}
@@ -178,10 +180,10 @@ def _settings_hash(identity: dict, encoding: SparseEncoding, settings: StoreSett
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _barrier(world_size: int) -> bool:
+def _wait_for_other_ranks(world_size: int) -> None:
+    """Under torch.distributed, a barrier; without it (ranks run one by one) rank 0 finds out from the markers."""
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return True
 
 
 def _write_manifest(data_manifest_url: str, data_manifest: dict, output: str, identity: dict,
