@@ -97,15 +97,23 @@ def workspace(tmp_path_factory):
         build_corpus(CorpusConfig(name=name, output=str(root / "data" / name), max_len=512, max_pixels=28 * 28 * 16,
                                   samples_per_shard=8, workers=1,
                                   sources=[SourceConfig(name="s", format="llava", path=str(src))]), progress=False)
+    from pipeline.teacher_logits.run import run
+    from pipeline.teacher_logits.store import StoreSettings
+
+    run(str(root / "data" / "distill" / "manifest.json"), str(root / "teacher"), str(root / "logits"),
+        StoreSettings(top_k=16, positions="answer", values="fp16", batch_size=2), max_bytes_per_token=300)
     return root
 
 
+PREVIOUS = {"stage1a": "teacher", "stage1b": "stage1a-export", "stage2": "stage1b-export", "stage3": "stage2-export"}
+CORPUS = {"stage1a": "distill", "stage1b": "distill", "stage2": "instruct", "stage3": "instruct"}
+
+
 def _job(ws, stage, output, **section):
-    init = str(ws / "teacher") if stage == "stage1a" else str(ws / "stage1a-export")
-    return TrainJob(stage=stage, section={**SECTION, **section}, student=STUDENT, init=init,
-                    teacher=str(ws / "teacher"), corpus=str(ws / "data" / ("distill" if stage == "stage1a" else
-                                                                            "instruct") / "manifest.json"),
-                    output=str(output), seed=0)
+    """Each stage starts from the previous stage's export, as the pipeline chains them."""
+    return TrainJob(stage=stage, section={**SECTION, **section}, student=STUDENT, init=str(ws / PREVIOUS[stage]),
+                    teacher=str(ws / "teacher"), corpus=str(ws / "data" / CORPUS[stage] / "manifest.json"),
+                    output=str(output), seed=0, logits=str(ws / "logits") if stage == "stage1b" else None)
 
 
 def _launch(job: TrainJob, path, kill_after_step: int | None = None) -> str:
@@ -153,7 +161,22 @@ def test_stage1a_layerwise_mse_on_two_processes_with_zero3(stage1a_zero3):
     assert student.config.text_config.layer_types[1] == "linear_attention" and processor is not None
 
 
-def test_zero2_run_killed_with_sigkill_resumes_to_the_same_losses(workspace, stage1a_zero3):
+@pytest.fixture(scope="module")
+def stage1b_single(workspace, stage1a_zero3):
+    """Stage I-b in one process, from the Stage I-a export, on the stored teacher top-k at temperature 2."""
+    out = workspace / "stage1b"
+    _launch(_job(workspace, "stage1b", out, steps=3, checkpoint_every=3, nproc_per_node=1, temperature=2.0,
+                 trainable=["linear_attn"]), workspace / "job1b.json")
+    os.symlink(out / "export", workspace / "stage1b-export")
+    return out
+
+
+def test_stage1b_kl_to_stored_teacher_logits_goes_down(stage1b_single):
+    losses = _losses(stage1b_single)
+    assert losses[3] < losses[1], losses
+
+
+def test_zero2_run_killed_with_sigkill_resumes_to_the_same_losses(workspace, stage1b_single):
     reference, killed = workspace / "stage2-ref", workspace / "stage2-killed"
     _launch(_job(workspace, "stage2", reference), workspace / "ref.json")
     full = _losses(reference)
@@ -172,9 +195,27 @@ def test_zero2_run_killed_with_sigkill_resumes_to_the_same_losses(workspace, sta
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (step, resumed, full)
     # keep_last=2: only the two newest checkpoints remain
     assert [s for s, _ in list_checkpoints(str(killed))] == [4, 6]
+    os.symlink(reference / "export", workspace / "stage2-export")
 
 
-def test_config_errors_are_caught_before_the_first_step(workspace, stage1a_zero3):
+def test_stage3_lora_trains_adapters_and_exports_merged_weights(workspace):
+    from safetensors.torch import load_file
+
+    if not (workspace / "stage2-export").exists():
+        pytest.skip("needs the Stage II export of the resume test")
+    out = workspace / "stage3"
+    log = _launch(_job(workspace, "stage3", out, steps=2, checkpoint_every=2, nproc_per_node=1, trainable=["lora"],
+                       lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], merge=True)),
+                  workspace / "job3.json")
+    assert "trainable parameters lora" in log
+    before = load_file(workspace / "stage2-export" / "model.safetensors")
+    after = load_file(out / "export" / "model.safetensors")
+    assert set(before) == set(after)  # merged: plain student weights, no adapter tensors
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), sorted(changed)[:5]
+
+
+def test_config_errors_are_caught_before_the_first_step(workspace, stage1b_single):
     job = _job(workspace, "stage2", workspace / "bad", seq_len=4096)
     with pytest.raises(TrainConfigError, match="seq_len 4096 is above the shards' max_len 512"):
         check_job(job)
@@ -188,10 +229,10 @@ def test_config_errors_are_caught_before_the_first_step(workspace, stage1a_zero3
         check_job(job)
 
 
-def test_lora_target_that_matches_nothing_is_refused(workspace, stage1a_zero3):
+def test_lora_target_that_matches_nothing_is_refused(workspace, stage1b_single):
     from pipeline.train.build import add_lora
     from pipeline.train.recipes import load_student
 
-    student = load_student(str(workspace / "stage1a-export"), torch.float32)
+    student = load_student(str(workspace / "stage1b-export"), torch.float32)
     with pytest.raises(ValueError, match="match no module"):
         add_lora(student, dict(r=4, alpha=8, dropout=0.0, target_modules=["not_a_module"]))

@@ -86,9 +86,7 @@ def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
         flops = 6 * sum(p.numel() for p in student.parameters())
         recipe = Recipe(job, module, processor, dtype, export_fn, flops)
         if kind == "kl":
-            from pipeline.teacher_logits.reader import TeacherLogits
-
-            recipe.logits = TeacherLogits(job.logits, job.corpus)
+            recipe.logits = StoredLogits(job.logits, job.seed)
     if log:
         log(f"{job.stage}: trainable parameters " + ", ".join(f"{g} {n:,}" for g, n in counts.items()))
     return recipe
@@ -123,3 +121,26 @@ def concat_packed(rows: list[dict]) -> dict:
             out[k] = torch.cat(parts)
     out["position"] = [r.get("position") for r in rows]
     return out
+
+
+class StoredLogits:
+    """The teacher's stored top-k for the rows of a micro-batch, as the KL loss takes them: positions in the
+    concatenated row, top-k ids, and log-probabilities normalised over the full vocabulary (so the stored
+    log-partition is 0 and the tail mass is what the top-k leave)."""
+
+    def __init__(self, url: str, seed: int):
+        from pipeline.teacher_logits.reader import TeacherLogitReader
+
+        self.reader, self.seed = TeacherLogitReader(url), seed
+
+    def for_rows(self, rows: list[dict]) -> dict:
+        positions, index, logp, offset = [], [], [], 0
+        for row in rows:
+            t = self.reader.for_batch(row, seed=self.seed)
+            positions.append(t.positions + offset)
+            index.append(t.indices)
+            logp.append(t.log_probs)
+            offset += int(row["input_ids"].shape[-1])
+        logp = torch.cat(logp)
+        return {"logit_positions": torch.cat(positions), "topk_index": torch.cat(index), "topk_logit": logp,
+                "logit_lse": torch.zeros(logp.shape[0], dtype=logp.dtype)}
