@@ -14,12 +14,14 @@ and `ask` closes it on the copy (question, end of turn, assistant header) and ge
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .cuda_graphs import CUDAGraphDecoder, GraphedForward, allocate_cache, forward_in_place, graphs_available
 from .generation import sample
 from .positions import rope_index
-from .processing import VIDEO_TOKEN, VISION_END, VISION_START
+from .processing import VIDEO_TOKEN, VISION_END, VISION_START, _to_rgb
 
 _SLOT = "\x00question\x00"
 
@@ -48,6 +50,9 @@ class StreamingSession:
         self._pending: list = []
         self._chunk_graphs: dict[int, GraphedForward] = {}
         self._decoder: CUDAGraphDecoder | None = None
+        ip = processor.image_processor
+        self._mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(ip.image_std, dtype=torch.float32, device=self.device)
         self._ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VIDEO_TOKEN, VISION_END)}
         eos = model.generation_config.eos_token_id
         self._eos = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
@@ -84,9 +89,7 @@ class StreamingSession:
             self._push_chunk(frames)
 
     def _push_chunk(self, frames) -> None:
-        # one temporal patch: its time step does not enter the positions (temporal index 0 × interval)
-        video = self.processor.preprocess_video(frames, fps=1.0, min_pixels=self.min_pixels,
-                                                max_pixels=self.max_pixels)
+        video = self._patchify(frames)
         grid = video["video_grid_thw"]
         n = int(grid.prod()) // self.processor.merge_size ** 2
         ids = torch.tensor([[self._ids[VISION_START]] + [self._ids[VIDEO_TOKEN]] * n + [self._ids[VISION_END]]])
@@ -101,6 +104,30 @@ class StreamingSession:
         embeds[0, 1:-1] = visual.to(embeds.dtype)
         self._forward_chunk(embeds, positions)
         self.position = next_position
+
+    def _patchify(self, frames) -> dict:
+        """The processor's video patches for one chunk. Frames already at the size the processor would
+        resize them to are normalised and patchified on the model's device: on the CPU that work would cost
+        a streaming GPU more time per frame than the vision tower does."""
+        # one temporal patch: its time step does not enter the positions (temporal index 0 × interval)
+        arrays = [np.asarray(_to_rgb(f)) for f in frames]
+        h, w = arrays[0].shape[:2]
+        ip = self.processor.image_processor
+        target = smart_resize(h, w, factor=self.processor.patch_size * self.processor.merge_size,
+                              min_pixels=self.min_pixels or ip.size["shortest_edge"],
+                              max_pixels=self.max_pixels or ip.size["longest_edge"])
+        if target != (h, w) or any(a.shape != arrays[0].shape for a in arrays):
+            return self.processor.preprocess_video(frames, fps=1.0, min_pixels=self.min_pixels,
+                                                   max_pixels=self.max_pixels)
+        tp, p, m = self.processor.temporal_patch_size, self.processor.patch_size, self.processor.merge_size
+        x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True).float() / 255.0
+        x = (x - self._mean) / self._std  # [n, H, W, C]
+        x = x.permute(0, 3, 1, 2)
+        x = torch.cat([x, x[-1:].expand(tp - len(arrays) % tp, -1, -1, -1)]) if len(arrays) % tp else x
+        t, c, gh, gw = x.shape[0] // tp, x.shape[1], h // p, w // p
+        x = x.reshape(t, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return {"pixel_values_videos": x.reshape(t * gh * gw, c * tp * p * p),
+                "video_grid_thw": torch.tensor([[t, gh, gw]]), "second_per_grid_ts": torch.tensor([float(tp)])}
 
     def _forward_chunk(self, embeds, positions) -> None:
         T = embeds.shape[1]

@@ -119,3 +119,19 @@ def test_a_frame_before_its_pair_is_not_seen_and_time_does_not_go_back(student, 
         session.push_frame(a, 1.2)
     with pytest.raises(ValueError, match="frames_per_chunk"):
         StreamingSession(student, processor, frames_per_chunk=3)
+
+
+def test_frames_at_their_processed_size_are_patchified_like_the_processor(student, processor, monkeypatch):
+    session = StreamingSession(student, processor)
+    preprocess, calls = processor.preprocess_video, []
+    monkeypatch.setattr(processor, "preprocess_video", lambda *a, **k: calls.append(a) or preprocess(*a, **k))
+    for n, size in ((1, 56), (2, 56), (1, 84)):
+        frames = _frames(n, seed=5, size=size)
+        ours = session._patchify(frames)
+        theirs = preprocess(frames, fps=1.0)
+        assert ours["video_grid_thw"].tolist() == theirs["video_grid_thw"].tolist()
+        torch.testing.assert_close(ours["pixel_values_videos"], theirs["pixel_values_videos"], atol=1e-5, rtol=1e-5)
+    assert not calls  # all three took the on-device path
+    big = _frames(1, seed=6, size=300)  # the processor's max_pixels shrink it: its own path
+    assert session._patchify(big)["video_grid_thw"].tolist() == preprocess(big, 1.0)["video_grid_thw"].tolist()
+    assert len(calls) == 1
