@@ -49,9 +49,9 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in [
     Stage("data", "pipeline.data.stage:build_corpora", ("data",), needs=("teacher",)),
     Stage("teacher-logits", "pipeline.teacher_logits.stage:store_teacher_logits", ("teacher_logits",), needs=("teacher", "data")),
     Stage("stage1a", "pipeline.train.stage1a:train_stage1a", ("student", "train.stage1a"), needs=("teacher", "data")),
-    Stage("stage1b", "pipeline.train.stage1b:train_stage1b", ("train.stage1b",), needs=("stage1a", "teacher-logits")),
-    Stage("stage2", "pipeline.train.stage2:train_stage2", ("train.stage2",), needs=("stage1b", "data")),
-    Stage("stage3", "pipeline.train.stage3:train_stage3", ("train.stage3",), needs=("stage2", "data")),
+    Stage("stage1b", "pipeline.train.stage1b:train_stage1b", ("train.stage1b",), needs=("teacher", "data", "stage1a", "teacher-logits")),
+    Stage("stage2", "pipeline.train.stage2:train_stage2", ("train.stage2",), needs=("teacher", "data", "stage1b")),
+    Stage("stage3", "pipeline.train.stage3:train_stage3", ("train.stage3",), needs=("teacher", "data", "stage2")),
     Stage("eval", "pipeline.eval.stage:evaluate_run", ("eval",), needs=lambda c: (c.eval.target,)),
 ]}
 assert tuple(REGISTRY) == STAGE_ORDER, "the registry must list every stage of pipeline.stages.STAGE_ORDER, in order"
