@@ -1,0 +1,156 @@
+"""Training throughput of the student against its teacher architecture, full-size shapes, random weights,
+one GPU, bf16, in the same process:
+
+    python3 -m bench.train_throughput                 # H100: Stage I-b/II at 8K, Stage III (LoRA) at 32K
+    python3 -m bench.train_throughput --tiny          # CPU smoke test on small shapes
+
+Each row trains one model the way its stage does (same trainable groups, AdamW, gradient checkpointing at
+32K, LoRA on q/k/v/o/g at 32K) on one packed sequence per step, and reports tokens/s and MFU.
+
+FLOPs are counted analytically per token (MFU excludes the recomputation of gradient checkpointing):
+  matmuls   forward 2·P for every weight matrix a text token passes through (LM layers, LM head);
+            backward 2·P for the input gradients of every layer below the last trainable one, plus 2·P
+            for the weight gradients of trainable matrices.
+  attention forward 4·ctx·d (QKᵀ and AV over the ctx keys a query sees: (T+1)/2 causal, W sliding),
+            backward twice that.
+  GDN chunk forward per head, chunk C, key dim K, value dim V: 2C(2K+V) intra-chunk (QKᵀ, KKᵀ, attn·V),
+            C² for the triangular solve, 2C(K+V) for the WY factors, 6KV for the state read-out, the
+            delta and the state update; backward twice that.
+MFU = FLOPs/token × tokens/s ÷ peak (H100 SXM dense bf16: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from bench.common import print_table, write_result
+
+PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def flops_per_token(config, kind: str, seq: int, trainable) -> float:
+    t = config.text_config
+    d, L = t.hidden_size, t.num_hidden_layers
+    n_q, n_kv = t.num_attention_heads, t.num_key_value_heads
+    hd = d // n_q
+    types = getattr(t, "layer_types", None) if kind == "student" else ["full_attention"] * L
+    mlp = 3 * d * t.intermediate_size
+    attn_w = d * hd * (2 * n_q + 2 * n_kv)
+    total = 0.0
+    for i, lt in enumerate(types):
+        if lt == "linear_attention":
+            H, K, V = t.num_linear_heads, t.linear_head_dim, int(t.linear_head_dim * t.expand_v)
+            mix_w = d * (2 * H * K + 2 * H * V + 2 * H) + H * V * d
+            C = 64
+            mix = H * (2 * C * (2 * K + V) + C * C + 2 * C * (K + V) + 6 * K * V)
+        else:
+            ctx = (seq + 1) / 2 if lt == "full_attention" else min(t.sliding_window, (seq + 1) / 2)
+            mix_w, mix = attn_w, 4 * ctx * n_q * hd
+        weights = mix_w + mlp
+        grad_w = 2 * mix_w if trainable(i) else 0.0
+        total += 2 * weights + 2 * weights + grad_w + 3 * mix
+    total += 2 * d * t.vocab_size * 2  # LM head forward + input gradient
+    return total
+
+
+def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: int) -> dict:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from bench.param_count import qwen2_5_vl_3b_config
+    from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
+    from model.tiny import tiny_teacher_config, build_tokenizer
+    from pipeline.train.build import add_lora
+    from pipeline.train.params import select_trainable
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher_cfg = tiny_teacher_config(build_tokenizer()) if tiny else qwen2_5_vl_3b_config()
+    torch.manual_seed(0)
+    with torch.device(device):
+        if kind == "teacher":
+            teacher_cfg._attn_implementation = "sdpa"
+            config = teacher_cfg
+            model = Qwen2_5_VLForConditionalGeneration(teacher_cfg).to(dtype)
+            layer_types = ["sliding_attention"] * teacher_cfg.text_config.num_hidden_layers  # every layer attends
+        else:
+            config = InfiniteVLConfig.from_teacher(teacher_cfg)
+            model = InfiniteVLForConditionalGeneration(config).to(dtype)
+            layer_types = config.text_config.layer_types
+    model.train()
+    if seq > 8192 or stage == "stage3":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if stage == "stage3":
+        model = add_lora(model, dict(r=64, alpha=128, dropout=0.0,
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "g_proj"]))
+        groups = ["lora"]
+    else:
+        groups = ["sliding_attn"] if kind == "teacher" else ["linear_attn", "sliding_attn"]
+    select_trainable(model, groups, layer_types)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    ids = torch.randint(0, config.text_config.vocab_size - 16, (1, seq), device=device)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss)
+    elapsed = time.perf_counter() - start
+    tps = seq * steps / elapsed
+    fpt = flops_per_token(config, kind, seq, lambda i: True)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK.items() if k in name), None)
+    row = {"model": kind, "stage": stage, "seq_len": seq, "tokens_per_s": round(tps, 1),
+           "gflops_per_token": round(fpt / 1e9, 4), "mfu": round(fpt * tps / peak, 4) if peak else None,
+           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+    del model, optimizer, params
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="small shapes on CPU: a smoke test, not a measurement")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    short, long = (256, 512) if args.tiny else (8192, 32768)
+    cases = [("stage2", short), ("stage3", long)]
+    rows = []
+    for stage, seq in cases:
+        for kind in ("teacher", "student"):
+            rows.append(run_case(kind, stage, seq, args.tiny, args.steps, args.warmup))
+            print_table(rows[-1:])
+    print_table(rows)
+    by = {(r["model"], r["seq_len"]): r for r in rows}
+    summary = {
+        "speedup_8k": round(by[("student", short)]["tokens_per_s"] / by[("teacher", short)]["tokens_per_s"], 3),
+        "speedup_32k": round(by[("student", long)]["tokens_per_s"] / by[("teacher", long)]["tokens_per_s"], 3),
+        "mfu_student_8k": by[("student", short)]["mfu"], "mfu_student_32k": by[("student", long)]["mfu"],
+    }
+    print(summary)
+    if not args.tiny:
+        write_result("train_throughput", {"shapes": "Qwen2.5-VL-3B", "dtype": "bf16", "steps": args.steps,
+                                          "stage2": "8K, mixers trainable", "stage3": "32K, LoRA r=64, checkpointing"},
+                     rows, summary)
+
+
+if __name__ == "__main__":
+    main()
