@@ -85,7 +85,9 @@ def list_files(url: str, storage_options: dict | None = None, suffix: str = "") 
         fs.invalidate_cache(path)
         if not fs.exists(path):
             return []
-        names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix) and fs.isfile(p))
+        names = sorted(e["name"] for e in fs.ls(path, detail=True)
+                       if e.get("type") == "file" and e["name"].endswith(suffix)
+                       and e["name"].rstrip("/") != path.rstrip("/"))  # some S3 servers list a folder as itself
     return [_unstrip(url, path, p) for p in names]
 
 

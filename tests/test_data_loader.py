@@ -11,7 +11,7 @@ import torch
 from pipeline.data import synthetic
 from pipeline.data.build import build_corpus
 from pipeline.data.config import CorpusConfig
-from pipeline.data.loader import PackedLoader
+from pipeline.data.loader import PackedLoader, iter_sequences
 from pipeline.data.tokenize import IGNORE_INDEX, load_processor
 
 
@@ -91,6 +91,12 @@ def test_an_epoch_visits_every_sample_once_and_the_order_is_seeded(corpus, s3):
     assert torch.equal(again[1]["input_ids"], two_epochs[1]["input_ids"])
     other = take(loader(corpus, s3, seed=4), n)
     assert [b["sample_ids"] for b in other] != [b["sample_ids"] for b in two_epochs[:n]]
+    # the in-order pass (teacher logits) sees the same sequences, in file order
+    in_order = list(iter_sequences(corpus[0], load_processor("tiny"), s3.storage_options))
+    assert [(sh, row) for sh, row, _ in in_order] == [(i, r) for i, s in enumerate(manifest["shards"])
+                                                       for r in range(s["sequences"])]
+    assert sorted(map(tuple, (b["sample_ids"] for _, _, b in in_order))) == sorted(
+        map(tuple, (b["sample_ids"] for b in two_epochs[:n])))
 
 
 def test_resume_with_a_new_world_size_neither_repeats_nor_skips(corpus, s3):

@@ -165,7 +165,10 @@ def assemble_manifest(config: CorpusConfig, config_hash: str, plan: BuildPlan, m
         for name, counts in m["per_source"].items():
             for k, v in counts.items():
                 per_source[name][k] += v
-    total = lambda key: sum(m[key] for m in shards)  # noqa: E731
+
+    def total(key: str) -> int:
+        return sum(m[key] for m in shards)
+
     sequences = total("sequences")
     return {
         "schema_version": SCHEMA_VERSION,

@@ -140,6 +140,21 @@ class PackedLoader:
         self.consumed = int(state["consumed"])
 
 
+def iter_sequences(manifest_url: str, processor: InfiniteVLProcessor, storage_options: dict | None = None,
+                   shards: list[int] | None = None, tokens_per_second: float = 2.0):
+    """Every sequence of the corpus once, in file order: (shard, row, example). For passes such as the
+    teacher-logit stage, which writes its output shard by shard beside the tokens."""
+    manifest = read_manifest(manifest_url, storage_options)
+    urls = shard_urls(manifest_url, manifest)
+    for shard in range(len(urls)) if shards is None else shards:
+        reader = ShardReader(urls[shard], storage_options)
+        try:
+            for row in range(len(reader)):
+                yield shard, row, example_from_row(reader.row(row), processor, tokens_per_second)
+        finally:
+            reader.close()
+
+
 def _epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(size)
 

@@ -11,6 +11,7 @@ shard task can be described by indices alone and re-read on any machine.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,13 +51,7 @@ def read_record(source: SourceConfig, index: int, storage_options: dict | None =
 def media_root(source: SourceConfig) -> str:
     if source.media_root:
         return source.media_root
-    return posixpath.dirname(source.path) if "://" in source.path else _local_dirname(source.path)
-
-
-def _local_dirname(path: str) -> str:
-    import os
-
-    return os.path.dirname(os.path.abspath(path))
+    return posixpath.dirname(source.path) if "://" in source.path else os.path.dirname(os.path.abspath(source.path))
 
 
 # -- LLaVA / ShareGPT annotations ------------------------------------------------------------------------------
