@@ -40,13 +40,15 @@ from pipeline.teacher_logits.shards import encode_rows, logit_row
 from pipeline.teacher_logits.stream import encoded_stream
 
 
-def build_teacher(tiny: bool, device: torch.device, attn: str):
+def build_teacher(tiny: bool, device: torch.device, attn: str, vocab: int | None = None):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     if tiny:
         from model.tiny import build_tokenizer, tiny_teacher_config
 
         config = tiny_teacher_config(build_tokenizer())
+        if vocab:  # the real vocabulary on the tiny model: the store's bytes at Qwen's 18-bit ids, on a CPU
+            config.text_config.vocab_size = vocab
     else:
         from bench.param_count import qwen2_5_vl_3b_config
 
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=2048, help="positions per LM-head call")
     parser.add_argument("--attn", default=None, help="comma-separated attention implementations "
                                                       "(sdpa,flex_attention; sdpa with --tiny)")
+    parser.add_argument("--vocab", type=int, default=None, help="with --tiny: vocabulary size (e.g. 151936)")
     parser.add_argument("--fidelity-positions", type=int, default=256)
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     attns = (args.attn or ("sdpa" if args.tiny else "sdpa,flex_attention")).split(",")
     doc_range = (32, 256) if args.tiny else (256, 4096)
 
-    model = build_teacher(args.tiny, device, attns[0])
+    model = build_teacher(args.tiny, device, attns[0], args.vocab)
     vocab = model.config.text_config.vocab_size
     encoding = SparseEncoding(args.top_k, vocab, args.values)
     rows = synthetic_rows(n_rows, tokens, vocab, doc_range)
@@ -205,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                "bytes_per_token": round(bytes_per_token, 2) if bytes_per_token else None,
                "payload_bytes_per_token": encoding.bytes_per_position,
                "topk_mass": round(report["topk_mass"], 6), "kl": round(report["kl_mean"], 6),
+               "kl_truncation_only": round(report["kl_truncation"], 6),
                "stage_tokens_per_s": headline.get("tokens_per_s")}
-    config = {"teacher": "tiny (model/tiny.py)" if args.tiny else "Qwen2.5-VL-3B shapes, random weights",
+    config = {"teacher": f"tiny (model/tiny.py), vocab {vocab}" if args.tiny else "Qwen2.5-VL-3B shapes, random weights",
               "dtype": "fp32" if device.type == "cpu" else "bf16", "tokens_per_row": tokens, "rows_per_round": n_rows,
               "rounds": args.rounds, "doc_lengths": list(doc_range), "top_k": args.top_k, "values": args.values,
               "chunk": args.chunk, "positions": "text", "attn": attns, "torch": torch.__version__,

@@ -45,8 +45,13 @@ def fidelity(reference_log_probs: torch.Tensor, indices: torch.Tensor, log_probs
 
 def fidelity_report(model, inputs: dict, positions: torch.Tensor, encoding: SparseEncoding,
                     chunk: int = 2048) -> dict:
-    """Runs the stored path (top-k → encode → decode) and the dense teacher on the same positions."""
+    """Runs the stored path (top-k → encode → decode) and the dense teacher on the same positions.
+
+    `kl_mean` is what a reader gets; `kl_truncation` the same with the top-k kept at full precision, so
+    their difference is what the value encoding costs."""
     idx, lp, tail = sparse_logits(model, inputs, positions, encoding.k, chunk)
     decoded = encoding.decode(encoding.encode(idx, lp, tail))
-    reference = full_log_probs(model, inputs, positions)
-    return fidelity(reference.cpu(), *(t.cpu() for t in decoded))
+    reference = full_log_probs(model, inputs, positions).cpu()
+    report = fidelity(reference, *(t.cpu() for t in decoded))
+    report["kl_truncation"] = fidelity(reference, idx.cpu(), lp.cpu(), tail.cpu())["kl_mean"]
+    return report
