@@ -20,10 +20,12 @@ against the model's forward).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from .cache import GatedDeltaNetCache, InfiniteVLCache, SlidingWindowCache
@@ -244,3 +246,99 @@ class CUDAGraphDecoder:
         clone it to keep it past the next step)."""
         self.step_graph.ids.copy_(input_ids.view(self.batch_size, 1))
         return self.step_graph.run()
+
+
+# -- the vision tower ------------------------------------------------------------------------------------------
+#
+# Qwen2.5-VL's vision tower runs window attention. With SDPA, transformers splits the windows in Python
+# (`cu_seqlens.tolist()`, a host sync in each of the 32 blocks) and launches one attention per window:
+# ~2,000 launches for one 448×448 frame, more time than the frame's compute. Flash-style implementations
+# get the packed tensors and `cu_seqlens` instead; transformers picks that calling convention for every
+# attention name containing "flash". So the attention registered here takes it and runs all windows in
+# one SDPA call with a block-diagonal mask, no host sync, and the per-grid index tensors are computed once
+# and passed in (transformers' precomputed-kwargs path): the whole tower can then be captured.
+
+VISION_ATTENTION = "flash_varlen_sdpa"
+
+
+def varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                **kwargs):
+    """Attention within the segments `cu_seq_lens_q` bounds, for q/k/v [1, heads, tokens, dim]; returns
+    [1, tokens, heads, dim] like every transformers attention function."""
+    n = query.shape[2]
+    bounds = cu_seq_lens_q[1:].to(query.device)
+    segment = torch.searchsorted(bounds, torch.arange(n, device=query.device, dtype=bounds.dtype), right=True)
+    mask = segment[:, None] == segment[None, :]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(VISION_ATTENTION, varlen_sdpa)
+
+
+@contextlib.contextmanager
+def vision_attention(visual):
+    """The vision tower's config names our attention while inside (the config is the model's, shared)."""
+    config = visual.config
+    saved = config._attn_implementation
+    config._attn_implementation = VISION_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
+def vision_index_tensors(visual, grid_thw: torch.Tensor) -> dict:
+    """What the vision forward derives from the grid on the host, computed once for one grid."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    device = next(visual.parameters()).device
+    grid = grid_thw.to(device)
+    cu_seqlens = get_vision_cu_seqlens(grid).to(device)
+    window_index, cu_window_seqlens = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                              visual.patch_size)
+    longest = lambda cu: int((cu[1:] - cu[:-1]).max())  # noqa: E731
+    return {"position_ids": get_vision_position_ids(grid, visual.spatial_merge_size).to(device),
+            "cu_seqlens": cu_seqlens, "max_seqlen": longest(cu_seqlens), "window_index": window_index.to(device),
+            "cu_window_seqlens": cu_window_seqlens.to(device), "max_window_seqlen": longest(cu_window_seqlens)}
+
+
+class GraphedVision:
+    """The vision tower over patches of one grid (pixel_values_videos of one chunk) → merged visual tokens
+    [tokens, hidden], captured once and replayed (or run eagerly, sync-free, without CUDA)."""
+
+    def __init__(self, visual, grid_thw: torch.Tensor, use_graph: bool):
+        self.visual, self.grid = visual, grid_thw.to(next(visual.parameters()).device)
+        self.index = vision_index_tensors(visual, grid_thw)
+        self.use_graph = use_graph
+        self.pixels = self.graph = self.output = None
+
+    def _body(self) -> torch.Tensor:
+        with vision_attention(self.visual):
+            return self.visual(self.pixels, grid_thw=self.grid, **dict(self.index)).pooler_output
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Merged tokens for `pixels`; a replay's output is overwritten by the next call."""
+        pixels = pixels.to(self.grid.device, self.visual.dtype)
+        if self.pixels is None:
+            self.pixels = pixels.clone()
+            if self.use_graph:
+                self._capture()
+        else:
+            self.pixels.copy_(pixels)
+        if self.graph is None:
+            return self._body()
+        self.graph.replay()
+        return self.output
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = self._body()

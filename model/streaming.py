@@ -14,11 +14,20 @@ and `ask` closes it on the copy (question, end of turn, assistant header) and ge
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from .cuda_graphs import CUDAGraphDecoder, GraphedForward, allocate_cache, forward_in_place, graphs_available
+from .cuda_graphs import (
+    CUDAGraphDecoder,
+    GraphedForward,
+    GraphedVision,
+    allocate_cache,
+    forward_in_place,
+    graphs_available,
+)
 from .generation import sample
 from .positions import rope_index
 from .processing import VIDEO_TOKEN, VISION_END, VISION_START, _to_rgb
@@ -29,8 +38,9 @@ _SLOT = "\x00question\x00"
 class StreamingSession:
     """One stream on one model. Not thread-safe; one session per stream.
 
-    `cuda_graphs` (default: when the model is on a CUDA device) replays a captured forward for every frame
-    chunk of a size seen before, and a captured decode step for answers."""
+    `cuda_graphs` (default: when the model is on a CUDA device) replays captured graphs: the vision tower
+    and the decoder for each frame-chunk shape, and one decode step for answers. Asked for without a CUDA
+    device, the same static-buffer steps run eagerly (with a warning)."""
 
     def __init__(self, model, processor, system_prompt: str | None = None, frames_per_chunk: int = 1,
                  min_pixels: int | None = None, max_pixels: int | None = None, cuda_graphs: bool | None = None):
@@ -43,12 +53,17 @@ class StreamingSession:
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.device = next(model.parameters()).device
         self.cuda_graphs = graphs_available(self.device) if cuda_graphs is None else cuda_graphs
+        self._capture = self.cuda_graphs and graphs_available(self.device)
+        if self.cuda_graphs and not self._capture:
+            warnings.warn(f"CUDA graphs need a CUDA device; the model is on {self.device}, running the graphs' steps "
+                          "eagerly", stacklevel=2)
         self.cache = allocate_cache(model, 1)
         self.position = 0  # M-RoPE position of the next token
         self.frames_seen = 0
         self.last_timestamp: float | None = None
         self._pending: list = []
         self._chunk_graphs: dict[int, GraphedForward] = {}
+        self._vision_graphs: dict[tuple, GraphedVision] = {}
         self._decoder: CUDAGraphDecoder | None = None
         ip = processor.image_processor
         self._mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=self.device)
@@ -98,8 +113,7 @@ class StreamingSession:
         next_position = self.position + int(positions[0, 0, -1]) + 1  # the end tag is text: all rows equal
         positions = (positions + self.position).to(self.device)
 
-        visual = self.model.model.get_video_features(video["pixel_values_videos"].to(self.device),
-                                                     grid.to(self.device), return_dict=True).pooler_output[0]
+        visual = self._vision(video["pixel_values_videos"], grid)
         embeds = self.model.model.language_model.embed_tokens(ids.to(self.device))
         embeds[0, 1:-1] = visual.to(embeds.dtype)
         self._forward_chunk(embeds, positions)
@@ -129,6 +143,15 @@ class StreamingSession:
         return {"pixel_values_videos": x.reshape(t * gh * gw, c * tp * p * p),
                 "video_grid_thw": torch.tensor([[t, gh, gw]]), "second_per_grid_ts": torch.tensor([float(tp)])}
 
+    def _vision(self, pixels, grid) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self.model.model.get_video_features(pixels.to(self.device), grid.to(self.device),
+                                                       return_dict=True).pooler_output[0]
+        key = tuple(grid.flatten().tolist())
+        if key not in self._vision_graphs:
+            self._vision_graphs[key] = GraphedVision(self.model.model.visual, grid, use_graph=self._capture)
+        return self._vision_graphs[key](pixels)
+
     def _forward_chunk(self, embeds, positions) -> None:
         T = embeds.shape[1]
         if not self.cuda_graphs:
@@ -138,7 +161,7 @@ class StreamingSession:
         graph = self._chunk_graphs.get(T)
         if graph is None:
             graph = self._chunk_graphs[T] = GraphedForward(self.model, self.cache, 1, T, from_ids=False, logits=False,
-                                                           advance_positions=False, use_graph=True)
+                                                           advance_positions=False, use_graph=self._capture)
         graph.embeds.copy_(embeds)
         graph.positions.copy_(positions)
         graph.offset.fill_(self.cache.seen)
@@ -171,7 +194,7 @@ class StreamingSession:
     def _start_answer(self, question: str) -> torch.Tensor:
         """Copies the state into the decoder's own cache and runs the question and the assistant header."""
         if self._decoder is None:
-            self._decoder = CUDAGraphDecoder(self.model, 1, use_graph=self.cuda_graphs)
+            self._decoder = CUDAGraphDecoder(self.model, 1, use_graph=self._capture)
         self._decoder.load(self.cache, self.position)
         return self._decoder.prefill(self._tokenize(question + self._answer_header))
 

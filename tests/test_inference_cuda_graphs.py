@@ -75,6 +75,58 @@ def _gpu_student():
     return model.cuda().to(torch.bfloat16), processor
 
 
+def test_vision_tower_without_host_syncs_equals_transformers_window_attention(tiny_teacher, processor, monkeypatch):
+    from transformers import AttentionInterface
+
+    from model import cuda_graphs
+
+    torch.manual_seed(0)
+    model = convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8, init="random").eval()
+    segments = []
+
+    def spy(*args, **kwargs):
+        segments.append(kwargs["cu_seq_lens_q"].tolist())
+        return cuda_graphs.varlen_sdpa(*args, **kwargs)
+
+    AttentionInterface.register(cuda_graphs.VISION_ATTENTION, spy)
+    try:
+        for size in (112, 168):  # 4 and 9 windows of 2×2 merged patches, then one full-attention block
+            video = processor.preprocess_video([_image(size, size, size)], fps=1.0)
+            with torch.no_grad():
+                expected = model.model.get_video_features(video["pixel_values_videos"], video["video_grid_thw"],
+                                                          return_dict=True).pooler_output[0]
+            vision = cuda_graphs.GraphedVision(model.model.visual, video["video_grid_thw"], use_graph=False)
+            segments.clear()
+            torch.testing.assert_close(vision(video["pixel_values_videos"]), expected, atol=1e-5, rtol=1e-5)
+            n = int(video["video_grid_thw"].prod())
+            assert segments == [list(range(0, n + 1, 16)), [0, n]]  # window block, then full block
+    finally:
+        AttentionInterface.register(cuda_graphs.VISION_ATTENTION, cuda_graphs.varlen_sdpa)
+    assert model.config.vision_config._attn_implementation != cuda_graphs.VISION_ATTENTION
+
+
+def test_stream_through_static_buffers_equals_the_plain_stream(tiny_teacher, processor):
+    from model.streaming import StreamingSession
+
+    torch.manual_seed(0)
+    model = convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8, init="random").eval()
+    plain = StreamingSession(model, processor, cuda_graphs=False)
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
+        static = StreamingSession(model, processor, cuda_graphs=True)
+    for session in (plain, static):
+        for i in range(8):
+            session.push_frame(_image(10 + i, 56 if i != 4 else 84, 56 if i != 4 else 84), i / 2)
+            if i == 3:
+                session.push_text("a red square enters.")
+    assert set(static._chunk_graphs) == {6, 11} and len(static._vision_graphs) == 2  # two frame shapes
+    assert static.cache.seen == plain.cache.seen and static.position == plain.position
+    for a, b in zip(*[[t for layer in s.cache.layers for t in layer.tensors()] for s in (plain, static)]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(static.answer_logits("what entered?"), plain.answer_logits("what entered?"),
+                               atol=1e-5, rtol=1e-4)
+    assert static.answer_ids("what entered?", 6) == plain.answer_ids("what entered?", 6)
+
+
 @pytest.mark.gpu
 def test_replayed_decode_graph_gives_the_eager_logits_over_20_steps():
     model, processor = _gpu_student()

@@ -4,10 +4,6 @@ forward); chat from frames or a video file; the `infinitevl generate` command on
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import av
 import numpy as np
 import pytest
@@ -19,9 +15,6 @@ from model.checkpoint import save_pretrained
 from model.generation import generate, sample
 from pipeline.data.media import decode_video
 from pipeline.serve.chat import chat, user_turn
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -136,16 +129,18 @@ def test_chat_reads_a_video_file_at_the_asked_rate_and_frame_cap(student, proces
 
 
 def test_generate_command_prints_the_answer_of_a_saved_checkpoint(student, processor, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
     save_pretrained(student, processor, tmp_path / "ckpt")
     image = tmp_path / "shapes.png"
     _image(5).save(image)
     expected = chat(student, processor, "how many circles?", images=[_image(5)], max_new_tokens=8)
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "generate", str(tmp_path / "ckpt"), "--image", str(image),
-                           "--prompt", "how many circles?", "--max-new-tokens", "8"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == expected
+    done = CliRunner().invoke(app, ["generate", str(tmp_path / "ckpt"), "--image", str(image),
+                                    "--prompt", "how many circles?", "--max-new-tokens", "8"])
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip() == expected  # stderr carries the loading progress
 
-    missing = subprocess.run([sys.executable, "-m", "flows.cli", "generate", str(tmp_path / "nope"), "--prompt", "hi"],
-                             cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "no checkpoint directory" in missing.stdout
+    missing = CliRunner().invoke(app, ["generate", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert missing.exit_code == 2 and "no checkpoint directory" in missing.output
