@@ -5,8 +5,13 @@ from __future__ import annotations
 SHARD_DIR = "shards"
 
 
+def shard_name(shard: int) -> str:
+    """The shard's path relative to the build's output, as the manifest lists it."""
+    return f"{SHARD_DIR}/shard-{shard:05d}.arrow"
+
+
 def shard_url(output: str, shard: int) -> str:
-    return f"{output.rstrip('/')}/{SHARD_DIR}/shard-{shard:05d}.arrow" if output else f"{SHARD_DIR}/shard-{shard:05d}.arrow"
+    return f"{output.rstrip('/')}/{shard_name(shard)}"
 
 
 def marker_url(output: str, shard: int) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from pipeline import storage
 
-from . import SHARD_DIR, marker_url, quarantine_url, shard_url
+from . import SHARD_DIR, marker_url, quarantine_url, shard_name, shard_url
 from .config import SCHEMA_VERSION, CorpusConfig
 from .engines import chunks, run_tasks
 from .mixing import mix
@@ -130,7 +130,7 @@ def build_shard(config: CorpusConfig, task: ShardTask, config_hash: str, storage
     tokens = sum(len(s) for s in samples)
     marker = {
         "shard": task.shard,
-        "file": shard_url("", task.shard),
+        "file": shard_name(task.shard),
         "config_hash": config_hash,
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
