@@ -102,9 +102,9 @@ def build_teacher(cfg, device, dtype):
 def build_student(cfg, device, dtype, window: int):
     from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
 
+    config = InfiniteVLConfig.from_teacher(cfg, sliding_window=window)
     with torch.device(device):
-        model = InfiniteVLForConditionalGeneration._from_config(InfiniteVLConfig.from_teacher(cfg, sliding_window=window),
-                                                                dtype=dtype)
+        model = InfiniteVLForConditionalGeneration._from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -405,10 +405,11 @@ def run(args) -> tuple[dict, list[dict], dict]:
                                      "context": ctx},
                                     lambda: student_decode(student, b, ctx, args.decode_steps, warmup, meter, device,
                                                            decoder)))
-        del decoder
+        decoder = None
         free_memory()
 
-    for mode, n, use_graphs in (("eager", args.stream_eager_frames, False), ("cuda graphs", args.stream_frames, graphs)):
+    streams = (("eager", args.stream_eager_frames, False), ("cuda graphs", args.stream_frames, graphs))
+    for mode, n, use_graphs in streams:
         if n and (use_graphs or mode == "eager"):
             rows.append(guarded({"bench": "streaming", "model": "student", "mode": mode, "batch": 1,
                                  "frame": f"{args.frame_size}x{args.frame_size}"},
@@ -433,16 +434,16 @@ def summarize(rows) -> dict:
     def ratio(a, b, key):
         return round(a[key] / b[key], 2) if a and b and b.get(key) else None
 
-    big = max((r["context"] for r in rows if r["bench"] == "prefill"), default=None)
-    c128 = 128 * K if any(r.get("context") == 128 * K for r in rows) else None
-    ctxs = sorted({r["context"] for r in rows if r["bench"] == "decode"})
+    ok = [r for r in rows if "error" not in r]
+    big = max((r["context"] for r in ok if r["bench"] == "prefill"), default=None)
+    c128 = 128 * K if any(r.get("context") == 128 * K for r in ok) else None
+    ctxs = sorted({r["context"] for r in ok if r["bench"] == "decode"})
     long_ctx, short_ctx = (c128 or (ctxs[-1] if ctxs else None)), (ctxs[0] if ctxs else None)
     prefill_ctx = c128 or big
     teacher_prefill = _find(rows, bench="prefill", model="teacher", context=prefill_ctx)
-    student_prefill = _find(rows, bench="prefill", model="student", mode="one pass", context=prefill_ctx) or \
-        next((r for r in rows if r["bench"] == "prefill" and r["model"] == "student" and
-              r["context"] == prefill_ctx and "error" not in r), None)
-    b_max = max((r["batch"] for r in rows if r["bench"] == "decode"), default=None)
+    student_prefill = min((r for r in ok if r["bench"] == "prefill" and r["model"] == "student" and
+                           r["context"] == prefill_ctx), key=lambda r: r["latency_ms"], default=None)
+    b_max = max((r["batch"] for r in ok if r["bench"] == "decode"), default=None)
     best = "cuda graphs" if _find(rows, bench="decode", model="student", mode="cuda graphs") else "eager"
     s_long = _find(rows, bench="decode", model="student", mode=best, batch=b_max, context=long_ctx)
     t_long = _find(rows, bench="decode", model="teacher", batch=b_max, context=long_ctx)
@@ -460,7 +461,9 @@ def summarize(rows) -> dict:
         "teacher_decode_latency_ratio_128k_vs_8k": ratio(t1_long, t1_short, "ms_per_step"),
         "streaming_fps": stream["fps"] if stream else None,
         "streaming_memory_growth_mb": stream["memory_growth_mb"] if stream else None,
-        "contexts": {"prefill": prefill_ctx, "decode_long": long_ctx, "decode_short": short_ctx, "decode_batch": b_max},
+        "prefill_context": prefill_ctx, "decode_context_long": long_ctx, "decode_context_short": short_ctx,
+        "decode_batch": b_max, "student_prefill_mode": student_prefill["mode"] if student_prefill else None,
+        "student_decode_mode": best,
     }
 
 

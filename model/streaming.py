@@ -171,7 +171,8 @@ class StreamingSession:
     def ask(self, question: str, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
         """The answer to `question` about everything pushed so far (frames still waiting for their pair are
         not seen yet). Runs on a copy of the state: the stream is left as it was."""
-        return self.processor.decode(self.answer_ids(question, max_new_tokens, temperature), skip_special_tokens=True).strip()
+        ids = self.answer_ids(question, max_new_tokens, temperature)
+        return self.processor.decode(ids, skip_special_tokens=True).strip()
 
     @torch.no_grad()
     def answer_logits(self, question: str) -> torch.Tensor:
