@@ -3,6 +3,7 @@
     python3 -m bench.teacher_logits            # GPU: Qwen2.5-VL-3B shapes, random bf16 weights, 8K-token rows
     python3 -m bench.teacher_logits --tiny     # CPU smoke test: the tiny teacher, 512-token rows
 
+It first checks on the tiny teacher that the installed transformers masks packed documents apart.
 Each batch is one synthetic packed row of `--tokens` text tokens made of documents of random lengths,
 given to the teacher as the stage gives it (position_ids [4, 1, T], use_cache=False, so attention is
 masked per document). "bare" is the teacher's own forward (`model(...)`, logits for every position);
@@ -64,6 +65,23 @@ def build_teacher(tiny: bool, device: torch.device, attn: str, vocab: int | None
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
+
+
+@torch.no_grad()
+def check_packed_masking() -> None:
+    """Refuses to time anything unless this transformers masks packed documents from each other (it does
+    from [4, 1, T] position ids without a cache; an older one may silently attend across documents)."""
+    from model.tiny import build_tiny_teacher
+
+    model, _ = build_tiny_teacher()
+    torch.manual_seed(0)
+    a, b = torch.randint(0, 500, (1, 40)), torch.randint(0, 500, (1, 24))
+    text = torch.cat([torch.arange(40), torch.arange(24)]).view(1, 1, -1)
+    packed = model(input_ids=torch.cat([a, b], 1), position_ids=text.expand(4, 1, -1), use_cache=False).logits
+    alone = model(input_ids=b, use_cache=False).logits
+    if not torch.allclose(packed[0, 40:], alone[0], atol=1e-4):
+        raise SystemExit(f"transformers {__import__('transformers').__version__} does not mask packed documents "
+                         "from [4, 1, T] position ids: install 5.24 (infra/wheelhouse.sh) before timing")
 
 
 def synthetic_rows(n: int, tokens: int, vocab: int, doc_range: tuple[int, int], seed: int = 0) -> list[dict]:
@@ -141,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--values", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--chunk", type=int, default=2048, help="positions per LM-head call")
-    parser.add_argument("--attn", default=None, help="comma-separated attention implementations "
-                                                      "(sdpa,flex_attention; sdpa with --tiny)")
+    parser.add_argument("--attn", default=None, help="comma-separated attention implementations (default sdpa; "
+                                                      "transformers' Qwen2.5-VL refuses flex_attention)")
     parser.add_argument("--vocab", type=int, default=None, help="with --tiny: vocabulary size (e.g. 151936)")
     parser.add_argument("--fidelity-positions", type=int, default=256)
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
@@ -152,9 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("no GPU here: run with --tiny for the CPU smoke test")
     tokens = args.tokens or (512 if args.tiny else 8192)
     n_rows = args.rows or (4 if args.tiny else 8)
-    attns = (args.attn or ("sdpa" if args.tiny else "sdpa,flex_attention")).split(",")
+    attns = (args.attn or "sdpa").split(",")
     doc_range = (32, 256) if args.tiny else (256, 4096)
 
+    check_packed_masking()
     model = build_teacher(args.tiny, device, attns[0], args.vocab)
     vocab = model.config.text_config.vocab_size
     encoding = SparseEncoding(args.top_k, vocab, args.values)
