@@ -34,6 +34,14 @@ def test_indices_round_trip_exactly(vocab, k):
     assert torch.equal(i2, idx) and torch.equal(lp2, lp) and torch.equal(tail2, tail)
 
 
+def test_no_positions_encode_to_no_bytes():
+    enc = SparseEncoding(8, 512)
+    data = enc.encode(torch.zeros(0, 8, dtype=torch.long), torch.zeros(0, 8), torch.zeros(0))
+    assert data.shape == (0, enc.bytes_per_position)
+    idx, lp, tail = enc.decode(data)
+    assert idx.shape == lp.shape == (0, 8) and tail.shape == (0,)
+
+
 def test_the_default_fits_the_budget_and_bigger_ones_are_refused():
     enc = SparseEncoding(64, 151936, "fp16")
     assert enc.index_bits == 18
@@ -101,3 +109,5 @@ def test_sparse_logits_keeps_a_tail_below_fp32_epsilon_and_chunks_agree():
     assert float(tail[0]) == pytest.approx(math.log(96 / 4) - 40, abs=1e-3)
     rest = direct.scatter(1, idx, float("-inf")).logsumexp(-1)
     assert torch.allclose(tail.double(), rest, atol=1e-5)
+    none = sparse_logits(model, {}, torch.zeros(0, dtype=torch.long), k=4)
+    assert [tuple(t.shape) for t in none] == [(0, 4), (0, 4), (0,)]

@@ -60,6 +60,8 @@ class SparseEncoding:
     def encode(self, indices: torch.Tensor, log_probs: torch.Tensor, log_tail: torch.Tensor) -> torch.Tensor:
         """[N, k] ids, [N, k] log-probs, [N] log tail → [N, bytes_per_position] uint8, on their device."""
         n = indices.shape[0]
+        if n == 0:
+            return torch.zeros(0, self.bytes_per_position, dtype=torch.uint8, device=indices.device)
         packed = _pack_bits(indices.long(), self.index_bits, self.index_bytes)
         values = log_probs.to(VALUE_DTYPES[self.values]).contiguous().view(torch.uint8).reshape(n, -1)
         tail = log_tail.float().contiguous().view(torch.uint8).reshape(n, 4)
@@ -69,6 +71,8 @@ class SparseEncoding:
         """[N, bytes_per_position] uint8 → ([N, k] int64 ids, [N, k] fp32 log-probs, [N] fp32 log tail)."""
         if data.ndim != 2 or data.shape[1] != self.bytes_per_position:
             raise ValueError(f"expected [N, {self.bytes_per_position}] bytes, got {tuple(data.shape)}")
+        if len(data) == 0:
+            return (torch.zeros(0, self.k, dtype=torch.long), torch.zeros(0, self.k), torch.zeros(0))
         a, b = self.index_bytes, self.index_bytes + self.value_bytes
         indices = _unpack_bits(data[:, :a], self.index_bits, self.k)
         values = data[:, a:b].contiguous().view(VALUE_DTYPES[self.values]).float()

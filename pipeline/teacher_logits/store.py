@@ -1,10 +1,8 @@
 """Teacher-logit shards next to the token shards: one per token shard, same name, same rows in order.
 
-    <output>/shards/shard-00000.arrow      one record batch per packed row (see SCHEMA)
+    <output>/shards/shard-00000.arrow      one record batch per packed row (see shards.py)
     <output>/shards/shard-00000.done.json  the shard's marker, written after it: a shard exists once this does
     <output>/manifest.json                 written last, once every shard has its marker
-
-The row format is in shards.py.
 
 Work is split by shard: rank r of W takes the shards at r, r+W, ... and writes only those, so ranks
 never share a file. A shard with a marker from the same settings is skipped, so a killed run redoes

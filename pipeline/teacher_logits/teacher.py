@@ -164,6 +164,10 @@ def sparse_logits(model, inputs: dict, positions: torch.Tensor, k: int, chunk: i
     ([N, k] ids in rank order, [N, k] fp32 log-probs, [N] fp32 log of the mass outside the top-k).
 
     The LM head runs on `chunk` positions at a time, so memory is chunk × vocab, not T × vocab."""
+    if positions.numel() == 0:  # nothing supervised in these rows: no forward needed
+        dev = positions.device
+        return (torch.zeros(0, k, dtype=torch.long, device=dev), torch.zeros(0, k, device=dev),
+                torch.zeros(0, device=dev))
     hidden = model.model(**inputs, use_cache=False).last_hidden_state[0]
     hidden = hidden[positions.to(hidden.device)]
     out_idx, out_lp, out_tail = [], [], []
@@ -177,10 +181,6 @@ def sparse_logits(model, inputs: dict, positions: torch.Tensor, k: int, chunk: i
         out_idx.append(idx)
         out_lp.append(values.float() - lse[:, None])
         out_tail.append(torch.logsumexp(logits, dim=-1) - lse)
-    if not out_idx:
-        dev = hidden.device
-        return (torch.zeros(0, k, dtype=torch.long, device=dev), torch.zeros(0, k, device=dev),
-                torch.zeros(0, device=dev))
     return torch.cat(out_idx), torch.cat(out_lp), torch.cat(out_tail)
 
 
