@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -164,14 +165,8 @@ def test_dask_cluster_of_two_workers_gives_the_same_bytes(s3, sources, base):
     out = s3.fresh("dask")
     dask = build_corpus(make(sources, out, engine="dask", workers=2), s3.storage_options, progress=False)
     assert [s["sha256"] for s in dask["shards"]] == [s["sha256"] for s in base["shards"]]
-    assert all(hashlib_sha256(b) == s["sha256"] for b, s in zip(shard_bytes(out, dask, s3.storage_options),
+    assert all(hashlib.sha256(b).hexdigest() == s["sha256"] for b, s in zip(shard_bytes(out, dask, s3.storage_options),
                                                                  dask["shards"]))
-
-
-def hashlib_sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.slow

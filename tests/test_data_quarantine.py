@@ -11,7 +11,6 @@ import s3fs
 from PIL import Image
 
 from pipeline import storage
-from pipeline.data import synthetic
 from pipeline.data.build import build_corpus
 from pipeline.data.config import CorpusConfig
 from pipeline.data.quarantine import QuarantineRateExceeded
