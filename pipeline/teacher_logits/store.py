@@ -95,6 +95,8 @@ def store_teacher_logits_for(data_manifest_url: str, teacher: Teacher, output: s
             marker = {"shard": shard["shard"], "file": f"{SHARD_DIR}/{shard['file'].rsplit('/', 1)[-1]}",
                       "settings_hash": fingerprint, "sequences": len(rows), "tokens": tokens, "covered": covered,
                       "seconds": round(time.monotonic() - started, 3), "fidelity": report}
+            log.info("rank %d: shard %d, %d rows, %d of %d positions covered, %.1f s", rank, shard["shard"],
+                     len(rows), covered, tokens, marker["seconds"])
             if in_flight is not None:
                 in_flight.result()
             in_flight = writer.submit(_commit_shard, output, shard["file"], rows, marker, storage_options)
