@@ -203,3 +203,4 @@ def _with_progress(results, total: int, name: str, enabled: bool):
         for result in results:
             bar.advance(job)
             yield result
+
