@@ -255,3 +255,27 @@ def test_the_stage_runs_one_process_per_rank_under_torchrun(corpus, teacher_dir,
             (a_row, a), (b_row, b) = two.row(shard["shard"], row), one.row(shard["shard"], row)
             assert a_row["sample_ids"] == b_row["sample_ids"] and torch.equal(a.mask, b.mask)
             assert torch.allclose(a.log_probs, b.log_probs, atol=1e-3)
+
+
+def test_after_the_real_teacher_and_data_stages(tmp_path, processor):
+    """The run's own layout: teacher folder from the teacher stage, corpora from the data stage."""
+    from pipeline.data.stage import build_corpora
+    from pipeline.teacher import prepare_teacher
+
+    root = str(tmp_path)
+    config = load_config("configs/tiny.yaml", [f"run.root={root}", "data.distill.max_samples=12",
+                                               "data.instruct.max_samples=2", "data.long.max_samples=1"])
+    log = __import__("logging").getLogger("t")
+    prepare_teacher(StageContext("teacher", config, f"{root}/teacher", {}, log))
+    build_corpora(StageContext("data", config, f"{root}/data", {"teacher": f"{root}/teacher"}, log))
+    metrics = store_teacher_logits(StageContext("teacher-logits", config, f"{root}/teacher-logits",
+                                                {"teacher": f"{root}/teacher", "data": f"{root}/data"}, log))
+    manifest = storage.read_json(f"{root}/teacher-logits/manifest.json")
+    distill = read_manifest(f"{root}/data/distill/manifest.json")
+    assert manifest["data"]["processor_fingerprint"] == distill["processor_fingerprint"]
+    assert [s["file"] for s in manifest["shards"]] == [s["file"] for s in distill["shards"]]
+    assert manifest["tokens"] == distill["tokens"] and metrics["covered"] == manifest["covered"] > 0
+    reader = TeacherLogitReader(f"{root}/teacher-logits")
+    batch = next(iter(PackedLoader(f"{root}/data/distill/manifest.json", processor, seed=0, num_workers=0)))
+    target = reader.for_batch(batch, seed=0)
+    assert torch.equal(target.positions + 1, (batch["labels"][0] != -100).nonzero()[:, 0])
