@@ -11,6 +11,9 @@ pkgs=(
   "flash-linear-attention==0.6.0" "fla-core==0.6.0" "einops==0.8.2"
   "transformers==5.24.0"
   "pytest==9.2.0" "pluggy==1.7.0" "iniconfig==2.3.1" "pytest-timeout==2.4.0"
+  "rich==15.0.0" "markdown-it-py==4.3.0" "mdurl==0.1.2" "pygments==2.21.0"
+  "fsspec==2026.9.0" "pyyaml==6.0.4"
+  "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5"
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
