@@ -152,7 +152,7 @@ def guarded(row: dict, fn) -> dict:
     """Runs one measurement; out-of-memory and other failures become the row's `error`, and the run goes on."""
     try:
         row.update(fn())
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
     except Exception as e:  # noqa: BLE001 - one failed point must not lose the others
         traceback.print_exc(file=sys.stderr)
