@@ -173,14 +173,20 @@ def sparse_logits(model, inputs: dict, positions: torch.Tensor, k: int, chunk: i
     out_idx, out_lp, out_tail = [], [], []
     for h in hidden.split(chunk):
         logits = model.lm_head(h)
-        # top-k on the head's own dtype (half the bytes in bf16, same values); the sums in fp32
+        # top-k in the head's own dtype (half the bytes in bf16, the same values)
         values, idx = logits.topk(k, dim=-1)
-        logits = logits.float()
-        lse = torch.logsumexp(logits, dim=-1)
-        logits.scatter_(1, idx, float("-inf"))
+        # The sums in fp32, shifted by the top-1 logit (the max, which topk already found), so every term
+        # is in (0, 1]. Three passes over the chunk instead of torch.logsumexp's five per call; the tail
+        # is summed over its own terms, not taken as total minus top-k, which would lose it below fp32's
+        # epsilon.
+        top = values[:, :1].float()
+        terms = torch.sub(logits, top).exp_()
+        total = terms.sum(-1)
+        rest = terms.scatter_(1, idx, 0.0).sum(-1)
+        lse = top[:, 0] + total.log()
         out_idx.append(idx)
         out_lp.append(values.float() - lse[:, None])
-        out_tail.append(torch.logsumexp(logits, dim=-1) - lse)
+        out_tail.append(rest.log() - total.log())
     return torch.cat(out_idx), torch.cat(out_lp), torch.cat(out_tail)
 
 
