@@ -517,18 +517,27 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     config, rows, summary = run(args)
     config["wall_s"] = round(time.perf_counter() - t0, 1)
-    for bench in ("prefill", "decode", "streaming"):
-        part = [{k: v for k, v in r.items() if k not in ("bench", "samples")} for r in rows if r["bench"] == bench]
-        if part:
-            keys = list(dict.fromkeys(k for r in part for k in r))
-            print(f"\n{bench}")
-            print_table([{k: r.get(k, "") for k in keys} for r in part])
-    print({k: v for k, v in summary.items()})
-    kwargs = {"out_dir": out} if out else {}
-    path = write_result("inference", config, rows, summary, **kwargs)
+    path = write_result("inference", config, rows, summary, **({"out_dir": out} if out else {}))
     plot(rows, os.path.join(os.path.dirname(path), "inference.png"))
+    show(rows, summary)
     print(f"wrote {path} in {config['wall_s']} s")
     return {"path": path, "summary": summary, "rows": rows}
+
+
+def show(rows, summary) -> None:
+    for bench in ("prefill", "decode", "streaming"):
+        part = [{k: v for k, v in r.items() if k not in ("bench", "samples")} for r in rows if r["bench"] == bench]
+        if not part:
+            continue
+        keys = list(dict.fromkeys(k for r in part for k in r))
+        print(f"\n{bench}")
+        table = [{k: r.get(k, "") for k in keys} for r in part]
+        try:
+            print_table(table)
+        except ImportError:  # rich is missing on some GPU images
+            for r in table:
+                print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
+    print("\nsummary:", summary)
 
 
 if __name__ == "__main__":
