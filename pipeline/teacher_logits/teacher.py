@@ -85,11 +85,13 @@ def download(url: str, cache_dir: str | None = None, storage_options: dict | Non
     for remote in files:
         target = os.path.join(local, os.path.relpath(remote, path.rstrip("/")))
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        # streamed to a name of this process's own (ranks on one node may fetch at once), then renamed
+        part = f"{target}.part-{os.getpid()}"
         try:
-            fs.get_file(remote, target + ".part")  # streamed: weight files do not fit comfortably in memory
+            fs.get_file(remote, part)
         except Exception as exc:  # noqa: BLE001 - re-raised without credentials
             raise storage.StorageError(storage.redact(f"cannot copy {remote}: {exc}", storage_options)) from None
-        os.replace(target + ".part", target)
+        os.replace(part, target)
     with open(os.path.join(local, DOWNLOADED), "w") as f:
         f.write(url + "\n")
     log.info("teacher %s cached in %s (%d files)", storage.redact(url, storage_options), local, len(files))
