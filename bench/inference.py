@@ -17,6 +17,8 @@ What is measured (one model in memory at a time, so peak memory is that model's)
   the same way. The student decodes eagerly (the model's forward) and with CUDA graphs.
 - streaming: 448×448 frames pushed one at a time (vision tower, 256 visual tokens each, the decoder over
   them with CUDA graphs), frames per second over the whole stream and how much memory moved.
+- where the time goes: one more prefill per model at `--breakdown-at` tokens with every mixer and MLP
+  timed (CUDA events), and per-frame milliseconds of patchify / vision tower / decoder in the stream.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stream-frames", type=int, default=None, help="frames streamed with CUDA graphs")
     p.add_argument("--stream-eager-frames", type=int, default=None, help="frames streamed eagerly (comparison)")
     p.add_argument("--frame-size", type=int, default=None, help="frame side in pixels")
+    p.add_argument("--breakdown-at", type=_tokens, default=None,
+                   help="prompt length of one more prefill per model with each layer part timed (0: none)")
     p.add_argument("--skip-teacher", action="store_true")
     p.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: a temp folder)")
     args = p.parse_args(argv)
@@ -68,9 +72,9 @@ def _tokens(x: str) -> int:
 
 FULL = dict(prefill=[8 * K, 32 * K, 128 * K, 256 * K], contexts=[8 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 * K],
             batches=[1, 8], decode_steps=32, single_max=256 * K, prefill_chunk=8 * K, stream_frames=2000,
-            stream_eager_frames=100, frame_size=448)
+            stream_eager_frames=100, frame_size=448, breakdown_at=128 * K)
 TINY = dict(prefill=[64, 256], contexts=[64, 256, 1024], batches=[1, 2], decode_steps=4, single_max=64,
-            prefill_chunk=64, stream_frames=24, stream_eager_frames=6, frame_size=56)
+            prefill_chunk=64, stream_frames=24, stream_eager_frames=6, frame_size=56, breakdown_at=256)
 
 
 # -- models ----------------------------------------------------------------------------------------------------
@@ -160,6 +164,87 @@ def guarded(row: dict, fn) -> dict:
     free_memory()
     print(f"  {row}", flush=True)
     return row
+
+
+class Spans:
+    """Where the time goes: total milliseconds per named part, from CUDA events around each call (host
+    timers on CPU), read once at the end so that timing does not serialise the work."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.open: dict = {}
+        self.closed: list = []
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def begin(self, key, name):
+        self.open[key] = (name, self._mark())
+
+    def end(self, key):
+        name, start = self.open.pop(key)
+        self.closed.append((name, start, self._mark()))
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        """Times every call of `obj.attr` (a bound method) under `name`."""
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            key = object()
+            self.begin(key, name)
+            out = fn(*args, **kwargs)
+            self.end(key)
+            return out
+
+        setattr(obj, attr, timed)
+
+    def hook_modules(self, modules: dict) -> list:
+        """Times forward passes of modules, {name: [modules]}; returns the hook handles."""
+        handles = []
+        for name, mods in modules.items():
+            for m in mods:
+                handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: self.begin(mod, name)))
+                handles.append(m.register_forward_hook(lambda mod, args, out: self.end(mod)))
+        return handles
+
+    def totals_ms(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict = {}
+        for name, a, b in self.closed:
+            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+            out[name] = out.get(name, 0.0) + ms
+        return {k: round(v, 1) for k, v in out.items()}
+
+
+def layer_parts(model) -> dict:
+    """The decoder's token mixers by kind, and its MLPs (teacher or student)."""
+    layers = model.model.language_model.layers
+    parts: dict = {"mlp": [layer.mlp for layer in layers]}
+    for layer in layers:
+        kind = {"SlidingWindowAttention": "sliding attention", "GatedDeltaNet": "gated deltanet"}.get(
+            type(layer.self_attn).__name__, "attention")
+        parts.setdefault(kind, []).append(layer.self_attn)
+    return parts
+
+
+def prefill_breakdown(model, n, meter, device, chunk=None) -> dict:
+    """One prefill of `n` tokens with every mixer and MLP timed: milliseconds per part, the rest as 'other'."""
+    spans = Spans(device)
+    handles = spans.hook_modules(layer_parts(model))
+    try:
+        run = teacher_prefill(model, n, meter, device) if chunk == "teacher" else \
+            student_prefill(model, n, meter, device, chunk)
+    finally:
+        for h in handles:
+            h.remove()
+    parts = spans.totals_ms()
+    parts["other"] = round(run["latency_ms"] - sum(parts.values()), 1)
+    return {"latency_ms": run["latency_ms"], **{f"{k}_ms": v for k, v in parts.items()}}
 
 
 def random_ids(vocab: int, batch: int, n: int, device) -> torch.Tensor:
@@ -325,14 +410,32 @@ def streaming(student, processor, frames: int, size: int, graphs: bool, meter, s
             t_last = now
     dt = meter.seconds_since(t0)
     mem1 = meter.allocated_mb()
+    tokens_per_frame = (session.cache.seen - seen0) / frames
+    parts = stream_breakdown(session, pool, min(frames, 50), settle + frames, device=meter)
     t_ask = time.perf_counter()
     answer = session.answer_ids("What happened in the video?", max_new_tokens=32)
     ask_s = meter.seconds_since(t_ask)
-    tokens_per_frame = (session.cache.seen - seen0) / frames
     return {"fps": round(frames / dt, 1), "frames": frames, "tokens_per_frame": tokens_per_frame,
             "memory_growth_mb": round(mem1 - mem0, 2), "state_bytes_same": session.state_bytes == bytes0,
             "state_mb": round(session.state_bytes / 1e6, 1), "peak_gb": meter.peak_gb(),
-            "ask_ms": round(ask_s * 1e3, 1), "ask_tokens": len(answer), "samples": samples}
+            "ask_ms": round(ask_s * 1e3, 1), "ask_tokens": len(answer), **parts, "samples": samples}
+
+
+def stream_breakdown(session, pool, frames: int, start: int, device) -> dict:
+    """Milliseconds per frame in each part of a push (host preprocessing and patchify, vision tower,
+    decoder), over `frames` more frames."""
+    spans = Spans("cuda" if device.cuda else "cpu")
+    spans.wrap(session, "_patchify", "patchify")
+    spans.wrap(session, "_vision", "vision")
+    spans.wrap(session, "_forward_chunk", "decoder")
+    t0 = time.perf_counter()
+    for i in range(start, start + frames):
+        session.push_frame(pool[i % len(pool)], i / 30)
+    wall = device.seconds_since(t0)
+    for attr in ("_patchify", "_vision", "_forward_chunk"):
+        del session.__dict__[attr]  # back to the class's methods
+    per_frame = {f"{k}_ms_per_frame": round(v / frames, 2) for k, v in spans.totals_ms().items()}
+    return {**per_frame, "wall_ms_per_frame": round(wall / frames * 1e3, 2)}
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -369,6 +472,10 @@ def run(args) -> tuple[dict, list[dict], dict]:
         for n in args.prefill:
             rows.append(guarded({"bench": "prefill", "model": "teacher", "mode": "one pass", "batch": 1,
                                  "context": n}, lambda: teacher_prefill(teacher, n, meter, device)))
+        at = args.breakdown_at
+        if at:
+            rows.append(guarded({"bench": "breakdown", "model": "teacher", "mode": "one pass", "batch": 1, "context": at},
+                                lambda: prefill_breakdown(teacher, at, meter, device, "teacher")))
         for b in args.batches:
             for ctx in args.contexts:
                 row = guarded({"bench": "decode", "model": "teacher", "mode": "eager", "batch": b, "context": ctx},
@@ -390,6 +497,12 @@ def run(args) -> tuple[dict, list[dict], dict]:
         rows.append(guarded({"bench": "prefill", "model": "student", "mode": f"chunks of {args.prefill_chunk}",
                              "batch": 1, "context": n},
                             lambda: student_prefill(student, n, meter, device, args.prefill_chunk)))
+
+    if args.breakdown_at:
+        at = args.breakdown_at
+        for mode, chunk in (("one pass", None), (f"chunks of {args.prefill_chunk}", args.prefill_chunk)):
+            rows.append(guarded({"bench": "breakdown", "model": "student", "mode": mode, "batch": 1, "context": at},
+                                lambda: prefill_breakdown(student, at, meter, device, chunk)))
 
     from model.cuda_graphs import CUDAGraphDecoder, graphs_available
 
@@ -525,7 +638,7 @@ def main(argv=None) -> dict:
 
 
 def show(rows, summary) -> None:
-    for bench in ("prefill", "decode", "streaming"):
+    for bench in ("prefill", "breakdown", "decode", "streaming"):
         part = [{k: v for k, v in r.items() if k not in ("bench", "samples")} for r in rows if r["bench"] == bench]
         if not part:
             continue

@@ -14,7 +14,7 @@ from bench import inference
 def test_tiny_bench_writes_every_section_and_the_summary(tmp_path):
     result = inference.main(["--tiny", "--out", str(tmp_path), "--prefill", "32,96", "--contexts", "64,128",
                              "--batches", "1,2", "--decode-steps", "2", "--stream-frames", "3",
-                             "--stream-eager-frames", "3", "--single-max", "32", "--prefill-chunk", "32"])
+                             "--stream-eager-frames", "3", "--single-max", "32", "--prefill-chunk", "32", "--breakdown-at", "64"])
     record = json.load(open(tmp_path / "inference.json"))
     assert record["bench"] == "inference" and record["device"].startswith("cpu")
     rows = record["rows"]
@@ -25,6 +25,9 @@ def test_tiny_bench_writes_every_section_and_the_summary(tmp_path):
                     ("decode", "student", "eager"), ("streaming", "student", "eager (no CUDA)")}
     stream = next(r for r in rows if r["bench"] == "streaming")
     assert stream["tokens_per_frame"] == 6 and stream["state_bytes_same"]
+    assert {"vision_ms_per_frame", "decoder_ms_per_frame", "patchify_ms_per_frame"} <= set(stream)
+    parts = {r["model"]: r for r in rows if r["bench"] == "breakdown"}
+    assert parts["teacher"]["mlp_ms"] > 0 and parts["student"]["gated deltanet_ms"] > 0
     summary = record["summary"]
     for key in ("prefill_speedup_128k", "decode_speedup_b8_128k", "decode_latency_ratio_128k_vs_8k", "streaming_fps",
                 "streaming_memory_growth_mb"):
