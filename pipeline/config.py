@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .stages import STAGE_ORDER
 
@@ -102,6 +102,16 @@ class TrainStageSection(Section):
     keep_last: int = Field(3, gt=0, description="committed checkpoints kept; older ones are deleted")
     loader_workers: int = Field(2, ge=0)
     loss_scale: float = Field(1000.0, gt=0, description="stage1a: factor on the layer-wise MSE (the authors used 1000)")
+
+    @field_validator("trainable")
+    @classmethod
+    def _known_groups(cls, groups: list[str]) -> list[str]:
+        from pipeline.train.params import GROUPS  # the training code owns the group names
+
+        unknown = [g for g in groups if g not in GROUPS and not g.startswith("re:")]
+        if unknown:
+            raise ValueError(f"unknown group {unknown[0]!r}; groups: {', '.join(GROUPS)}, or re:<regex>")
+        return groups
 
 
 class KLStageSection(TrainStageSection):

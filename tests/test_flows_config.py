@@ -2,7 +2,7 @@
 
 import pytest
 
-from flows.stages import REGISTRY, PlanError, StageUnavailable, is_available, plan
+from flows.stages import REGISTRY, PlanError, StageUnavailable, is_available, load_entry, plan
 from pipeline.config import ConfigError, load_config
 from pipeline.stages import STAGE_ORDER
 
@@ -32,6 +32,7 @@ def test_overrides_keep_their_yaml_types():
     ("run.stages=[teacher, nonsense]", "run.stages"),
     ("run.stages=[data, teacher]", "run.stages"),
     ("eval.target=eval", "eval.target"),
+    ("train.stage2.trainable=[model.language_model]", "train.stage2.trainable"),
 ])
 def test_bad_override_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -55,11 +56,14 @@ def test_tiny_stages_are_all_available():
 
 
 def test_a_stage_missing_from_the_build_is_refused_by_name():
+    with pytest.raises(StageUnavailable, match=r"stage x is not available in this build \(pipeline.nowhere does not exist"):
+        load_entry("pipeline.nowhere:run", "stage x")
+    with pytest.raises(StageUnavailable, match="pipeline.stages has no nothing_here"):
+        load_entry("pipeline.stages:nothing_here", "stage x")
     missing = [name for name in STAGE_ORDER if not is_available(name)]
-    if not missing:
-        pytest.skip("every stage is in this build")
-    with pytest.raises(StageUnavailable, match=f"stage {missing[0]} is not available in this build"):
-        REGISTRY[missing[0]].load()
+    for name in missing:
+        with pytest.raises(StageUnavailable, match=f"stage {name} is not available in this build"):
+            REGISTRY[name].load()
 
 
 def test_plan_refuses_a_stage_whose_input_is_not_committed(tmp_path):
