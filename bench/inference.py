@@ -1,7 +1,7 @@
 """Inference speed and memory at full size, in one run on one GPU: the Qwen2.5-VL-3B teacher (transformers,
 SDPA) against its converted InfiniteVL student, both with random weights in bf16.
 
-    python -m bench.inference            # one H100: ~8 minutes; writes bench/results/inference.{json,png}
+    python -m bench.inference            # one H100: 5-8 minutes; writes bench/results/inference.{json,png}
     python -m bench.inference --tiny     # CPU smoke test in seconds (results go to a temporary folder)
 
 What is measured (one model in memory at a time, so peak memory is that model's):
@@ -39,6 +39,18 @@ from bench.common import print_table, write_result
 K = 1024
 
 
+def _tokens(x: str) -> int:
+    x = x.strip().lower()
+    return int(float(x[:-1]) * K) if x.endswith("k") else int(x)
+
+
+FULL = dict(prefill=[8 * K, 32 * K, 128 * K, 256 * K], contexts=[8 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 * K],
+            batches=[1, 8], decode_steps=32, single_max=256 * K, prefill_chunk=8 * K, stream_frames=2000,
+            stream_eager_frames=100, frame_size=448, breakdown_at=128 * K)
+TINY = dict(prefill=[64, 256], contexts=[64, 256, 1024], batches=[1, 2], decode_steps=4, single_max=64,
+            prefill_chunk=64, stream_frames=24, stream_eager_frames=6, frame_size=56, breakdown_at=256)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda s: [_tokens(x) for x in s.split(",") if x.strip()]  # noqa: E731
@@ -63,18 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
-
-
-def _tokens(x: str) -> int:
-    x = x.strip().lower()
-    return int(float(x[:-1]) * K) if x.endswith("k") else int(x)
-
-
-FULL = dict(prefill=[8 * K, 32 * K, 128 * K, 256 * K], contexts=[8 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 * K],
-            batches=[1, 8], decode_steps=32, single_max=256 * K, prefill_chunk=8 * K, stream_frames=2000,
-            stream_eager_frames=100, frame_size=448, breakdown_at=128 * K)
-TINY = dict(prefill=[64, 256], contexts=[64, 256, 1024], batches=[1, 2], decode_steps=4, single_max=64,
-            prefill_chunk=64, stream_frames=24, stream_eager_frames=6, frame_size=56, breakdown_at=256)
 
 
 # -- models ----------------------------------------------------------------------------------------------------
