@@ -126,6 +126,9 @@ def test_chat_reads_a_video_file_at_the_asked_rate_and_frame_cap(student, proces
                         or preprocess(frames, fps, *a))
     chat(student, processor, "what happens?", video=path, video_fps=3.0, max_frames=12, max_new_tokens=1)
     assert seen == [(6, 3.0)]
+    frames = _frames(10, seed=7)
+    chat(student, processor, "what happens?", video=frames, video_fps=5.0, max_frames=4, max_new_tokens=1)
+    assert seen[-1] == (4, 2.0)  # 10 frames at 5 fps thinned to 4 spread over the same 2 s
 
 
 def test_generate_command_prints_the_answer_of_a_saved_checkpoint(student, processor, tmp_path):

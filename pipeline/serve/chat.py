@@ -63,7 +63,12 @@ def _image(x) -> Image.Image:
 
 
 def _video(video, fps: float, max_frames: int) -> tuple[list, float]:
+    """(frames, the rate they represent). Given frames beyond `max_frames` are thinned evenly."""
     if isinstance(video, (str, os.PathLike)):
         clip = decode_video(os.fspath(video), fps, max_frames)
         return clip.frames, clip.fps
-    return list(video), fps
+    frames = list(video)
+    if len(frames) <= max_frames:
+        return frames, fps
+    step = len(frames) / max_frames
+    return [frames[int(i * step)] for i in range(max_frames)], fps / step
