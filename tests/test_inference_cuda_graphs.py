@@ -127,6 +127,32 @@ def test_stream_through_static_buffers_equals_the_plain_stream(tiny_teacher, pro
     assert static.answer_ids("what entered?", 6) == plain.answer_ids("what entered?", 6)
 
 
+def test_graph_bodies_read_no_tensor_values_on_the_host(tiny_teacher):
+    """A CUDA graph replays device work only: a body that reads a value on the host (`.item()`,
+    `bool(t)`, `.tolist()`) cannot be captured. On the meta device every such read raises, so a body that
+    runs there has none. (The vision tower's index tensors are computed from the grid once, outside.)"""
+    from model.cuda_graphs import GraphedForward, GraphedVision, allocate_cache
+
+    torch.manual_seed(0)
+    model = convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8, init="random").eval()
+    with pytest.raises(RuntimeError):
+        bool(torch.ones(2, device="meta").all())
+    grid = torch.tensor([[1, 8, 8]])
+    vision = GraphedVision(model.model.visual, grid, use_graph=False)
+    model.to("meta")
+    cache = allocate_cache(model, 2)
+    decode = GraphedForward(model, cache, 2, 1, from_ids=True, logits=True, advance_positions=True, use_graph=False)
+    chunk = GraphedForward(model, cache, 2, 6, from_ids=False, logits=False, advance_positions=False, use_graph=False)
+    vision.index = {k: t.to("meta") if torch.is_tensor(t) else t for k, t in vision.index.items()}
+    vision.grid, vision.pixels = grid.to("meta"), torch.zeros(64, 1176, device="meta")
+    with torch.no_grad():
+        assert decode._body().shape == (2, model.config.text_config.vocab_size)
+        assert chunk._body().shape == (2, model.config.text_config.hidden_size)
+        assert vision._body().shape == (16, model.config.text_config.hidden_size)
+        with pytest.raises((RuntimeError, NotImplementedError)):  # transformers' own path reads the grid
+            model.model.visual(vision.pixels, grid_thw=vision.grid)
+
+
 @pytest.mark.gpu
 def test_replayed_decode_graph_gives_the_eager_logits_over_20_steps():
     model, processor = _gpu_student()
