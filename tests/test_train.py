@@ -61,6 +61,24 @@ def test_layer_mse_ignores_masked_tokens():
     assert layer_mse(a, b, torch.tensor([[1, 1, 0]])) == pytest.approx((1 + 1 + 4 + 4) / 4)
 
 
+def test_packed_teacher_forward_keeps_documents_apart(tiny_teacher):
+    """Stage I-a's targets come from the teacher's forward over a packed row: it must equal each document
+    run alone (a shared KV cache would let documents see each other)."""
+    from model.positions import rope_index
+    from pipeline.train.recipes import teacher_forward_packed
+
+    teacher, processor = tiny_teacher
+    docs = [processor([processor.apply_chat_template([{"role": "user", "content": q}], True)])["input_ids"]
+            for q in ("how many circles are there?", "what is the highest bar in the chart?")]
+    ids = torch.cat(docs, 1)
+    cu = torch.tensor([0, docs[0].shape[1], ids.shape[1]], dtype=torch.int32)
+    pos = torch.cat([rope_index(teacher.config, d)[0] for d in docs], -1)
+    with torch.no_grad():
+        packed = teacher_forward_packed(teacher, {"input_ids": ids, "cu_seqlens": cu, "position_ids": pos})
+        alone = torch.cat([teacher.model(input_ids=d).last_hidden_state for d in docs], 1)
+    torch.testing.assert_close(packed.last_hidden_state, alone, atol=1e-5, rtol=1e-4)
+
+
 # -- trainable groups ------------------------------------------------------------------------------------------
 
 def test_trainable_groups_select_exactly_their_parameters(tiny_teacher):

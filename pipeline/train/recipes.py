@@ -76,7 +76,7 @@ class LayerwiseAligner(nn.Module):
     def forward(self, batch: dict):
         self._losses, self._cu_seqlens = [], batch["cu_seqlens"]
         with torch.no_grad():
-            self.teacher.model(**model_inputs(batch), position_ids=packed_teacher_positions(batch))
+            teacher_forward_packed(self.teacher, batch)
         mse = torch.stack(self._losses).mean()
         return mse * self.loss_scale, {"mse": float(mse.detach()), "tokens": int(batch["input_ids"].numel())}
 
@@ -96,6 +96,12 @@ def _config_overrides(config: InfiniteVLConfig) -> dict:
     return {"layer_types": list(t.layer_types), "sliding_window": t.sliding_window, "expand_v": t.expand_v,
             "conv_size": t.conv_size, "num_linear_heads": t.num_linear_heads,
             "num_linear_key_value_heads": t.num_linear_key_value_heads, "linear_head_dim": t.linear_head_dim}
+
+
+def teacher_forward_packed(teacher, batch: dict):
+    """The teacher's decoder over a packed row, documents kept apart. transformers builds the
+    block-diagonal mask from the text-position row only when no KV cache is made, hence use_cache=False."""
+    return teacher.model(**model_inputs(batch), position_ids=packed_teacher_positions(batch), use_cache=False)
 
 
 def packed_teacher_positions(batch: dict) -> torch.Tensor:
