@@ -60,6 +60,18 @@ class GatedDeltaNetCache:
         self.conv: dict[str, torch.Tensor] = {}
         self.state: torch.Tensor | None = None
 
+    def store(self, conv: dict[str, torch.Tensor], state: torch.Tensor) -> None:
+        """Writes into the tensors already held when shapes allow, so their addresses stay fixed (a captured
+        CUDA graph keeps reading the same memory)."""
+        if self.state is not None and self.state.shape == state.shape and all(
+                k in self.conv and self.conv[k].shape == v.shape for k, v in conv.items()):
+            self.state.copy_(state)
+            for k, v in conv.items():
+                self.conv[k].copy_(v)
+            return
+        self.conv = {k: v.clone() for k, v in conv.items()}
+        self.state = state.clone()
+
     def tensors(self):
         return list(self.conv.values()) + ([self.state] if self.state is not None else [])
 

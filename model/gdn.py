@@ -122,8 +122,7 @@ class GatedDeltaNet(nn.Module):
             q, k, v, g, beta.to(q.dtype), initial_state=cache.state if cache is not None else None,
             output_final_state=cache is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=True, backend=self.backend)
         if cache is not None:
-            cache.conv = {"q": conv_q, "k": conv_k, "v": conv_v}
-            cache.state = state
+            cache.store({"q": conv_q, "k": conv_k, "v": conv_v}, state)
         gate = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
         o = self.o_norm(o, gate).reshape(B, T, self.value_dim)
         return self.o_proj(o)

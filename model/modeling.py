@@ -121,11 +121,14 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
 
 
 def _new_token_mask(attention_mask, T):
-    """The 2-D padding mask of the new tokens (generate() passes the mask of the whole sequence so far);
-    None when nothing is padded."""
+    """The 2-D padding mask of the new tokens (generate() passes the mask of the whole sequence so far).
+    A prefill with nothing padded gets None (the fast unmasked kernels); a single decode step keeps the
+    mask as it is, to avoid a host sync per token."""
     if attention_mask is None or attention_mask.ndim != 2:
         return None
     m = attention_mask[:, -T:]
+    if T == 1:
+        return m
     return None if bool(m.all()) else m
 
 
@@ -145,14 +148,18 @@ class InfiniteVLModel(Qwen2_5_VLModel, InfiniteVLPreTrainedModel):
                 mm_encoder_outputs=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_outputs = video_outputs = None
-        if pixel_values is not None:
+        # generate() encodes images/videos once itself and passes them as mm_encoder_outputs
+        encoded = mm_encoder_outputs or {}
+        image_outputs, video_outputs = encoded.get("image"), encoded.get("video")
+        if image_outputs is None and pixel_values is not None:
             image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        if video_outputs is None and pixel_values_videos is not None:
+            video_outputs = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+        if image_outputs is not None:
             embeds = torch.cat(image_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=embeds)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, embeds)
-        if pixel_values_videos is not None:
-            video_outputs = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+        if video_outputs is not None:
             embeds = torch.cat(video_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
             _, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, video_features=embeds)
             inputs_embeds = inputs_embeds.masked_scatter(video_mask, embeds)

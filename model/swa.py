@@ -50,7 +50,7 @@ class SlidingWindowAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
 
-        pos = torch.arange(offset, offset + T, device=x.device)
+        pos = torch.arange(T, device=x.device) + offset  # offset may be a device tensor (CUDA graphs)
         valid = attention_mask.bool() if attention_mask is not None else \
             torch.ones(B, T, dtype=torch.bool, device=x.device)
         backend = self._pick_backend(x, cache)
@@ -148,5 +148,6 @@ def _flex(q, k, v, window, attention_mask, cu_seqlens):
             ok = ok & (valid[b, ki] | (qi == ki))
         return ok
 
-    block = create_block_mask(mask_mod, B if valid is not None else None, None, T, T, device=q.device)
+    # compiled, so the block mask is built block by block instead of from a dense T×T mask (137 GB at 128K)
+    block = create_block_mask(mask_mod, B if valid is not None else None, None, T, T, device=q.device, _compile=True)
     return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=k.shape[1] != H)

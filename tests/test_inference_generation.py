@@ -149,8 +149,6 @@ def test_generate_command_prints_the_answer_of_a_saved_checkpoint(student, proce
     assert missing.exit_code == 2 and "no checkpoint directory" in missing.output
 
 
-@pytest.mark.xfail(strict=True, reason="InfiniteVLModel.forward ignores `mm_encoder_outputs`, which transformers' "
-                   "generate() passes in place of pixel values: the image never reaches the decoder")
 def test_transformers_generate_sees_the_image_like_our_generation(student, processor):
     batch = processor([processor.apply_chat_template([user_turn("how many?", 1)], True)], images=[_image(0)])
     theirs = student.generate(**batch, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1]:]
