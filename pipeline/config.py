@@ -54,7 +54,7 @@ class StudentSection(Section):
 
 
 class CorpusSection(Section):
-    sources: list[str] = Field(default_factory=list, description="source record URLs, or 'sample' for the built-in sample data")
+    sources: list[str] = Field(min_length=1, description="source record URLs, or 'sample' for the built-in sample data")
     max_samples: int | None = Field(None, gt=0)
     seq_len: int = Field(gt=0)
     max_pixels: int = Field(gt=0)

@@ -11,7 +11,9 @@ TINY = "configs/tiny.yaml"
 
 def test_shipped_configs_validate():
     tiny = load_config(TINY)
-    paper = load_config("configs/infinitevl_4b.yaml")
+    with pytest.raises(ConfigError, match="data.distill.sources: List should have at least 1 item"):
+        load_config("configs/infinitevl_4b.yaml")
+    paper = load_config("configs/infinitevl_4b.yaml", [f"data.{c}.sources=[s3://b/{c}.jsonl]" for c in ("distill", "instruct", "long")])
     assert tiny.teacher.source == "tiny"
     assert paper.student.sliding_window == 8192
     assert [paper.section(f"train.{s}").seq_len for s in ("stage1a", "stage1b", "stage2", "stage3")] == [8192, 8192, 8192, 32768]
