@@ -152,11 +152,12 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.long),
                   use_qk_l2norm_in_kernel=use_qk_l2norm)
+    # keywords: the two kernels take their gates in different positions (fused_recurrent's 5th is gk)
     if q.shape[1] <= 64 and not (torch.is_grad_enabled() and q.requires_grad):
-        return fused_recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
+        return fused_recurrent_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, **kwargs)
     if torch.is_grad_enabled():
         ensure_fla_backward_ok(q.device)
-    return chunk_gated_delta_rule(q, k, v, g, beta, **kwargs)
+    return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, **kwargs)
 
 
 def hopper_guard_active(device=None) -> bool:
