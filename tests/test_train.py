@@ -174,6 +174,12 @@ def test_stage1a_layerwise_mse_on_two_processes_with_zero3(stage1a_zero3):
     assert losses[3] < losses[1], losses
     assert "trainable parameters linear_attn" in log
     from model.checkpoint import load_pretrained
+    from pipeline.checkpoints import list_checkpoints
+
+    # every committed checkpoint holds the model in Hugging Face format too (what its evaluation reads)
+    (_, checkpoint), = list_checkpoints(str(out))
+    from_checkpoint, _ = load_pretrained(checkpoint)
+    assert isinstance(from_checkpoint.config.text_config.layer_types, list)
 
     student, processor = load_pretrained(out / "export")
     assert student.config.text_config.layer_types[1] == "linear_attention" and processor is not None

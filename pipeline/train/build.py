@@ -49,8 +49,8 @@ class Recipe:
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         return self.flops_per_token * tokens_per_s / peak if peak else float("nan")
 
-    def export(self, state: dict, out_dir: str) -> None:
-        self.export_fn(state, out_dir)
+    def export(self, state: dict, out_dir: str, checkpoint: bool = False) -> None:
+        self.export_fn(state, out_dir, checkpoint=checkpoint)
 
 
 def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
@@ -68,7 +68,7 @@ def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
         module.teacher.requires_grad_(False)
         counts = {"linear_attn": sum(p.numel() for p in module.mixers.parameters())}
         teacher_dir = materialize(job.teacher)
-        export_fn = lambda state, out: module.export(state, teacher_dir, out, processor)  # noqa: E731
+        export_fn = lambda state, out, checkpoint=False: module.export(state, teacher_dir, out, processor)  # noqa: E731
         flops = 6 * counts["linear_attn"] + 2 * sum(p.numel() for p in teacher.parameters())
         recipe = Recipe(job, module, processor, dtype, export_fn, flops)
     else:
@@ -81,8 +81,12 @@ def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
         kind = "kl" if job.stage == "stage1b" else "ce"
         module = StudentObjective(student, kind, section.get("temperature", 1.0))
         counts = select_trainable(module, section["trainable"], layer_types)
-        merge = section.get("lora", {}).get("merge", True) if job.stage == "stage3" else True
-        export_fn = lambda state, out: export_student(student, state, out, processor, merge)  # noqa: E731
+        lora = section["lora"] if job.stage == "stage3" else None
+        config = student.config
+        def export_fn(state, out, checkpoint=False):
+            # a checkpoint's copy is always merged: evaluating it must see the adapters
+            merged = None if lora is None else {**lora, "merge": lora.get("merge", True) or checkpoint}
+            export_student(config, state, out, processor, merged)
         flops = 6 * sum(p.numel() for p in student.parameters())
         recipe = Recipe(job, module, processor, dtype, export_fn, flops)
         if kind == "kl":

@@ -142,12 +142,30 @@ def load_student(path: str, dtype: torch.dtype) -> InfiniteVLForConditionalGener
     return model.train()
 
 
-def export_student(student: nn.Module, state: dict, out_dir: str, processor, merge_lora: bool = True) -> None:
-    """Writes the trained student (merging LoRA adapters unless asked to keep them) in HF format."""
-    student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")},
-                            strict=False)
-    if hasattr(student, "peft_config"):
-        if merge_lora:
+def export_student(config: InfiniteVLConfig, state: dict, out_dir: str, processor, lora: dict | None = None) -> None:
+    """Writes the trained student in HF format from a full state dict, into a fresh model (so the live,
+    possibly ZeRO-3-partitioned module is never touched). LoRA adapters are merged into the weights, or,
+    with `lora["merge"]` false, saved beside the base weights under `adapter/`."""
+    from transformers.initialization import no_init_weights
+
+    weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    dtype = next(iter(weights.values())).dtype
+    with no_init_weights():
+        student = InfiniteVLForConditionalGeneration(config).to(dtype)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                                     lora_dropout=lora["dropout"],
+                                                     target_modules=list(lora["target_modules"]), bias="none"))
+    result = student.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"export: state dict does not fit the student: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+    student.tie_weights()
+    if lora is not None:
+        if lora.get("merge", True):
             student = student.merge_and_unload()
         else:
             student.save_pretrained(os.path.join(out_dir, "adapter"), safe_serialization=True)

@@ -44,12 +44,16 @@ def barrier() -> None:
 
 
 def save(engine, stage: str, output: str, step: int, loader_state: dict, metrics: dict, keep_last: int,
-         rank: int, local_rank: int, staging_root: str) -> str:
-    """Writes step `step` of the run and commits it; every rank calls this."""
+         rank: int, local_rank: int, staging_root: str, export=None) -> str:
+    """Writes step `step` of the run and commits it; every rank calls this. `export(work_dir)` (every rank
+    calls it; rank 0 writes) puts the model in Hugging Face format at the checkpoint's root, which is what
+    evaluating a checkpoint reads."""
     url = checkpoint_dir(output, step)
     work = local_path(url) if is_local(url) else os.path.join(staging_root, f"step-{step:08d}")
     os.makedirs(work, exist_ok=True)
     engine.save_checkpoint(work, tag="ds")
+    if export is not None:
+        export(work)
     save_file(_rng_state(), os.path.join(work, f"rng-rank{rank}.safetensors"))
     if rank == 0:
         with open(os.path.join(work, TRAINER_STATE), "w") as f:

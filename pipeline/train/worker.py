@@ -70,7 +70,8 @@ def main(job_path: str) -> None:
         if step % job.section["checkpoint_every"] == 0 or step == steps:
             writer.flush()
             state.save(engine, job.stage, job.output, step, loader.state_dict(), _summary(metrics),
-                       job.section.get("keep_last", 3), rank, local_rank, staging)
+                       job.section.get("keep_last", 3), rank, local_rank, staging,
+                       export=lambda work: export_to(engine, recipe, job, rank, work))
     export(engine, recipe, job, rank, local_rank, staging)
     writer.close()
 
@@ -141,19 +142,31 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
+def full_state_dict(engine, job: TrainJob, rank: int) -> dict | None:
+    """The whole model's weights on rank 0 (gathered from the shards under ZeRO-3); None elsewhere."""
+    if job.section.get("zero_stage", 2) == 3:
+        full = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        full = engine.module.state_dict() if rank == 0 else None
+    return {k: v.detach().cpu() for k, v in full.items()} if rank == 0 else None
+
+
+def export_to(engine, recipe, job: TrainJob, rank: int, directory: str) -> None:
+    full = full_state_dict(engine, job, rank)
+    if rank == 0:
+        recipe.export(full, directory, checkpoint=True)
+
+
 def export(engine, recipe, job: TrainJob, rank: int, local_rank: int, staging: str) -> None:
     """Gathers the full weights on rank 0 and writes the Hugging Face export the next stage reads."""
     from . import state as st
     from pipeline.stages import join, write_json
 
-    if job.section.get("zero_stage", 2) == 3:
-        full = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        full = engine.module.state_dict() if rank == 0 else None
+    full = full_state_dict(engine, job, rank)
     if rank == 0:
         out = join(job.output, "export")
         work = st.local_path(out) if st.is_local(out) else os.path.join(staging, "export")
-        recipe.export({k: v.detach().cpu() for k, v in full.items()}, work)
+        recipe.export(full, work)
         if not st.is_local(out):
             import fsspec
 
