@@ -30,3 +30,21 @@ def tiny_teacher():
 @pytest.fixture(scope="session")
 def processor(tiny_teacher):
     return tiny_teacher[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_teacher):
+    """The tiny teacher converted with random mixers and a window of 8 (so decoding crosses it quickly)."""
+    from model import convert_from_qwen2_5_vl
+
+    torch.manual_seed(0)
+    return convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8, init="random").eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: with the two cores shared by other work, one thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

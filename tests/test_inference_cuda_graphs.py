@@ -13,18 +13,13 @@ from model import convert_from_qwen2_5_vl
 from model.cuda_graphs import CUDAGraphDecoder
 from model.generation import prefill
 from pipeline.serve.chat import user_turn
+from tests.helpers import random_image
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _image(seed, h=90, w=120):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_image = random_image
 
 
 def _padded_batch(processor):

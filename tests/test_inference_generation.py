@@ -15,24 +15,17 @@ from model.checkpoint import save_pretrained
 from model.generation import generate, sample
 from pipeline.data.media import decode_video
 from pipeline.serve.chat import chat, user_turn
+from tests.helpers import random_image
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: with the two cores shared by other test runs, one thread is several times faster
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def student(tiny_teacher):
-    torch.manual_seed(0)
-    return convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8, init="random").eval()
+def student(tiny_student):
+    return tiny_student
 
 
-def _image(seed, h=90, w=120):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_image = random_image
 
 
 def _frames(n, seed=0, size=56):

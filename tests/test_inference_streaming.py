@@ -16,18 +16,12 @@ from model.streaming import StreamingSession
 CHUNK = VISION_START + VIDEO_TOKEN + VISION_END
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def student(tiny_teacher):
-    torch.manual_seed(0)
-    return convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8, init="random").eval()
+def student(tiny_student):
+    return tiny_student
 
 
 def _frames(n, seed=0, size=56):

@@ -13,10 +13,10 @@ from model import ConfigError, InfiniteVLCache, InfiniteVLConfig, InfiniteVLForC
     InfiniteVLProcessor, convert_from_qwen2_5_vl
 from model.checkpoint import load_pretrained, save_pretrained
 from model.positions import packed_rope_index, rope_index
+from tests.helpers import random_image
 
 
-def _image(seed, h=90, w=120):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_image = random_image
 
 
 def _batch(processor, questions, seeds):
