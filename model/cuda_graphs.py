@@ -26,7 +26,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from .cache import GatedDeltaNetCache, InfiniteVLCache, SlidingWindowCache
 from .swa import window_mask
@@ -100,11 +99,7 @@ def forward_in_place(model, cache: InfiniteVLCache, inputs_embeds: torch.Tensor,
 
 def _sliding_attention(attn, x, position_embeddings, ring: SlidingWindowCache, offset):
     B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k, v = attn.project(x, position_embeddings)
     pos = torch.arange(T, device=x.device) + offset  # a tensor offset stays live across replays
     valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
     k_ctx, v_ctx, kpos, kvalid = ring.context(k, v, pos, valid)
@@ -129,6 +124,20 @@ def _gated_deltanet(gdn, x, state: GatedDeltaNetCache):
 
 def graphs_available(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def capture(body):
+    """(graph, its output): `body` run WARMUP_STEPS times eagerly on a side stream, then captured once."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = body()
+    return graph, output
 
 
 class GraphedForward:
@@ -165,15 +174,7 @@ class GraphedForward:
         """Warm up on a side stream, then capture. Warm-up runs write into the cache and counters (a capture
         does not), so their contents are saved first and put back after."""
         saved_cache, saved = self.cache.copy(), (self.offset.clone(), self.positions.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self._body()
+        self.graph, self.output = capture(self._body)
         copy_cache_(self.cache, saved_cache)
         self.offset.copy_(saved[0])
         self.positions.copy_(saved[1])
@@ -333,12 +334,4 @@ class GraphedVision:
         return self.output
 
     def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self._body()
+        self.graph, self.output = capture(self._body)

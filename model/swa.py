@@ -44,12 +44,7 @@ class SlidingWindowAttention(nn.Module):
                 cu_seqlens: torch.Tensor | None = None, cache: SlidingWindowCache | None = None,
                 offset: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-
+        q, k, v = self.project(x, position_embeddings)
         pos = torch.arange(T, device=x.device) + offset  # offset may be a device tensor (CUDA graphs)
         valid = attention_mask.bool() if attention_mask is not None else \
             torch.ones(B, T, dtype=torch.bool, device=x.device)
@@ -68,6 +63,16 @@ class SlidingWindowAttention(nn.Module):
                 cache.allocate(k, v)
             cache.update(k, v, pos, valid)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def project(self, x: torch.Tensor, position_embeddings):
+        """Queries, keys (both rotated) and values, [B, heads, T, head_dim]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
 
     def _pick_backend(self, x, cache) -> str:
         """Cached steps attend over the ring buffer with SDPA (a short, explicit mask); a fresh prefill or a
