@@ -82,6 +82,30 @@ def status(target: str = typer.Argument(..., help="a run root (holding config.ya
     print_status(_load(target if is_config else join(target, "config.yaml"), set_))
 
 
+@app.command("eval")
+def eval_(checkpoint: str = typer.Argument(..., help="a checkpoint directory or fsspec URL (Hugging Face format)"),
+          suite: List[str] = typer.Option(["tiny"], "--suite", help="tiny, longvideo, NAME=URL.arrow, URL.arrow, or a "
+                                          "name under --data-root (repeatable)"),
+          data_root: Optional[str] = typer.Option(None, "--data-root", help="where bare suite names find NAME.arrow"),
+          out: Optional[str] = typer.Option(None, "--out", help="reports folder (default: <checkpoint>.eval)"),
+          limit: Optional[int] = typer.Option(None, "--limit", help="at most this many samples per suite"),
+          max_new_tokens: int = typer.Option(32, "--max-new-tokens")) -> None:
+    """Score a checkpoint on benchmark suites; prints the scores (percent) and writes the reports."""
+    from pipeline.eval import evaluate_checkpoint
+
+    settings = {"max_new_tokens": max_new_tokens, **({"limit": limit} if limit else {})}
+    try:
+        scores = evaluate_checkpoint(checkpoint, settings, suite=list(suite), out_dir=out, data_root=data_root)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    table = Table(title=f"evaluation of {checkpoint}")
+    table.add_column("suite")
+    table.add_column("score", justify="right")
+    for name, value in scores.items():
+        table.add_row(name, f"{value:.2f}")
+    console.print(table)
+
+
 @app.command()
 def generate(checkpoint: str = typer.Argument(..., help="a local checkpoint directory (model + processor)"),
              prompt: str = typer.Option(..., "--prompt", "-p", help="the question"),

@@ -108,3 +108,21 @@ def test_student_checkpoint_loads_through_the_auto_classes(tiny_teacher, tmp_pat
                                  out_dir=str(tmp_path / "out"))
     assert json.loads((tmp_path / "out/tiny/results.json").read_text())["n"] == 3
     assert set(scores) == {"tiny", "score"}
+
+
+def test_cli_eval_prints_the_scores_it_writes(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out = tmp_path / "reports"
+    done = CliRunner().invoke(app, ["eval", checkpoint, "--suite", "tiny", "--out", str(out), "--limit", "4",
+                                    "--max-new-tokens", "2"])
+    assert done.exit_code == 0, done.output
+    written = json.loads((out / "tiny" / "results.json").read_text())
+    assert written["n"] == 4 and written["config"]["max_new_tokens"] == 2  # the options reached the runner
+    printed = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in done.output.splitlines()
+               if line.count("│") >= 3}
+    assert float(printed["tiny"]) == pytest.approx(written["score"], abs=0.005)
+    refused = CliRunner().invoke(app, ["eval", checkpoint, "--suite", "mmmu", "--out", str(out)])
+    assert refused.exit_code == 2 and "unknown suite" in refused.output
