@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from model import convert_from_qwen2_5_vl
 from model.checkpoint import save_pretrained
 from model.generation import generate, sample
 from pipeline.data.media import decode_video

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from model import convert_from_qwen2_5_vl
 from model.processing import VIDEO_TOKEN, VISION_END, VISION_START
 from model.streaming import StreamingSession
 

@@ -3,10 +3,8 @@
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from model import ConfigError, InfiniteVLCache, InfiniteVLConfig, InfiniteVLForConditionalGeneration, \

@@ -265,8 +265,7 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn)
 
             self.bar = Progress(TextColumn(f"[bold]teacher logits[/] rank {self.rank} tokens"), BarColumn(),
                                 MofNCompleteColumn(), TimeRemainingColumn())

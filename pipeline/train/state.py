@@ -13,6 +13,7 @@ whose unpickler only admits tensors, containers and a short list of DeepSpeed's 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoints import MARKER, checkpoint_dir, list_checkpoints
-from pipeline.stages import join, read_json, write_json
+from pipeline.stages import join, write_json
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -110,8 +111,6 @@ def restore(engine, output: str, rank: int, local_rank: int, staging_root: str) 
 
 def staging_dir(output: str) -> str:
     root = os.environ.get("INFINITEVL_STAGING", os.path.join(tempfile.gettempdir(), "infinitevl-staging"))
-    import hashlib
-
     return os.path.join(root, hashlib.sha256(output.encode()).hexdigest()[:16])
 
 
@@ -157,11 +156,3 @@ class safe_deepspeed_load:
         torch.load = self._load
         self._ctx.__exit__(*exc)
         return False
-
-
-def committed_steps(output: str) -> list[int]:
-    return [step for step, _ in list_checkpoints(output)]
-
-
-def trainer_state(url: str) -> dict | None:
-    return read_json(join(url, TRAINER_STATE))
