@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-pixels", type=int, default=28 * 28 * 16,
                    help="image size cap; 28*28*16 gives at most 16 image tokens per picture")
     p.add_argument("--train-pictures", type=int, default=4000)
-    p.add_argument("--eval-pictures", type=int, default=64)
+    p.add_argument("--eval-pictures", type=int, default=128)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
