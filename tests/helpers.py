@@ -1,8 +1,26 @@
 """Small helpers shared by the test modules."""
 
 import numpy as np
+import torch
 from PIL import Image
 
 
 def random_image(seed: int, h: int = 90, w: int = 120) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def lively_tiny_teacher(weight_seed: int = 0):
+    """The tiny teacher with weights drawn wide enough that its greedy output depends on the input.
+
+    At the default initialisation every prompt decodes to the same token run, which would let batching
+    bugs (padding side, image order, a misordered merge of ranks) go unnoticed.
+    """
+    from model.tiny import build_tiny_teacher
+
+    model, processor = build_tiny_teacher(seed=0)
+    torch.manual_seed(weight_seed)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0.0, 0.2)
+    return model, processor

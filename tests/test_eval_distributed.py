@@ -8,22 +8,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.tiny import build_tiny_teacher
 from pipeline.eval.runner import EvalConfig, run_suite
 from pipeline.eval.synthetic import tiny_samples
+from tests.helpers import lively_tiny_teacher
 
 CONFIG = EvalConfig(batch_size=2, max_new_tokens=4, limit=7)
 
 
 def _lively_teacher():
-    # Wide weights so answers differ between samples (see test_eval_runner.py): a misordered merge shows.
-    model, processor = build_tiny_teacher(seed=0)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() > 1:
-                weight.normal_(0.0, 0.2)
-    return model, processor
+    return lively_tiny_teacher()
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -3,28 +3,16 @@
 import json
 
 import pytest
-import torch
 
-from model.tiny import build_tiny_teacher
 from pipeline.eval.dataset import read_samples, write_samples
 from pipeline.eval.runner import EvalConfig, build_prompt, generate_batch, markdown_table, rescore, run_suite
 from pipeline.eval.synthetic import tiny_samples
+from tests.helpers import lively_tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def lively_teacher():
-    """The tiny teacher with weights drawn wide enough that its greedy output depends on the input.
-
-    At the default initialisation every prompt decodes to the same token run, which would let batching
-    bugs (padding side, image order) go unnoticed.
-    """
-    model, processor = build_tiny_teacher(seed=0)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() > 1:
-                weight.normal_(0.0, 0.2)
-    return model, processor
+    return lively_tiny_teacher()
 
 
 def test_multiple_choice_prompt_lists_hint_options_and_instruction():

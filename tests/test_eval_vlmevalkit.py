@@ -8,22 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from model.tiny import build_tiny_teacher
 from pipeline.eval.dataset import encode_image
 from pipeline.eval.runner import EvalConfig, generate_batch
 from pipeline.eval.vlmevalkit import InfiniteVLChat, prompt_for_line, vlmevalkit_model_class
+from tests.helpers import lively_tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def lively_teacher():
-    # Wide weights so the greedy output depends on the input (see test_eval_runner.py).
-    model, processor = build_tiny_teacher(seed=0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() > 1:
-                weight.normal_(0.0, 0.2)
-    return model, processor
+    return lively_tiny_teacher(weight_seed=1)
 
 
 @pytest.fixture
