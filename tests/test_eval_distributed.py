@@ -28,6 +28,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results = run_suite(model, processor, tiny_samples(per_kind=2), "tiny", out_dir, CONFIG)
         with open(os.path.join(out_dir, f"returned.{rank}.json"), "w") as f:
             json.dump(results, f)
+        # both ranks done talking before either tears gloo down (a rank leaving early aborted its peer once)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
