@@ -2,8 +2,8 @@
 
 import json
 
-import av
 import numpy as np
+from PIL import Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,21 +12,14 @@ from pipeline.eval.api import evaluate_model
 from pipeline.eval.dataset import read_samples
 from pipeline.eval.importers import import_benchmark
 from pipeline.eval.runner import EvalConfig, video_frames
+from pipeline.data.synthetic import write_video
 
 
 def _write_video(path, n_frames=20, fps=10, size=32):
     """Frame i is a flat grey of level 10 * i, so a decoded frame tells which one it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(n_frames):
-            frame = np.full((size, size, 3), 10 * i, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = [Image.fromarray(np.full((size, size, 3), 10 * i, np.uint8)) for i in range(n_frames)]
+    write_video(path, frames, fps=fps)
 
 
 @pytest.fixture

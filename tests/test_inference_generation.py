@@ -4,7 +4,6 @@ forward); chat from frames or a video file; the `infinitevl generate` command on
 
 from __future__ import annotations
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -15,6 +14,7 @@ from model.generation import generate, sample
 from pipeline.data.media import decode_video
 from pipeline.serve.chat import chat, user_turn
 from tests.helpers import random_image
+from pipeline.data.synthetic import write_video
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,17 +78,12 @@ def test_sampling_is_seeded_and_top_p_keeps_only_the_nucleus():
 
 
 def _write_video(path, n_frames=12, fps=6, size=56):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(n_frames):
-            frame = np.full((size, size, 3), 20 * i, np.uint8)
-            frame[: size // 2, : size // 2] = 255 - 20 * i
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = []
+    for i in range(n_frames):
+        frame = np.full((size, size, 3), 20 * i, np.uint8)
+        frame[: size // 2, : size // 2] = 255 - 20 * i
+        frames.append(Image.fromarray(frame))
+    write_video(path, frames, fps=fps)
 
 
 def test_chat_with_video_frames_and_image_equals_full_forwards(student, processor):
