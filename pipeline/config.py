@@ -35,12 +35,45 @@ class RunSection(Section):
     seed: int = 0
 
 
+class TeacherTrainSection(Section):
+    """Trains the tiny teacher on the synthetic picture questions (pipeline/teacher_train.py), so that
+    the distillation has something real to transfer; scored on the held-out `pictures` suite."""
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("device", "loader_workers", "max_seconds")
+    steps: int = Field(gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    hidden: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    kv_heads: int = Field(2, gt=0)
+    intermediate: int = Field(256, gt=0)
+    vision_hidden: int = Field(64, gt=0)
+    vision_depth: int = Field(2, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="stop early once validation exact match reaches it")
+    eval_pictures: int = Field(64, gt=0, description="held-out pictures scored after training (two questions each)")
+    device: str | None = Field(None, description="cuda or cpu; default: cuda when available")
+    loader_workers: int = Field(0, ge=0, description="processes drawing and encoding training pictures")
+    max_seconds: float | None = Field(None, gt=0, description="stop training after this long, whatever the step")
+
+
 class TeacherSection(Section):
     # "tiny" builds the in-code tiny Qwen2.5-VL (model/tiny.py); anything else is a local directory,
     # an fsspec URL or a Hugging Face Hub id of a Qwen2.5-VL checkpoint, copied into the run root so a
     # run keeps working when the source moves.
     source: str = Field(min_length=1)
     seed: int = 0
+    train: TeacherTrainSection | None = Field(None, description="train the tiny teacher (source: tiny only)")
+
+    @model_validator(mode="after")
+    def _train_only_tiny(self) -> "TeacherSection":
+        if self.train is not None and self.source != "tiny":
+            raise ValueError(f"teacher.train: only the in-code tiny teacher is trained here (teacher.source is "
+                             f"{self.source!r}, not 'tiny')")
+        if self.train is not None and self.train.hidden % self.train.heads:
+            raise ValueError(f"teacher.train.hidden ({self.train.hidden}) must be a multiple of heads ({self.train.heads})")
+        return self
 
 
 class StudentSection(Section):
