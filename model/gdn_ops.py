@@ -137,13 +137,18 @@ def fla_available() -> bool:
     return torch.cuda.is_available()
 
 
+def use_fla(x: torch.Tensor, backend: str, head_dim: int) -> bool:
+    """One rule for every Gated DeltaNet kernel (delta rule, short conv, gated norm): fla on CUDA, torch on
+    CPU or when `backend="torch"`. Head dims under 32 (tiny test models) crashed fla's backward on the H100
+    here: they take the torch path."""
+    return backend == "fla" or (backend == "auto" and x.is_cuda and head_dim >= 32 and fla_available())
+
+
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
                      use_qk_l2norm=True, backend: str = "auto"):
     """Dispatch: fla's chunk kernel (training, prefill) or fused recurrent kernel (≤ 64 new tokens) on CUDA;
     the torch chunked reference on CPU or when `backend="torch"`."""
-    # head dims under 32 (tiny test models) crashed fla's backward on the H100 here: they take the torch path
-    use_fla = backend == "fla" or (backend == "auto" and q.is_cuda and q.shape[-1] >= 32 and fla_available())
-    if not use_fla:
+    if not use_fla(q, backend, q.shape[-1]):
         fn = torch_recurrent_gated_delta_rule if q.shape[1] <= 4 and not torch.is_grad_enabled() else \
             torch_chunk_gated_delta_rule
         return fn(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm)
@@ -158,6 +163,27 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     if torch.is_grad_enabled():
         ensure_fla_backward_ok(q.device)
     return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, **kwargs)
+
+
+def fla_short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None,
+                   cu_seqlens: torch.Tensor | None = None, output_final_state: bool = False):
+    """fla's Triton causal conv + SiLU, with our state layout: x [B, T, C], weight [C, 1, K], state
+    [B, C, K-1] (the inputs before x). fla keeps K inputs per channel and never reads the oldest, so ours
+    maps in with one zero column in front and back out without its first column."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    h0 = None if state is None else torch.nn.functional.pad(state.to(x.dtype), (1, 0))
+    y, final = causal_conv1d(x, weight[:, 0, :], initial_state=h0, output_final_state=output_final_state,
+                             activation="silu",
+                             cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(x.device, torch.long))
+    return y, (final[..., 1:] if final is not None else None)
+
+
+def fla_gated_rmsnorm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x)·w·SiLU(gate) in one Triton pass (fp32 inside), fla's fused kernel."""
+    from fla.modules.norm.fused_norm_gate import rms_norm_gated
+
+    return rms_norm_gated(x, gate, weight, None, activation="swish", eps=eps)
 
 
 def hopper_guard_active(device=None) -> bool:
