@@ -153,6 +153,42 @@ def _flex(q, k, v, window, attention_mask, cu_seqlens):
             ok = ok & (valid[b, ki] | (qi == ki))
         return ok
 
-    # compiled, so the block mask is built block by block instead of from a dense T×T mask (137 GB at 128K)
-    block = create_block_mask(mask_mod, B if valid is not None else None, None, T, T, device=q.device, _compile=True)
+    if valid is None:
+        block = sliding_block_mask(T, window, doc, mask_mod, q.device)
+    else:  # padding is per row: let torch classify the blocks (compiled: no dense T×T mask, 137 GB at 128K)
+        block = create_block_mask(mask_mod, B, None, T, T, device=q.device, _compile=True)
     return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=k.shape[1] != H)
+
+
+def sliding_block_mask(T: int, window: int, doc: torch.Tensor | None, mask_mod, device, block: int = 128):
+    """flex_attention's BlockMask for a causal sliding window over packed documents, classified on the block
+    grid from each block's first and last token (positions and document ids only grow along the sequence):
+    (T/128)² block pairs instead of the T² token pairs torch's create_block_mask evaluates, which cost more
+    than the attention itself at 128K. A block pair is skipped when no query can see any key in it, full when
+    every query sees every key, partial (mask_mod decides per token) otherwise."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = -(-T // block)
+    first = torch.arange(n, device=device) * block
+    last = (first + block).clamp(max=T) - 1
+    qf, ql, kf, kl = first[:, None], last[:, None], first[None, :], last[None, :]
+    # query minus key distance over a block pair spans [qf - kl, ql - kf]; allowed distances are [0, W-1]
+    some = (ql - kf >= 0) & (qf - kl <= window - 1)
+    full = (qf - kl >= 0) & (ql - kf <= window - 1)
+    if doc is not None:
+        d0, d1 = doc[0, first], doc[0, last]
+        some &= (d0[:, None] <= d1[None, :]) & (d0[None, :] <= d1[:, None])
+        full &= (d0 == d1)[:, None] & (d0 == d1)[None, :] & (d0[:, None] == d0[None, :])
+    if T % block:  # a block cut short by the end of the sequence is never called full
+        full[-1, :] = False
+        full[:, -1] = False
+    partial = some & ~full
+
+    def lists(m):  # per query block: how many key blocks, and their indices first
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)
+        return m.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))

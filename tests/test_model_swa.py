@@ -78,3 +78,60 @@ def test_flex_backend_matches_sdpa_on_gpu():
     err = (a.float() - b.float()).abs().max().item()
     print(f"flex vs sdpa max abs err {err}")
     assert err < 2e-2
+
+
+@pytest.mark.parametrize("T,window,bounds", [
+    (1024, 600, None),            # whole blocks, window not a block multiple
+    (1000, 500, None),            # last block cut short
+    (777, 300, [0, 130, 131, 500, 777]),  # documents of every size, one a single token
+])
+def test_sliding_block_mask_classifies_blocks_like_torch(T, window, bounds):
+    """Our block-grid classification against torch's create_block_mask evaluated on every token pair: the
+    same blocks are visited, and whatever we call full torch calls full too."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from model.swa import _doc_ids, sliding_block_mask
+
+    doc = _doc_ids(torch.tensor(bounds), T, "cpu") if bounds else None
+
+    def mask_mod(b, h, qi, ki):
+        ok = (qi >= ki) & (qi - ki < window)
+        return ok & (doc[0, qi] == doc[0, ki]) if doc is not None else ok
+
+    ours = sliding_block_mask(T, window, doc, mask_mod, "cpu", block=128)
+    ref = create_block_mask(mask_mod, None, None, T, T, device="cpu")
+
+    def blocks(num, idx):
+        return [set(idx[0, 0, i, :num[0, 0, i]].tolist()) for i in range(num.shape[-1])]
+
+    our_full, ref_full = blocks(ours.full_kv_num_blocks, ours.full_kv_indices), \
+        blocks(ref.full_kv_num_blocks, ref.full_kv_indices)
+    our_any = [p | f for p, f in zip(blocks(ours.kv_num_blocks, ours.kv_indices), our_full)]
+    ref_any = [p | f for p, f in zip(blocks(ref.kv_num_blocks, ref.kv_indices), ref_full)]
+    assert our_any == ref_any
+    assert all(o <= r for o, r in zip(our_full, ref_full))
+    if T % 128 == 0:
+        assert our_full == ref_full
+    assert sum(map(len, our_full)) > 0  # the cases are chosen so that some blocks are full
+
+
+def test_flex_with_our_block_mask_equals_sdpa_window():
+    """flex_attention (unfused, CPU) over the block mask = SDPA with the explicit token mask, packed."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from model.swa import _doc_ids, sliding_block_mask, window_mask
+
+    T, window, H, D = 400, 150, 2, 16
+    cu = torch.tensor([0, 90, 330, 400])
+    doc = _doc_ids(cu, T, "cpu")
+    q, k, v = (torch.randn(1, H, T, D, dtype=torch.float64) for _ in range(3))
+
+    def mask_mod(b, h, qi, ki):
+        return (qi >= ki) & (qi - ki < window) & (doc[0, qi] == doc[0, ki])
+
+    block = sliding_block_mask(T, window, doc, mask_mod, "cpu", block=128)
+    got = flex_attention(q, k, v, block_mask=block)
+    pos = torch.arange(T)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=window_mask(pos, pos, window, torch.ones(1, T, dtype=torch.bool), doc))
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8)
