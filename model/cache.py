@@ -1,8 +1,9 @@
 """Constant-size inference state.
 
 Sliding layers keep a ring buffer of the last W-1 keys/values (a query attends to itself plus the W-1
-tokens before it); Gated DeltaNet layers keep their recurrent state and the last conv_size-1 inputs of
-each short convolution. Nothing grows with the number of tokens seen.
+tokens before it); linear layers (Gated DeltaNet, GLA, Mamba2: `config.linear_mixer`) keep their recurrent
+state and the last conv_size-1 inputs of each short convolution (GDN and GLA: "q", "k", "v" [B, C, K-1] and a
+[B, H, Dk, Dv] state; Mamba2: "xBC" and a [B, H, N, P] state). Nothing grows with the number of tokens seen.
 
 All rows of a batch share one token timeline (generation pads on the left), so slot positions are shared
 and validity (padding) is kept per row.
@@ -55,7 +56,9 @@ class SlidingWindowCache:
         return [t for t in (self.keys, self.values, self.pos, self.valid) if t is not None]
 
 
-class GatedDeltaNetCache:
+class RecurrentStateCache:
+    """A linear mixer's state: its conv inputs by name and one recurrent state tensor (fp32)."""
+
     def __init__(self):
         self.conv: dict[str, torch.Tensor] = {}
         self.state: torch.Tensor | None = None
@@ -76,6 +79,9 @@ class GatedDeltaNetCache:
         return list(self.conv.values()) + ([self.state] if self.state is not None else [])
 
 
+GatedDeltaNetCache = RecurrentStateCache  # the name model/gdn.py and older code use
+
+
 class InfiniteVLCache:
     """Per-layer constant-size state plus the count of tokens seen (the position of the next token)."""
 
@@ -85,10 +91,10 @@ class InfiniteVLCache:
 
     def __init__(self, config):
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        self.layers = [SlidingWindowCache(text.sliding_window) if t == "sliding_attention" else GatedDeltaNetCache()
+        self.layers = [SlidingWindowCache(text.sliding_window) if t == "sliding_attention" else RecurrentStateCache()
                        for t in text.layer_types]
         self.seen = 0
-        self.is_linear = [isinstance(layer, GatedDeltaNetCache) for layer in self.layers]
+        self.is_linear = [isinstance(layer, RecurrentStateCache) for layer in self.layers]
 
     # -- what generate() and the model ask of a cache ----------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:

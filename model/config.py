@@ -4,6 +4,8 @@
 window of `sliding_window` tokens) or "linear_attention" (a Gated DeltaNet mixer). The Gated DeltaNet
 dimensions default to the teacher's attention: as many heads as the teacher has query heads, its
 head_dim, and values expanded by `expand_v` (3B teacher: 16 heads × 128, expand_v 2, state 16×128×256).
+`linear_mixer` picks the recurrence of every linear layer: "gated_deltanet" (the paper's model), or "gla" /
+"mamba2" for the paper's linear-mixer ablation (model/linear_mixers.py, sized from the same fields).
 Field names follow the authors' released config (num_linear_heads, linear_head_dim, expand_v, conv_size,
 norm_eps) so configs move between the two without renaming.
 """
@@ -18,6 +20,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
 )
 
 LAYER_TYPES = ("sliding_attention", "linear_attention")
+LINEAR_MIXERS = ("gated_deltanet", "gla", "mamba2")
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,7 @@ class InfiniteVLTextConfig(Qwen2_5_VLTextConfig):
     linear_head_dim: int | None = None
     expand_v: float = 2.0
     conv_size: int = 4
+    linear_mixer: str = "gated_deltanet"
     norm_eps: float = 1e-6
     linear_backend: str = "auto"
     attention_backend: str = "auto"
@@ -94,6 +98,8 @@ def _validate_text(c: InfiniteVLTextConfig) -> None:
         raise ConfigError(f"expand_v {c.expand_v} × linear_head_dim {c.linear_head_dim} is not a whole number")
     if c.conv_size < 1:
         raise ConfigError(f"conv_size must be ≥ 1, got {c.conv_size}")
+    if c.linear_mixer not in LINEAR_MIXERS:
+        raise ConfigError(f"linear_mixer is {c.linear_mixer!r}; allowed: {', '.join(LINEAR_MIXERS)}")
     if c.linear_backend not in ("auto", "torch", "fla"):
         raise ConfigError(f"linear_backend is {c.linear_backend!r}; allowed: auto, torch, fla")
     if c.attention_backend not in ("auto", "sdpa", "flex", "flash"):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .cache import GatedDeltaNetCache, InfiniteVLCache, SlidingWindowCache
+from .cache import InfiniteVLCache, RecurrentStateCache, SlidingWindowCache
 from .swa import window_mask
 
 WARMUP_STEPS = 3  # eager runs before capture: Triton autotuning, cuBLAS workspaces, lazy inits
@@ -45,6 +45,8 @@ def allocate_cache(model, batch_size: int, device=None, dtype=None) -> InfiniteV
         if isinstance(state, SlidingWindowCache):
             like = torch.empty(batch_size, mixer.num_kv_heads, 0, mixer.head_dim, device=device, dtype=dtype)
             state.allocate(like, like)
+        elif hasattr(mixer, "allocate_state"):  # GLA, Mamba2: each knows its own conv and state shapes
+            mixer.allocate_state(state, batch_size, device, dtype)
         else:
             width = mixer.conv_size - 1
             state.conv = {name: torch.zeros(batch_size, dim, width, device=device, dtype=dtype)
@@ -91,7 +93,7 @@ def forward_in_place(model, cache: InfiniteVLCache, inputs_embeds: torch.Tensor,
         if isinstance(state, SlidingWindowCache):
             x = _sliding_attention(layer.self_attn, x, position_embeddings, state, offset)
         else:
-            x = _gated_deltanet(layer.self_attn, x, state)
+            x = _linear_mixer(layer.self_attn, x, state)
         h = h + x
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return text.norm(h)
@@ -110,9 +112,9 @@ def _sliding_attention(attn, x, position_embeddings, ring: SlidingWindowCache, o
     return attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
-def _gated_deltanet(gdn, x, state: GatedDeltaNetCache):
+def _linear_mixer(mixer, x, state: RecurrentStateCache):
     conv, recurrent = state.conv, state.state
-    out = gdn(x, None, None, state)  # rebinds state.conv / state.state to new tensors
+    out = mixer(x, None, None, state)  # rebinds state.conv / state.state to new tensors
     for name, t in conv.items():
         t.copy_(state.conv[name])
     recurrent.copy_(state.state)

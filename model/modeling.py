@@ -1,5 +1,6 @@
 """InfiniteVL: Qwen2.5-VL's vision tower, merger, embeddings, LM head, norms and MLPs around a hybrid
-decoder whose token mixers are sliding-window attention or Gated DeltaNet, per `config.layer_types`.
+decoder whose token mixers are sliding-window attention or a linear mixer, per `config.layer_types`; the
+linear mixer is Gated DeltaNet, or GLA / Mamba2 for the paper's ablation (`config.linear_mixer`).
 
 Module names equal Qwen2.5-VL's (`model.visual.*`, `model.language_model.layers.{i}.self_attn.*`,
 `.mlp.*`, `lm_head`), so every non-mixer weight loads from the teacher unchanged and sliding layers keep
@@ -32,6 +33,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from .cache import InfiniteVLCache
 from .config import InfiniteVLConfig, InfiniteVLTextConfig
 from .gdn import GatedDeltaNet
+from .linear_mixers import GatedLinearAttention, Mamba2Mixer
 from .positions import packed_rope_index, token_types
 from .swa import SlidingWindowAttention
 
@@ -50,6 +52,14 @@ class InfiniteVLPreTrainedModel(Qwen2_5_VLPreTrainedModel):
         if isinstance(module, GatedDeltaNet):
             module.reset_gates()
             module.o_norm.weight.fill_(1.0)
+        elif isinstance(module, Mamba2Mixer):
+            module.reset_ssm()
+            module.norm.weight.fill_(1.0)
+        elif isinstance(module, GatedLinearAttention):
+            module.g_norm_swish_gate.weight.fill_(1.0)
+
+
+LINEAR_MIXER_CLASSES = {"gated_deltanet": GatedDeltaNet, "gla": GatedLinearAttention, "mamba2": Mamba2Mixer}
 
 
 class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
@@ -59,7 +69,7 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
         if self.layer_type == "sliding_attention":
             self.self_attn = SlidingWindowAttention(config, layer_idx)
         else:
-            self.self_attn = GatedDeltaNet(config, layer_idx)
+            self.self_attn = LINEAR_MIXER_CLASSES[config.linear_mixer](config, layer_idx)
         self.mlp = Qwen2MLP(config)
         self.input_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)

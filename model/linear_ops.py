@@ -1,0 +1,238 @@
+"""Gated linear attention recurrences for the ablation mixers (GLA, Mamba2): pure-torch chunked and
+step-by-step implementations (CPU path, test reference) and the dispatch to flash-linear-attention's Triton
+kernels on CUDA, in the style of `gdn_ops.py`.
+
+One recurrence covers both mixers. Per head, with the state h a K×V matrix (q already scaled):
+
+    h_t = diag(exp(g_t)) · h_{t-1} + k_t v_tᵀ
+    o_t = h_tᵀ q_t
+
+GLA gates every key channel (g [B, T, H, K], fla's `chunk_gla`); Mamba2's SSD form has one scalar decay per
+head (g [B, T, H], fla's `chunk_simple_gla`). Chunked form (chunk of C steps, G = Σ_{s≤t} g_s inside the
+chunk, S the state entering it):
+
+    O  = (Q ⊙ exp(G)) S + A V              A[t,s] = Σ_k q_tk k_sk exp(G_tk − G_sk)   for s ≤ t
+    S' = exp(G_C) ⊙ S + (K ⊙ exp(G_C − G))ᵀ V
+
+Every exponent above is ≤ 0 (decays only), so nothing overflows however strong the gates. With per-channel
+gates A needs a [C, C, K] tensor per chunk, hence a smaller chunk (16) for GLA than for the scalar form (64).
+
+Layouts follow fla: q, k [B, T, H, K]; v [B, T, H, V]; states [N, H, K, V] in fp32. Packed sequences pass
+`cu_seqlens` (B must be 1) and the state restarts at every boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .gdn_ops import LIFT_GUARD_ENV, _acc, _chunks, hopper_guard_active
+
+CHUNK_SCALAR = 64
+CHUNK_CHANNEL = 16
+
+
+def torch_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                    chunk_size: int | None = None):
+    """Exact chunked gated linear attention in plain torch (fp32 accumulation); differentiable. `g` is the
+    log-decay, [B, T, H, K] (per key channel) or [B, T, H] (per head)."""
+    if cu_seqlens is not None:
+        return _varlen(torch_chunk_gla, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                       chunk_size=chunk_size)
+    dtype, acc = v.dtype, _acc(v)
+    scalar = g.ndim == 3
+    C = chunk_size or (CHUNK_SCALAR if scalar else CHUNK_CHANNEL)
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    pad = (C - T % C) % C
+    # [B, H, N, C, *]; padded steps have k = 0 and g = 0, so they leave the state untouched
+    q, k, v = (_chunks(x.to(acc), pad, C) for x in (q * scale, k, v))
+    g = _chunks((g.unsqueeze(-1) if scalar else g).to(acc), pad, C)  # [B, H, N, C, 1 or K]
+    G = g.cumsum(-2)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+    outs = []
+    for n in range(q.shape[2]):
+        qn, kn, vn, Gn = q[:, :, n], k[:, :, n], v[:, :, n], G[:, :, n]
+        if scalar:
+            decay = (Gn - Gn.transpose(-1, -2)).masked_fill(~causal, float("-inf")).exp()  # [B, H, C, C]
+            A = (qn @ kn.transpose(-1, -2)) * decay
+        else:
+            diff = Gn.unsqueeze(-2) - Gn.unsqueeze(-3)  # [B, H, C(t), C(s), K]
+            decay = diff.masked_fill(~causal.unsqueeze(-1), float("-inf")).exp()
+            A = torch.einsum("bhtk,bhsk,bhtsk->bhts", qn, kn, decay)
+        outs.append((qn * Gn.exp()) @ S + A @ vn)
+        last = Gn[..., -1:, :]  # [B, H, 1, 1 or K]
+        S = S * last.transpose(-1, -2).exp() + (kn * (last - Gn).exp()).transpose(-1, -2) @ vn
+    o = torch.stack(outs, 2).reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
+    return o.to(dtype), (S if output_final_state else None)
+
+
+def torch_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Step-by-step form (decoding a few tokens, and an independent check of the chunked form)."""
+    if cu_seqlens is not None:
+        return _varlen(torch_recurrent_gla, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    dtype, acc = v.dtype, _acc(v)
+    B, T, H, K = k.shape
+    scale = K ** -0.5 if scale is None else scale
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=acc) if initial_state is None else initial_state.to(acc)
+    q, k, v, g = (x.to(acc) for x in (q * scale, k, v, g))
+    if g.ndim == 3:
+        g = g.unsqueeze(-1)  # one decay per head acts on every key channel
+    outs = []
+    for t in range(T):
+        S = S * g[:, t].exp().unsqueeze(-1) + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    return torch.stack(outs, 1).to(dtype), (S if output_final_state else None)
+
+
+def _varlen(fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, **kw):
+    if q.shape[0] != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {q.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = None if initial_state is None else initial_state[i:i + 1]
+        o, h = fn(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale, h0, output_final_state, None, **kw)
+        outs.append(o)
+        states.append(h)
+    return torch.cat(outs, 1), (torch.cat(states) if output_final_state else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CUDA: flash-linear-attention
+# --------------------------------------------------------------------------------------------------------------
+
+_simple_gla_guard_checked = False
+
+
+def _use_fla(q: torch.Tensor, backend: str) -> bool:
+    if backend == "fla":
+        if not q.is_cuda:
+            raise RuntimeError("linear_backend='fla' needs CUDA tensors: flash-linear-attention's Triton kernels do "
+                               "not run on CPU (use linear_backend='auto' or 'torch' there)")
+        return True
+    if backend != "auto" or not q.is_cuda or not torch.cuda.is_available():
+        return False
+    # as for Gated DeltaNet: head dims under 32 (tiny test models) take the torch path
+    if q.shape[-1] < 32:
+        return False
+    try:
+        import fla.ops.gla  # noqa: F401
+        import fla.ops.simple_gla  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _torch_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    fn = torch_recurrent_gla if q.shape[1] <= 4 and not torch.is_grad_enabled() else torch_chunk_gla
+    return fn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def _fla_kwargs(q, scale, initial_state, output_final_state, cu_seqlens):
+    return dict(scale=scale, initial_state=None if initial_state is None else initial_state.float(),
+                output_final_state=output_final_state,
+                cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.long))
+
+
+def _decoding(q) -> bool:
+    return q.shape[1] <= 64 and not (torch.is_grad_enabled() and q.requires_grad)
+
+
+def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+        backend: str = "auto"):
+    """Per-channel gates (GLA): fla's chunk kernel (training, prefill) or fused recurrent kernel (≤ 64 new
+    tokens) on CUDA; the torch chunked form on CPU or with `backend="torch"`."""
+    if not _use_fla(q, backend):
+        return _torch_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+
+    kwargs = _fla_kwargs(q, scale, initial_state, output_final_state, cu_seqlens)
+    # keywords throughout: fused_recurrent_gla calls the gate `gk`, chunk_gla calls it `g`
+    if _decoding(q):
+        return fused_recurrent_gla(q=q, k=k, v=v, gk=g, **kwargs)
+    return chunk_gla(q=q, k=k, v=v, g=g, **kwargs)
+
+
+def simple_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+               backend: str = "auto"):
+    """One scalar gate per head (Mamba2's SSD form): fla's `chunk_simple_gla` / `fused_recurrent_simple_gla`
+    on CUDA; the torch chunked form on CPU or with `backend="torch"`."""
+    if not _use_fla(q, backend):
+        return _torch_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+
+    kwargs = _fla_kwargs(q, scale, initial_state, output_final_state, cu_seqlens)
+    if _decoding(q):
+        return fused_recurrent_simple_gla(q=q, k=k, v=v, g=g, **kwargs)
+    if torch.is_grad_enabled():
+        ensure_simple_gla_backward_ok(q.device)
+    return chunk_simple_gla(q=q, k=k, v=v, g=g, **kwargs)
+
+
+def ensure_simple_gla_backward_ok(device) -> None:
+    """chunk_simple_gla's backward goes through the same gated kernel fla refuses on Hopper with Triton in
+    [3.4, 3.7.1) (fla issue #640). As for Gated DeltaNet: lift that guard only when asked
+    (INFINITEVL_LIFT_FLA_HOPPER_GUARD=1) and only after a gradient check of this op on this GPU passes."""
+    global _simple_gla_guard_checked
+    if _simple_gla_guard_checked or not hopper_guard_active(device):
+        return
+    if os.environ.get(LIFT_GUARD_ENV) != "1":
+        raise RuntimeError(
+            "flash-linear-attention refuses the gated chunk backward (used by the Mamba2 mixer) on Hopper GPUs "
+            "with Triton in [3.4, 3.7.1) (fla issue #640). Install Triton >= 3.7.1, or set "
+            f"{LIFT_GUARD_ENV}=1 to lift the guard after an automatic gradient check on this GPU.")
+    import fla.ops.common.chunk_o as chunk_o
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    saved = chunk_o.IS_NVIDIA_HOPPER
+    chunk_o.IS_NVIDIA_HOPPER = False
+    try:
+        for K in (64, 128):
+            errs = compare_with_reference(chunk_simple_gla, device, K=K, V=2 * K, scalar=True)
+            if max(errs.values()) > 2e-2:
+                raise RuntimeError(f"fla simple_gla gradient check failed at head_dim {K}: relative errors {errs}")
+    except Exception:
+        chunk_o.IS_NVIDIA_HOPPER = saved
+        raise
+    warnings.warn("fla Hopper/Triton guard lifted after a passing simple_gla gradient check")
+    _simple_gla_guard_checked = True
+
+
+def compare_with_reference(kernel, device, B=2, T=300, H=4, K=64, V=128, dtype=torch.bfloat16, seed=0,
+                           cu_seqlens=None, scalar=False) -> dict:
+    """Relative error (max |a-b| / max |b|) of an fla kernel (chunk_gla / chunk_simple_gla or their fused
+    recurrent forms) against the fp32 torch chunked form, for the output, the final state and the gradients
+    of q, k, v, g."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    g_shape = (B, T, H) if scalar else (B, T, H, K)
+    # GLA's own gate range: logsigmoid(·)/16
+    inputs = dict(q=mk(B, T, H, K), k=mk(B, T, H, K), v=mk(B, T, H, V),
+                  g=torch.nn.functional.logsigmoid(mk(*g_shape) + 2) / (1 if scalar else 16))
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    h0 = mk(N, H, K, V)
+    do, dht = mk(B, T, H, V), mk(N, H, K, V)
+    gate_name = "gk" if "fused_recurrent_gla" in getattr(kernel, "__name__", "") else "g"
+
+    def run(fn, dt):
+        xs = {n: x.to(device, dt).requires_grad_() for n, x in inputs.items()}
+        xs["g"] = inputs["g"].to(device, torch.float32).requires_grad_()
+        args = dict(q=xs["q"], k=xs["k"], v=xs["v"], initial_state=h0.to(device), output_final_state=True,
+                    cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device))
+        if fn is kernel:
+            o, ht = fn(**args, **{gate_name: xs["g"]})
+        else:
+            o, ht = fn(**args, g=xs["g"])
+        ((o.float() * do.to(device)).sum() + (ht.float() * dht.to(device)).sum()).backward()
+        return {"o": o.detach().float().cpu(), "ht": ht.detach().float().cpu(),
+                **{f"d{n}": x.grad.float().cpu() for n, x in xs.items()}}
+
+    got = run(kernel, dtype)
+    ref = run(torch_chunk_gla, torch.float32)
+    return {n: float((got[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-12)) for n in ref}
