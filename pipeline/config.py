@@ -84,6 +84,8 @@ class StudentSection(Section):
     linear_head_dim: int | None = Field(None, gt=0)
     expand_v: float = Field(2.0, gt=0)
     conv_size: int = Field(4, gt=0)
+    linear_mixer: Literal["gated_deltanet", "gla", "mamba2"] = Field(
+        "gated_deltanet", description="recurrence of the linear layers (gla and mamba2: the paper's ablation)")
 
 
 class CorpusSection(Section):

@@ -1,6 +1,7 @@
 """Which parameters train: named groups (config, not code) resolved against a model's parameter names.
 
-Groups: linear_attn (Gated DeltaNet mixers), sliding_attn (sliding-window attention), mlp, norms, embeddings,
+Groups: linear_attn (the linear mixers: Gated DeltaNet, GLA or Mamba2, every parameter under a linear layer's
+self_attn), sliding_attn (sliding-window attention), mlp, norms, embeddings,
 lm_head, vision (the ViT blocks and patch embedding), merger, lora (peft adapters), all; or `re:<regex>`.
 A group that matches nothing is a config error, raised before the first step.
 """

@@ -1,7 +1,8 @@
 """What each stage trains and how it scores a batch. A recipe builds the module DeepSpeed wraps (its
 forward takes a packed batch and returns the loss and metrics) and exports the trained model.
 
-Stage I-a keeps one model in memory: the frozen teacher plus the new Gated DeltaNet mixers; each mixer is
+Stage I-a keeps one model in memory: the frozen teacher plus the new linear mixers (Gated DeltaNet, or GLA /
+Mamba2 per `student.linear_mixer`); each mixer is
 fed the teacher's input to that layer's attention (hooked during the teacher's forward) and regressed
 onto that attention's output. The other stages train the student itself.
 """
@@ -16,8 +17,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration, default_layer_types
 from model.checkpoint import save_pretrained
-from model.convert import convert_from_qwen2_5_vl, init_gdn_from_attention
-from model.gdn import GatedDeltaNet
+from model.convert import convert_from_qwen2_5_vl, init_mixer_from_attention
+from model.modeling import LINEAR_MIXER_CLASSES
 
 from .losses import answer_cross_entropy, layer_mse, topk_kl
 
@@ -32,7 +33,7 @@ def model_inputs(batch: dict) -> dict:
 def student_overrides(student: dict, num_layers: int) -> dict:
     """InfiniteVLTextConfig fields from the run config's `student` section."""
     out = {"sliding_window": student["sliding_window"], "expand_v": student.get("expand_v", 2.0),
-           "conv_size": student.get("conv_size", 4)}
+           "conv_size": student.get("conv_size", 4), "linear_mixer": student.get("linear_mixer", "gated_deltanet")}
     for k in ("num_linear_heads", "linear_head_dim"):
         if student.get(k):
             out[k] = student[k]
@@ -43,7 +44,7 @@ def student_overrides(student: dict, num_layers: int) -> dict:
 
 
 class LayerwiseAligner(nn.Module):
-    """Stage I-a: frozen teacher + one Gated DeltaNet per linear layer, trained on the teacher's own
+    """Stage I-a: frozen teacher + one linear mixer per linear layer, trained on the teacher's own
     per-layer inputs and attention outputs (online: nothing is precomputed)."""
 
     def __init__(self, teacher: Qwen2_5_VLForConditionalGeneration, student_config: InfiniteVLConfig,
@@ -56,10 +57,11 @@ class LayerwiseAligner(nn.Module):
         self.linear_layers = [i for i, t in enumerate(types) if t == "linear_attention"]
         self.mixers = nn.ModuleDict()
         for i in self.linear_layers:
-            gdn = GatedDeltaNet(student_config.text_config, i)
-            gdn.to(next(teacher.parameters()).dtype)
-            init_gdn_from_attention(gdn, teacher.model.language_model.layers[i].self_attn, student_config.text_config)
-            self.mixers[str(i)] = gdn
+            text = student_config.text_config
+            mixer = LINEAR_MIXER_CLASSES[text.linear_mixer](text, i)
+            mixer.to(next(teacher.parameters()).dtype)
+            init_mixer_from_attention(mixer, teacher.model.language_model.layers[i].self_attn, text)
+            self.mixers[str(i)] = mixer
             teacher.model.language_model.layers[i].self_attn.register_forward_hook(self._hook(i), with_kwargs=True)
         self._losses: list[torch.Tensor] = []
         self._cu_seqlens = None
@@ -95,7 +97,8 @@ def _config_overrides(config: InfiniteVLConfig) -> dict:
     t = config.text_config
     return {"layer_types": list(t.layer_types), "sliding_window": t.sliding_window, "expand_v": t.expand_v,
             "conv_size": t.conv_size, "num_linear_heads": t.num_linear_heads,
-            "num_linear_key_value_heads": t.num_linear_key_value_heads, "linear_head_dim": t.linear_head_dim}
+            "num_linear_key_value_heads": t.num_linear_key_value_heads, "linear_head_dim": t.linear_head_dim,
+            "linear_mixer": t.linear_mixer}
 
 
 def teacher_forward_packed(teacher, batch: dict):
