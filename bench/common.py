@@ -26,10 +26,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_result(bench: str, config: dict, rows: list[dict], summary: dict, out_dir: str = RESULTS) -> str:
+def write_result(bench: str, config: dict, rows: list[dict], summary: dict, out_dir: str = RESULTS,
+                 device: str | None = None) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{bench}.json")
-    record = {"bench": bench, "device": device_name(), "date": datetime.date.today().isoformat(),
+    record = {"bench": bench, "device": device or device_name(), "date": datetime.date.today().isoformat(),
               "commit": git_commit(), "config": config, "rows": rows, "summary": summary}
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)

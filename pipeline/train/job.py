@@ -33,6 +33,7 @@ class TrainJob:
     seed: int
     logits: str | None = None
     extra_corpus: str | None = None  # stage III: Stage II data mixed in
+    init_weights: str = "load"       # "random": the student built from init's config.json, weights drawn from seed
 
     def dump(self, path: str) -> None:
         with open(path, "w") as f:

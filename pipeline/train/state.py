@@ -93,11 +93,28 @@ def restore(engine, output: str, rank: int, local_rank: int, staging_root: str) 
         fs, path = fsspec.core.url_to_fs(url)
         fs.get(path.rstrip("/") + "/", work.rstrip("/") + "/", recursive=True)
     barrier()
-    with safe_deepspeed_load():
-        load_path, _ = engine.load_checkpoint(work, tag="ds", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+    load_dir, universal = work, False
+    saved_world, world = saved_world_size(os.path.join(work, "ds")), engine.dp_world_size
+    if saved_world != world:
+        # ZeRO's optimizer shards only load on the world size that wrote them: convert the checkpoint to
+        # DeepSpeed's universal (per-parameter) layout in local staging, then load that
+        load_dir, universal = os.path.join(staging_root, f"universal-{step:08d}"), True
+        if local_rank == 0:
+            to_universal(os.path.join(work, "ds"), os.path.join(load_dir, "ds"))
+        barrier()
+    engine._config.load_universal_checkpoint = universal
+    try:
+        with safe_deepspeed_load(allow_universal=universal):
+            load_path, _ = engine.load_checkpoint(load_dir, tag="ds", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {url}")
+    if universal:
+        barrier()
+        if local_rank == 0:
+            shutil.rmtree(load_dir, ignore_errors=True)
     rng_file = os.path.join(work, f"rng-rank{rank}.safetensors")
     if os.path.exists(rng_file):
         _set_rng_state(load_file(rng_file))
@@ -107,6 +124,26 @@ def restore(engine, output: str, rank: int, local_rank: int, staging_root: str) 
     if not is_local(url) and local_rank == 0:
         shutil.rmtree(work, ignore_errors=True)
     return state
+
+
+def saved_world_size(ds_dir: str) -> int:
+    """How many data-parallel ranks wrote a DeepSpeed checkpoint folder (one optimizer shard each)."""
+    return len([n for n in os.listdir(ds_dir) if n.endswith("optim_states.pt") and "zero_pp_rank_" in n])
+
+
+def to_universal(ds_dir: str, out_dir: str) -> None:
+    """DeepSpeed's ds_to_universal in this process (no worker pool): `out_dir` loads on any world size."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    args = argparse.Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress bars and per-parameter lines
+        ds_to_universal.main(args)
 
 
 def staging_dir(output: str) -> str:
@@ -130,6 +167,9 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 class safe_deepspeed_load:
     """Within this block torch.load only admits tensors, plain containers and DeepSpeed's enum/config
     types found in its optimizer states: a checkpoint cannot run code when it is loaded."""
+
+    def __init__(self, allow_universal: bool = False):
+        self.allow_universal = allow_universal
 
     def __enter__(self):
         from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -46,8 +46,9 @@ def main(job_path: str) -> None:
     writer = MetricsWriter(job, rank, staging, resume_step=step)
     batches = iter(loader)
     started, tokens_seen = time.monotonic(), 0
+    every = job.section["checkpoint_every"]  # 0: no checkpoints (benchmarks)
     while step < steps:
-        metrics = {"loss": 0.0, "tokens": 0}
+        metrics, step_started = {"loss": 0.0, "tokens": 0}, time.monotonic()
         for _ in range(accum):
             batch = recipe.next_batch(batches, device)
             loss, extra = engine(batch)
@@ -58,6 +59,8 @@ def main(job_path: str) -> None:
             for k, v in extra.items():
                 metrics[k] = metrics.get(k, 0.0) + v / accum
         step += 1
+        metrics["step_s"] = time.monotonic() - step_started
+        metrics.update(_across_ranks(metrics["loss"], device, world))
         tokens_seen += metrics["tokens"]
         elapsed = time.monotonic() - started
         metrics.update(lr=engine.get_lr()[0], grad_norm=_grad_norm(engine), tokens_per_s=tokens_seen * world / elapsed)
@@ -67,13 +70,15 @@ def main(job_path: str) -> None:
             eta = elapsed / max(step - (resumed or {}).get("step", 0), 1) * (steps - step)
             _log(f"{job.stage} step {step}/{steps} loss {metrics['loss']:.6g} lr {metrics['lr']:.3g} "
                  f"grad_norm {metrics['grad_norm']:.3g} tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s")
-        if step % job.section["checkpoint_every"] == 0 or step == steps:
+        if every > 0 and (step % every == 0 or step == steps):
             writer.flush()
             state.save(engine, job.stage, job.output, step, loader.state_dict(), _summary(metrics),
                        job.section.get("keep_last", 3), rank, local_rank, staging,
                        export=lambda work: export_to(engine, recipe, job, rank, work))
-    export(engine, recipe, job, rank, local_rank, staging)
+    if job.section.get("export", True):
+        export(engine, recipe, job, rank, local_rank, staging)
     writer.close()
+    engine.destroy()  # frees ZeRO's buffers and hooks: a process may run several jobs (bench/scaling.py)
 
 
 def join_process_group():
@@ -95,6 +100,26 @@ def join_process_group():
     if cuda:
         torch.cuda.set_device(device)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device
+
+
+def _across_ranks(loss: float, device: torch.device, world: int) -> dict:
+    """The global batch's loss (the mean of the ranks' losses: each rank averages its micro-batches) and,
+    on CUDA, each rank's peak memory so far in GiB."""
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    mine = torch.tensor([loss, peak or 0.0], dtype=torch.float64, device=device)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+    else:
+        gathered = [mine]
+    values = torch.stack(gathered).cpu()
+    out = {"loss": float(values[:, 0].mean())}
+    if peak is not None:
+        out["peak_mem_gib"] = float(values[:, 1].max())
+        out["peak_mem_gib_per_rank"] = [round(float(v), 3) for v in values[:, 1]]
+    return out
 
 
 def deepspeed_config(section: dict, dtype: torch.dtype) -> dict:
