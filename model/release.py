@@ -55,6 +55,10 @@ def config_from_release(release: dict) -> InfiniteVLConfig:
 
 def config_to_release(config: InfiniteVLConfig) -> dict:
     t = config.text_config
+    if t.linear_mixer != "gated_deltanet":
+        # the released code builds Gated DeltaNet for every linear layer: a GLA/Mamba2 student would load wrong
+        raise ConfigError(f"linear_mixer is {t.linear_mixer!r}: the released layout holds Gated DeltaNet only; "
+                          "save GLA/Mamba2 students with model.checkpoint.save_pretrained")
     out = {"architectures": [RELEASE_ARCH], "model_type": RELEASE_MODEL_TYPE, "use_sliding_window": True,
            "use_gate": True, "use_short_conv": True, "mode": "chunk"}
     out.update({k: getattr(t, k) for k in _TEXT})
@@ -117,10 +121,11 @@ def load_release_checkpoint(path: str, dtype: torch.dtype | None = None) -> Infi
 
 def export_release(model: InfiniteVLForConditionalGeneration, path: str) -> None:
     """Writes our model in the released layout (config.json + model.safetensors)."""
+    config = config_to_release(model.config)  # refuses what the layout cannot hold before anything is written
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state_dict_to_release(state), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_release(model.config), f, indent=2)
+        json.dump(config, f, indent=2)

@@ -267,6 +267,14 @@ def test_save_load_round_trip_keeps_the_mixer(kind, students, processor, tmp_pat
         torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, students[kind](input_ids=ids).logits)
 
 
+def test_release_export_refuses_other_mixers(students, tmp_path):
+    from model.release import export_release
+
+    with pytest.raises(ConfigError, match="linear_mixer"):
+        export_release(students["gla"], str(tmp_path / "release"))
+    assert not (tmp_path / "release").exists()
+
+
 @pytest.mark.parametrize("kind", MIXERS)
 def test_generate_left_padded_batch_equals_rows_alone(kind, students):
     s = students[kind]
