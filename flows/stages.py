@@ -52,7 +52,8 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in [
     Stage("stage1b", "pipeline.train.stage1b:train_stage1b", ("train.stage1b",), needs=("teacher", "data", "stage1a", "teacher-logits")),
     Stage("stage2", "pipeline.train.stage2:train_stage2", ("train.stage2",), needs=("teacher", "data", "stage1b")),
     Stage("stage3", "pipeline.train.stage3:train_stage3", ("train.stage3",), needs=("teacher", "data", "stage2")),
-    Stage("eval", "pipeline.eval.stage:evaluate_run", ("eval",), needs=lambda c: (c.eval.target,)),
+    # eval reads the teacher too: it scores it on the held-out pictures for the retention
+    Stage("eval", "pipeline.eval.stage:evaluate_run", ("eval",), needs=lambda c: tuple(dict.fromkeys(("teacher", c.eval.target)))),
 ]}
 assert tuple(REGISTRY) == STAGE_ORDER, "the registry must list every stage of pipeline.stages.STAGE_ORDER, in order"
 

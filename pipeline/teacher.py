@@ -6,6 +6,7 @@ run keeps working (and stays reproducible) when the source moves or a Hub revisi
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -17,12 +18,31 @@ TINY = "tiny"
 
 
 def prepare_teacher(ctx: StageContext) -> dict:
-    source = ctx.config.teacher.source
+    """Copies (or builds) the teacher into the stage output; with `teacher.train`, trains the tiny teacher
+    on the synthetic picture questions first and reports its held-out accuracy (pipeline/teacher_train.py)."""
+    source, train = ctx.config.teacher.source, ctx.config.teacher.train
+    metrics: dict = {"source": source}
     with tempfile.TemporaryDirectory() as tmp:
-        local = _materialise(source, ctx.config.teacher.seed, tmp)
+        if train is not None:
+            metrics.update(_train_tiny(train, ctx.config.teacher.seed, tmp, ctx.log))
+            local = tmp
+        else:
+            local = _materialise(source, ctx.config.teacher.seed, tmp)
         _upload(local, ctx.output)
-    ctx.log.info("teacher %s saved to %s", source, ctx.output)
-    return {"source": source}
+    ctx.log.info("teacher %s%s saved to %s", source, " (trained)" if train else "", ctx.output)
+    return metrics
+
+
+def _train_tiny(settings, seed: int, tmp: str, log) -> dict:
+    from .teacher_train import train_teacher
+
+    teacher, processor, metrics = train_teacher(settings, seed=seed, log=log.info)
+    teacher.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "training_report.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    metrics.pop("loss_curve")  # in training_report.json beside the weights; the stage result stays flat
+    return {"trained": True, **metrics}
 
 
 def _materialise(source: str, seed: int, tmp: str) -> str:

@@ -5,8 +5,10 @@
     long      Stage III long video and documents (data.long, up to 32K tokens)
 
 Each lands in `<stage output>/<corpus>/` with its manifest. A source is a record URL (a .json/.jsonl
-LLaVA annotation file, or Parquet file/folder) or `sample`, the built-in synthetic data, generated into
-`<stage output>/sample-data/` so the run is self-contained. Credentials come from the environment
+LLaVA annotation file, or Parquet file/folder), `sample`, the built-in synthetic data, generated into
+`<stage output>/sample-data/` so the run is self-contained, or `sample-pictures`, single-turn questions on
+fresh sample pictures worded as the held-out `pictures` eval suite asks them (what a trained tiny teacher
+knows), under `<stage output>/sample-pictures/<corpus>/`. Credentials come from the environment
 (AWS_* variables), as for every stage.
 """
 
@@ -20,10 +22,13 @@ from pipeline import storage
 
 from .build import build_corpus
 from .config import CorpusConfig
-from .synthetic import write_sample_corpora
+from .synthetic import write_picture_questions, write_sample_corpora
 
 CORPORA = ("distill", "instruct", "long")
 SAMPLE = "sample"
+# single-turn questions on the sample pictures, worded as the held-out `pictures` eval suite asks them
+SAMPLE_PICTURES = "sample-pictures"
+PICTURE_QUESTIONS = 1024
 # the shards of a build are cut by sample count before anything is tokenized; the run config gives a
 # token budget per shard, turned into samples at this many tokens per sample
 TOKENS_PER_SAMPLE_ESTIMATE = 256
@@ -43,6 +48,9 @@ def build_corpora(ctx) -> dict:
             if ref == SAMPLE:
                 samples = samples or _sample_sources(ctx.path("sample-data"), ctx.config.run.seed)
                 sources += [samples[kind] for kind in SAMPLE_KINDS[name]]
+            elif ref == SAMPLE_PICTURES:
+                sources.append(_picture_source(ctx.path(f"sample-pictures/{name}"), section.max_samples,
+                                               ctx.config.run.seed + 101 * (1 + CORPORA.index(name))))
             else:
                 sources.append(source_for_url(ref))
         config = CorpusConfig(
@@ -65,6 +73,20 @@ def source_for_url(url: str) -> dict:
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "source"
     fmt = "llava" if base.endswith((".json", ".jsonl")) else "parquet"
     return {"name": name, "format": fmt, "path": url}
+
+
+def _picture_source(root: str, max_samples: int | None, seed: int) -> dict:
+    """Single-turn questions on fresh sample pictures, worded as the held-out `pictures` eval suite asks them;
+    one picture per two samples of the corpus (PICTURE_QUESTIONS questions when it sets no limit)."""
+    n_pictures = -(-(max_samples or PICTURE_QUESTIONS) // 2)
+    if storage.is_local(root):
+        path = write_picture_questions(root, n_pictures, seed)
+        return {"name": "sample-pictures", "format": "llava", "path": str(path)}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_picture_questions(tmp, n_pictures, seed)
+        fs, path = storage.filesystem(root)
+        fs.put(tmp.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+    return {"name": "sample-pictures", "format": "llava", "path": root.rstrip("/") + "/questions.jsonl"}
 
 
 def _sample_sources(root: str, seed: int) -> dict[str, dict]:

@@ -162,6 +162,29 @@ def write_llava(root: str | Path, n: int, seed: int = 0, fmt: str = "jsonl",
     return path
 
 
+def write_picture_questions(root: str | Path, n_pictures: int, seed: int = 0) -> Path:
+    """One single-turn LLaVA record per question on `n_pictures` pictures, worded exactly as the held-out
+    `pictures` eval suite asks them (pipeline/eval/synthetic.py: the question plus the eval prompt's
+    instruction), so distilling and fine-tuning on them trains the format the suite scores."""
+    from pipeline.eval.runner import build_prompt
+    from pipeline.eval.synthetic import HELD_OUT_SEED, picture_samples
+
+    if seed >= HELD_OUT_SEED:
+        raise ValueError(f"seed {seed} would draw held-out pictures: training seeds stay below {HELD_OUT_SEED}")
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, sample in enumerate(picture_samples(n_pictures, seed, images_as="pil")):
+        name = f"images/{i // 2:05d}.png"
+        if i % 2 == 0:  # the two questions of a picture share its file
+            sample["image"].save(root / name)
+        records.append({"id": sample["id"], "image": name, "conversations": [
+            {"from": "human", "value": "<image>" + build_prompt(sample)}, {"from": "gpt", "value": sample["answers"][0]}]})
+    path = root / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def write_parquet(root: str | Path, n: int, seed: int = 0, rows_per_file: int | None = None) -> Path:
     """The Cauldron / FineVision layout: `images` as [{bytes, path}], `texts` as [{user, assistant}]."""
     import pyarrow as pa

@@ -2,6 +2,7 @@
 
 A suite is named by a spec:
   tiny (or sample)   the built-in synthetic image questions (synthetic.py)
+  pictures           held-out questions on the sample-data pictures (synthetic.py), the teacher's tasks
   longvideo          the needle task at growing frame counts, with its plot (longvideo.py)
   NAME=URL           an Arrow eval file made by importers.py, reported as NAME; a video benchmark in it
                      is scored at every frame count of the long-video config, like the needle task
@@ -27,12 +28,12 @@ import torch
 from .dataset import read_samples
 from .longvideo import LongVideoConfig, run_longvideo, run_video_benchmark
 from .runner import EvalConfig, has_video, is_main_process, markdown_table, run_suite
-from .synthetic import tiny_samples
+from .synthetic import picture_samples, tiny_samples
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
-BUILTIN = {"tiny": "tiny", "sample": "tiny", "longvideo": "longvideo"}
+BUILTIN = {"tiny": "tiny", "sample": "tiny", "pictures": "pictures", "longvideo": "longvideo"}
 
 
 def evaluate_checkpoint(checkpoint: str, config: "RunConfig | EvalConfig | dict | None" = None, *,
@@ -69,6 +70,8 @@ def evaluate_model(model, processor, suites: list[str], out_dir: str, config: Ev
             results[name] = run_longvideo(model, processor, out_dir, longvideo, config, model_name)
         elif source == "tiny":
             results[name] = run_suite(model, processor, tiny_samples(), name, out_dir, config, model_name)
+        elif source == "pictures":
+            results[name] = run_suite(model, processor, picture_samples(), name, out_dir, config, model_name)
         elif has_video(next(read_samples(source, limit=1), {})):
             # Video benchmarks are the paper's length-generalisation figure: every video at every frame count.
             results[name] = run_video_benchmark(model, processor, name, source, frame_counts, out_dir, config,

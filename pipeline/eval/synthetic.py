@@ -1,7 +1,10 @@
-"""The built-in "tiny" suite: small image questions drawn in code, one kind per metric.
+"""The built-in suites drawn in code, so the default CPU run and CI can score a checkpoint end to end.
 
-It needs no downloads, so the default CPU run and CI can score a checkpoint end to end. A trained model
-should answer most of these; a random one scores about zero.
+  tiny      small image questions, one kind per metric. A trained model should answer most of these; a
+            random one scores about zero.
+  pictures  held-out questions on the sample-data generator's pictures (count the shapes, read the chart,
+            read the text): the tasks `teacher.train` trains the tiny teacher on, scored the same way for
+            the teacher and for every student checkpoint, so their ratio is the retention.
 """
 
 from __future__ import annotations
@@ -90,3 +93,33 @@ def _read_question(rng: random.Random, i: int) -> dict:
     word = rng.choice(WORDS)
     return make_sample(id=f"read/{i}", suite="tiny", image=_word_image(word), question="Which word does the page say?",
                        answers=[word], metric="anls", category="read")
+
+
+# -- the held-out picture questions (the tasks the proof teacher is trained on) -----------------------------------
+# The sample-data generator's pictures (pipeline/data/synthetic.py): every maker returns two questions in a
+# fixed order; these name them, one category per kind of question.
+PICTURE_KINDS = {
+    "shapes": ("shapes/count", "shapes/color"),
+    "bar_chart": ("bar_chart/highest", "bar_chart/lowest"),
+    "line_chart": ("line_chart/trend", "line_chart/last_value"),
+    "text_line": ("text_line/read", "text_line/first_word"),
+}
+# Held-out pictures are drawn from this seed on; training draws from seeds below it, so none is shared.
+HELD_OUT_SEED = 1_000_000
+
+
+def picture_samples(n_pictures: int = 64, seed: int = HELD_OUT_SEED, images_as: str = "png") -> list[dict]:
+    """Two questions per picture, the makers taking turns, scored by exact match after the VQA normalisation
+    (metric "vqa" with the answer given ten times). `images_as="pil"` keeps the PIL images (for training)."""
+    from pipeline.data.synthetic import PICTURES
+
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n_pictures):
+        maker = PICTURES[i % len(PICTURES)]
+        image, qa = maker(rng)
+        stored = image if images_as == "pil" else encode_image(image)
+        for kind, (question, answer) in zip(PICTURE_KINDS[maker.__name__], qa):
+            samples.append(make_sample(id=f"{kind}/{i}", suite="pictures", image=stored, question=question,
+                                       answers=[answer] * 10, metric="vqa", category=kind, source="synthetic"))
+    return samples

@@ -1,0 +1,185 @@
+"""Training the tiny teacher on the synthetic picture questions (the run config's `teacher.train`).
+
+A distillation run only proves something if the teacher knows something. This trains the in-code tiny
+Qwen2.5-VL (the real transformers code path, small dimensions) on the sample-data generator's pictures:
+count the shapes and name their color, the highest and lowest bar, the line's trend and last value, the
+text line and its first word. It then scores the teacher on the held-out `pictures` eval suite, the same
+suite (same prompts, same greedy decoding, same exact-match scoring) the eval stage scores students on.
+
+Why the pictures are shown at the processor's own resolution (up to 28·28·64 pixels): at 28·28·16 the
+320×64 text line becomes a 224×28 image, glyphs about 5 pixels tall, and text reading stays at chance
+however long the teacher trains. The prompt is the eval runner's (`build_prompt`: the question plus the
+"single word or phrase" instruction), so there is no format gap between what is trained and what is scored.
+
+Training pictures are drawn fresh for every batch (no picture is seen twice, so the teacher cannot
+memorise), from seeds below `HELD_OUT_SEED`; the batches are the same whatever the number of loader
+processes. With `target_accuracy`, training stops once the teacher-forced exact match on a validation set
+(which, for greedy decoding, is the exact match of the generated answer) reaches it.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+from pipeline.eval.runner import EvalConfig, build_messages, build_prompt, run_suite
+from pipeline.eval.synthetic import HELD_OUT_SEED, picture_samples
+
+IGNORE = -100
+VALIDATION_SEED = HELD_OUT_SEED + 1  # neither a training seed (those stay below HELD_OUT_SEED) nor the held-out one
+VALIDATION_PICTURES = 32
+
+
+# -- batches ----------------------------------------------------------------------------------------------------
+def prompt_text(processor, sample: dict) -> str:
+    """The eval runner's prompt for a sample, through the chat template, ending with the assistant header."""
+    return processor.apply_chat_template(build_messages(sample, build_prompt(sample)), add_generation_prompt=True)
+
+
+def training_batch(processor, samples: list[dict]) -> dict:
+    """Prompt + answer + end-of-turn, right-padded, with labels only on the answer and end-of-turn tokens.
+
+    The template ends the prompt with "assistant\\n" and the tokenizer splits at newlines and special
+    tokens, so the answer tokenizes the same alone as after the prompt; the check below makes sure.
+    """
+    eos = processor.tokenizer.eos_token
+    texts = [prompt_text(processor, s) + s["answers"][0] + eos for s in samples]
+    batch = processor(text=texts, images=[s["image"] for s in samples], padding_side="right")
+    labels = torch.full_like(batch["input_ids"], IGNORE)
+    for row, s in enumerate(samples):
+        answer_ids = processor.tokenizer(s["answers"][0] + eos, add_special_tokens=False)["input_ids"]
+        end = int(batch["attention_mask"][row].sum())
+        if batch["input_ids"][row, end - len(answer_ids):end].tolist() != answer_ids:
+            raise ValueError(f"answer {s['answers'][0]!r} tokenizes differently after the prompt")
+        labels[row, end - len(answer_ids):end] = batch["input_ids"][row, end - len(answer_ids):end]
+    batch["labels"] = labels
+    return dict(batch)
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The picture seed of training batch `index`: below HELD_OUT_SEED, so never a held-out picture."""
+    return (seed * 7919 + index) % HELD_OUT_SEED
+
+
+class PictureBatches(torch.utils.data.IterableDataset):
+    """Endless training batches of fresh pictures (`batch_size` questions, both questions of each picture);
+    loader process w of W makes batches w, w+W, ..., which the DataLoader hands out in index order."""
+
+    def __init__(self, processor, batch_size: int, seed: int, start: int = 0):
+        self.processor, self.batch_size, self.seed, self.start = processor, batch_size, seed, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        index = self.start + worker
+        while True:
+            samples = picture_samples(math.ceil(self.batch_size / 2), batch_seed(self.seed, index), images_as="pil")
+            yield training_batch(self.processor, samples[:self.batch_size])
+            index += workers
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_forced_exact(model, batch: dict) -> torch.Tensor:
+    """Per row: 1 when every answer token (and the end of turn) is the argmax given the tokens before it,
+    which is exactly when greedy decoding generates the answer."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    labels = batch["labels"][:, 1:]
+    right = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE)
+    return right.all(dim=1).float()
+
+
+def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine down to `floor` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print):
+    """Builds the tiny teacher of `settings` (a `TeacherTrainSection`), trains it, scores it on the held-out
+    pictures. Returns (model on the CPU in fp32, processor, metrics)."""
+    from model.tiny import build_tiny_teacher
+
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, processor = build_tiny_teacher(
+        seed, hidden=settings.hidden, heads=settings.heads, kv_heads=settings.kv_heads,
+        intermediate=settings.intermediate, num_layers=settings.num_layers, vision_hidden=settings.vision_hidden,
+        vision_depth=settings.vision_depth)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.to(device).train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup_steps))
+    loader = torch.utils.data.DataLoader(PictureBatches(processor, settings.batch_size, seed), batch_size=None,
+                                         num_workers=settings.loader_workers,
+                                         prefetch_factor=4 if settings.loader_workers else None)
+    validation = _to(training_batch(processor, picture_samples(VALIDATION_PICTURES, VALIDATION_SEED, "pil")), device)
+    check_every = max(25, settings.steps // 20)
+    log(f"teacher: {n_params / 1e6:.2f}M parameters, training {settings.steps} steps of {settings.batch_size} "
+        f"questions on {device} ({settings.precision})")
+
+    curve, window, tokens, validation_acc = [], [], 0, None
+    start = time.time()
+    step = 0
+    for step, batch in enumerate(loader, start=1):
+        batch = _to(batch, device)
+        tokens += int(batch["attention_mask"].sum())
+        with autocast:
+            loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        window.append(loss.item())
+        last = step == settings.steps or (settings.max_seconds and time.time() - start > settings.max_seconds)
+        if step % check_every == 0 or last:
+            model.eval()
+            with autocast:
+                validation_acc = float(teacher_forced_exact(model, validation).mean())
+            model.train()
+            curve.append({"step": step, "loss": sum(window) / len(window), "validation_exact": validation_acc,
+                          "seconds": round(time.time() - start, 1)})
+            window = []
+            log(f"teacher step {step}/{settings.steps}  loss {curve[-1]['loss']:.4f}  validation exact match "
+                f"{validation_acc:.3f}  {time.time() - start:.0f}s")
+            if settings.target_accuracy and validation_acc >= settings.target_accuracy:
+                log(f"teacher reached the target validation accuracy {settings.target_accuracy} at step {step}")
+                last = True
+        if last:
+            break
+    train_seconds = time.time() - start
+    model.eval()
+    with autocast:
+        held_out = score_pictures(model, processor, settings.eval_pictures)
+    log(f"teacher held-out accuracy {held_out['pictures']:.1f}% on {2 * settings.eval_pictures} questions: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in held_out.items() if k != "pictures"))
+    metrics = {"parameters": n_params, "steps": step, "train_seconds": round(train_seconds, 1),
+               "train_tokens": tokens, "loss": curve[-1]["loss"] if curve else None,
+               "validation_exact": validation_acc, "score": held_out["pictures"],
+               **{f"heldout/{k}": v for k, v in held_out.items()}, "loss_curve": curve}
+    # a fresh processor to save: batched calls leave padding settings in the used one's tokenizer, which would
+    # change its fingerprint (the data and training stages compare the shards' processor with the teacher's)
+    from model.tiny import build_processor
+
+    return model.to("cpu").float(), build_processor(), metrics
+
+
+def score_pictures(model, processor, n_pictures: int = 64, out_dir: str | None = None,
+                   batch_size: int = 32) -> dict[str, float]:
+    """Held-out accuracy in percent, overall (`pictures`) and per kind of question, through the eval runner."""
+    config = EvalConfig(batch_size=batch_size, max_new_tokens=16)
+    with tempfile.TemporaryDirectory(prefix="infinitevl-pictures-") as tmp:
+        results = run_suite(model, processor, picture_samples(n_pictures), "pictures", out_dir or tmp, config)
+    return {"pictures": results["score"], **{k: v["score"] for k, v in results.get("categories", {}).items()}}
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
