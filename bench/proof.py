@@ -1,0 +1,480 @@
+"""The transfer proof (issue #9): does the pipeline carry a teacher's capability over to the hybrid student?
+
+We cannot download Qwen2.5-VL, so the teacher is a small Qwen2.5-VL (the real transformers code path) that
+the teacher stage trains on the sample-data pictures (`teacher.train`, pipeline/teacher_train.py) until it
+answers held-out questions. Then the pipeline runs on it as on a real teacher: data → teacher logits →
+Stage I-a → I-b → II → III. The held-out `pictures` suite (the same questions, prompts, greedy decoding and
+exact-match scoring) scores the teacher and every stage's export; retention = student / teacher.
+
+Ablations (the paper's): the linear mixer (Gated DeltaNet, GLA, Mamba2) at the default 1/4 sliding share,
+and the sliding share (0, 1/8, 1/4, 1/2) with Gated DeltaNet, each through Stages I-a → I-b → II, scored
+the same way. They reuse the main run's teacher, data and logits (linked into their run roots, where the
+fingerprints find them committed) and run in parallel, one worker process per GPU.
+
+    python -m bench.proof --gpus 0,1                 # configs/proof.yaml on two GPUs
+    python -m bench.proof --tiny                     # the CPU smoke test of the same recipe
+    python -m bench.proof --tiny --no-ablations --out /tmp/proof
+
+Stages run through the Prefect flow (`flows.pipeline.infinitevl`, what `infinitevl run` calls) when Prefect
+is installed, else through the same stage calls without Prefect (`--runner direct`; DESIGN.md: pipeline/
+is callable without Prefect): same fingerprints, skips, markers and outputs. Writes
+`<out>/proof.json` (DESIGN.md's benchmark contract), `proof.md` and `proof.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+from pipeline.config import RunConfig, config_from_dict, load_config, to_yaml
+from pipeline.stages import STAGE_ORDER, read_json
+
+SHARED = ("teacher", "data", "teacher-logits")
+STUDENT_STAGES = ("stage1a", "stage1b", "stage2", "stage3")
+ABLATION_STAGES = ("stage1a", "stage1b", "stage2")
+MIXERS = ("gated_deltanet", "gla", "mamba2")
+SHARES = (Fraction(0), Fraction(1, 8), Fraction(1, 4), Fraction(1, 2))
+DEFAULT_SHARE = Fraction(1, 4)
+
+# The CPU smoke test: the same recipe at a size that runs in a few minutes on two cores.
+TINY = {
+    "teacher.train.steps": 150, "teacher.train.batch_size": 16, "teacher.train.lr": 2e-3,
+    "teacher.train.warmup_steps": 20, "teacher.train.hidden": 128, "teacher.train.num_layers": 8,
+    "teacher.train.heads": 4, "teacher.train.intermediate": 256, "teacher.train.vision_hidden": 64,
+    "teacher.train.vision_depth": 2, "teacher.train.precision": "fp32", "teacher.train.target_accuracy": None,
+    "teacher.train.eval_pictures": 16, "teacher.train.loader_workers": 0, "teacher.train.max_seconds": None,
+    "data.distill.max_samples": 64, "data.instruct.max_samples": 64, "data.long.max_samples": 4,
+    "data.distill.seq_len": 512, "data.instruct.seq_len": 512, "data.long.seq_len": 2048,
+    "data.shard_tokens": 16384, "data.workers": 1, "teacher_logits.top_k": 16, "teacher_logits.batch_size": 4,
+    **{f"train.{s}.{k}": v for s in ABLATION_STAGES for k, v in
+       {"steps": 4, "seq_len": 512, "micro_batch_size": 1, "checkpoint_every": 4, "precision": "fp32",
+        "warmup_steps": 0}.items()},
+    "train.stage3.steps": 2, "train.stage3.seq_len": 2048, "train.stage3.checkpoint_every": 2,
+    "train.stage3.precision": "fp32",
+}
+
+
+# -- configs ----------------------------------------------------------------------------------------------------
+def base_config(config: str, tiny: bool, overrides: list[str], root: str) -> RunConfig:
+    """The recipe's run config: `config`, shrunk by TINY with --tiny, then the user's overrides."""
+    raw = load_config(config).model_dump(mode="json")
+    items = [f"{k}={json.dumps(v)}" for k, v in TINY.items()] if tiny else []
+    items += [f"run.root={root}/main", *overrides]
+    return config_from_dict(raw, items, origin=config)
+
+
+def layer_period(share: Fraction, num_layers: int) -> int:
+    """`student.layer_period` for a sliding-window share (one sliding layer per period)."""
+    if share == 0:
+        raise ValueError("sliding share 0 needs every layer linear, which student.layer_period cannot say (its "
+                         "layer 0 is always sliding): the run config has no student.layer_types yet")
+    period = int(1 / share)
+    if 1 / share != period:
+        raise ValueError(f"sliding share {share} is not 1/n")
+    if num_layers % period:
+        raise ValueError(f"sliding share {share} does not divide the teacher's {num_layers} layers")
+    return period
+
+
+def variants(cfg: RunConfig) -> list[dict]:
+    """The ablation rows: name, the student fields it sets, and the share/mixer it stands for."""
+    num_layers = cfg.teacher.train.num_layers if cfg.teacher.train else None
+    rows = []
+    for mixer in MIXERS:
+        rows.append({"name": f"mixer={mixer}", "ablation": "linear_mixer", "linear_mixer": mixer,
+                     "share": str(DEFAULT_SHARE), "student": {"linear_mixer": mixer, "layer_period": 4}})
+    for share in SHARES:
+        row = {"name": f"share={share}", "ablation": "sliding_share", "linear_mixer": "gated_deltanet",
+               "share": str(share)}
+        try:
+            row["student"] = {"linear_mixer": "gated_deltanet", "layer_period": layer_period(share, num_layers or 8)}
+        except ValueError as e:
+            row["error"] = str(e)
+        rows.append(row)
+    return rows
+
+
+def variant_config(cfg: RunConfig, variant: dict, root: str) -> RunConfig:
+    raw = cfg.model_dump(mode="json")
+    raw["student"].update(variant["student"])
+    raw["run"]["root"] = f"{root}/{slug(variant['name'])}"
+    raw["run"]["stages"] = list(ABLATION_STAGES)
+    return config_from_dict(raw, origin=variant["name"])
+
+
+def slug(name: str) -> str:
+    return name.replace("=", "-").replace("/", "_")
+
+
+def is_main_variant(variant: dict, cfg: RunConfig) -> bool:
+    """The ablation row the main run already is (same student fields): its stages are not run twice."""
+    fields = variant.get("student")
+    return fields is not None and all(getattr(cfg.student, k) == v for k, v in fields.items())
+
+
+# -- running stages ---------------------------------------------------------------------------------------------
+def run_stages(config_path: str, names: list[str], runner: str) -> None:
+    """The stages through the Prefect flow, or through the same calls without Prefect."""
+    if runner == "flows":
+        from flows.pipeline import infinitevl
+
+        infinitevl(config_path, stages=names)
+        return
+    import logging
+
+    from flows.stages import REGISTRY, fingerprints, plan, stage_output
+    from pipeline.stages import StageContext, execute_stage
+
+    cfg = load_config(config_path)
+    log = logging.getLogger("infinitevl.proof")
+    for name in plan(cfg, names):
+        _, section_hash, input_prints = fingerprints(cfg)[name]
+        ctx = StageContext(name=name, config=cfg, output=stage_output(cfg, name),
+                           inputs={need: stage_output(cfg, need) for need in input_prints}, log=log)
+        outcome = execute_stage(ctx, REGISTRY[name].load(), section_hash, input_prints)
+        print(f"  {name}: {outcome.status} in {outcome.duration_s:.1f}s", flush=True)
+
+
+def pick_runner(runner: str) -> str:
+    if runner != "auto":
+        return runner
+    try:
+        import prefect  # noqa: F401
+    except ImportError:
+        return "direct"
+    return "flows"
+
+
+def write_config(cfg: RunConfig) -> str:
+    root = Path(cfg.run.root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "proof_config.yaml"
+    path.write_text(to_yaml(cfg))
+    return str(path)
+
+
+def link_shared(main_root: str, variant_root: str) -> None:
+    """The variant reads the main run's teacher, data and logits: the same config sections, so the same
+    fingerprints, and the stages find them committed."""
+    os.makedirs(variant_root, exist_ok=True)
+    for name in SHARED:
+        link = os.path.join(variant_root, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.abspath(os.path.join(main_root, name)), link)
+
+
+# -- scoring ----------------------------------------------------------------------------------------------------
+def score(checkpoint: str, n_pictures: int, out_dir: str) -> dict:
+    """Held-out accuracy (percent, overall and per kind) of a Hugging Face-format checkpoint."""
+    import torch
+
+    from pipeline.eval.api import load_checkpoint
+    from pipeline.teacher_train import score_pictures
+
+    model, processor = load_checkpoint(checkpoint)
+    scores = score_pictures(model, processor, n_pictures, out_dir)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return scores
+
+
+def stage_tokens(stage_dir: str) -> int | None:
+    """Tokens the stage trained on: the sum over its logged steps (`logs/steps.jsonl`)."""
+    path = os.path.join(stage_dir, "logs", "steps.jsonl")
+    if not os.path.exists(path):
+        return None
+    total = 0
+    with open(path) as f:
+        for line in f:
+            total += int(json.loads(line).get("tokens", 0) or 0)
+    return total
+
+
+def retention(student: float | None, teacher: float | None) -> float | None:
+    """Student accuracy over teacher accuracy; None when either is missing or the teacher scores zero."""
+    if student is None or not teacher:
+        return None
+    return round(student / teacher, 4)
+
+
+def run_job(job: dict) -> dict:
+    """One worker's job: run its stages, then score the teacher (main job) and each stage's export."""
+    start = time.time()
+    run_stages(job["config"], job["stages"], job["runner"])
+    cfg = load_config(job["config"])
+    result = {"name": job["name"], "stages": {}, "seconds": None}
+    scored = (["teacher"] if job["name"] == "main" else []) + [s for s in job["stages"] if s in STUDENT_STAGES]
+    for stage in scored:
+        out = os.path.join(cfg.run.root, stage)
+        checkpoint = out if stage == "teacher" else os.path.join(out, "export")
+        marker = read_json(os.path.join(out, "_COMPLETE.json")) or {}
+        metrics = marker.get("metrics", {})
+        tokens = metrics.get("train_tokens") if stage == "teacher" else stage_tokens(out)
+        acc = score(checkpoint, job["eval_pictures"], os.path.join(cfg.run.root, "proof-eval", stage))
+        result["stages"][stage] = {"accuracy": acc["pictures"], "by_kind": acc, "tokens": tokens,
+                                   "seconds": round(marker.get("duration_s", 0.0), 1), "loss": metrics.get("loss")}
+        print(f"[{job['name']}] {stage}: held-out accuracy {acc['pictures']:.1f}%", flush=True)
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+# -- the recipe -------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict:
+    started = time.time()
+    runner = pick_runner(args.runner)
+    root = os.path.abspath(args.root)
+    cfg = base_config(args.config, args.tiny, args.set, root)
+    if cfg.teacher.train is None:
+        raise SystemExit(f"{args.config}: teacher.train is not set; the proof trains the tiny teacher")
+    main_cfg = config_from_dict(cfg.model_dump(mode="json"),
+                                [f"run.stages={json.dumps([s for s in STAGE_ORDER if s != 'eval'])}"])
+    rows = variants(cfg) if args.ablations else []
+    jobs_dir = Path(root) / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    gpus = [g for g in args.gpus.split(",") if g] if args.gpus else [None]
+    eval_pictures = args.eval_pictures
+    print(f"proof: runner {runner}, run root {root}, {len(gpus)} worker(s), {len(rows)} ablation rows", flush=True)
+
+    # 1. the shared stages (teacher training, data, teacher logits) on the first GPU
+    main_path = write_config(main_cfg)
+    _log_phase(started, "teacher, data and teacher logits")
+    _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner,
+            "eval_pictures": eval_pictures, "score": False}, jobs_dir, gpus[0])
+
+    # 2. the main student (I-a → III) and the ablation variants (I-a → II), one worker per GPU
+    jobs = [{"name": "main", "config": main_path, "stages": ["teacher", *STUDENT_STAGES], "runner": runner,
+             "eval_pictures": eval_pictures}]
+    for row in rows:
+        if "error" in row or is_main_variant(row, main_cfg):
+            continue
+        vcfg = variant_config(main_cfg, row, root)
+        link_shared(main_cfg.run.root, vcfg.run.root)
+        jobs.append({"name": row["name"], "config": write_config(vcfg), "stages": list(ABLATION_STAGES),
+                     "runner": runner, "eval_pictures": eval_pictures})
+    _log_phase(started, f"{len(jobs)} student runs on {len(gpus)} worker(s)")
+    results, failures = _run_parallel(jobs, jobs_dir, gpus, started)
+
+    report = build_report(args, cfg, runner, rows, results, failures, time.time() - started)
+    write_report(report, args.out)
+    print(json.dumps(report["summary"], indent=2))
+    if "main" in failures:
+        raise SystemExit(f"the main run failed: {failures['main']}")
+    return report
+
+
+def build_report(args, cfg: RunConfig, runner: str, rows: list[dict], results: dict, failures: dict,
+                 seconds: float) -> dict:
+    main = results.get("main", {}).get("stages", {})
+    teacher = main.get("teacher", {}).get("accuracy")
+    stages = []
+    for stage in ("teacher", *STUDENT_STAGES):
+        if stage in main:
+            s = main[stage]
+            stages.append({"stage": stage, "accuracy": s["accuracy"], "retention": retention(s["accuracy"], teacher)
+                           if stage != "teacher" else 1.0 if teacher else None, "tokens": s["tokens"],
+                           "seconds": s["seconds"], "by_kind": s["by_kind"]})
+    ablations = []
+    for row in rows:
+        out = {k: row[k] for k in ("name", "ablation", "linear_mixer", "share")}
+        source = "main" if is_main_variant(row, cfg) else row["name"]
+        if "error" in row:
+            out["error"] = row["error"]
+        elif source in failures:
+            out["error"] = failures[source]
+        else:
+            acc = results[source]["stages"]["stage2"]["accuracy"]
+            out.update(accuracy_stage2=acc, retention_stage2=retention(acc, teacher))
+        ablations.append(out)
+    by_stage = {s["stage"]: s for s in stages}
+    student2 = by_stage.get("stage2", {}).get("accuracy")
+    final = by_stage.get("stage3", {}).get("accuracy")
+    summary = {"teacher_acc": teacher, "student_acc_stage2": student2, "retention_stage2": retention(student2, teacher),
+               "student_acc_final": final, "retention_final": retention(final, teacher),
+               "goal_retention_stage2": 0.95,
+               "teacher_acc_goal_met": teacher is not None and teacher >= 90.0}
+    import torch
+
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu: {os.cpu_count()} cores")
+    return {"bench": "proof", "device": device, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(), "config": {"config": args.config, "tiny": args.tiny, "overrides": args.set,
+                                            "runner": runner, "gpus": args.gpus, "eval_questions": 2 * args.eval_pictures,
+                                            "run": cfg.model_dump(mode="json")},
+            "rows": stages, "ablations": ablations, "failures": failures, "seconds": round(seconds, 1),
+            "summary": summary}
+
+
+def write_report(report: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "proof.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, "proof.md"), "w") as f:
+        f.write(markdown(report))
+    try:
+        plot(report, os.path.join(out, "proof.png"))
+    except ImportError as e:  # matplotlib absent: the JSON and the table still stand
+        print(f"no plot: {e}")
+    print(f"report: {os.path.join(out, 'proof.json')}, proof.md, proof.png")
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.1f}" if pct else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Transfer proof ({report['device']}, {report['date']}, commit {report['commit']})", "",
+             "Held-out accuracy on the `pictures` suite (exact match, percent); retention = student / teacher.", "",
+             "| stage | accuracy | retention | tokens | time (s) |", "|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['stage']} | {_fmt(r['accuracy'], True)} | {_fmt(r['retention'])} | {_fmt(r['tokens'])} "
+                     f"| {_fmt(r['seconds'])} |")
+    lines += ["", "Ablations (Stages I-a → I-b → II; retention after Stage II):", "",
+              "| ablation | linear mixer | sliding share | accuracy | retention |", "|---|---|---|---|---|"]
+    for a in report["ablations"]:
+        if "error" in a:
+            lines.append(f"| {a['ablation']} | {a['linear_mixer']} | {a['share']} | failed: {a['error'][:160]} | – |")
+        else:
+            lines.append(f"| {a['ablation']} | {a['linear_mixer']} | {a['share']} | {_fmt(a['accuracy_stage2'], True)} "
+                         f"| {_fmt(a['retention_stage2'])} |")
+    lines += ["", "Summary: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["summary"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = report["rows"]
+    left.bar([r["stage"] for r in rows], [r["accuracy"] for r in rows], color=["gray"] + ["tab:blue"] * (len(rows) - 1))
+    left.set_ylabel("held-out accuracy (%)")
+    left.set_ylim(0, 100)
+    left.set_title("teacher and student after each stage")
+    ok = [a for a in report["ablations"] if "error" not in a]
+    right.bar([a["name"] for a in ok], [a["retention_stage2"] or 0 for a in ok], color="tab:orange")
+    right.axhline(0.95, color="k", ls="--", lw=1)
+    right.set_ylabel("retention after Stage II")
+    right.set_title("ablations")
+    right.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- workers ----------------------------------------------------------------------------------------------------
+def _spawn(job: dict, jobs_dir: Path, gpu: str | None) -> dict:
+    """Runs one job in a child process (on `gpu` when given); returns its result or raises with its log."""
+    path = jobs_dir / f"{slug(job['name'])}.json"
+    path.write_text(json.dumps(job))
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    log_path = jobs_dir / f"{slug(job['name'])}.log"
+    with open(log_path, "w") as log:
+        code = subprocess.call([sys.executable, "-m", "bench.proof", "--job", str(path)], env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = log_path.read_text()[-2000:]
+        raise RuntimeError(f"job {job['name']} failed (exit {code}); log {log_path}:\n{tail}")
+    result_path = path.with_suffix(".result.json")
+    return json.loads(result_path.read_text()) if result_path.exists() else {}
+
+
+def _run_parallel(jobs: list[dict], jobs_dir: Path, gpus: list, started: float) -> tuple[dict, dict]:
+    pending: queue.Queue = queue.Queue()
+    for job in jobs:
+        pending.put(job)
+    results, failures, lock = {}, {}, threading.Lock()
+    durations: list[float] = []
+
+    def worker(gpu):
+        while True:
+            try:
+                job = pending.get_nowait()
+            except queue.Empty:
+                return
+            t0 = time.time()
+            try:
+                result = _spawn(job, jobs_dir, gpu)
+                with lock:
+                    results[job["name"]] = result
+            except RuntimeError as e:
+                with lock:
+                    failures[job["name"]] = str(e).splitlines()[0] + " " + str(e).splitlines()[-1][:300]
+                print(str(e), flush=True)
+            with lock:
+                durations.append(time.time() - t0)
+                done = len(results) + len(failures)
+                left = len(jobs) - done
+                eta = (sum(durations) / len(durations)) * -(-left // len(gpus)) if left else 0
+                print(f"[{time.time() - started:.0f}s] {job['name']} finished on "
+                      f"{'GPU ' + gpu if gpu is not None else 'CPU'} in {time.time() - t0:.0f}s; {done}/{len(jobs)} "
+                      f"done, ETA {eta:.0f}s", flush=True)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, failures
+
+
+def _log_phase(started: float, what: str) -> None:
+    print(f"[{time.time() - started:.0f}s] {what}", flush=True)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/proof.yaml", help="the base run config (GPU-sized)")
+    p.add_argument("--tiny", action="store_true", help="shrink it to a CPU smoke test")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config overrides")
+    p.add_argument("--root", default="runs/proof", help="run roots: <root>/main, <root>/<variant>")
+    p.add_argument("--out", default="bench/results", help="where proof.json, proof.md, proof.png go")
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids: one worker each (default: one worker)")
+    p.add_argument("--runner", choices=("auto", "flows", "direct"), default="auto",
+                   help="flows: the Prefect flow; direct: the same stage calls without Prefect; auto: flows if installed")
+    p.add_argument("--no-ablations", dest="ablations", action="store_false")
+    p.add_argument("--eval-pictures", type=int, default=64, help="held-out pictures scored (two questions each)")
+    p.add_argument("--job", help=argparse.SUPPRESS)  # a worker process: runs one job file
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.job:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        job = json.loads(Path(args.job).read_text())
+        if job.get("score") is False:
+            run_stages(job["config"], job["stages"], job["runner"])
+            return
+        result = run_job(job)
+        Path(args.job).with_suffix(".result.json").write_text(json.dumps(result))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

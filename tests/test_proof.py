@@ -1,0 +1,102 @@
+"""The transfer proof: the held-out scorer, retention, and the tiny recipe end to end with a well-formed report."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from bench import proof
+from pipeline.eval.metrics import score_sample
+from pipeline.eval.runner import build_prompt
+from pipeline.eval.stage import retention as stage_retention
+from pipeline.eval.synthetic import HELD_OUT_SEED, PICTURE_KINDS, picture_samples
+from pipeline.teacher_train import IGNORE, batch_seed, teacher_forced_exact, training_batch
+
+
+def test_heldout_questions_are_scored_by_exact_match_after_normalisation():
+    samples = picture_samples(4)
+    assert [s["category"] for s in samples] == [k for kinds in PICTURE_KINDS.values() for k in kinds]
+    assert samples == picture_samples(4) and samples != picture_samples(4, seed=HELD_OUT_SEED + 7)
+    # hand-computed: the answer given ten times makes the VQA soft accuracy an exact match
+    answers = ["three"] * 10
+    assert score_sample("vqa", "Three.", answers)[0] == 1.0
+    assert score_sample("vqa", "3", answers)[0] == 1.0  # number words normalise to digits
+    assert score_sample("vqa", "four", answers)[0] == 0.0
+    assert score_sample("vqa", "three circles", answers)[0] == 0.0
+    words = ["red chart value"] * 10
+    assert score_sample("vqa", "red chart value", words)[0] == 1.0
+    assert score_sample("vqa", "red chart", words)[0] == 0.0
+    assert build_prompt(samples[0]).startswith(samples[0]["question"] + "\n")
+
+
+def test_training_seeds_never_draw_held_out_pictures():
+    assert all(batch_seed(seed, i) < HELD_OUT_SEED for seed in (0, 5, 10**9) for i in (0, 1, 10**7))
+
+
+def test_teacher_forced_exact_match_is_greedy_exact_match(one_thread):
+    from model.tiny import build_tiny_teacher
+
+    model, processor = build_tiny_teacher(0, hidden=32, intermediate=64, num_layers=2, vision_hidden=32,
+                                          vision_depth=1)
+    batch = training_batch(processor, picture_samples(2, seed=3, images_as="pil"))
+    labels = batch["labels"]
+    assert (labels != IGNORE).sum(1).min() >= 2  # answer tokens and the end of turn
+    right = teacher_forced_exact(model, batch)
+    # force the first row right: make the answer tokens the argmax by a huge bias on exactly those logits
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    targets = labels[:, 1:]
+    forced = logits[:, :-1].argmax(-1)
+    expect = ((forced == targets) | (targets == IGNORE)).all(1).float()
+    assert torch.equal(right, expect)
+
+
+def test_retention():
+    assert proof.retention(45.0, 90.0) == 0.5
+    assert proof.retention(90.0, 90.0) == 1.0
+    assert proof.retention(50.0, 0.0) is None and proof.retention(None, 80.0) is None
+    assert stage_retention(30.0, 40.0) == 0.75 and stage_retention(1.0, 0.0) is None
+
+
+def test_ablation_rows_and_bad_shares_fail_clearly():
+    cfg = proof.base_config("configs/proof.yaml", False, [], "/tmp/x")
+    rows = {r["name"]: r for r in proof.variants(cfg)}
+    assert set(rows) == {"mixer=gated_deltanet", "mixer=gla", "mixer=mamba2", "share=0", "share=1/8", "share=1/4",
+                         "share=1/2"}
+    assert "student.layer_types" in rows["share=0"]["error"]
+    assert rows["share=1/8"]["student"]["layer_period"] == 8 and rows["share=1/2"]["student"]["layer_period"] == 2
+    assert proof.is_main_variant(rows["mixer=gated_deltanet"], cfg) and proof.is_main_variant(rows["share=1/4"], cfg)
+    assert not proof.is_main_variant(rows["mixer=gla"], cfg)
+    with pytest.raises(ValueError, match="does not divide"):
+        proof.layer_period(proof.Fraction(1, 8), 4)
+
+
+@pytest.mark.timeout(600)
+def test_tiny_proof_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(sys, "argv", ["proof"])
+    out = tmp_path / "out"
+    proof.main(["--tiny", "--runner", "direct", "--root", str(tmp_path / "runs"), "--out", str(out),
+                "--eval-pictures", "2", "--set", "teacher.train.steps=4", "--set", "teacher.train.num_layers=4",
+                "--set", "teacher.train.hidden=32", "--set", "teacher.train.intermediate=64",
+                "--set", "teacher.train.vision_hidden=32", "--set", "teacher.train.vision_depth=1",
+                "--set", "data.distill.max_samples=8", "--set", "data.instruct.max_samples=8",
+                "--set", "data.long.max_samples=2", "--set", "train.stage1a.steps=1", "--set", "train.stage1b.steps=1",
+                "--set", "train.stage2.steps=1", "--set", "train.stage3.steps=1",
+                "--set", "train.stage1a.checkpoint_every=1", "--set", "train.stage1b.checkpoint_every=1",
+                "--set", "train.stage2.checkpoint_every=1", "--set", "train.stage3.checkpoint_every=1",
+                "--set", "student.sliding_window=16", "--no-ablations"])
+    report = json.loads((out / "proof.json").read_text())
+    assert {"bench", "device", "date", "commit", "config", "rows", "summary"} <= set(report)
+    assert [r["stage"] for r in report["rows"]] == ["teacher", "stage1a", "stage1b", "stage2", "stage3"]
+    teacher = report["rows"][0]["accuracy"]
+    assert report["summary"]["teacher_acc"] == teacher
+    for r in report["rows"][1:]:
+        assert 0 <= r["accuracy"] <= 100 and r["tokens"] > 0
+        assert r["retention"] == (round(r["accuracy"] / teacher, 4) if teacher else None)
+    s = report["summary"]
+    assert s["retention_stage2"] == proof.retention(s["student_acc_stage2"], teacher)
+    assert s["retention_final"] == proof.retention(s["student_acc_final"], teacher)
+    assert report["rows"][0]["tokens"] > 0
+    assert "| stage1a |" in (out / "proof.md").read_text()
