@@ -40,6 +40,7 @@ import collections
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,8 +60,12 @@ KILL_AFTER_STEP, KILL_STEPS, KILL_EVERY = 3, 6, 2
 
 # -- shapes, corpora ---------------------------------------------------------------------------------------------
 
+KILL_MODEL = ("Qwen2.5-VL-3B widths, 4 decoder layers (1 SWA + 3 GDN), 2 vision layers, vocabulary 32768; "
+              "Stage II on the mixers (linear_attn, sliding_attn): small checkpoints, written every 2 steps")
+
+
 def teacher_config(tiny: bool, processor, small: bool = False):
-    """Qwen2.5-VL-3B shapes (or the tiny teacher's); `small`: full widths, 4 decoder and 2 vision layers."""
+    """Qwen2.5-VL-3B shapes (or the tiny teacher's); `small`: the kill test's model (KILL_MODEL)."""
     if tiny:
         from model.tiny import tiny_teacher_config
 
@@ -70,7 +75,7 @@ def teacher_config(tiny: bool, processor, small: bool = False):
 
         config = qwen2_5_vl_3b_config()
         if small:
-            config.text_config.num_hidden_layers = 4
+            config.text_config.num_hidden_layers, config.text_config.vocab_size = 4, 32768
             config.vision_config.depth, config.vision_config.fullatt_block_indexes = 2, [1]
     # the processor's special ids (the tiny tokenizer's): the teacher-logit stage checks they agree
     for name in ("image_token_id", "video_token_id"):
@@ -156,7 +161,8 @@ def prepare(work: str, tiny: bool, counts: list[int], steps: int, stages: list[s
     data = os.path.join(work, "data")
     for stage in stages:
         paths[stage] = write_corpus(data, stage, top * steps, SEQ[tiny][stage], ids, fingerprint, seed)
-    paths["kill"] = write_corpus(data, "kill", top * KILL_STEPS, SEQ[tiny]["stage2"], ids, fingerprint, seed + 1)
+    kill_ids = token_range(processor, teacher_config(tiny, processor, small=True).text_config.vocab_size)
+    paths["kill"] = write_corpus(data, "kill", top * KILL_STEPS, SEQ[tiny]["stage2"], kill_ids, fingerprint, seed + 1)
     rows = LOGIT_ROWS_PER_SHARD[tiny]
     paths["logits"] = write_corpus(data, "logits", top * 2 * rows, SEQ[tiny]["logits"], ids, fingerprint, seed + 2,
                                    n_shards=top * 2)
@@ -193,7 +199,8 @@ def train_job(paths: dict, stage: str, sec: dict, output: str, seed: int, kill: 
 
 
 def kill_section(tiny: bool, n: int, top: int, zero: int) -> dict:
-    return section("stage2", tiny, n, top, zero, KILL_STEPS, checkpoint_every=KILL_EVERY)
+    return section("stage2", tiny, n, top, zero, KILL_STEPS, checkpoint_every=KILL_EVERY,
+                   trainable=["linear_attn", "sliding_attn"])
 
 
 # -- launching ---------------------------------------------------------------------------------------------------
@@ -312,9 +319,12 @@ def read_steps(output: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def train_row(stage: str, zero: int, n: int, top: int, seq: int, output: str, result: str, warmup: int) -> dict:
+def train_row(stage: str, zero: int, n: int, top: int, seq: int, output: str, result: str, warmup: int) -> dict | None:
     steps = read_steps(output)
-    meta = json.load(open(result)) if os.path.exists(result) else {}
+    if not steps:
+        return None  # not run (yet), or cut short
+    with open(result) if os.path.exists(result) else open(os.devnull) as f:
+        meta = json.loads(f.read() or "{}")
     timed = [s for s in steps if s["step"] > warmup] or steps
     tokens_per_step = top * seq  # the global batch: max-N packed rows of seq tokens
     tps = tokens_per_step * len(timed) / sum(s["step_s"] for s in timed) if timed else float("nan")
@@ -352,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gpus", default="2", help="the most GPUs to use: a count (2) or a list of ids (0,1,2,3)")
     ap.add_argument("--zero", type=int, nargs="+", default=[2, 3], choices=[2, 3])
     ap.add_argument("--stages", nargs="+", default=["stage2", "stage3"], choices=["stage2", "stage3"])
-    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per training run")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per training run")
     ap.add_argument("--warmup", type=int, default=1, help="first steps left out of tokens/s")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kill-zero", type=int, default=2, choices=[2, 3], help="ZeRO stage of the kill-one-rank run")
@@ -361,6 +371,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU over gloo: a smoke test, not a measurement")
     ap.add_argument("--rtol", type=float, default=None, help="loss agreement across GPU counts (2e-2 bf16, 1e-4 tiny)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per launch (600; 240 with --tiny)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds for the whole bench: a launch that would start later is skipped, one running past it "
+                         "is stopped, and the report says so (partial results are written after every launch)")
     ap.add_argument("--work", default=None, help="working folder (default: a new temporary one)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny writes none without it)")
     args = ap.parse_args(argv)
@@ -384,7 +397,14 @@ def main(argv: list[str] | None = None) -> dict:
     kill_n = max(1, top // 2)
     do_kill = not args.no_kill and top > 1
 
-    runs, launches = {}, []
+    launches, kill = [], None
+
+    def remaining() -> float:
+        return args.time_budget - (time.monotonic() - started) if args.time_budget else timeout
+
+    def publish(final: bool) -> dict:
+        return report(args, argv, paths, work, gpus, counts, rtol, launches, kill, started, final)
+
     for n in counts:
         tasks = []
         if not args.no_teacher_logits:
@@ -404,18 +424,31 @@ def main(argv: list[str] | None = None) -> dict:
             tasks.append({"name": "kill-reference", "kind": "train", "result": out + "-result.json",
                           "job_obj": train_job(paths, "stage2", kill_section(args.tiny, n, top, args.kill_zero), out,
                                                args.seed, kill=True)})
-        for d in {os.path.dirname(t.get("output", t["result"])) for t in tasks}:
-            os.makedirs(d, exist_ok=True)
+        os.makedirs(os.path.join(work, f"n{n}"), exist_ok=True)
+        if remaining() < 30:
+            print(f"[bench.scaling] N={n}: skipped, the time budget is spent", flush=True)
+            launches.append({"name": f"n{n}", "gpus": n, "seconds": 0.0, "returncode": None, "skipped": True})
+            continue
         print(f"[bench.scaling] N={n}: {', '.join(t['name'] for t in tasks)}", flush=True)
-        run = launch_plan(work, f"n{n}", n, tasks, environment(gpus, n, args.tiny), timeout)
+        run = launch_plan(work, f"n{n}", n, tasks, environment(gpus, n, args.tiny), min(timeout, remaining()))
         launches.append({"name": f"n{n}", "gpus": n, "seconds": round(run.seconds, 1), "returncode": run.returncode})
-        runs[n] = run
         if run.returncode != 0:
             print(f"[bench.scaling] N={n} failed (exit {run.returncode}); last lines:\n{run.tail()}", flush=True)
+        publish(final=False)  # a run cut short still leaves what it measured
 
-    kill = run_kill_test(args, paths, work, gpus, top, kill_n, timeout, rtol, launches) if do_kill else None
+    if do_kill:
+        if remaining() < 60:
+            print("[bench.scaling] kill test: skipped, the time budget is spent", flush=True)
+            kill = {"skipped": "time budget"}
+        else:
+            kill = run_kill_test(args, paths, work, gpus, top, kill_n, timeout, rtol, launches, remaining)
+    return publish(final=True)
 
-    # -- collect --------------------------------------------------------------------------------------------------
+
+def report(args, argv, paths: dict, work: str, gpus: list[str], counts: list[int], rtol: float, launches: list[dict],
+           kill: dict | None, started: float, final: bool) -> dict:
+    """Reads what the launches wrote, computes the rows and the summary, writes the JSON and the plot."""
+    top = len(gpus)
     rows, devices = [], set()
     for stage in args.stages:
         fpt = flops(paths["student"], SEQ[args.tiny][stage], stage != "stage3")  # LoRA: no base-weight gradients
@@ -423,18 +456,21 @@ def main(argv: list[str] | None = None) -> dict:
             for n in counts:
                 out = os.path.join(work, f"n{n}", f"{stage}-zero{zero}")
                 row = train_row(stage, zero, n, top, SEQ[args.tiny][stage], out, out + "-result.json", args.warmup)
+                if row is None:
+                    continue
                 row["mfu"] = _mfu(fpt, row)
                 devices.add(row.pop("device"))
                 rows.append(row)
     for row in rows:
-        base = next(r for r in rows if (r["stage"], r["zero"], r["gpus"]) == (row["stage"], row["zero"], 1))
+        base = next((r for r in rows if (r["stage"], r["zero"], r["gpus"]) == (row["stage"], row["zero"], 1)), None)
         row["scaling_efficiency"] = _efficiency(row, base)
-        row["loss_rel_diff_vs_1gpu"] = _finite(max_rel_diff(row["losses"], base["losses"]))
+        row["loss_rel_diff_vs_1gpu"] = _finite(max_rel_diff(row["losses"], base["losses"])) if base else None
     logit_rows = []
     for n in counts:
         path = os.path.join(work, f"n{n}", "logits-result.json")
         if not args.no_teacher_logits and os.path.exists(path):
-            r = json.load(open(path))
+            with open(path) as f:
+                r = json.load(f)
             devices.add(r["device"])
             logit_rows.append({"stage": "teacher-logits", "zero": None, "gpus": n, "seq_len": SEQ[args.tiny]["logits"],
                                "tokens": r["tokens"], "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
@@ -442,20 +478,24 @@ def main(argv: list[str] | None = None) -> dict:
                                "peak_mem_gib": round(max(r["peak_mem_gib_per_rank"]), 2),
                                "peak_mem_gib_per_rank": r["peak_mem_gib_per_rank"],
                                "bytes_per_token": round(r["bytes_per_token"], 2)})
+    base = next((r for r in logit_rows if r["gpus"] == 1), None)
     for row in logit_rows:
-        row["scaling_efficiency"] = _efficiency(row, logit_rows[0] if logit_rows[0]["gpus"] == 1 else None)
+        row["scaling_efficiency"] = _efficiency(row, base)
 
     devices.discard(None)
     card = sorted(devices)[0] if devices else ("cpu" if args.tiny else "unknown")
     device = f"{card} × {top}" if not args.tiny else f"cpu: {os.cpu_count()} cores, gloo, {top} processes"
     summary = summarize(rows, logit_rows, kill, args, top, rtol, launches)
+    summary["complete"] = (final and all(not launch.get("skipped") for launch in launches)
+                           and not (kill or {}).get("skipped"))
     summary["wall_s"] = round(time.monotonic() - started, 1)
-    for table in (rows, logit_rows):
-        if table:
-            print_table([{k: v for k, v in r.items() if k not in ("losses", "peak_mem_gib_per_rank", "global_batch_rows")}
-                         for r in table])
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
+    if final:
+        for table in (rows, logit_rows):
+            if table:
+                print_table([{k: v for k, v in r.items() if k not in ("losses", "peak_mem_gib_per_rank",
+                                                                      "global_batch_rows")} for r in table])
+        for key, value in summary.items():
+            print(f"  {key}: {value}")
     config = {"shapes": "tiny (model/tiny.py)" if args.tiny else "Qwen2.5-VL-3B shapes, random weights",
               "device": device, "cards": card, "gpu_ids": gpus, "gpu_counts": counts, "stages": args.stages,
               "zero": args.zero, "steps": args.steps, "warmup_steps_excluded": args.warmup, "seed": args.seed,
@@ -465,17 +505,18 @@ def main(argv: list[str] | None = None) -> dict:
                                                                      "targets": LORA_TARGETS, "dropout": 0.0},
               "teacher_logits": {"top_k": 64, "positions": "text", "rows_per_shard": LOGIT_ROWS_PER_SHARD[args.tiny],
                                  "shards": top * 2},
-              "kill_test": kill, "launches": launches,
+              "kill_test": kill, "kill_model": "tiny" if args.tiny else KILL_MODEL, "launches": launches, "time_budget_s": args.time_budget,
               "env": {"NCCL_NVLS_ENABLE": "0", "INFINITEVL_LIFT_FLA_HOPPER_GUARD": "1", "TRITON_CACHE_AUTOTUNING": "1"},
               "command": "python3 -m bench.scaling " + " ".join(argv if argv is not None else sys.argv[1:])}
     out_dir = args.out or (None if args.tiny else RESULTS)
     if out_dir:
         path = write_result("scaling", config, rows + logit_rows, summary, out_dir=out_dir, device=device)
-        plot(rows, logit_rows, device, os.path.join(out_dir, "scaling.png"))
-        print(f"[bench.scaling] wrote {path} and scaling.png", flush=True)
-    else:
+        if rows or logit_rows:
+            plot(rows, logit_rows, device, os.path.join(out_dir, "scaling.png"))
+        print(f"[bench.scaling] wrote {path}{' and scaling.png' if rows or logit_rows else ''}", flush=True)
+    elif final:
         print("[bench.scaling] --tiny: not writing bench/results (pass --out DIR to keep the smoke-test result)")
-    failed = [launch for launch in launches if launch["returncode"] != 0 and launch["name"] != "kill"]
+    failed = [launch for launch in launches if launch["returncode"] not in (0, None) and launch["name"] != "kill"]
     return {"summary": summary, "rows": rows + logit_rows, "config": config, "failed": failed, "work": work}
 
 
@@ -498,7 +539,7 @@ def _finite(x: float) -> float | None:
 
 
 def run_kill_test(args, paths: dict, work: str, gpus: list[str], top: int, resume_n: int, timeout: float, rtol: float,
-                  launches: list[dict]) -> dict:
+                  launches: list[dict], remaining) -> dict:
     """SIGKILL the last rank of a run on all GPUs after step 3, then resume on half of them."""
     out = os.path.join(work, "kill-run")
     victim = top - 1
@@ -507,7 +548,7 @@ def run_kill_test(args, paths: dict, work: str, gpus: list[str], top: int, resum
     task = {"name": "killed", "kind": "train", "result": out + "-result.json",
             "job_obj": train_job(paths, "stage2", kill_section(args.tiny, top, top, args.kill_zero), out, args.seed,
                                  kill=True)}
-    killed = launch_plan(work, "kill", top, [task], environment(gpus, top, args.tiny), min(timeout, 300),
+    killed = launch_plan(work, "kill", top, [task], environment(gpus, top, args.tiny), min(timeout, 300, remaining()),
                          kill_rank=victim, kill_on=f"step {KILL_AFTER_STEP}/{KILL_STEPS}")
     text = "\n".join(killed.lines)
     from pipeline.checkpoints import list_checkpoints
@@ -516,7 +557,8 @@ def run_kill_test(args, paths: dict, work: str, gpus: list[str], top: int, resum
     resume_task = {"name": "resumed", "kind": "train", "result": out + "-resumed.json",
                    "job_obj": train_job(paths, "stage2", kill_section(args.tiny, resume_n, top, args.kill_zero), out,
                                         args.seed, kill=True)}
-    resumed = launch_plan(work, "resume", resume_n, [resume_task], environment(gpus, resume_n, args.tiny), timeout)
+    resumed = launch_plan(work, "resume", resume_n, [resume_task], environment(gpus, resume_n, args.tiny),
+                          max(30.0, min(timeout, remaining())))
     launches += [{"name": "kill", "gpus": top, "seconds": round(killed.seconds, 1), "returncode": killed.returncode},
                  {"name": "resume", "gpus": resume_n, "seconds": round(resumed.seconds, 1),
                   "returncode": resumed.returncode}]
@@ -526,7 +568,11 @@ def run_kill_test(args, paths: dict, work: str, gpus: list[str], top: int, resum
                          if "resumed stage2 at step" in line), None)
     continued = sorted(s for s in after if resumed_from is not None and s > resumed_from)
     diff = max_rel_diff([after[s] for s in continued], [reference.get(s, float("nan")) for s in continued])
-    names_rank = f"rank: {victim}" in text or f"rank {victim}" in text
+    # torchrun's failure report: "rank : 1 (local_rank: 1) / exitcode : -9 ... Signal 9 (SIGKILL)"
+    names_rank = bool(re.search(rf"\brank\s*:\s*{victim}\b", text)) and ("SIGKILL" in text or "Signal 9" in text)
+    if killed.killed_rank is not None:
+        print(f"[bench.scaling] rank {victim} died (SIGKILL); the job exited with code {killed.returncode} "
+              f"{killed.exit_s:.1f} s later; torchrun's report names it: {names_rank}", flush=True)
     result = {"gpus": top, "killed_rank": killed.killed_rank, "killed_after_step": KILL_AFTER_STEP,
               "exit_code": killed.returncode, "seconds_to_exit_after_kill": round(killed.exit_s, 2) if killed.exit_s else None,
               "timed_out": killed.timed_out, "message_names_dead_rank": names_rank,
@@ -567,9 +613,9 @@ def summarize(rows: list[dict], logit_rows: list[dict], kill: dict | None, args,
         all(r["steps"] == args.steps for r in rows)
     summary["peak_mem_gib_max"] = max((r["peak_mem_gib"] or 0 for r in rows + logit_rows), default=None)
     if kill is not None:
-        summary["kill_failed_cleanly"] = kill["failed_cleanly"]
-        summary["kill_resume_matches"] = kill["resume_matches"]
-        summary["kill_seconds_to_exit"] = kill["seconds_to_exit_after_kill"]
+        summary["kill_failed_cleanly"] = kill.get("failed_cleanly")
+        summary["kill_resume_matches"] = kill.get("resume_matches")
+        summary["kill_seconds_to_exit"] = kill.get("seconds_to_exit_after_kill")
     summary["all_launches_ok"] = all(launch["returncode"] == 0 for launch in launches if launch["name"] != "kill")
     return summary
 
