@@ -209,6 +209,8 @@ def environment(gpus: list[str], n: int, tiny: bool) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0", "INFINITEVL_LIFT_FLA_HOPPER_GUARD": "1",
            "TRITON_CACHE_AUTOTUNING": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
            "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # the GPU hosts keep NVLink multicast off everywhere
+    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     env.setdefault("OMP_NUM_THREADS", "1" if tiny else "4")
     if not tiny:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[:n])
