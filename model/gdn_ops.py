@@ -209,7 +209,28 @@ def ensure_fla_backward_ok(device) -> None:
             "[3.4, 3.7.1) (fla issue #640). Install Triton >= 3.7.1, or set "
             f"{LIFT_GUARD_ENV}=1 to lift the guard after an automatic gradient check on this GPU."
         )
-    lift_hopper_guard_checked(device)
+    _isolated(lambda: lift_hopper_guard_checked(device))
+
+
+def _isolated(fn) -> None:
+    """Runs `fn` on a thread of its own and re-raises what it raised. The first backward-enabled call can sit
+    inside a checkpointed forward, whose saved-tensor hooks (thread-local) would otherwise record the check's
+    own tensors and fail recomputation."""
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller's thread
+            errors.append(e)
+
+    worker = threading.Thread(target=run, name="fla-guard-check")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
 
 
 def lift_hopper_guard_checked(device, rtol: float = 2e-2) -> dict:

@@ -174,3 +174,46 @@ def test_fused_mixer_on_gpu_matches_torch_path():
     print("fused vs torch (cached):", {k: f"{v:.1e}" for k, v in steps.items()})
     assert steps["torch chunks vs full"] < 1e-5
     assert max(steps.values()) < 3e-2
+
+
+def test_hopper_guard_check_inside_checkpointed_forward_leaves_recomputation_alone(monkeypatch):
+    """The guard's gradient check runs on the first backward-enabled call, which under gradient checkpointing
+    is inside a checkpointed forward; its own tensors must not join that forward's saved tensors (seen on the
+    H200: recomputation failed with different metadata at 32K). A stand-in check with its own backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    import model.gdn_ops as ops
+
+    def stand_in_check(device, rtol=2e-2):
+        a = torch.randn(2, 300, 4, requires_grad=True)
+        (a.sin() * a).sum().backward()
+        ops._guard_checked = True
+
+    monkeypatch.setattr(ops, "_guard_checked", False)
+    monkeypatch.setattr(ops, "hopper_guard_active", lambda device=None: True)
+    monkeypatch.setattr(ops, "lift_hopper_guard_checked", stand_in_check)
+    monkeypatch.setenv(ops.LIFT_GUARD_ENV, "1")
+
+    def block(x):
+        ops.ensure_fla_backward_ok(x.device)
+        return (x.exp() * x).sum(-1)
+
+    x = torch.randn(3, 5, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    torch.testing.assert_close(x.grad, (x.exp() * (1 + x)).detach())
+    assert ops._guard_checked
+
+
+def test_failing_hopper_guard_check_raises_in_the_callers_thread(monkeypatch):
+    import model.gdn_ops as ops
+
+    def failing_check(device, rtol=2e-2):
+        raise RuntimeError("fla gradient check failed at head_dim 64")
+
+    monkeypatch.setattr(ops, "_guard_checked", False)
+    monkeypatch.setattr(ops, "hopper_guard_active", lambda device=None: True)
+    monkeypatch.setattr(ops, "lift_hopper_guard_checked", failing_check)
+    monkeypatch.setenv(ops.LIFT_GUARD_ENV, "1")
+    with pytest.raises(RuntimeError, match="gradient check failed"):
+        ops.ensure_fla_backward_ok("cpu")
+    assert not ops._guard_checked
