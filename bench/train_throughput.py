@@ -139,9 +139,10 @@ def run_case_fitting(kind, stage, seq, tiny, steps, warmup, checkpointing: str) 
     try:
         return run_case(kind, stage, seq, tiny, steps, warmup, False)
     except torch.cuda.OutOfMemoryError:
-        print(f"{kind} {stage} {seq}: out of memory without gradient checkpointing, retrying with it", flush=True)
-        release_memory()
-        return run_case(kind, stage, seq, tiny, steps, warmup, True)
+        pass  # the retry runs after the except block: inside it the traceback still holds the first model
+    print(f"{kind} {stage} {seq}: out of memory without gradient checkpointing, retrying with it", flush=True)
+    release_memory()
+    return run_case(kind, stage, seq, tiny, steps, warmup, True)
 
 
 def main() -> None:
@@ -151,27 +152,38 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
                     help="gradient checkpointing; auto: only where the activations do not fit")
+    ap.add_argument("--cases", nargs="+", choices=["stage2", "stage3"], default=["stage2", "stage3"],
+                    help="which rows to run (the summary needs both)")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
     short, long = (256, 512) if args.tiny else (8192, 32768)
-    cases = [("stage2", short), ("stage3", long)]
+    cases = [(stage, seq) for stage, seq in (("stage2", short), ("stage3", long)) if stage in args.cases]
     rows = []
     for stage, seq in cases:
         for kind in ("teacher", "student"):
             rows.append(run_case_fitting(kind, stage, seq, args.tiny, args.steps, args.warmup, args.checkpointing))
             print_table(rows[-1:])
     print_table(rows)
-    by = {(r["model"], r["seq_len"]): r for r in rows}
-    summary = {
-        "speedup_8k": round(by[("student", short)]["tokens_per_s"] / by[("teacher", short)]["tokens_per_s"], 3),
-        "speedup_32k": round(by[("student", long)]["tokens_per_s"] / by[("teacher", long)]["tokens_per_s"], 3),
-        "mfu_student_8k": by[("student", short)]["mfu"], "mfu_student_32k": by[("student", long)]["mfu"],
-    }
+    summary = summarize(rows, short, long)
     print(summary)
     if not args.tiny:
         write_result("train_throughput", {"shapes": "Qwen2.5-VL-3B", "dtype": "bf16", "steps": args.steps,
                                           "stage2": "8K, mixers trainable", "stage3": "32K, LoRA r=64",
                                           "checkpointing": args.checkpointing},
-                     rows, summary)
+                     rows, summary, **({"out_dir": args.out} if args.out else {}))
+
+
+def summarize(rows: list[dict], short: int, long: int) -> dict:
+    """Student over teacher at each length, from rows of one run (None where a row is missing)."""
+    by = {(r["model"], r["seq_len"]): r for r in rows}
+
+    def speedup(seq):
+        s, t = by.get(("student", seq)), by.get(("teacher", seq))
+        return round(s["tokens_per_s"] / t["tokens_per_s"], 3) if s and t else None
+
+    return {"speedup_8k": speedup(short), "speedup_32k": speedup(long),
+            "mfu_student_8k": by.get(("student", short), {}).get("mfu"),
+            "mfu_student_32k": by.get(("student", long), {}).get("mfu")}
 
 
 if __name__ == "__main__":
