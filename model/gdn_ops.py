@@ -126,7 +126,7 @@ def _varlen(fn, q, k, v, g, beta, scale, initial_state, output_final_state, cu_s
 # --------------------------------------------------------------------------------------------------------------
 
 LIFT_GUARD_ENV = "INFINITEVL_LIFT_FLA_HOPPER_GUARD"
-_guard_checked = False
+_guard_checked: set[str] = set()  # the ops whose gradient check passed in this process
 
 
 def fla_available() -> bool:
@@ -141,6 +141,9 @@ def use_fla(x: torch.Tensor, backend: str, head_dim: int) -> bool:
     """One rule for every Gated DeltaNet kernel (delta rule, short conv, gated norm): fla on CUDA, torch on
     CPU or when `backend="torch"`. Head dims under 32 (tiny test models) crashed fla's backward on the H100
     here: they take the torch path."""
+    if backend == "fla" and not x.is_cuda:
+        raise RuntimeError("linear_backend='fla' needs CUDA tensors: flash-linear-attention's Triton kernels do "
+                           "not run on CPU (use linear_backend='auto' or 'torch' there)")
     return backend == "fla" or (backend == "auto" and x.is_cuda and head_dim >= 32 and fla_available())
 
 
@@ -166,14 +169,15 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
 
 
 def fla_short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None,
-                   cu_seqlens: torch.Tensor | None = None, output_final_state: bool = False):
+                   cu_seqlens: torch.Tensor | None = None, output_final_state: bool = False,
+                   bias: torch.Tensor | None = None):
     """fla's Triton causal conv + SiLU, with our state layout: x [B, T, C], weight [C, 1, K], state
     [B, C, K-1] (the inputs before x). fla keeps K inputs per channel and never reads the oldest, so ours
     maps in with one zero column in front and back out without its first column."""
     from fla.modules.causal_conv1d import causal_conv1d
 
     h0 = None if state is None else torch.nn.functional.pad(state.to(x.dtype), (1, 0))
-    y, final = causal_conv1d(x, weight[:, 0, :], initial_state=h0, output_final_state=output_final_state,
+    y, final = causal_conv1d(x, weight[:, 0, :], bias, initial_state=h0, output_final_state=output_final_state,
                              activation="silu",
                              cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(x.device, torch.long))
     return y, (final[..., 1:] if final is not None else None)
@@ -196,20 +200,20 @@ def hopper_guard_active(device=None) -> bool:
     return bool(chunk_o.IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
 
 
-def ensure_fla_backward_ok(device) -> None:
+def ensure_fla_backward_ok(device, op: str = "gated_delta_rule", check=None) -> None:
     """Where fla's guard would refuse the backward, lift it only if the user asked for it explicitly
-    (env INFINITEVL_LIFT_FLA_HOPPER_GUARD=1) and only after a gradient check against the torch reference
-    on this device passes. Otherwise fail with a message that says what to do."""
-    global _guard_checked
-    if _guard_checked or not hopper_guard_active(device):
+    (env INFINITEVL_LIFT_FLA_HOPPER_GUARD=1) and only after a gradient check of `op` against the torch
+    reference on this device passes (`check(device, head_dim)` -> relative errors; Gated DeltaNet's by
+    default). Otherwise fail with a message that says what to do."""
+    if op in _guard_checked or not hopper_guard_active(device):
         return
     if os.environ.get(LIFT_GUARD_ENV) != "1":
         raise RuntimeError(
-            "flash-linear-attention refuses the Gated DeltaNet backward on Hopper GPUs with Triton in "
+            f"flash-linear-attention refuses the {op} backward on Hopper GPUs with Triton in "
             "[3.4, 3.7.1) (fla issue #640). Install Triton >= 3.7.1, or set "
             f"{LIFT_GUARD_ENV}=1 to lift the guard after an automatic gradient check on this GPU."
         )
-    _isolated(lambda: lift_hopper_guard_checked(device))
+    _isolated(lambda: lift_hopper_guard_checked(device, op, check))
 
 
 def _isolated(fn) -> None:
@@ -233,27 +237,32 @@ def _isolated(fn) -> None:
         raise errors[0]
 
 
-def lift_hopper_guard_checked(device, rtol: float = 2e-2) -> dict:
-    """Runs fla's chunk kernel forward+backward with the guard lifted at head_dim 64 and 128 against the fp32
-    torch reference; keeps the guard lifted only if every relative error is below `rtol`."""
-    global _guard_checked
-    import fla.ops.common.chunk_o as chunk_o
+def _gated_delta_rule_check(device, head_dim: int) -> dict:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+    return compare_with_reference(chunk_gated_delta_rule, device, K=head_dim, V=2 * head_dim)
+
+
+def lift_hopper_guard_checked(device, op: str = "gated_delta_rule", check=None, rtol: float = 2e-2) -> dict:
+    """Runs `op`'s fla kernel forward+backward with the guard lifted at head_dim 64 and 128 against the fp32
+    torch reference; keeps the guard lifted only if every relative error is below `rtol`."""
+    import fla.ops.common.chunk_o as chunk_o
+
+    check = check or _gated_delta_rule_check
     saved = chunk_o.IS_NVIDIA_HOPPER
     chunk_o.IS_NVIDIA_HOPPER = False
     report = {}
     try:
         for K in (64, 128):
-            report[K] = compare_with_reference(chunk_gated_delta_rule, device, K=K, V=2 * K)
+            report[K] = check(device, K)
             worst = max(report[K].values())
             if worst > rtol:
-                raise RuntimeError(f"fla gradient check failed at head_dim {K}: relative errors {report[K]}")
+                raise RuntimeError(f"fla {op} gradient check failed at head_dim {K}: relative errors {report[K]}")
     except Exception:
         chunk_o.IS_NVIDIA_HOPPER = saved
         raise
-    warnings.warn(f"fla Hopper/Triton guard lifted after a passing gradient check: {report}")
-    _guard_checked = True
+    warnings.warn(f"fla Hopper/Triton guard lifted after a passing {op} gradient check: {report}")
+    _guard_checked.add(op)
     return report
 
 

@@ -23,12 +23,9 @@ Layouts follow fla: q, k [B, T, H, K]; v [B, T, H, V]; states [N, H, K, V] in fp
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 
-from .gdn_ops import LIFT_GUARD_ENV, _acc, _chunks, hopper_guard_active
+from .gdn_ops import _acc, _chunks, ensure_fla_backward_ok, use_fla
 
 CHUNK_SCALAR = 64
 CHUNK_CHANNEL = 16
@@ -107,28 +104,6 @@ def _varlen(fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens
 # CUDA: flash-linear-attention
 # --------------------------------------------------------------------------------------------------------------
 
-_simple_gla_guard_checked = False
-
-
-def _use_fla(q: torch.Tensor, backend: str) -> bool:
-    if backend == "fla":
-        if not q.is_cuda:
-            raise RuntimeError("linear_backend='fla' needs CUDA tensors: flash-linear-attention's Triton kernels do "
-                               "not run on CPU (use linear_backend='auto' or 'torch' there)")
-        return True
-    if backend != "auto" or not q.is_cuda or not torch.cuda.is_available():
-        return False
-    # as for Gated DeltaNet: head dims under 32 (tiny test models) take the torch path
-    if q.shape[-1] < 32:
-        return False
-    try:
-        import fla.ops.gla  # noqa: F401
-        import fla.ops.simple_gla  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def _torch_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     fn = torch_recurrent_gla if q.shape[1] <= 4 and not torch.is_grad_enabled() else torch_chunk_gla
     return fn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
@@ -148,7 +123,7 @@ def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu
         backend: str = "auto"):
     """Per-channel gates (GLA): fla's chunk kernel (training, prefill) or fused recurrent kernel (≤ 64 new
     tokens) on CUDA; the torch chunked form on CPU or with `backend="torch"`."""
-    if not _use_fla(q, backend):
+    if not use_fla(q, backend, q.shape[-1]):
         return _torch_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
 
@@ -163,7 +138,7 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fa
                backend: str = "auto"):
     """One scalar gate per head (Mamba2's SSD form): fla's `chunk_simple_gla` / `fused_recurrent_simple_gla`
     on CUDA; the torch chunked form on CPU or with `backend="torch"`."""
-    if not _use_fla(q, backend):
+    if not use_fla(q, backend, q.shape[-1]):
         return _torch_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
@@ -171,37 +146,15 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fa
     if _decoding(q):
         return fused_recurrent_simple_gla(q=q, k=k, v=v, g=g, **kwargs)
     if torch.is_grad_enabled():
-        ensure_simple_gla_backward_ok(q.device)
+        ensure_fla_backward_ok(q.device, "simple_gla", _simple_gla_check)
     return chunk_simple_gla(q=q, k=k, v=v, g=g, **kwargs)
 
 
-def ensure_simple_gla_backward_ok(device) -> None:
-    """chunk_simple_gla's backward goes through the same gated kernel fla refuses on Hopper with Triton in
-    [3.4, 3.7.1) (fla issue #640). As for Gated DeltaNet: lift that guard only when asked
-    (INFINITEVL_LIFT_FLA_HOPPER_GUARD=1) and only after a gradient check of this op on this GPU passes."""
-    global _simple_gla_guard_checked
-    if _simple_gla_guard_checked or not hopper_guard_active(device):
-        return
-    if os.environ.get(LIFT_GUARD_ENV) != "1":
-        raise RuntimeError(
-            "flash-linear-attention refuses the gated chunk backward (used by the Mamba2 mixer) on Hopper GPUs "
-            "with Triton in [3.4, 3.7.1) (fla issue #640). Install Triton >= 3.7.1, or set "
-            f"{LIFT_GUARD_ENV}=1 to lift the guard after an automatic gradient check on this GPU.")
-    import fla.ops.common.chunk_o as chunk_o
+def _simple_gla_check(device, head_dim: int) -> dict:
+    """chunk_simple_gla's backward goes through the gated kernel fla refuses on Hopper (fla issue #640)."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    saved = chunk_o.IS_NVIDIA_HOPPER
-    chunk_o.IS_NVIDIA_HOPPER = False
-    try:
-        for K in (64, 128):
-            errs = compare_with_reference(chunk_simple_gla, device, K=K, V=2 * K, scalar=True)
-            if max(errs.values()) > 2e-2:
-                raise RuntimeError(f"fla simple_gla gradient check failed at head_dim {K}: relative errors {errs}")
-    except Exception:
-        chunk_o.IS_NVIDIA_HOPPER = saved
-        raise
-    warnings.warn("fla Hopper/Triton guard lifted after a passing simple_gla gradient check")
-    _simple_gla_guard_checked = True
+    return compare_with_reference(chunk_simple_gla, device, K=head_dim, V=2 * head_dim, scalar=True)
 
 
 def compare_with_reference(kernel, device, B=2, T=300, H=4, K=64, V=128, dtype=torch.bfloat16, seed=0,

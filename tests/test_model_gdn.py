@@ -184,12 +184,12 @@ def test_hopper_guard_check_inside_checkpointed_forward_leaves_recomputation_alo
 
     import model.gdn_ops as ops
 
-    def stand_in_check(device, rtol=2e-2):
+    def stand_in_check(device, op, check, rtol=2e-2):
         a = torch.randn(2, 300, 4, requires_grad=True)
         (a.sin() * a).sum().backward()
-        ops._guard_checked = True
+        ops._guard_checked.add(op)
 
-    monkeypatch.setattr(ops, "_guard_checked", False)
+    monkeypatch.setattr(ops, "_guard_checked", set())
     monkeypatch.setattr(ops, "hopper_guard_active", lambda device=None: True)
     monkeypatch.setattr(ops, "lift_hopper_guard_checked", stand_in_check)
     monkeypatch.setenv(ops.LIFT_GUARD_ENV, "1")
@@ -201,16 +201,16 @@ def test_hopper_guard_check_inside_checkpointed_forward_leaves_recomputation_alo
     x = torch.randn(3, 5, requires_grad=True)
     checkpoint(block, x, use_reentrant=False).sum().backward()
     torch.testing.assert_close(x.grad, (x.exp() * (1 + x)).detach())
-    assert ops._guard_checked
+    assert ops._guard_checked == {"gated_delta_rule"}
 
 
 def test_failing_hopper_guard_check_raises_in_the_callers_thread(monkeypatch):
     import model.gdn_ops as ops
 
-    def failing_check(device, rtol=2e-2):
+    def failing_check(device, op, check, rtol=2e-2):
         raise RuntimeError("fla gradient check failed at head_dim 64")
 
-    monkeypatch.setattr(ops, "_guard_checked", False)
+    monkeypatch.setattr(ops, "_guard_checked", set())
     monkeypatch.setattr(ops, "hopper_guard_active", lambda device=None: True)
     monkeypatch.setattr(ops, "lift_hopper_guard_checked", failing_check)
     monkeypatch.setenv(ops.LIFT_GUARD_ENV, "1")

@@ -366,11 +366,12 @@ def test_fla_kernels_match_the_torch_path_on_gpu(op, packed):
     import fla.ops.gla as gla_ops
     import fla.ops.simple_gla as simple_ops
 
-    from model.linear_ops import ensure_simple_gla_backward_ok
+    from model.gdn_ops import ensure_fla_backward_ok
+    from model.linear_ops import _simple_gla_check
 
     scalar = "simple" in op
     if scalar:
-        ensure_simple_gla_backward_ok(torch.device("cuda"))
+        ensure_fla_backward_ok(torch.device("cuda"), "simple_gla", _simple_gla_check)
     kernel = getattr(simple_ops if scalar else gla_ops, op)
     cu = torch.tensor([0, 100, 357, 600], device="cuda") if packed else None
     T = 600 if "chunk" in op else 64
