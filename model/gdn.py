@@ -39,9 +39,9 @@ class GatedRMSNorm(nn.Module):
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, seq_idx: torch.Tensor | None = None,
-               state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise conv + SiLU. x [B, T, C]; weight [C, 1, K]; seq_idx [B, T] (document of each token,
-    taps that reach into another document are dropped); state [B, C, K-1] (inputs before x).
+               state: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+    """Causal depthwise conv (+ channel bias) + SiLU. x [B, T, C]; weight [C, 1, K]; seq_idx [B, T] (document
+    of each token, taps that reach into another document are dropped); state [B, C, K-1] (inputs before x).
     Returns (y [B, T, C], new state [B, C, K-1])."""
     B, T, C = x.shape
     K = weight.shape[-1]
@@ -56,8 +56,30 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, seq_idx: torch.Tensor | No
             same[:, j:] = seq_idx[:, j:] == seq_idx[:, :-j]
             tap = tap * same.unsqueeze(-1)
         y = y + tap
+    if bias is not None:
+        y = y + bias.to(x.dtype)
     new_state = xs[:, -(K - 1):].transpose(1, 2) if K > 1 else x.new_zeros(B, C, 0)
     return F.silu(y), new_state
+
+
+def conv_silu(h: torch.Tensor, conv: nn.Conv1d, state, seq_idx, cu_seqlens, fused: bool, keep_state: bool):
+    """A mixer's short conv: fla's Triton kernel where `fused` (the torch taps cost ~50 GB of memory traffic
+    per layer at 128K: fla's is one pass), else `short_conv`. Returns (y, new state or None)."""
+    if fused:
+        return fla_short_conv(h, conv.weight, state, cu_seqlens, output_final_state=keep_state, bias=conv.bias)
+    return short_conv(h, conv.weight, seq_idx, state, bias=conv.bias)
+
+
+def prepare_inputs(x: torch.Tensor, attention_mask, cu_seqlens, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zeroes padded positions (nothing of them enters a conv) and gives each token its document index for
+    the torch conv of a packed row."""
+    if attention_mask is not None:
+        x = x * attention_mask.unsqueeze(-1).to(x.dtype)
+    if cu_seqlens is None:
+        return x, None
+    if cache is not None:
+        raise ValueError("packed sequences (cu_seqlens) cannot be decoded with a cache")
+    return x, _seq_idx(cu_seqlens, x.shape[1], x.device)
 
 
 class GatedDeltaNet(nn.Module):
@@ -99,24 +121,12 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: GatedDeltaNetCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        if attention_mask is not None:
-            x = x * attention_mask.unsqueeze(-1).to(x.dtype)
-        seq_idx = None
-        if cu_seqlens is not None:
-            if cache is not None:
-                raise ValueError("packed sequences (cu_seqlens) cannot be decoded with a cache")
-            seq_idx = _seq_idx(cu_seqlens, T, x.device)
+        x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
         fused = use_fla(x, self.backend, self.head_k_dim)
-        conv = cache.conv if cache is not None else {}
-
-        def conv_silu(h, module, state):
-            if fused:  # the torch taps below cost ~50 GB of memory traffic per layer at 128K: fla's is one pass
-                return fla_short_conv(h, module.weight, state, cu_seqlens, output_final_state=cache is not None)
-            return short_conv(h, module.weight, seq_idx, state)
-
-        q, conv_q = conv_silu(self.q_proj(x), self.q_conv1d, conv.get("q"))
-        k, conv_k = conv_silu(self.k_proj(x), self.k_conv1d, conv.get("k"))
-        v, conv_v = conv_silu(self.v_proj(x), self.v_conv1d, conv.get("v"))
+        conv, keep = (cache.conv, True) if cache is not None else ({}, False)
+        q, conv_q = conv_silu(self.q_proj(x), self.q_conv1d, conv.get("q"), seq_idx, cu_seqlens, fused, keep)
+        k, conv_k = conv_silu(self.k_proj(x), self.k_conv1d, conv.get("k"), seq_idx, cu_seqlens, fused, keep)
+        v, conv_v = conv_silu(self.v_proj(x), self.v_conv1d, conv.get("v"), seq_idx, cu_seqlens, fused, keep)
         q = q.view(B, T, self.num_heads, self.head_k_dim)
         k = k.view(B, T, self.num_heads, self.head_k_dim)
         v = v.view(B, T, self.num_heads, self.head_v_dim)

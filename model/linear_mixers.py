@@ -37,41 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import RecurrentStateCache
-from .gdn import GatedRMSNorm, _seq_idx, short_conv
+from .gdn import GatedRMSNorm, conv_silu, prepare_inputs
+from .gdn_ops import use_fla
 from .linear_ops import gla, simple_gla
-
-
-def causal_conv_with_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          seq_idx: torch.Tensor | None = None, state: torch.Tensor | None = None):
-    """`gdn.short_conv` with a channel bias added before the SiLU (Mamba2's conv1d has one)."""
-    B, T, C = x.shape
-    K = weight.shape[-1]
-    prev = x.new_zeros(B, K - 1, C) if state is None else state.transpose(1, 2).to(x.dtype)
-    xs = torch.cat([prev, x], 1)
-    w = weight[:, 0, :].to(x.dtype)
-    y = x * w[:, K - 1]
-    for j in range(1, K):
-        tap = xs[:, K - 1 - j:K - 1 - j + T] * w[:, K - 1 - j]
-        if seq_idx is not None:
-            same = torch.zeros_like(seq_idx, dtype=torch.bool)
-            same[:, j:] = seq_idx[:, j:] == seq_idx[:, :-j]
-            tap = tap * same.unsqueeze(-1)
-        y = y + tap
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    new_state = xs[:, -(K - 1):].transpose(1, 2) if K > 1 else x.new_zeros(B, C, 0)
-    return F.silu(y), new_state
-
-
-def _prepare(x, attention_mask, cu_seqlens, cache):
-    if attention_mask is not None:
-        x = x * attention_mask.unsqueeze(-1).to(x.dtype)
-    seq_idx = None
-    if cu_seqlens is not None:
-        if cache is not None:
-            raise ValueError("packed sequences (cu_seqlens) cannot be decoded with a cache")
-        seq_idx = _seq_idx(cu_seqlens, x.shape[1], x.device)
-    return x, seq_idx
 
 
 class GatedLinearAttention(nn.Module):
@@ -105,11 +73,12 @@ class GatedLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: RecurrentStateCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        x, seq_idx = _prepare(x, attention_mask, cu_seqlens, cache)
-        conv = cache.conv if cache is not None else {}
-        q, conv_q = short_conv(self.q_proj(x), self.q_conv1d.weight, seq_idx, conv.get("q"))
-        k, conv_k = short_conv(self.k_proj(x), self.k_conv1d.weight, seq_idx, conv.get("k"))
-        v, conv_v = short_conv(self.v_proj(x), self.v_conv1d.weight, seq_idx, conv.get("v"))
+        x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
+        fused = use_fla(x, self.backend, self.head_k_dim)
+        conv, keep = (cache.conv, True) if cache is not None else ({}, False)
+        q, conv_q = conv_silu(self.q_proj(x), self.q_conv1d, conv.get("q"), seq_idx, cu_seqlens, fused, keep)
+        k, conv_k = conv_silu(self.k_proj(x), self.k_conv1d, conv.get("k"), seq_idx, cu_seqlens, fused, keep)
+        v, conv_v = conv_silu(self.v_proj(x), self.v_conv1d, conv.get("v"), seq_idx, cu_seqlens, fused, keep)
         acc = torch.promote_types(x.dtype, torch.float32)
         gk = F.logsigmoid(self.gk_proj(x).to(acc)) / self.GATE_LOGIT_NORMALIZER
         if attention_mask is not None:
@@ -126,7 +95,7 @@ class GatedLinearAttention(nn.Module):
         if cache is not None:
             cache.store({"q": conv_q, "k": conv_k, "v": conv_v}, state)
         gate = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
-        o = self.g_norm_swish_gate(o.to(x.dtype), gate).reshape(B, T, self.value_dim)
+        o = self.g_norm_swish_gate(o.to(x.dtype), gate, fused).reshape(B, T, self.value_dim)
         return self.o_proj(o)
 
     def allocate_state(self, state: RecurrentStateCache, batch_size: int, device, dtype) -> None:
@@ -196,10 +165,11 @@ class Mamba2Mixer(nn.Module):
                 cu_seqlens: torch.Tensor | None = None, cache: RecurrentStateCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, N, P = self.num_heads, self.ssm_state_size, self.head_dim
-        x, seq_idx = _prepare(x, attention_mask, cu_seqlens, cache)
+        x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
+        fused = use_fla(x, self.backend, self.ssm_state_size)
         z, xbc, dt = self.in_proj(x).split([self.intermediate_size, self.conv_dim, H], dim=-1)
-        xbc, conv_state = causal_conv_with_bias(xbc, self.conv1d.weight, self.conv1d.bias, seq_idx,
-                                                cache.conv.get("xBC") if cache is not None else None)
+        xbc, conv_state = conv_silu(xbc.contiguous(), self.conv1d, cache.conv.get("xBC") if cache is not None else None,
+                                    seq_idx, cu_seqlens, fused, cache is not None)
         xs, b, c = xbc.split([self.intermediate_size, self.n_groups * N, self.n_groups * N], dim=-1)
         acc = torch.promote_types(x.dtype, torch.float32)
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
