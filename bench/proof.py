@@ -72,17 +72,17 @@ def base_config(config: str, tiny: bool, overrides: list[str], root: str) -> Run
     return config_from_dict(raw, items, origin=config)
 
 
-def layer_period(share: Fraction, num_layers: int) -> int:
-    """`student.layer_period` for a sliding-window share (one sliding layer per period)."""
+def layer_types(share: Fraction, num_layers: int) -> list[str]:
+    """`student.layer_types` for a sliding-window share: one sliding layer, then linear ones, per period of
+    1/share layers (share 0: every layer linear)."""
     if share == 0:
-        raise ValueError("sliding share 0 needs every layer linear, which student.layer_period cannot say (its "
-                         "layer 0 is always sliding): the run config has no student.layer_types yet")
+        return ["linear_attention"] * num_layers
     period = int(1 / share)
     if 1 / share != period:
         raise ValueError(f"sliding share {share} is not 1/n")
     if num_layers % period:
         raise ValueError(f"sliding share {share} does not divide the teacher's {num_layers} layers")
-    return period
+    return ["sliding_attention" if i % period == 0 else "linear_attention" for i in range(num_layers)]
 
 
 def variants(cfg: RunConfig) -> list[dict]:
@@ -96,7 +96,7 @@ def variants(cfg: RunConfig) -> list[dict]:
         row = {"name": f"share={share}", "ablation": "sliding_share", "linear_mixer": "gated_deltanet",
                "share": str(share)}
         try:
-            row["student"] = {"linear_mixer": "gated_deltanet", "layer_period": layer_period(share, num_layers or 8)}
+            row["student"] = {"linear_mixer": "gated_deltanet", "layer_types": layer_types(share, num_layers or 8)}
         except ValueError as e:
             row["error"] = str(e)
         rows.append(row)
@@ -117,8 +117,15 @@ def slug(name: str) -> str:
 
 def is_main_variant(variant: dict, cfg: RunConfig) -> bool:
     """The ablation row the main run already is (same student fields): its stages are not run twice."""
+    from pipeline.train.recipes import student_overrides
+
     fields = variant.get("student")
-    return fields is not None and all(getattr(cfg.student, k) == v for k, v in fields.items())
+    if fields is None:
+        return False
+    main = cfg.student.model_dump()
+    num_layers = cfg.teacher.train.num_layers if cfg.teacher.train else 8
+    # compared as built: layer_types spelled out equals the layer_period pattern it spells
+    return student_overrides({**main, **fields}, num_layers) == student_overrides(main, num_layers)
 
 
 # -- running stages ---------------------------------------------------------------------------------------------

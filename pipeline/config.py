@@ -86,6 +86,9 @@ class StudentSection(Section):
     conv_size: int = Field(4, gt=0)
     linear_mixer: Literal["gated_deltanet", "gla", "mamba2"] = Field(
         "gated_deltanet", description="recurrence of the linear layers (gla and mamba2: the paper's ablation)")
+    layer_types: list[Literal["sliding_attention", "linear_attention"]] | None = Field(
+        None, min_length=1, description="one entry per decoder layer, instead of layer_period's pattern (e.g. every "
+                                        "layer linear: the sliding share 0 of the paper's ablation)")
 
 
 class CorpusSection(Section):

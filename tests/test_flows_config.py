@@ -35,6 +35,7 @@ def test_overrides_keep_their_yaml_types():
     ("run.stages=[data, teacher]", "run.stages"),
     ("eval.target=eval", "eval.target"),
     ("train.stage2.trainable=[model.language_model]", "train.stage2.trainable"),
+    ("student.layer_types=[linear_attention, full_attention]", "student.layer_types"),
 ])
 def test_bad_override_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -74,3 +75,21 @@ def test_plan_refuses_a_stage_whose_input_is_not_committed(tmp_path):
         plan(cfg, only=["data"])
     with pytest.raises(PlanError, match="unknown stage 'nonsense'"):
         plan(cfg, force=["nonsense"])
+
+
+def test_student_layer_types_reach_the_student_config_and_a_wrong_length_is_refused():
+    """Every layer linear (the sliding share 0 of the ablation) is a layer_types list; a list that does not
+    match the teacher's depth fails in the model config, before any step, naming the field."""
+    from model.config import ConfigError as ModelConfigError
+    from model.config import InfiniteVLTextConfig
+    from pipeline.train.recipes import student_overrides
+
+    cfg = load_config(TINY, ["student.layer_types=[linear_attention, linear_attention, linear_attention, linear_attention]"])
+    fields = student_overrides(cfg.student.model_dump(), 4)
+    assert fields["layer_types"] == ["linear_attention"] * 4
+    assert student_overrides(load_config(TINY).student.model_dump(), 4)["layer_types"] == \
+        ["sliding_attention", "linear_attention", "linear_attention", "linear_attention"]
+    common = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, vocab_size=64)
+    assert InfiniteVLTextConfig(num_hidden_layers=4, **common, **fields).layer_types == ["linear_attention"] * 4
+    with pytest.raises(ModelConfigError, match="layer_types has 4 entries but num_hidden_layers is 6"):
+        InfiniteVLTextConfig(num_hidden_layers=6, **common, **fields)

@@ -64,12 +64,15 @@ def test_ablation_rows_and_bad_shares_fail_clearly():
     rows = {r["name"]: r for r in proof.variants(cfg)}
     assert set(rows) == {"mixer=gated_deltanet", "mixer=gla", "mixer=mamba2", "share=0", "share=1/8", "share=1/4",
                          "share=1/2"}
-    assert "student.layer_types" in rows["share=0"]["error"]
-    assert rows["share=1/8"]["student"]["layer_period"] == 8 and rows["share=1/2"]["student"]["layer_period"] == 2
+    L, S = "linear_attention", "sliding_attention"
+    assert rows["share=0"]["student"]["layer_types"] == [L] * 8
+    assert rows["share=1/8"]["student"]["layer_types"] == [S] + [L] * 7
+    assert rows["share=1/2"]["student"]["layer_types"] == [S, L] * 4
+    assert not any("error" in r for r in rows.values())
     assert proof.is_main_variant(rows["mixer=gated_deltanet"], cfg) and proof.is_main_variant(rows["share=1/4"], cfg)
-    assert not proof.is_main_variant(rows["mixer=gla"], cfg)
+    assert not proof.is_main_variant(rows["mixer=gla"], cfg) and not proof.is_main_variant(rows["share=1/2"], cfg)
     with pytest.raises(ValueError, match="does not divide"):
-        proof.layer_period(proof.Fraction(1, 8), 4)
+        proof.layer_types(proof.Fraction(1, 8), 4)
 
 
 @pytest.mark.timeout(600)

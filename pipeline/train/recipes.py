@@ -39,7 +39,8 @@ def student_overrides(student: dict, num_layers: int) -> dict:
             out[k] = student[k]
     if student.get("num_linear_heads"):
         out["num_linear_key_value_heads"] = student["num_linear_heads"]
-    out["layer_types"] = default_layer_types(num_layers, student.get("layer_period", 4))
+    # a wrong length fails in InfiniteVLTextConfig, before the first step, naming layer_types
+    out["layer_types"] = list(student.get("layer_types") or default_layer_types(num_layers, student.get("layer_period", 4)))
     return out
 
 
