@@ -180,7 +180,7 @@ def link_shared(main_root: str, variant_root: str) -> None:
 
 
 # -- scoring ----------------------------------------------------------------------------------------------------
-def score(checkpoint: str, n_pictures: int, out_dir: str) -> dict:
+def score(checkpoint: str, n_pictures: int, out_dir: str, kinds=None) -> dict:
     """Held-out accuracy (percent, overall and per kind) of a Hugging Face-format checkpoint."""
     import torch
 
@@ -188,7 +188,7 @@ def score(checkpoint: str, n_pictures: int, out_dir: str) -> dict:
     from pipeline.teacher_train import score_pictures
 
     model, processor = load_checkpoint(checkpoint)
-    scores = score_pictures(model, processor, n_pictures, out_dir)
+    scores = score_pictures(model, processor, n_pictures, out_dir, kinds=kinds)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -227,7 +227,7 @@ def run_job(job: dict) -> dict:
         marker = read_json(os.path.join(out, "_COMPLETE.json")) or {}
         metrics = marker.get("metrics", {})
         tokens = metrics.get("train_tokens") if stage == "teacher" else stage_tokens(out)
-        acc = score(checkpoint, job["eval_pictures"], os.path.join(cfg.run.root, "proof-eval", stage))
+        acc = score(checkpoint, job["eval_pictures"], os.path.join(cfg.run.root, "proof-eval", stage), cfg.picture_kinds)
         result["stages"][stage] = {"accuracy": acc["pictures"], "by_kind": acc, "tokens": tokens,
                                    "seconds": round(marker.get("duration_s", 0.0), 1), "loss": metrics.get("loss")}
         print(f"[{job['name']}] {stage}: held-out accuracy {acc['pictures']:.1f}%", flush=True)

@@ -56,6 +56,11 @@ class TeacherTrainSection(Section):
     device: str | None = Field(None, description="cuda or cpu; default: cuda when available")
     loader_workers: int = Field(0, ge=0, description="processes drawing and encoding training pictures")
     max_seconds: float | None = Field(None, gt=0, description="stop training after this long, whatever the step")
+    pictures: list[Literal["shapes", "bar_chart", "line_chart", "text_line"]] | None = Field(
+        None, min_length=1, description="the kinds of picture the teacher learns, and so the ones the run's "
+                                        "sample-pictures corpora and held-out pictures suite use (default: all)")
+    max_pixels: int = Field(28 * 28 * 64, gt=0, description="image size cap of the teacher's processor, saved "
+                                                            "with it (28·28·16: at most 16 image tokens)")
 
 
 class TeacherSection(Section):
@@ -207,6 +212,11 @@ class RunConfig(Section):
             raise ValueError(f"eval.target: {self.eval.target!r} is not a stage before eval; "
                              f"one of: {', '.join(STAGE_ORDER[:-1])}")
         return self
+
+    @property
+    def picture_kinds(self) -> list[str] | None:
+        """The sample-picture kinds of this run: those the trained tiny teacher learned (None: all)."""
+        return self.teacher.train.pictures if self.teacher.train is not None else None
 
     def section(self, dotted: str) -> Any:
         node: Any = self

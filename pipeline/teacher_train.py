@@ -69,15 +69,16 @@ class PictureBatches(torch.utils.data.IterableDataset):
     """Endless training batches of fresh pictures (`batch_size` questions, both questions of each picture);
     loader process w of W makes batches w, w+W, ..., which the DataLoader hands out in index order."""
 
-    def __init__(self, processor, batch_size: int, seed: int, start: int = 0):
-        self.processor, self.batch_size, self.seed, self.start = processor, batch_size, seed, start
+    def __init__(self, processor, batch_size: int, seed: int, start: int = 0, kinds=None):
+        self.processor, self.batch_size, self.seed, self.start, self.kinds = processor, batch_size, seed, start, kinds
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         index = self.start + worker
         while True:
-            samples = picture_samples(math.ceil(self.batch_size / 2), batch_seed(self.seed, index), images_as="pil")
+            samples = picture_samples(math.ceil(self.batch_size / 2), batch_seed(self.seed, index), images_as="pil",
+                                      kinds=self.kinds)
             yield training_batch(self.processor, samples[:self.batch_size])
             index += workers
 
@@ -104,12 +105,12 @@ def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
 def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print):
     """Builds the tiny teacher of `settings` (a `TeacherTrainSection`), trains it, scores it on the held-out
     pictures. Returns (model on the CPU in fp32, processor, metrics)."""
-    from model.tiny import build_tiny_teacher
+    from model.tiny import build_processor, build_tiny_teacher
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, processor = build_tiny_teacher(
-        seed, hidden=settings.hidden, heads=settings.heads, kv_heads=settings.kv_heads,
-        intermediate=settings.intermediate, num_layers=settings.num_layers, vision_hidden=settings.vision_hidden,
+        seed, processor=build_processor(max_pixels=settings.max_pixels), hidden=settings.hidden,
+        heads=settings.heads, kv_heads=settings.kv_heads, intermediate=settings.intermediate, num_layers=settings.num_layers, vision_hidden=settings.vision_hidden,
         vision_depth=settings.vision_depth)
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device).train()
@@ -117,10 +118,13 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print):
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup_steps))
-    loader = torch.utils.data.DataLoader(PictureBatches(processor, settings.batch_size, seed), batch_size=None,
+    kinds = settings.pictures
+    loader = torch.utils.data.DataLoader(PictureBatches(processor, settings.batch_size, seed, kinds=kinds),
+                                         batch_size=None,
                                          num_workers=settings.loader_workers,
                                          prefetch_factor=4 if settings.loader_workers else None)
-    validation = _to(training_batch(processor, picture_samples(VALIDATION_PICTURES, VALIDATION_SEED, "pil")), device)
+    validation = _to(training_batch(processor, picture_samples(VALIDATION_PICTURES, VALIDATION_SEED, "pil", kinds)),
+                     device)
     check_every = max(25, settings.steps // 20)
     log(f"teacher: {n_params / 1e6:.2f}M parameters, training {settings.steps} steps of {settings.batch_size} "
         f"questions on {device} ({settings.precision})")
@@ -158,7 +162,7 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print):
     train_seconds = time.time() - start
     model.eval()
     with autocast:
-        held_out = score_pictures(model, processor, settings.eval_pictures)
+        held_out = score_pictures(model, processor, settings.eval_pictures, kinds=kinds)
     log(f"teacher held-out accuracy {held_out['pictures']:.1f}% on {2 * settings.eval_pictures} questions: "
         + ", ".join(f"{k} {v:.0f}" for k, v in held_out.items() if k != "pictures"))
     metrics = {"parameters": n_params, "steps": step, "train_seconds": round(train_seconds, 1),
@@ -167,17 +171,16 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print):
                **{f"heldout/{k}": v for k, v in held_out.items()}, "loss_curve": curve}
     # a fresh processor to save: batched calls leave padding settings in the used one's tokenizer, which would
     # change its fingerprint (the data and training stages compare the shards' processor with the teacher's)
-    from model.tiny import build_processor
-
-    return model.to("cpu").float(), build_processor(), metrics
+    return model.to("cpu").float(), build_processor(max_pixels=settings.max_pixels), metrics
 
 
 def score_pictures(model, processor, n_pictures: int = 64, out_dir: str | None = None,
-                   batch_size: int = 32) -> dict[str, float]:
+                   batch_size: int = 32, kinds=None) -> dict[str, float]:
     """Held-out accuracy in percent, overall (`pictures`) and per kind of question, through the eval runner."""
     config = EvalConfig(batch_size=batch_size, max_new_tokens=16)
     with tempfile.TemporaryDirectory(prefix="infinitevl-pictures-") as tmp:
-        results = run_suite(model, processor, picture_samples(n_pictures), "pictures", out_dir or tmp, config)
+        results = run_suite(model, processor, picture_samples(n_pictures, kinds=kinds), "pictures", out_dir or tmp,
+                            config)
     return {"pictures": results["score"], **{k: v["score"] for k, v in results.get("categories", {}).items()}}
 
 

@@ -22,7 +22,7 @@ def test_tiny_run_builds_three_corpora_on_s3(s3, tmp_path, monkeypatch, processo
     processor.save_pretrained(str(tmp_path / "teacher"))
     s3fs.S3FileSystem(**s3.storage_options).put(str(tmp_path / "teacher") + "/", root.removeprefix("s3://") + "/teacher/",
                                                 recursive=True)
-    config = load_config("configs/tiny.yaml")
+    config = load_config("configs/tiny.yaml", ["data.distill.max_samples=64", "data.instruct.max_samples=64"])
     ctx = StageContext(name="data", config=config, output=f"{root}/data", inputs={"teacher": f"{root}/teacher"},
                        log=logging.getLogger("test"))
     metrics = build_corpora(ctx)

@@ -39,6 +39,7 @@ def test_embedded_default_killed_inside_training_resumes_there(tmp_path):
     # Few steps: the training stages' own tests cover training; this one covers the chain.
     steps = ["--set=train.stage1a.steps=3", "--set=train.stage1a.checkpoint_every=1"]
     steps += [f"--set=train.{s}.{field}=1" for s in ("stage1b", "stage2", "stage3") for field in ("steps", "checkpoint_every")]
+    steps += ["--set=teacher.train.steps=10", "--set=data.distill.max_samples=64", "--set=data.instruct.max_samples=64"]
     args = ["run", "configs/tiny.yaml", f"--set=run.root={root}", *steps]
 
     with open(tmp_path / "first.log", "w") as log:

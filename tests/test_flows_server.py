@@ -67,7 +67,8 @@ def served(prefect_server, s3, s3_env, tmp_path_factory):
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "flows.cli", "serve", "--config", TINY, "--set", f"run.root={run_root}",
-           "--set", "eval.max_samples=2", "--set", f"run.stages=[{', '.join(SERVED_STAGES)}]"]
+           "--set", "eval.max_samples=2", "--set", f"run.stages=[{', '.join(SERVED_STAGES)}]",
+           "--set", "teacher.train.steps=10"]  # the orchestration is under test here, not the teacher's learning
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:

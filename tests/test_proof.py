@@ -30,6 +30,25 @@ def test_heldout_questions_are_scored_by_exact_match_after_normalisation():
     assert build_prompt(samples[0]).startswith(samples[0]["question"] + "\n")
 
 
+def test_a_runs_picture_kinds_reach_teacher_data_and_eval(tmp_path):
+    """teacher.train.pictures is the one place a run names its picture kinds: the held-out suite, the
+    sample-pictures corpora and the runner settings built from the run config all keep to it."""
+    from pipeline.config import load_config
+    from pipeline.data.synthetic import write_picture_questions
+    from pipeline.eval.api import _settings
+
+    shapes = picture_samples(6, kinds=["shapes"])
+    assert {s["category"] for s in shapes} == {"shapes/count", "shapes/color"} and len(shapes) == 12
+    with pytest.raises(ValueError, match="unknown picture kinds \\['maps'\\]"):
+        picture_samples(2, kinds=["maps"])
+    records = [json.loads(line) for line in write_picture_questions(tmp_path, 3, seed=1, kinds=["line_chart"]).open()]
+    assert [r["id"].split("/")[0] for r in records] == ["line_chart"] * 6
+
+    cfg = load_config("configs/tiny.yaml", ["teacher.train.pictures=[shapes, line_chart]"])
+    assert cfg.picture_kinds == ["shapes", "line_chart"] and _settings(cfg, None)[1].pictures == ["shapes", "line_chart"]
+    assert load_config("configs/proof.yaml").picture_kinds is None  # the GPU recipe: every kind
+
+
 def test_training_seeds_never_draw_held_out_pictures():
     assert all(batch_seed(seed, i) < HELD_OUT_SEED for seed in (0, 5, 10**9) for i in (0, 1, 10**7))
 

@@ -263,7 +263,7 @@ def test_after_the_real_teacher_and_data_stages(tmp_path, processor):
     from pipeline.teacher import prepare_teacher
 
     root = str(tmp_path)
-    config = load_config("configs/tiny.yaml", [f"run.root={root}", "data.distill.max_samples=12",
+    config = load_config("configs/tiny.yaml", [f"run.root={root}", "teacher.train.steps=10", "data.distill.max_samples=12",
                                                "data.instruct.max_samples=2", "data.long.max_samples=1"])
     log = __import__("logging").getLogger("t")
     prepare_teacher(StageContext("teacher", config, f"{root}/teacher", {}, log))

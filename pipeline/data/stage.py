@@ -50,7 +50,8 @@ def build_corpora(ctx) -> dict:
                 sources += [samples[kind] for kind in SAMPLE_KINDS[name]]
             elif ref == SAMPLE_PICTURES:
                 sources.append(_picture_source(ctx.path(f"sample-pictures/{name}"), section.max_samples,
-                                               ctx.config.run.seed + 101 * (1 + CORPORA.index(name))))
+                                               ctx.config.run.seed + 101 * (1 + CORPORA.index(name)),
+                                               ctx.config.picture_kinds))
             else:
                 sources.append(source_for_url(ref))
         config = CorpusConfig(
@@ -75,15 +76,16 @@ def source_for_url(url: str) -> dict:
     return {"name": name, "format": fmt, "path": url}
 
 
-def _picture_source(root: str, max_samples: int | None, seed: int) -> dict:
-    """Single-turn questions on fresh sample pictures, worded as the held-out `pictures` eval suite asks them;
-    one picture per two samples of the corpus (PICTURE_QUESTIONS questions when it sets no limit)."""
+def _picture_source(root: str, max_samples: int | None, seed: int, kinds=None) -> dict:
+    """Single-turn questions on fresh sample pictures of `kinds` (the run's: those the teacher learned),
+    worded as the held-out `pictures` eval suite asks them; one picture per two samples of the corpus
+    (PICTURE_QUESTIONS questions when it sets no limit)."""
     n_pictures = -(-(max_samples or PICTURE_QUESTIONS) // 2)
     if storage.is_local(root):
-        path = write_picture_questions(root, n_pictures, seed)
+        path = write_picture_questions(root, n_pictures, seed, kinds)
         return {"name": "sample-pictures", "format": "llava", "path": str(path)}
     with tempfile.TemporaryDirectory() as tmp:
-        write_picture_questions(tmp, n_pictures, seed)
+        write_picture_questions(tmp, n_pictures, seed, kinds)
         fs, path = storage.filesystem(root)
         fs.put(tmp.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
     return {"name": "sample-pictures", "format": "llava", "path": root.rstrip("/") + "/questions.jsonl"}

@@ -162,7 +162,7 @@ def write_llava(root: str | Path, n: int, seed: int = 0, fmt: str = "jsonl",
     return path
 
 
-def write_picture_questions(root: str | Path, n_pictures: int, seed: int = 0) -> Path:
+def write_picture_questions(root: str | Path, n_pictures: int, seed: int = 0, kinds=None) -> Path:
     """One single-turn LLaVA record per question on `n_pictures` pictures, worded exactly as the held-out
     `pictures` eval suite asks them (pipeline/eval/synthetic.py: the question plus the eval prompt's
     instruction), so distilling and fine-tuning on them trains the format the suite scores."""
@@ -174,7 +174,7 @@ def write_picture_questions(root: str | Path, n_pictures: int, seed: int = 0) ->
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     records = []
-    for i, sample in enumerate(picture_samples(n_pictures, seed, images_as="pil")):
+    for i, sample in enumerate(picture_samples(n_pictures, seed, images_as="pil", kinds=kinds)):
         name = f"images/{i // 2:05d}.png"
         if i % 2 == 0:  # the two questions of a picture share its file
             sample["image"].save(root / name)

@@ -71,7 +71,8 @@ def evaluate_model(model, processor, suites: list[str], out_dir: str, config: Ev
         elif source == "tiny":
             results[name] = run_suite(model, processor, tiny_samples(), name, out_dir, config, model_name)
         elif source == "pictures":
-            results[name] = run_suite(model, processor, picture_samples(), name, out_dir, config, model_name)
+            results[name] = run_suite(model, processor, picture_samples(kinds=config.pictures), name, out_dir, config,
+                                      model_name)
         elif has_video(next(read_samples(source, limit=1), {})):
             # Video benchmarks are the paper's length-generalisation figure: every video at every frame count.
             results[name] = run_video_benchmark(model, processor, name, source, frame_counts, out_dir, config,
@@ -118,7 +119,8 @@ def _settings(config, suite) -> tuple[list[str], EvalConfig]:
         suites = list(section.benchmarks)
         # Every runner setting the eval section has is taken; max_samples is the runner's limit.
         shared = {f.name: getattr(section, f.name) for f in fields(EvalConfig) if hasattr(section, f.name)}
-        eval_config = EvalConfig(**{**shared, "limit": getattr(section, "max_samples", None)})
+        eval_config = EvalConfig(**{**shared, "limit": getattr(section, "max_samples", None),
+                                    "pictures": config.picture_kinds})
     else:
         suites = ["tiny"]
         eval_config = EvalConfig.from_dict(config)

@@ -50,6 +50,7 @@ class EvalConfig:
     video_frames: int = 32               # frames sampled evenly from each video file
     limit: int | None = None             # evaluate only the first N samples of a suite
     prompts: dict[str, str] = field(default_factory=dict)  # metric -> instruction, overriding DEFAULT_PROMPTS
+    pictures: list[str] | None = None    # the kinds of picture the `pictures` suite asks about (None: all)
 
     @classmethod
     def from_dict(cls, values: dict | "EvalConfig" | None) -> "EvalConfig":

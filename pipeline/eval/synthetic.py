@@ -108,15 +108,21 @@ PICTURE_KINDS = {
 HELD_OUT_SEED = 1_000_000
 
 
-def picture_samples(n_pictures: int = 64, seed: int = HELD_OUT_SEED, images_as: str = "png") -> list[dict]:
+def picture_samples(n_pictures: int = 64, seed: int = HELD_OUT_SEED, images_as: str = "png",
+                    kinds: list[str] | tuple[str, ...] | None = None) -> list[dict]:
     """Two questions per picture, the makers taking turns, scored by exact match after the VQA normalisation
-    (metric "vqa" with the answer given ten times). `images_as="pil"` keeps the PIL images (for training)."""
+    (metric "vqa" with the answer given ten times). `images_as="pil"` keeps the PIL images (for training);
+    `kinds` keeps only those makers (names of PICTURE_KINDS; None: all)."""
     from pipeline.data.synthetic import PICTURES
 
+    unknown = sorted(set(kinds or ()) - set(PICTURE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown picture kinds {unknown}; known: {', '.join(PICTURE_KINDS)}")
+    makers = [m for m in PICTURES if kinds is None or m.__name__ in kinds]
     rng = random.Random(seed)
     samples = []
     for i in range(n_pictures):
-        maker = PICTURES[i % len(PICTURES)]
+        maker = makers[i % len(makers)]
         image, qa = maker(rng)
         stored = image if images_as == "pil" else encode_image(image)
         for kind, (question, answer) in zip(PICTURE_KINDS[maker.__name__], qa):
