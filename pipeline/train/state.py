@@ -104,7 +104,7 @@ def restore(engine, output: str, rank: int, local_rank: int, staging_root: str) 
         barrier()
     engine._config.load_universal_checkpoint = universal
     try:
-        with safe_deepspeed_load(allow_universal=universal):
+        with safe_deepspeed_load():
             load_path, _ = engine.load_checkpoint(load_dir, tag="ds", load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
     finally:
@@ -142,7 +142,8 @@ def to_universal(ds_dir: str, out_dir: str) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     args = argparse.Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
                               keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress bars and per-parameter lines
+    # the conversion reads the checkpoint with torch.load too: through the same weights-only unpickler
+    with safe_deepspeed_load(), contextlib.redirect_stdout(io.StringIO()):  # its progress bars, per-parameter lines
         ds_to_universal.main(args)
 
 
@@ -167,9 +168,6 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 class safe_deepspeed_load:
     """Within this block torch.load only admits tensors, plain containers and DeepSpeed's enum/config
     types found in its optimizer states: a checkpoint cannot run code when it is loaded."""
-
-    def __init__(self, allow_universal: bool = False):
-        self.allow_universal = allow_universal
 
     def __enter__(self):
         from deepspeed.runtime.zero.config import ZeroStageEnum
