@@ -45,14 +45,8 @@ def allocate_cache(model, batch_size: int, device=None, dtype=None) -> InfiniteV
         if isinstance(state, SlidingWindowCache):
             like = torch.empty(batch_size, mixer.num_kv_heads, 0, mixer.head_dim, device=device, dtype=dtype)
             state.allocate(like, like)
-        elif hasattr(mixer, "allocate_state"):  # GLA, Mamba2: each knows its own conv and state shapes
+        else:  # every linear mixer knows its own conv and state shapes
             mixer.allocate_state(state, batch_size, device, dtype)
-        else:
-            width = mixer.conv_size - 1
-            state.conv = {name: torch.zeros(batch_size, dim, width, device=device, dtype=dtype)
-                          for name, dim in (("q", mixer.key_dim), ("k", mixer.key_dim), ("v", mixer.value_dim))}
-            state.state = torch.zeros(batch_size, mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim,
-                                      device=device, dtype=torch.float32)
     return cache
 
 

@@ -82,7 +82,11 @@ def prepare_inputs(x: torch.Tensor, attention_mask, cu_seqlens, cache) -> tuple[
     return x, _seq_idx(cu_seqlens, x.shape[1], x.device)
 
 
-class GatedDeltaNet(nn.Module):
+class ShortConvMixer(nn.Module):
+    """What Gated DeltaNet and GLA share: H heads of key dim K and value dim V sized from the config, q/k/v
+    projections each through a short causal conv + SiLU (`add_convs`, called where each subclass created its
+    convs, so seeded initialisation draws in the same order), and a recurrent state of H×K×V per sequence."""
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -98,15 +102,42 @@ class GatedDeltaNet(nn.Module):
         self.q_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
+
+    def add_convs(self) -> None:
+        self.q_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
+        self.k_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
+        self.v_conv1d = nn.Conv1d(self.value_dim, self.value_dim, self.conv_size, groups=self.value_dim, bias=False)
+
+    def qkv(self, x: torch.Tensor, seq_idx, cu_seqlens, cache, fused: bool):
+        """q, k [B, T, H, K] and v [B, T, H, V] after their convs, and the convs' new states."""
+        B, T, _ = x.shape
+        conv, keep = (cache.conv, True) if cache is not None else ({}, False)
+        q, conv_q = conv_silu(self.q_proj(x), self.q_conv1d, conv.get("q"), seq_idx, cu_seqlens, fused, keep)
+        k, conv_k = conv_silu(self.k_proj(x), self.k_conv1d, conv.get("k"), seq_idx, cu_seqlens, fused, keep)
+        v, conv_v = conv_silu(self.v_proj(x), self.v_conv1d, conv.get("v"), seq_idx, cu_seqlens, fused, keep)
+        heads = (B, T, self.num_heads)
+        return (q.view(*heads, self.head_k_dim), k.view(*heads, self.head_k_dim), v.view(*heads, self.head_v_dim),
+                {"q": conv_q, "k": conv_k, "v": conv_v})
+
+    def allocate_state(self, state, batch_size: int, device, dtype) -> None:
+        """The cache tensors at their final size (what a CUDA graph needs before capture)."""
+        width = self.conv_size - 1
+        state.conv = {name: torch.zeros(batch_size, dim, width, device=device, dtype=dtype)
+                      for name, dim in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim))}
+        state.state = torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device,
+                                  dtype=torch.float32)
+
+
+class GatedDeltaNet(ShortConvMixer):
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
         self.a_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
         self.b_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
-        self.q_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
-        self.k_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
-        self.v_conv1d = nn.Conv1d(self.value_dim, self.value_dim, self.conv_size, groups=self.value_dim, bias=False)
+        self.add_convs()
         self.g_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
         self.o_norm = GatedRMSNorm(self.head_v_dim, eps=config.norm_eps)
         self.o_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
@@ -123,13 +154,7 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
         fused = use_fla(x, self.backend, self.head_k_dim)
-        conv, keep = (cache.conv, True) if cache is not None else ({}, False)
-        q, conv_q = conv_silu(self.q_proj(x), self.q_conv1d, conv.get("q"), seq_idx, cu_seqlens, fused, keep)
-        k, conv_k = conv_silu(self.k_proj(x), self.k_conv1d, conv.get("k"), seq_idx, cu_seqlens, fused, keep)
-        v, conv_v = conv_silu(self.v_proj(x), self.v_conv1d, conv.get("v"), seq_idx, cu_seqlens, fused, keep)
-        q = q.view(B, T, self.num_heads, self.head_k_dim)
-        k = k.view(B, T, self.num_heads, self.head_k_dim)
-        v = v.view(B, T, self.num_heads, self.head_v_dim)
+        q, k, v, conv_states = self.qkv(x, seq_idx, cu_seqlens, cache, fused)
         beta = self.b_proj(x).sigmoid()
         acc = torch.promote_types(x.dtype, torch.float32)
         g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
@@ -141,7 +166,7 @@ class GatedDeltaNet(nn.Module):
             q, k, v, g, beta.to(q.dtype), initial_state=cache.state if cache is not None else None,
             output_final_state=cache is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=True, backend=self.backend)
         if cache is not None:
-            cache.store({"q": conv_q, "k": conv_k, "v": conv_v}, state)
+            cache.store(conv_states, state)
         gate = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
         o = self.o_norm(o, gate, fused).reshape(B, T, self.value_dim)
         return self.o_proj(o)

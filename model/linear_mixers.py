@@ -37,34 +37,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import RecurrentStateCache
-from .gdn import GatedRMSNorm, conv_silu, prepare_inputs
+from .gdn import GatedRMSNorm, ShortConvMixer, conv_silu, prepare_inputs
 from .gdn_ops import use_fla
 from .linear_ops import gla, simple_gla
 
 
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(ShortConvMixer):
     GATE_LOW_RANK_DIM = 16
     GATE_LOGIT_NORMALIZER = 16
 
     def __init__(self, config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.hidden_size = config.hidden_size
-        self.num_heads = config.num_linear_heads
-        self.head_k_dim = config.linear_head_dim
-        self.head_v_dim = config.head_v_dim
-        self.key_dim = self.num_heads * self.head_k_dim
-        self.value_dim = self.num_heads * self.head_v_dim
-        self.conv_size = config.conv_size
-        self.backend = config.linear_backend
-
-        self.q_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
+        super().__init__(config, layer_idx)
         self.g_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
-        self.q_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
-        self.k_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
-        self.v_conv1d = nn.Conv1d(self.value_dim, self.value_dim, self.conv_size, groups=self.value_dim, bias=False)
+        self.add_convs()
         self.gk_proj = nn.Sequential(nn.Linear(self.hidden_size, self.GATE_LOW_RANK_DIM, bias=False),
                                      nn.Linear(self.GATE_LOW_RANK_DIM, self.key_dim, bias=True))
         self.g_norm_swish_gate = GatedRMSNorm(self.head_v_dim, eps=config.norm_eps)
@@ -75,36 +60,21 @@ class GatedLinearAttention(nn.Module):
         B, T, _ = x.shape
         x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
         fused = use_fla(x, self.backend, self.head_k_dim)
-        conv, keep = (cache.conv, True) if cache is not None else ({}, False)
-        q, conv_q = conv_silu(self.q_proj(x), self.q_conv1d, conv.get("q"), seq_idx, cu_seqlens, fused, keep)
-        k, conv_k = conv_silu(self.k_proj(x), self.k_conv1d, conv.get("k"), seq_idx, cu_seqlens, fused, keep)
-        v, conv_v = conv_silu(self.v_proj(x), self.v_conv1d, conv.get("v"), seq_idx, cu_seqlens, fused, keep)
+        q, k, v, conv_states = self.qkv(x, seq_idx, cu_seqlens, cache, fused)
         acc = torch.promote_types(x.dtype, torch.float32)
-        gk = F.logsigmoid(self.gk_proj(x).to(acc)) / self.GATE_LOGIT_NORMALIZER
+        gk = (F.logsigmoid(self.gk_proj(x).to(acc)) / self.GATE_LOGIT_NORMALIZER).view(B, T, self.num_heads, -1)
         if attention_mask is not None:
             # the conv output at a right-padded position still sees real tokens: nothing may be written there
-            m = attention_mask.unsqueeze(-1)
+            m = attention_mask[:, :, None, None]
             k = k * m.to(k.dtype)
             gk = gk * m.to(gk.dtype)
-        q = q.view(B, T, self.num_heads, self.head_k_dim)
-        k = k.view(B, T, self.num_heads, self.head_k_dim)
-        v = v.view(B, T, self.num_heads, self.head_v_dim)
-        gk = gk.view(B, T, self.num_heads, self.head_k_dim)
         o, state = gla(q, k, v, gk, initial_state=cache.state if cache is not None else None,
                        output_final_state=cache is not None, cu_seqlens=cu_seqlens, backend=self.backend)
         if cache is not None:
-            cache.store({"q": conv_q, "k": conv_k, "v": conv_v}, state)
+            cache.store(conv_states, state)
         gate = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
         o = self.g_norm_swish_gate(o.to(x.dtype), gate, fused).reshape(B, T, self.value_dim)
         return self.o_proj(o)
-
-    def allocate_state(self, state: RecurrentStateCache, batch_size: int, device, dtype) -> None:
-        """The cache tensors at their final size (what a CUDA graph needs before capture)."""
-        width = self.conv_size - 1
-        state.conv = {name: torch.zeros(batch_size, dim, width, device=device, dtype=dtype)
-                      for name, dim in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim))}
-        state.state = torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device,
-                                  dtype=torch.float32)
 
 
 class GroupGatedRMSNorm(nn.Module):
