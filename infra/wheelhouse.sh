@@ -9,6 +9,8 @@
 # .venv/bin/python), at the version that Python has installed. Its runtime needs that the GPU image lacks:
 # hjson (einops, msgpack, ninja, numpy, packaging, psutil, py-cpuinfo, tqdm are on the image; pydantic is below).
 # peft is carried at our tested version: the image's may predate transformers 5.24.
+# WITH_MEDIA=1 adds PyAV and pypdfium2 (40 MB, at the versions PYTHON has) for nodes that read or write videos
+# and PDFs: the `sample` corpus (e.g. configs/proof.yaml's long corpus), video eval suites.
 set -euo pipefail
 dest=${1:-.whl}
 pyver=${2:-3.12}
@@ -27,6 +29,11 @@ platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
   platforms+=(--platform "$p")
 done
+if [ "${WITH_MEDIA:-0}" = 1 ]; then
+  for name in av pypdfium2; do
+    pkgs+=("$name==$("$python" -c "import importlib.metadata as m; print(m.version('$name'))")")
+  done
+fi
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
   "${platforms[@]}" -d "$dest" "${pkgs[@]}"
 
