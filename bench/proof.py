@@ -108,6 +108,10 @@ def variant_config(cfg: RunConfig, variant: dict, root: str) -> RunConfig:
     raw["student"].update(variant["student"])
     raw["run"]["root"] = f"{root}/{slug(variant['name'])}"
     raw["run"]["stages"] = list(ABLATION_STAGES)
+    if "sliding_attention" not in variant["student"].get("layer_types", ["sliding_attention"]):
+        # a student without sliding layers (share 0) has nothing in that group, which a stage rightly refuses
+        for stage in ABLATION_STAGES:
+            raw["train"][stage]["trainable"] = [g for g in raw["train"][stage]["trainable"] if g != "sliding_attn"]
     return config_from_dict(raw, origin=variant["name"])
 
 

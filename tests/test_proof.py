@@ -92,6 +92,11 @@ def test_ablation_rows_and_bad_shares_fail_clearly():
     assert not proof.is_main_variant(rows["mixer=gla"], cfg) and not proof.is_main_variant(rows["share=1/2"], cfg)
     with pytest.raises(ValueError, match="does not divide"):
         proof.layer_types(proof.Fraction(1, 8), 4)
+    # share 0 has no sliding layers: its stages do not ask to train them (a stage refuses an empty group)
+    none = proof.variant_config(cfg, rows["share=0"], "/tmp/x")
+    half = proof.variant_config(cfg, rows["share=1/2"], "/tmp/x")
+    assert "sliding_attn" in half.train.stage2.trainable and "sliding_attn" not in none.train.stage2.trainable
+    assert none.train.stage2.trainable == [g for g in half.train.stage2.trainable if g != "sliding_attn"]
 
 
 @pytest.mark.timeout(600)
