@@ -42,8 +42,8 @@ def torch_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=Non
                                  cu_seqlens=None, use_qk_l2norm=False, chunk_size: int = CHUNK):
     """Exact chunked gated delta rule in plain torch (fp32 accumulation); differentiable."""
     if cu_seqlens is not None:
-        return _varlen(torch_chunk_gated_delta_rule, q, k, v, g, beta, scale, initial_state, output_final_state,
-                       cu_seqlens, use_qk_l2norm, chunk_size=chunk_size)
+        return per_document(torch_chunk_gated_delta_rule, (q, k, v, g, beta), scale, initial_state, output_final_state,
+                            cu_seqlens, use_qk_l2norm, chunk_size=chunk_size)
     dtype, acc = v.dtype, _acc(v)
     if use_qk_l2norm:
         q, k = l2norm(q.to(acc)), l2norm(k.to(acc))
@@ -82,8 +82,8 @@ def torch_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
                                      cu_seqlens=None, use_qk_l2norm=False):
     """Step-by-step form for decoding a few tokens; same contract as the chunked function."""
     if cu_seqlens is not None:
-        return _varlen(torch_recurrent_gated_delta_rule, q, k, v, g, beta, scale, initial_state, output_final_state,
-                       cu_seqlens, use_qk_l2norm)
+        return per_document(torch_recurrent_gated_delta_rule, (q, k, v, g, beta), scale, initial_state,
+                            output_final_state, cu_seqlens, use_qk_l2norm)
     dtype, acc = v.dtype, _acc(v)
     if use_qk_l2norm:
         q, k = l2norm(q.to(acc)), l2norm(k.to(acc))
@@ -106,19 +106,19 @@ def _chunks(x: torch.Tensor, pad: int, C: int) -> torch.Tensor:
     return x.reshape(B, Tp // C, C, H, D).permute(0, 3, 1, 2, 4)
 
 
-def _varlen(fn, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, **kw):
-    if q.shape[0] != 1:
-        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {q.shape[0]}")
+def per_document(fn, per_token: tuple, scale, initial_state, output_final_state, cu_seqlens, *rest, **kw):
+    """A recurrence over a packed row (batch 1) run document by document, each from its own initial state:
+    `fn(*per_token sliced to the document, scale, h0, output_final_state, None, *rest, **kw)`."""
+    if per_token[0].shape[0] != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {per_token[0].shape[0]}")
     bounds = cu_seqlens.tolist()
     outs, states = [], []
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         h0 = None if initial_state is None else initial_state[i:i + 1]
-        o, h = fn(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], scale, h0, output_final_state,
-                  None, use_qk_l2norm, **kw)
+        o, h = fn(*(t[:, a:b] for t in per_token), scale, h0, output_final_state, None, *rest, **kw)
         outs.append(o)
         states.append(h)
-    final = torch.cat(states) if output_final_state else None
-    return torch.cat(outs, 1), final
+    return torch.cat(outs, 1), (torch.cat(states) if output_final_state else None)
 
 
 # --------------------------------------------------------------------------------------------------------------

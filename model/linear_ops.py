@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .gdn_ops import _acc, _chunks, ensure_fla_backward_ok, use_fla
+from .gdn_ops import _acc, _chunks, ensure_fla_backward_ok, per_document, use_fla
 
 CHUNK_SCALAR = 64
 CHUNK_CHANNEL = 16
@@ -36,8 +36,8 @@ def torch_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_sta
     """Exact chunked gated linear attention in plain torch (fp32 accumulation); differentiable. `g` is the
     log-decay, [B, T, H, K] (per key channel) or [B, T, H] (per head)."""
     if cu_seqlens is not None:
-        return _varlen(torch_chunk_gla, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
-                       chunk_size=chunk_size)
+        return per_document(torch_chunk_gla, (q, k, v, g), scale, initial_state, output_final_state, cu_seqlens,
+                            chunk_size=chunk_size)
     dtype, acc = v.dtype, _acc(v)
     scalar = g.ndim == 3
     C = chunk_size or (CHUNK_SCALAR if scalar else CHUNK_CHANNEL)
@@ -72,7 +72,7 @@ def torch_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_sta
 def torch_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Step-by-step form (decoding a few tokens, and an independent check of the chunked form)."""
     if cu_seqlens is not None:
-        return _varlen(torch_recurrent_gla, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        return per_document(torch_recurrent_gla, (q, k, v, g), scale, initial_state, output_final_state, cu_seqlens)
     dtype, acc = v.dtype, _acc(v)
     B, T, H, K = k.shape
     scale = K ** -0.5 if scale is None else scale
@@ -85,19 +85,6 @@ def torch_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final
         S = S * g[:, t].exp().unsqueeze(-1) + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
     return torch.stack(outs, 1).to(dtype), (S if output_final_state else None)
-
-
-def _varlen(fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, **kw):
-    if q.shape[0] != 1:
-        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {q.shape[0]}")
-    bounds = cu_seqlens.tolist()
-    outs, states = [], []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        h0 = None if initial_state is None else initial_state[i:i + 1]
-        o, h = fn(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale, h0, output_final_state, None, **kw)
-        outs.append(o)
-        states.append(h)
-    return torch.cat(outs, 1), (torch.cat(states) if output_final_state else None)
 
 
 # --------------------------------------------------------------------------------------------------------------
