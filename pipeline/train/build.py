@@ -64,7 +64,7 @@ def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
         module = LayerwiseAligner(teacher, config, loss_scale=section.get("loss_scale", 1000.0)).to(device)
         if section["trainable"] != ["linear_attn"]:
             raise ValueError("train.stage1a.trainable must be [linear_attn]: layer-wise alignment trains the "
-                             "Gated DeltaNet mixers only")
+                             "linear mixers (Gated DeltaNet, GLA or Mamba2) only")
         module.teacher.requires_grad_(False)
         counts = {"linear_attn": sum(p.numel() for p in module.mixers.parameters())}
         teacher_dir = materialize(job.teacher)

@@ -1,5 +1,5 @@
-"""Stage I-a: layer-wise alignment. Each Gated DeltaNet mixer learns, by MSE on the teacher's own
-per-layer inputs and attention outputs, to replace the attention of its layer."""
+"""Stage I-a: layer-wise alignment. Each linear mixer (Gated DeltaNet, GLA or Mamba2) learns, by MSE on the
+teacher's own per-layer inputs and attention outputs, to replace the attention of its layer."""
 
 from pipeline.stages import StageContext
 
