@@ -32,16 +32,18 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from fractions import Fraction
 from pathlib import Path
 
-from pipeline.config import RunConfig, config_from_dict, load_config, to_yaml
+from pipeline.config import RunConfig, StudentSection, config_from_dict, load_config, to_yaml
+from pipeline.eval.metrics import retention
 from pipeline.stages import STAGE_ORDER, read_json
 
 SHARED = ("teacher", "data", "teacher-logits")
 STUDENT_STAGES = ("stage1a", "stage1b", "stage2", "stage3")
 ABLATION_STAGES = ("stage1a", "stage1b", "stage2")
-MIXERS = ("gated_deltanet", "gla", "mamba2")
+MIXERS = typing.get_args(StudentSection.model_fields["linear_mixer"].annotation)  # the run config's choices
 SHARES = (Fraction(0), Fraction(1, 8), Fraction(1, 4), Fraction(1, 2))
 DEFAULT_SHARE = Fraction(1, 4)
 
@@ -209,13 +211,6 @@ def stage_tokens(stage_dir: str) -> int | None:
         for line in f:
             total += int(json.loads(line).get("tokens", 0) or 0)
     return total
-
-
-def retention(student: float | None, teacher: float | None) -> float | None:
-    """Student accuracy over teacher accuracy; None when either is missing or the teacher scores zero."""
-    if student is None or not teacher:
-        return None
-    return round(student / teacher, 4)
 
 
 def run_job(job: dict) -> dict:

@@ -79,9 +79,6 @@ class RecurrentStateCache:
         return list(self.conv.values()) + ([self.state] if self.state is not None else [])
 
 
-GatedDeltaNetCache = RecurrentStateCache  # the name model/gdn.py and older code use
-
-
 class InfiniteVLCache:
     """Per-layer constant-size state plus the count of tokens seen (the position of the next token)."""
 

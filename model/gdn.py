@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import GatedDeltaNetCache
+from .cache import RecurrentStateCache
 from .gdn_ops import fla_gated_rmsnorm, fla_short_conv, gated_delta_rule, use_fla
 
 
@@ -150,7 +150,7 @@ class GatedDeltaNet(ShortConvMixer):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt.clamp_min(1e-4))))  # inverse softplus
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, cache: GatedDeltaNetCache | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, cache: RecurrentStateCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
         fused = use_fla(x, self.backend, self.head_k_dim)

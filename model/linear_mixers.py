@@ -166,5 +166,3 @@ class Mamba2Mixer(nn.Module):
         state.state = torch.zeros(batch_size, self.num_heads, self.ssm_state_size, self.head_dim, device=device,
                                   dtype=torch.float32)
 
-
-MIXERS = {"gla": GatedLinearAttention, "mamba2": Mamba2Mixer}

@@ -133,7 +133,7 @@ def test_fused_mixer_on_gpu_matches_torch_path():
     """The whole mixer on CUDA (fla's conv, chunk/recurrent kernels and gated norm, bf16) against the same
     weights on the torch path in fp32: packed forward and gradients, then a prefill with a cache followed by
     decode steps (conv and recurrent states carried by fla's kernels)."""
-    from model.cache import GatedDeltaNetCache
+    from model.cache import RecurrentStateCache
 
     cfg = InfiniteVLTextConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4,
                                intermediate_size=64, vocab_size=64)  # head_dim 64: the fla path
@@ -164,7 +164,7 @@ def test_fused_mixer_on_gpu_matches_torch_path():
     assert max(errors.values()) < 3e-2
 
     with torch.no_grad():
-        cr, cf = GatedDeltaNetCache(), GatedDeltaNetCache()
+        cr, cf = RecurrentStateCache(), RecurrentStateCache()
         outs = []
         for a, b in ((0, 300), (300, 301), (301, 302), (302, 340)):  # prefill, two decode steps, a chunk
             outs.append((ref(x[:, a:b], cache=cr), fused(x[:, a:b].to(torch.bfloat16), cache=cf)))

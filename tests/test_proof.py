@@ -9,7 +9,7 @@ import torch
 from bench import proof
 from pipeline.eval.metrics import score_sample
 from pipeline.eval.runner import build_prompt
-from pipeline.eval.stage import retention as stage_retention
+from pipeline.eval.metrics import retention as stage_retention
 from pipeline.eval.synthetic import HELD_OUT_SEED, PICTURE_KINDS, picture_samples
 from pipeline.teacher_train import IGNORE, batch_seed, teacher_forced_exact, training_batch
 

@@ -250,3 +250,11 @@ def aggregate(samples: Iterable[dict]) -> dict:
     if samples and all(s.get("metric") == "ocrbench" for s in samples):
         result["final_score"] = sum(s for _, s in per_unit)  # OCRBench reports correct answers out of 1000
     return result
+
+
+def retention(student: float | None, teacher: float | None) -> float | None:
+    """Student accuracy over teacher accuracy; None when either is missing or the teacher scores zero
+    (nothing to retain)."""
+    if student is None or not teacher:
+        return None
+    return round(student / teacher, 4)

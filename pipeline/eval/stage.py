@@ -6,6 +6,7 @@ from pipeline.checkpoints import latest_checkpoint
 from pipeline.stages import StageContext
 
 from .api import evaluate_checkpoint
+from .metrics import retention
 
 # The held-out suite the trained tiny teacher knows (pipeline/teacher_train.py): scored for the teacher too.
 RETENTION_SUITE = "pictures"
@@ -32,8 +33,3 @@ def evaluate_run(ctx: StageContext) -> dict:
         ctx.log.info("held-out %s: teacher %.1f, student %.1f, retention %s", RETENTION_SUITE,
                      teacher[RETENTION_SUITE], scores[RETENTION_SUITE], metrics["retention"])
     return metrics
-
-
-def retention(student: float, teacher: float) -> float | None:
-    """Student accuracy over teacher accuracy; None when the teacher scores zero (nothing to retain)."""
-    return round(student / teacher, 4) if teacher > 0 else None

@@ -2,9 +2,9 @@
 forward takes a packed batch and returns the loss and metrics) and exports the trained model.
 
 Stage I-a keeps one model in memory: the frozen teacher plus the new linear mixers (Gated DeltaNet, or GLA /
-Mamba2 per `student.linear_mixer`); each mixer is
-fed the teacher's input to that layer's attention (hooked during the teacher's forward) and regressed
-onto that attention's output. The other stages train the student itself.
+Mamba2 per `student.linear_mixer`); each mixer is fed the teacher's input to that layer's attention (hooked
+during the teacher's forward) and regressed onto that attention's output. The other stages train the student
+itself.
 """
 
 from __future__ import annotations
