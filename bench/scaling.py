@@ -51,6 +51,7 @@ import time
 import numpy as np
 
 from bench.common import RESULTS, print_table, write_result
+from pipeline.launch import signal_group, torchrun_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE2_TRAINABLE = ["linear_attn", "sliding_attn", "mlp", "norms", "merger"]
@@ -219,11 +220,6 @@ def environment(gpus: list[str], n: int, tiny: bool) -> dict:
     return env
 
 
-def torchrun(n: int, module: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--standalone",
-            "--monitor-interval=0.5", "-m", module, *args]
-
-
 class Run:
     """One launched process group: its output streamed with a prefix, a deadline, optionally a rank killed
     once a line appears."""
@@ -252,12 +248,12 @@ class Run:
                         print(f"  [{self.label}] SIGKILL sent to rank {kill_rank} (pid {self.killed_pid})", flush=True)
             returncode = proc.wait()
         except BaseException:
-            _kill_group(proc.pid)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
         finally:
             timer.cancel()
-        _kill_group(proc.pid)  # nothing of the group outlives it
+        signal_group(proc.pid, signal.SIGKILL)  # nothing of the group outlives it
         self.seconds = time.monotonic() - started
         self.exit_s = time.monotonic() - self.killed_at if self.killed_at else None
         return returncode
@@ -265,7 +261,7 @@ class Run:
     def _expire(self, proc):
         self.timed_out = True
         print(f"  [{self.label}] over its {self.timeout_s:.0f} s limit: killing the process group", flush=True)
-        _kill_group(proc.pid)
+        signal_group(proc.pid, signal.SIGKILL)
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines[-n:])
@@ -275,13 +271,6 @@ def _worth_showing(line: str) -> bool:
     keys = ("[bench.scaling]", " step ", "Error", "error", "Traceback", "resumed", "rank:", "exitcode", "lifted",
             "gradient check", "Signal", "Killed", "FAILED", "Hopper")
     return any(k in line for k in keys)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def kill_worker(torchrun_pid: int, rank: int) -> int:
@@ -306,7 +295,7 @@ def launch_plan(work: str, name: str, n: int, tasks: list[dict], env: dict, time
             task.pop("job_obj").dump(task["job"])
     with open(plan, "w") as f:
         json.dump({"tasks": tasks}, f, indent=1)
-    run = Run(torchrun(n, "bench.scaling_rank", [plan]), env, name, timeout_s, os.path.join(work, f"{name}.log"))
+    run = Run(torchrun_command("bench.scaling_rank", [plan], n), env, name, timeout_s, os.path.join(work, f"{name}.log"))
     run.returncode = run.run(**kill)
     return run
 

@@ -87,26 +87,26 @@ def launch(cmd: Sequence[str], log: logging.Logger, env: Mapping[str, str] | Non
 def kill_group(proc: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM to the child's whole process group, SIGKILL for whatever is left after `grace_s`."""
     deadline = time.monotonic() + grace_s
-    _signal_group(proc.pid, signal.SIGTERM)
+    signal_group(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
     # Workers may outlive the group leader (torchrun's do): the group, not the leader, decides when
     # we are done.
-    while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
+    while signal_group(proc.pid, 0) and time.monotonic() < deadline:
         time.sleep(0.1)
-    _signal_group(proc.pid, signal.SIGKILL)
+    signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
 @atexit.register
 def _kill_live_groups() -> None:
     for pgid in list(_live_groups):
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
 
 
-def _signal_group(pgid: int, sig: int) -> bool:
+def signal_group(pgid: int, sig: int) -> bool:
     """Whether any process of the group was there to receive `sig` (0 only checks)."""
     try:
         os.killpg(pgid, sig)
