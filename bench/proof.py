@@ -144,16 +144,12 @@ def run_stages(config_path: str, names: list[str], runner: str) -> None:
         return
     import logging
 
-    from flows.stages import REGISTRY, fingerprints, plan, stage_output
-    from pipeline.stages import StageContext, execute_stage
+    from flows.stages import plan, run_planned_stage
 
     cfg = load_config(config_path)
     log = logging.getLogger("infinitevl.proof")
     for name in plan(cfg, names):
-        _, section_hash, input_prints = fingerprints(cfg)[name]
-        ctx = StageContext(name=name, config=cfg, output=stage_output(cfg, name),
-                           inputs={need: stage_output(cfg, need) for need in input_prints}, log=log)
-        outcome = execute_stage(ctx, REGISTRY[name].load(), section_hash, input_prints)
+        outcome = run_planned_stage(cfg, name, log)
         print(f"  {name}: {outcome.status} in {outcome.duration_s:.1f}s", flush=True)
 
 

@@ -15,10 +15,10 @@ from prefect.events import emit_event
 
 from pipeline import checkpoints
 from pipeline.config import RunConfig, load_config, to_yaml
-from pipeline.stages import StageContext, StageOutcome, execute_stage, join, write_text
+from pipeline.stages import StageOutcome, join, write_text
 
 from flows import plots
-from flows.stages import EVALUATOR, REGISTRY, StageUnavailable, fingerprints, load_entry, plan, stage_output
+from flows.stages import EVALUATOR, StageUnavailable, load_entry, plan, run_planned_stage
 
 CHECKPOINT_EVENT = "infinitevl.checkpoint.written"
 CONFIG_FILE = "config.yaml"
@@ -51,12 +51,9 @@ def save_resolved_config(cfg: RunConfig) -> str:
 
 @task(task_run_name="{name}", cache_policy=NO_CACHE)
 def run_stage(name: str, cfg: RunConfig, force: bool, config_uri: str) -> StageOutcome:
-    stage = REGISTRY[name]
-    _, section_hash, input_prints = fingerprints(cfg)[name]
-    ctx = StageContext(name=name, config=cfg, output=stage_output(cfg, name),
-                       inputs={need: stage_output(cfg, need) for need in input_prints}, log=get_run_logger(),
-                       on_checkpoint=lambda uri, step, metrics: announce_checkpoint(uri, step, metrics, name, config_uri))
-    return execute_stage(ctx, stage.load(), section_hash, input_prints, force=force)
+    return run_planned_stage(cfg, name, get_run_logger(), force,
+                             on_checkpoint=lambda uri, step, metrics: announce_checkpoint(uri, step, metrics, name,
+                                                                                          config_uri))
 
 
 def announce_checkpoint(uri: str, step: int, metrics: dict, stage: str, config_uri: str) -> None:

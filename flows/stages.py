@@ -100,6 +100,18 @@ def stage_output(config: RunConfig, name: str) -> str:
     return join(config.run.root, name)
 
 
+def run_planned_stage(config: RunConfig, name: str, log, force: bool = False, on_checkpoint=None):
+    """Executes one stage of a checked plan where its inputs are committed (no Prefect here: the flow's task
+    and callers without Prefect share it); returns its StageOutcome."""
+    from pipeline.stages import StageContext, execute_stage
+
+    _, section_hash, input_prints = fingerprints(config)[name]
+    ctx = StageContext(name=name, config=config, output=stage_output(config, name),
+                       inputs={need: stage_output(config, need) for need in input_prints}, log=log,
+                       on_checkpoint=on_checkpoint)
+    return execute_stage(ctx, REGISTRY[name].load(), section_hash, input_prints, force=force)
+
+
 def plan(config: RunConfig, only: list[str] | None = None, force: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The stages to run, checked before any runs: known, available, and every input either runs
     earlier in this plan or is already committed."""
