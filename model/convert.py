@@ -175,29 +175,19 @@ def init_mamba2_from_attention(m, attn, text_config) -> None:
 
 @torch.no_grad()
 def init_gdn_from_attention(gdn, attn, text_config) -> None:
-    H, Dk, Dv = gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim
-    n_q, n_kv = text_config.num_attention_heads, text_config.num_key_value_heads
-    d = text_config.hidden_size // n_q
-    group = n_q // n_kv
-    if H == n_q and Dk == d:
-        gdn.q_proj.weight.copy_(attn.q_proj.weight)
-        kv_head = torch.arange(H) // group
-        k_t = attn.k_proj.weight.view(n_kv, d, -1)
-        gdn.k_proj.weight.copy_(k_t[kv_head].reshape(H * d, -1))
-        if Dv % d == 0:
-            v_t = attn.v_proj.weight.view(n_kv, d, -1)[kv_head]  # [H, d, hidden]
-            gdn.v_proj.weight.copy_(v_t.repeat(1, Dv // d, 1).reshape(H * Dv, -1))
-            o = torch.zeros_like(gdn.o_proj.weight).view(-1, H, Dv)
-            o[:, :, :d] = attn.o_proj.weight.view(-1, n_q, d)
-            gdn.o_proj.weight.copy_(o.view_as(gdn.o_proj.weight))
+    rows = _teacher_rows(attn, text_config, gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim)
+    if rows is not None:
+        q, k, v, o = rows
+        gdn.q_proj.weight.copy_(q)
+        gdn.k_proj.weight.copy_(k)
+        if v is not None:
+            gdn.v_proj.weight.copy_(v)
+            gdn.o_proj.weight.copy_(o)
     gdn.b_proj.weight.zero_()
     gdn.a_proj.weight.zero_()
     gdn.A_log.zero_()
-    # decay exp(-softplus(dt_bias)) spread log-uniformly over the heads in [0.90, 0.999]
-    lo, hi = -math.log(0.999), -math.log(0.90)
-    dt = torch.exp(torch.linspace(math.log(lo), math.log(hi), H))
+    dt = _decay_spread(gdn.num_heads)  # decay exp(-softplus(dt_bias)) = exp(-dt)
     gdn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
     for conv in (gdn.q_conv1d, gdn.k_conv1d, gdn.v_conv1d):
-        conv.weight.zero_()
-        conv.weight[:, 0, -1] = 1.0
+        _identity_conv_(conv)
     gdn.o_norm.weight.fill_(1.0)
