@@ -21,6 +21,10 @@ from typing import Mapping, Sequence
 
 TAIL_LINES = 40
 
+# Every stage is its own process: without Triton's disk cache of autotuning results each one would
+# re-benchmark fla's kernels (minutes on a fresh node). The user's environment overrides these.
+CHILD_DEFAULTS = {"TRITON_CACHE_AUTOTUNING": "1"}
+
 # Process groups of launches still running. A launch in a worker thread never sees the exception a
 # signal raises in the main thread, so whatever is left when the interpreter exits is killed then.
 _live_groups: set[int] = set()
@@ -61,7 +65,7 @@ def launch_command(launcher: str, module: str, args: Sequence[str] = (), nproc_p
 def launch(cmd: Sequence[str], log: logging.Logger, env: Mapping[str, str] | None = None, cwd: str | None = None,
            grace_s: float = 10.0, tail_lines: int = TAIL_LINES) -> None:
     """Runs `cmd` to completion, streaming its output to `log`; raises LaunchError on a non-zero exit."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**CHILD_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
                             start_new_session=True, text=True, errors="replace", bufsize=1)

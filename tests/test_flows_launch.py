@@ -123,3 +123,14 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"  # a zombie is dead, only not yet reaped
     except FileNotFoundError:
         return False
+
+
+def test_children_keep_autotuning_on_disk_unless_the_user_says_otherwise(log, monkeypatch):
+    logger, handler = log
+    code = "import os\nprint('autotune=' + os.environ.get('TRITON_CACHE_AUTOTUNING', 'unset'))"
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    launch([sys.executable, "-c", code], logger)
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
+    launch([sys.executable, "-c", code], logger)
+    printed = [m for _, m in handler.lines if m.startswith("autotune=")]
+    assert printed == ["autotune=1", "autotune=0"]
