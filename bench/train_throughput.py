@@ -101,7 +101,7 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
     for _ in range(warmup):
         step()
@@ -111,7 +111,7 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    float(loss)
+    loss.item()
     elapsed = time.perf_counter() - start
     tps = seq * steps / elapsed
     fpt = flops_per_token(config, kind, seq, lambda i: True)
@@ -158,19 +158,18 @@ def main() -> None:
     args = ap.parse_args()
     short, long = (256, 512) if args.tiny else (8192, 32768)
     cases = [(stage, seq) for stage, seq in (("stage2", short), ("stage3", long)) if stage in args.cases]
+    config = {"shapes": "Qwen2.5-VL-3B", "dtype": "bf16", "steps": args.steps, "stage2": "8K, mixers trainable",
+              "stage3": "32K, LoRA r=64", "checkpointing": args.checkpointing}
     rows = []
     for stage, seq in cases:
         for kind in ("teacher", "student"):
             rows.append(run_case_fitting(kind, stage, seq, args.tiny, args.steps, args.warmup, args.checkpointing))
             print_table(rows[-1:])
+            if not args.tiny:  # after every row: a run cut short still leaves what it measured
+                write_result("train_throughput", config, rows, summarize(rows, short, long),
+                             **({"out_dir": args.out} if args.out else {}))
     print_table(rows)
-    summary = summarize(rows, short, long)
-    print(summary)
-    if not args.tiny:
-        write_result("train_throughput", {"shapes": "Qwen2.5-VL-3B", "dtype": "bf16", "steps": args.steps,
-                                          "stage2": "8K, mixers trainable", "stage3": "32K, LoRA r=64",
-                                          "checkpointing": args.checkpointing},
-                     rows, summary, **({"out_dir": args.out} if args.out else {}))
+    print(summarize(rows, short, long))
 
 
 def summarize(rows: list[dict], short: int, long: int) -> dict:
