@@ -3,5 +3,5 @@ export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTI
   INFINITEVL_LIFT_FLA_HOPPER_GUARD=1 PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/tc \
   TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/tc
-if [ -f .devrun/autotune.tgz ]; then tar xzf .devrun/autotune.tgz -C /tmp/tc; fi
+for t in infra/autotune/*.tgz .devrun/autotune.tgz; do [ -f $t ] && tar xzf $t -C /tmp/tc; done
 save_autotune() { (cd /tmp/tc && find . -name '*.autotune.json' | tar czf $OUT/autotune.tgz -T -); }
