@@ -106,9 +106,9 @@ def run_planned_stage(config: RunConfig, name: str, log, force: bool = False, on
     from pipeline.stages import StageContext, execute_stage
 
     _, section_hash, input_prints = fingerprints(config)[name]
+    announce = {"on_checkpoint": on_checkpoint} if on_checkpoint else {}  # else StageContext's no-op
     ctx = StageContext(name=name, config=config, output=stage_output(config, name),
-                       inputs={need: stage_output(config, need) for need in input_prints}, log=log,
-                       on_checkpoint=on_checkpoint)
+                       inputs={need: stage_output(config, need) for need in input_prints}, log=log, **announce)
     return execute_stage(ctx, REGISTRY[name].load(), section_hash, input_prints, force=force)
 
 

@@ -101,6 +101,7 @@ def test_ablation_rows_and_bad_shares_fail_clearly():
 
 @pytest.mark.timeout(600)
 def test_tiny_proof_end_to_end(tmp_path, monkeypatch):
+    # Stage I-a runs 2 steps with a checkpoint every step: the direct runner (no Prefect) announces a checkpoint
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(sys, "argv", ["proof"])
     out = tmp_path / "out"
@@ -109,7 +110,7 @@ def test_tiny_proof_end_to_end(tmp_path, monkeypatch):
                 "--set", "teacher.train.hidden=32", "--set", "teacher.train.intermediate=64",
                 "--set", "teacher.train.vision_hidden=32", "--set", "teacher.train.vision_depth=1",
                 "--set", "data.distill.max_samples=8", "--set", "data.instruct.max_samples=8",
-                "--set", "data.long.max_samples=2", "--set", "train.stage1a.steps=1", "--set", "train.stage1b.steps=1",
+                "--set", "data.long.max_samples=2", "--set", "train.stage1a.steps=2", "--set", "train.stage1b.steps=1",
                 "--set", "train.stage2.steps=1", "--set", "train.stage3.steps=1",
                 "--set", "train.stage1a.checkpoint_every=1", "--set", "train.stage1b.checkpoint_every=1",
                 "--set", "train.stage2.checkpoint_every=1", "--set", "train.stage3.checkpoint_every=1",
