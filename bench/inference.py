@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from bench.common import print_table, write_result
+from bench.profiling import kernel_profile, show_profile
 
 K = 1024
 
@@ -68,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown-at", type=_tokens, default=None,
                    help="prompt length of one more prefill per model with each layer part timed (0: none)")
     p.add_argument("--skip-teacher", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="kernel profiles of the decode steps at the largest batch and context up to 128K, and of "
+                        "a streamed frame (where the time goes: launches, idle share, top kernels)")
     p.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: a temp folder)")
     args = p.parse_args(argv)
     defaults = TINY if args.tiny else FULL
@@ -315,25 +319,31 @@ def preallocated_kv_cache(teacher, batch: int, context: int, room: int, device, 
     return cache
 
 
-def teacher_decode(teacher, batch, context, steps, warmup, meter, device, dtype):
+def teacher_decode(teacher, batch, context, steps, warmup, meter, device, dtype, profile=False):
     meter.start()
-    cache = preallocated_kv_cache(teacher, batch, context, warmup + steps + 1, device, dtype)
+    extra_steps = steps + 1 if profile else 0  # the profile's warm-up and calls write into the cache too
+    cache = preallocated_kv_cache(teacher, batch, context, warmup + steps + extra_steps + 1, device, dtype)
     kv_gb = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer._k, layer._v)) / 1e9
     key = forward_kwargs(teacher)
     ids = random_ids(teacher.config.text_config.vocab_size, batch, warmup + steps, device)
+
+    def step(i):
+        teacher(input_ids=ids[:, i:i + 1], use_cache=True, logits_to_keep=1, **{key: cache})
+
     with torch.no_grad():
         for i in range(warmup):
-            teacher(input_ids=ids[:, i:i + 1], use_cache=True, logits_to_keep=1, **{key: cache})
+            step(i)
         meter.sync()
         t0 = time.perf_counter()
         for i in range(warmup, warmup + steps):
-            teacher(input_ids=ids[:, i:i + 1], use_cache=True, logits_to_keep=1, **{key: cache})
+            step(i)
         dt = meter.seconds_since(t0)
+        extra = {"profile": kernel_profile(lambda: step(0), calls=steps, cuda=meter.cuda)} if profile else {}
     return {"ms_per_step": round(dt / steps * 1e3, 3), "tokens_per_s": round(batch * steps / dt, 1),
-            "peak_gb": meter.peak_gb(), "state_gb": round(kv_gb, 2)}
+            "peak_gb": meter.peak_gb(), "state_gb": round(kv_gb, 2), **extra}
 
 
-def teacher_decode_graphed(teacher, batch, context, steps, warmup, meter, device, dtype):
+def teacher_decode_graphed(teacher, batch, context, steps, warmup, meter, device, dtype, profile=False):
     """The teacher's decode step captured in a CUDA graph, so both models are timed without launch overhead.
     Each replay appends the token at position `context` into the same slot of a preallocated KV cache and
     attends over all `context + 1` keys: the cost of any step at that context."""
@@ -361,8 +371,9 @@ def teacher_decode_graphed(teacher, batch, context, steps, warmup, meter, device
         for _ in range(steps):
             graph.replay()
         dt = meter.seconds_since(t0)
+        extra = {"profile": kernel_profile(graph.replay, calls=steps, cuda=meter.cuda)} if profile else {}
     return {"ms_per_step": round(dt / steps * 1e3, 3), "tokens_per_s": round(batch * steps / dt, 1),
-            "peak_gb": meter.peak_gb(), "state_gb": round(kv_gb, 2)}
+            "peak_gb": meter.peak_gb(), "state_gb": round(kv_gb, 2), **extra}
 
 
 def student_state_at(student, batch: int, context: int):
@@ -387,8 +398,9 @@ def student_state_at(student, batch: int, context: int):
     return cache
 
 
-def student_decode(student, batch, context, steps, warmup, meter, device, decoder=None):
-    """`decoder` None: the model's own forward step by step (eager); else a CUDAGraphDecoder's replays."""
+def student_decode(student, batch, context, steps, warmup, meter, device, decoder=None, profile=False):
+    """`decoder` None: the model's own forward step by step (eager); else a CUDAGraphDecoder's replays.
+    `profile`: then a kernel profile of the step (bench/profiling.py)."""
     ids = random_ids(student.config.text_config.vocab_size, batch, warmup + steps, device)
     meter.start()
     cache = student_state_at(student, batch, context)
@@ -408,14 +420,18 @@ def student_decode(student, batch, context, steps, warmup, meter, device, decode
         for i in range(warmup, warmup + steps):
             step(i)
         dt = meter.seconds_since(t0)
+        row = {"ms_per_step": round(dt / steps * 1e3, 3), "tokens_per_s": round(batch * steps / dt, 1),
+               "peak_gb": meter.peak_gb()}
+        if profile:  # the state keeps its size, so more steps cost the same
+            row["profile"] = kernel_profile(lambda: step(warmup), calls=steps, cuda=meter.cuda)
     state = decoder.cache if decoder is not None else cache
-    return {"ms_per_step": round(dt / steps * 1e3, 3), "tokens_per_s": round(batch * steps / dt, 1),
-            "peak_gb": meter.peak_gb(), "state_gb": round(state.nbytes() / 1e9, 3)}
+    return {**row, "state_gb": round(state.nbytes() / 1e9, 3)}
 
 
 # -- streaming -------------------------------------------------------------------------------------------------
 
-def streaming(student, processor, frames: int, size: int, graphs: bool, meter, sample_every: int):
+def streaming(student, processor, frames: int, size: int, graphs: bool, meter, sample_every: int,
+              profile: bool = False):
     """Pushes `frames` frames (a pool of distinct random images, cycled) and times them end to end:
     preprocessing, vision tower, decoder. Memory is read after the first 10% of frames (graphs captured,
     allocator warm) and at the end."""
@@ -444,6 +460,13 @@ def streaming(student, processor, frames: int, size: int, graphs: bool, meter, s
     mem1 = meter.allocated_mb()
     tokens_per_frame = (session.cache.seen - seen0) / frames
     parts = stream_breakdown(session, pool, min(frames, 50), settle + frames, device=meter)
+    if profile:
+        at = iter(range(settle + frames + 50, 10 ** 9))
+        def push():
+            i = next(at)
+            session.push_frame(pool[i % len(pool)], i / 30)
+
+        parts["profile"] = kernel_profile(push, calls=10, cuda=meter.cuda)
     t_ask = time.perf_counter()
     answer = session.answer_ids("What happened in the video?", max_new_tokens=32)
     ask_s = meter.seconds_since(t_ask)
@@ -495,6 +518,8 @@ def run(args) -> tuple[dict, list[dict], dict]:
         "peak_gb is the peak of allocated GPU memory during that point, weights included (one model loaded)"]
     rows: list[dict] = []
     warmup = 2
+    profile_ctx = max((c for c in args.contexts if c <= 128 * K), default=max(args.contexts))
+    profiled = lambda b, ctx: args.profile and b == max(args.batches) and ctx == profile_ctx  # noqa: E731
 
     if not args.skip_teacher:
         print("teacher: building", flush=True)
@@ -516,7 +541,8 @@ def run(args) -> tuple[dict, list[dict], dict]:
             for ctx in args.contexts:
                 for mode, fn in modes:
                     row = guarded({"bench": "decode", "model": "teacher", "mode": mode, "batch": b, "context": ctx},
-                                  lambda: fn(teacher, b, ctx, args.decode_steps, warmup, meter, device, dtype))
+                                  lambda: fn(teacher, b, ctx, args.decode_steps, warmup, meter, device, dtype,
+                                             profile=profiled(b, ctx)))
                     rows.append(row)
                 if row.get("error") == "out of memory":
                     break  # longer contexts need more
@@ -560,12 +586,13 @@ def run(args) -> tuple[dict, list[dict], dict]:
                              "error": "capture failed (traceback on stderr)"})
         for ctx in args.contexts:
             rows.append(guarded({"bench": "decode", "model": "student", "mode": "eager", "batch": b, "context": ctx},
-                                lambda: student_decode(student, b, ctx, args.decode_steps, warmup, meter, device)))
+                                lambda: student_decode(student, b, ctx, args.decode_steps, warmup, meter, device,
+                                                       profile=profiled(b, ctx))))
             if decoder is not None:
                 rows.append(guarded({"bench": "decode", "model": "student", "mode": "cuda graphs", "batch": b,
                                      "context": ctx},
                                     lambda: student_decode(student, b, ctx, args.decode_steps, warmup, meter, device,
-                                                           decoder)))
+                                                           decoder, profile=profiled(b, ctx))))
         decoder = None
         free_memory()
 
@@ -575,7 +602,7 @@ def run(args) -> tuple[dict, list[dict], dict]:
             rows.append(guarded({"bench": "streaming", "model": "student", "mode": mode, "batch": 1,
                                  "frame": f"{args.frame_size}x{args.frame_size}"},
                                 lambda: streaming(student, processor, n, args.frame_size, use_graphs, meter,
-                                                  sample_every=max(n // 20, 1))))
+                                                  sample_every=max(n // 20, 1), profile=args.profile)))
     if not graphs:  # CPU: the eager stream is the stream
         for r in rows:
             if r["bench"] == "streaming":
@@ -685,7 +712,8 @@ def main(argv=None) -> dict:
 
 def show(rows, summary) -> None:
     for bench in ("prefill", "breakdown", "decode", "streaming"):
-        part = [{k: v for k, v in r.items() if k not in ("bench", "samples")} for r in rows if r["bench"] == bench]
+        part = [{k: v for k, v in r.items() if k not in ("bench", "samples", "profile")} for r in rows
+                if r["bench"] == bench]
         if not part:
             continue
         keys = list(dict.fromkeys(k for r in part for k in r))
@@ -696,6 +724,10 @@ def show(rows, summary) -> None:
         except ImportError:  # rich is missing on some GPU images
             for r in table:
                 print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
+    for r in rows:
+        if "profile" in r:
+            show_profile(f"profile: {r['model']} {r['bench']} {r['mode']} batch {r['batch']}"
+                         + (f" context {r['context']}" if "context" in r else ""), r["profile"])
     print("\nsummary:", summary)
 
 

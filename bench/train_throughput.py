@@ -30,6 +30,7 @@ import time
 import torch
 
 from bench.common import print_table, write_result
+from bench.profiling import kernel_profile, show_profile
 
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -59,7 +60,8 @@ def flops_per_token(config, kind: str, seq: int, trainable) -> float:
     return total
 
 
-def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: int, checkpointing: bool) -> dict:
+def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: int, checkpointing: bool,
+             profile: bool = False) -> dict:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from bench.param_count import qwen2_5_vl_3b_config
@@ -120,6 +122,8 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
     row = {"model": kind, "stage": stage, "seq_len": seq, "checkpointing": checkpointing, "tokens_per_s": round(tps, 1),
            "gflops_per_token": round(fpt / 1e9, 4), "mfu": round(fpt * tps / peak, 4) if peak else None,
            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+    if profile:
+        row["profile"] = kernel_profile(step, calls=2, cuda=device.type == "cuda")
     del model, optimizer, params
     release_memory()
     return row
@@ -131,18 +135,18 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_case_fitting(kind, stage, seq, tiny, steps, warmup, checkpointing: str) -> dict:
+def run_case_fitting(kind, stage, seq, tiny, steps, warmup, checkpointing: str, profile: bool = False) -> dict:
     """`checkpointing` "auto": without recomputation where the activations fit the card, else with it (the
     student's Gated DeltaNet activations overflowed an 80 GB H100 at 8K without it: 67.6 GB before the loss)."""
     if checkpointing != "auto":
-        return run_case(kind, stage, seq, tiny, steps, warmup, checkpointing == "on")
+        return run_case(kind, stage, seq, tiny, steps, warmup, checkpointing == "on", profile)
     try:
-        return run_case(kind, stage, seq, tiny, steps, warmup, False)
+        return run_case(kind, stage, seq, tiny, steps, warmup, False, profile)
     except torch.cuda.OutOfMemoryError:
         pass  # the retry runs after the except block: inside it the traceback still holds the first model
     print(f"{kind} {stage} {seq}: out of memory without gradient checkpointing, retrying with it", flush=True)
     release_memory()
-    return run_case(kind, stage, seq, tiny, steps, warmup, True)
+    return run_case(kind, stage, seq, tiny, steps, warmup, True, profile)
 
 
 def main() -> None:
@@ -155,6 +159,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", choices=["stage2", "stage3"], default=["stage2", "stage3"],
                     help="which rows to run (the summary needs both)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
+    ap.add_argument("--profile", action="store_true", help="a kernel profile of two more steps of each row")
     args = ap.parse_args()
     short, long = (256, 512) if args.tiny else (8192, 32768)
     cases = [(stage, seq) for stage, seq in (("stage2", short), ("stage3", long)) if stage in args.cases]
@@ -163,12 +168,15 @@ def main() -> None:
     rows = []
     for stage, seq in cases:
         for kind in ("teacher", "student"):
-            rows.append(run_case_fitting(kind, stage, seq, args.tiny, args.steps, args.warmup, args.checkpointing))
-            print_table(rows[-1:])
+            rows.append(run_case_fitting(kind, stage, seq, args.tiny, args.steps, args.warmup, args.checkpointing,
+                                         args.profile))
+            print_table([{k: v for k, v in rows[-1].items() if k != "profile"}])
+            if "profile" in rows[-1]:
+                show_profile(f"{kind} {stage} {seq}: one training step", rows[-1]["profile"])
             if not args.tiny:  # after every row: a run cut short still leaves what it measured
                 write_result("train_throughput", config, rows, summarize(rows, short, long),
                              **({"out_dir": args.out} if args.out else {}))
-    print_table(rows)
+    print_table([{k: v for k, v in r.items() if k != "profile"} for r in rows])
     print(summarize(rows, short, long))
 
 

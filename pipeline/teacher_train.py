@@ -131,8 +131,9 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print):
 
     curve, window, tokens, validation_acc = [], [], 0, None
     start = time.time()
-    step = 0
+    step, waited, ready = 0, 0.0, time.time()
     for step, batch in enumerate(loader, start=1):
+        waited += time.time() - ready  # time the step stood waiting for its batch: the loader is the bottleneck
         batch = _to(batch, device)
         tokens += int(batch["attention_mask"].sum())
         with autocast:
@@ -149,16 +150,19 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print):
             with autocast:
                 validation_acc = float(teacher_forced_exact(model, validation).mean())
             model.train()
+            elapsed = time.time() - start
             curve.append({"step": step, "loss": sum(window) / len(window), "validation_exact": validation_acc,
-                          "seconds": round(time.time() - start, 1)})
+                          "seconds": round(elapsed, 1), "loader_wait": round(waited / elapsed, 3)})
             window = []
             log(f"teacher step {step}/{settings.steps}  loss {curve[-1]['loss']:.4f}  validation exact match "
-                f"{validation_acc:.3f}  {time.time() - start:.0f}s")
+                f"{validation_acc:.3f}  {elapsed:.0f}s ({step / elapsed:.1f} steps/s, {100 * waited / elapsed:.0f}% "
+                f"waiting for batches)")
             if settings.target_accuracy and validation_acc >= settings.target_accuracy:
                 log(f"teacher reached the target validation accuracy {settings.target_accuracy} at step {step}")
                 last = True
         if last:
             break
+        ready = time.time()
     train_seconds = time.time() - start
     model.eval()
     with autocast:

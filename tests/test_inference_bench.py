@@ -52,3 +52,20 @@ def test_preallocated_teacher_cache_gives_the_logits_of_a_dynamic_cache(tiny_tea
             b = teacher(input_ids=ids[:, i:i + 1], cache=theirs, use_cache=True).logits
             torch.testing.assert_close(a, b)
     assert ours.get_seq_length() == 43
+
+
+def test_profile_rows_say_where_a_decode_step_and_a_frame_spend_their_time(tmp_path):
+    result = inference.main(["--tiny", "--out", str(tmp_path), "--prefill", "32", "--contexts", "64,128",
+                             "--batches", "1,2", "--decode-steps", "2", "--stream-frames", "0",
+                             "--stream-eager-frames", "2", "--single-max", "32", "--prefill-chunk", "32",
+                             "--breakdown-at", "0", "--profile"])
+    profiled = [r for r in result["rows"] if "profile" in r]
+    # the largest batch at the longest context (here 128), each model, and the streamed frame
+    assert {(r["bench"], r["model"], r["batch"], r.get("context")) for r in profiled} == {
+        ("decode", "teacher", 2, 128), ("decode", "student", 2, 128), ("streaming", "student", 1, None)}
+    for r in profiled:
+        p = r["profile"]
+        assert p["calls"] >= 2 and p["launches_per_call"] > 0 and p["top"]
+        assert abs(sum(k["share"] for k in p["top"]) - 1) < 0.5 and p["busy_ms_per_call"] <= p["wall_ms_per_call"] * 1.05
+    ops = {k["name"] for r in profiled if r["bench"] == "decode" for k in r["profile"]["top"]}
+    assert any("mm" in name or "linear" in name for name in ops), ops  # the projections are where a step goes
