@@ -11,7 +11,9 @@ and the sliding share (0, 1/8, 1/4, 1/2) with Gated DeltaNet, each through Stage
 the same way. They reuse the main run's teacher, data and logits (linked into their run roots, where the
 fingerprints find them committed) and run in parallel, one worker process per GPU.
 
-    python -m bench.proof --gpus 0,1                 # configs/proof.yaml on two GPUs
+    python -m bench.proof --gpus 0,1                 # configs/proof.yaml on two GPUs (--gpus 0,0,0,0: four
+                                                     # workers sharing one GPU; the models are small)
+    python -m bench.proof --config configs/proof_cpu.yaml --runner direct   # the CPU-scale recipe (~1 h)
     python -m bench.proof --tiny                     # the CPU smoke test of the same recipe
     python -m bench.proof --tiny --no-ablations --out /tmp/proof
 
