@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.train.job import TrainConfigError, TrainJob, check_job
-from pipeline.train.losses import answer_cross_entropy, layer_mse, topk_kl
+from pipeline.train.losses import answer_cross_entropy, answer_positions, layer_mse, topk_kl
 from pipeline.train.params import select_trainable
 
 SECTION = dict(steps=6, lr=1e-3, warmup_steps=1, seq_len=512, micro_batch_size=1, grad_accum=1,
@@ -27,11 +27,51 @@ STUDENT = dict(sliding_window=64, layer_period=4, expand_v=2.0, conv_size=4)
 def test_answer_cross_entropy_is_per_supervised_token():
     logits = torch.randn(1, 5, 7)
     labels = torch.tensor([[-100, 3, -100, 1, 6]])
-    loss, n = answer_cross_entropy(logits, labels)
     # position t predicts label t+1: pairs (0→3), (2→1), (3→6)
+    assert answer_positions(labels).tolist() == [0, 2, 3]
+    loss, n = answer_cross_entropy(logits[0, answer_positions(labels)], labels)
     ref = -(torch.log_softmax(logits[0, 0], -1)[3] + torch.log_softmax(logits[0, 2], -1)[1]
             + torch.log_softmax(logits[0, 3], -1)[6]) / 3
     assert n == 3 and torch.allclose(loss, ref)
+    empty = torch.full((1, 5), -100)
+    loss, n = answer_cross_entropy(logits[0, answer_positions(empty)], empty)
+    assert n == 0 and loss == 0
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_student_objective_scores_only_the_kept_logits_as_if_all_were_computed(kind, tiny_teacher):
+    """The objective asks the model for the logits its loss reads (logits_to_keep); loss and gradients equal
+    the same loss taken from the full logits."""
+    from model import convert_from_qwen2_5_vl
+    from pipeline.train.recipes import StudentObjective
+
+    torch.manual_seed(0)
+    student = convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8).float()
+    T = 24
+    ids = torch.randint(0, 200, (1, T))
+    labels = torch.full((1, T), -100)
+    labels[0, [5, 6, 15, 23]] = ids[0, [5, 6, 15, 23]]
+    rows = torch.tensor([2, 9, 17])
+    top_i = torch.randint(0, 200, (3, 4))
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(T).expand(3, 1, T),
+             "cu_seqlens": torch.tensor([0, 10, T], dtype=torch.int32), "logit_positions": rows,
+             "topk_index": top_i, "topk_logit": torch.randn(3, 4)}
+    objective = StudentObjective(student, kind, temperature=1.0)
+    loss, _ = objective(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    full = student(input_ids=ids, position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"]).logits[0]
+    if kind == "ce":
+        ref = torch.nn.functional.cross_entropy(full[:-1], labels[0, 1:], ignore_index=-100)
+    else:
+        ref = topk_kl(full[rows], top_i, batch["topk_logit"], None, 1.0)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    assert grads.keys() == {n for n, p in student.named_parameters() if p.grad is not None}
+    for n, p in student.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_topk_kl_with_full_vocab_equals_exact_kl_and_scales_with_t_squared():

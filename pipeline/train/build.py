@@ -41,8 +41,8 @@ class Recipe:
                 for k, v in batch.items()}
 
     def mfu(self, tokens_per_s: float) -> float:
-        """6·N·tokens/s over the card's peak (N: parameters a token passes through; attention is left out,
-        so this is a lower bound). NaN off GPU."""
+        """6·N·tokens/s over the card's peak (N: the decoder layers' parameters; attention, the LM head at the
+        supervised positions and the vision tower are left out, so this is a lower bound). NaN off GPU."""
         if not torch.cuda.is_available():
             return float("nan")
         name = torch.cuda.get_device_name(0)
@@ -87,7 +87,9 @@ def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
             # a checkpoint's copy is always merged: evaluating it must see the adapters
             merged = None if lora is None else {**lora, "merge": lora.get("merge", True) or checkpoint}
             export_student(config, state, out, processor, merged)
-        flops = 6 * sum(p.numel() for p in student.parameters())
+        # the decoder layers a text token passes through; the embedding is a lookup, the LM head runs only where
+        # the loss reads logits, the vision tower only on image patches
+        flops = 6 * sum(p.numel() for n, p in student.named_parameters() if "language_model.layers." in n)
         recipe = Recipe(job, module, processor, dtype, export_fn, flops)
         if kind == "kl":
             recipe.logits = StoredLogits(job.logits, job.seed)

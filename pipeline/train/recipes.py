@@ -20,7 +20,7 @@ from model.checkpoint import save_pretrained
 from model.convert import convert_from_qwen2_5_vl, init_mixer_from_attention
 from model.modeling import LINEAR_MIXER_CLASSES
 
-from .losses import answer_cross_entropy, layer_mse, topk_kl
+from .losses import answer_cross_entropy, answer_positions, layer_mse, topk_kl
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                 "second_per_grid_ts", "mm_token_type_ids")
@@ -128,16 +128,19 @@ class StudentObjective(nn.Module):
         self.temperature = temperature
 
     def forward(self, batch: dict):
-        out = self.student(**model_inputs(batch), position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
+        # logits only where the loss reads them (the LM head over every position would cost a 151,936-wide
+        # matmul and its fp32 softmax per token, for a loss on a few percent of them)
+        keep = batch["logit_positions"] if self.kind == "kl" else answer_positions(batch["labels"])
+        out = self.student(**model_inputs(batch), position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                           logits_to_keep=keep.to(batch["input_ids"].device))
+        logits = out.logits[0]
         if self.kind == "kl":
-            rows = batch["logit_positions"].to(out.logits.device)
             lse = batch.get("logit_lse")
-            loss = topk_kl(out.logits[0, rows], batch["topk_index"].to(out.logits.device),
-                           batch["topk_logit"].to(out.logits.device),
-                           None if lse is None else lse.to(out.logits.device), self.temperature)
+            loss = topk_kl(logits, batch["topk_index"].to(logits.device), batch["topk_logit"].to(logits.device),
+                           None if lse is None else lse.to(logits.device), self.temperature)
             return loss, {"kl": float(loss.detach()), "tokens": int(batch["input_ids"].numel()),
-                          "supervised_tokens": int(rows.numel())}
-        loss, n = answer_cross_entropy(out.logits, batch["labels"].to(out.logits.device))
+                          "supervised_tokens": int(keep.numel())}
+        loss, n = answer_cross_entropy(logits, batch["labels"].to(logits.device))
         return loss, {"ce": float(loss.detach()), "tokens": int(batch["input_ids"].numel()), "supervised_tokens": n}
 
 
