@@ -29,12 +29,14 @@ def test_answer_cross_entropy_is_per_supervised_token():
     labels = torch.tensor([[-100, 3, -100, 1, 6]])
     # position t predicts label t+1: pairs (0→3), (2→1), (3→6)
     assert answer_positions(labels).tolist() == [0, 2, 3]
-    loss, n = answer_cross_entropy(logits[0, answer_positions(labels)], labels)
+    keep = answer_positions(labels)
+    loss, n = answer_cross_entropy(logits[0, keep], labels[0, keep + 1])
     ref = -(torch.log_softmax(logits[0, 0], -1)[3] + torch.log_softmax(logits[0, 2], -1)[1]
             + torch.log_softmax(logits[0, 3], -1)[6]) / 3
     assert n == 3 and torch.allclose(loss, ref)
     empty = torch.full((1, 5), -100)
-    loss, n = answer_cross_entropy(logits[0, answer_positions(empty)], empty)
+    keep = answer_positions(empty)
+    loss, n = answer_cross_entropy(logits[0, keep], empty[0, keep + 1])
     assert n == 0 and loss == 0
 
 

@@ -11,11 +11,10 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(labels[0, 1:] != -100).squeeze(-1)
 
 
-def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Next-token CE per supervised token. `logits` [P, V] are those at `answer_positions(labels)` only (the
     model's `logits_to_keep`: at 32K tokens all logits would be 10 GB in bf16 and more in fp32, for answers that
-    are a few percent of the tokens); returns (mean loss, tokens)."""
-    targets = labels[0, answer_positions(labels) + 1]
+    are a few percent of the tokens), `targets` [P] the labels one position later; returns (mean loss, tokens)."""
     n = int(targets.numel())
     if n == 0:
         return logits.sum() * 0.0, 0

@@ -140,7 +140,7 @@ class StudentObjective(nn.Module):
                            None if lse is None else lse.to(logits.device), self.temperature)
             return loss, {"kl": float(loss.detach()), "tokens": int(batch["input_ids"].numel()),
                           "supervised_tokens": int(keep.numel())}
-        loss, n = answer_cross_entropy(logits, batch["labels"].to(logits.device))
+        loss, n = answer_cross_entropy(logits, batch["labels"][0, keep + 1].to(logits.device))
         return loss, {"ce": float(loss.detach()), "tokens": int(batch["input_ids"].numel()), "supervised_tokens": n}
 
 
