@@ -135,7 +135,10 @@ def _flash(q, k, v, window, attention_mask, cu_seqlens):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic shapes after the first length: packed training rows and prefills vary in length every call, and
+    # a static compile per length hits dynamo's recompile limit after 8, then falls back to the unfused flex that
+    # materialises the T×T scores (seen on the H200: Stage I-b steps went from ~0.1 s to 0.5-1 s)
+    return torch.compile(flex_attention)
 
 
 def _flex(q, k, v, window, attention_mask, cu_seqlens):

@@ -135,3 +135,26 @@ def test_flex_with_our_block_mask_equals_sdpa_window():
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=window_mask(pos, pos, window, torch.ones(1, T, dtype=torch.bool), doc))
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8)
+
+
+def test_compiled_flex_compiles_once_more_for_new_lengths_and_matches_sdpa():
+    """Packed rows differ in length every step: the compiled flex must not recompile per length (dynamo stops
+    after 8 and falls back to the unfused kernel that materialises T×T scores). CPU compile of flex (forward:
+    torch has no CPU flex backward)."""
+    from torch._dynamo.utils import counters
+
+    from model.swa import _doc_ids, _flex, window_mask
+
+    torch._dynamo.reset()
+    counters.clear()
+    window, Hq, Hkv, D = 64, 4, 2, 32
+    for T in (300, 317, 333, 350, 365):
+        q = torch.randn(1, Hq, T, D)
+        k, v = (torch.randn(1, Hkv, T, D) for _ in range(2))
+        cu = torch.tensor([0, T // 3, T])
+        got = _flex(q, k, v, window, None, cu)
+        pos = torch.arange(T)
+        mask = window_mask(pos, pos, window, torch.ones(1, T, dtype=torch.bool), _doc_ids(cu, T, "cpu"))
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
