@@ -30,6 +30,7 @@ import datetime as _dt
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -211,14 +212,14 @@ def stage_tokens(stage_dir: str) -> int | None:
     return total
 
 
-def run_job(job: dict) -> dict:
-    """One worker's job: run its stages, then score the teacher (main job) and each stage's export."""
+def run_job(job: dict, result_path: Path | None = None) -> dict:
+    """One worker's job: the teacher's score (main job), then each stage followed by the score of its export.
+    The result is rewritten after every score, so a run cut short (a time limit, a kill) keeps what it measured."""
     start = time.time()
-    run_stages(job["config"], job["stages"], job["runner"])
     cfg = load_config(job["config"])
     result = {"name": job["name"], "stages": {}, "seconds": None}
-    scored = (["teacher"] if job["name"] == "main" else []) + [s for s in job["stages"] if s in STUDENT_STAGES]
-    for stage in scored:
+
+    def score_stage(stage: str) -> None:
         out = os.path.join(cfg.run.root, stage)
         checkpoint = out if stage == "teacher" else os.path.join(out, "export")
         marker = read_json(os.path.join(out, "_COMPLETE.json")) or {}
@@ -227,9 +228,23 @@ def run_job(job: dict) -> dict:
         acc = score(checkpoint, job["eval_pictures"], os.path.join(cfg.run.root, "proof-eval", stage), cfg.picture_kinds)
         result["stages"][stage] = {"accuracy": acc["pictures"], "by_kind": acc, "tokens": tokens,
                                    "seconds": round(marker.get("duration_s", 0.0), 1), "loss": metrics.get("loss")}
+        result["seconds"] = round(time.time() - start, 1)
+        if result_path is not None:
+            _write_atomic(result_path, json.dumps(result))
         print(f"[{job['name']}] {stage}: held-out accuracy {acc['pictures']:.1f}%", flush=True)
+
+    for stage in job["stages"]:
+        run_stages(job["config"], [stage], job["runner"])  # committed stages (the shared ones) are skipped
+        if stage == "teacher" and job["name"] == "main" or stage in STUDENT_STAGES:
+            score_stage(stage)
     result["seconds"] = round(time.time() - start, 1)
     return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------
@@ -249,13 +264,7 @@ def run(args: argparse.Namespace) -> dict:
     eval_pictures = args.eval_pictures
     print(f"proof: runner {runner}, run root {root}, {len(gpus)} worker(s), {len(rows)} ablation rows", flush=True)
 
-    # 1. the shared stages (teacher training, data, teacher logits) on the first GPU
     main_path = write_config(main_cfg)
-    _log_phase(started, "teacher, data and teacher logits")
-    _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner,
-            "eval_pictures": eval_pictures, "score": False}, jobs_dir, gpus[0])
-
-    # 2. the main student (I-a → III) and the ablation variants (I-a → II), one worker per GPU
     jobs = [{"name": "main", "config": main_path, "stages": ["teacher", *STUDENT_STAGES], "runner": runner,
              "eval_pictures": eval_pictures}]
     for row in rows:
@@ -265,10 +274,30 @@ def run(args: argparse.Namespace) -> dict:
         link_shared(main_cfg.run.root, vcfg.run.root)
         jobs.append({"name": row["name"], "config": write_config(vcfg), "stages": list(ABLATION_STAGES),
                      "runner": runner, "eval_pictures": eval_pictures})
-    _log_phase(started, f"{len(jobs)} student runs on {len(gpus)} worker(s)")
-    results, failures = _run_parallel(jobs, jobs_dir, gpus, started)
+    for job in jobs:  # a result left by an earlier run of this root is not this run's
+        (jobs_dir / f"{slug(job['name'])}.result.json").unlink(missing_ok=True)
+
+    interrupted = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # `timeout`, a scheduler's kill
+    try:
+        # 1. the shared stages (teacher training, data, teacher logits) on the first GPU
+        _log_phase(started, "teacher, data and teacher logits")
+        _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner,
+                "eval_pictures": eval_pictures, "score": False}, jobs_dir, gpus[0])
+        # 2. the main student (I-a → III) and the ablation variants (I-a → II), one worker per GPU
+        _log_phase(started, f"{len(jobs)} student runs on {len(gpus)} worker(s)")
+        results, failures = _run_parallel(jobs, jobs_dir, gpus, started)
+    except (Interrupted, KeyboardInterrupt) as e:
+        interrupted = f"cut short after {time.time() - started:.0f} s ({type(e).__name__}): stages not scored are missing"
+        _stop_children()
+        results, failures = _partial_results(jobs, jobs_dir), {}
+        print(f"proof {interrupted}; reporting what was scored", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
     report = build_report(args, cfg, runner, rows, results, failures, time.time() - started)
+    if interrupted:
+        report["interrupted"] = interrupted
     write_report(report, args.out)
     print(json.dumps(report["summary"], indent=2))
     if "main" in failures:
@@ -295,6 +324,8 @@ def build_report(args, cfg: RunConfig, runner: str, rows: list[dict], results: d
             out["error"] = row["error"]
         elif source in failures:
             out["error"] = failures[source]
+        elif "stage2" not in results.get(source, {}).get("stages", {}):
+            out["error"] = "not scored: the run was cut short before its Stage II was scored"
         else:
             acc = results[source]["stages"]["stage2"]["accuracy"]
             out.update(accuracy_stage2=acc, retention_stage2=retention(acc, teacher))
@@ -351,6 +382,8 @@ def markdown(report: dict) -> str:
         else:
             lines.append(f"| {a['ablation']} | {a['linear_mixer']} | {a['share']} | {_fmt(a['accuracy_stage2'], True)} "
                          f"| {_fmt(a['retention_stage2'])} |")
+    if report.get("interrupted"):
+        lines += ["", f"**Incomplete:** {report['interrupted']}."]
     lines += ["", "Summary: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["summary"].items()), ""]
     return "\n".join(lines)
 
@@ -379,6 +412,37 @@ def plot(report: dict, path: str) -> None:
 
 
 # -- workers ----------------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """SIGTERM reached the proof's parent process."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()
+
+
+_children: set = set()  # running job processes, stopped when the proof is cut short
+
+
+def _stop_children() -> None:
+    for child in list(_children):
+        child.terminate()
+    for child in list(_children):
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def _partial_results(jobs: list[dict], jobs_dir: Path) -> dict:
+    """The results the jobs had written when the run was cut short (each rewritten after every score)."""
+    results = {}
+    for job in jobs:
+        path = jobs_dir / f"{slug(job['name'])}.result.json"
+        if path.exists():
+            results[job["name"]] = json.loads(path.read_text())
+    return results
+
+
 def _spawn(job: dict, jobs_dir: Path, gpu: str | None) -> dict:
     """Runs one job in a child process (on `gpu` when given); returns its result or raises with its log."""
     path = jobs_dir / f"{slug(job['name'])}.json"
@@ -388,8 +452,11 @@ def _spawn(job: dict, jobs_dir: Path, gpu: str | None) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     log_path = jobs_dir / f"{slug(job['name'])}.log"
     with open(log_path, "w") as log:
-        code = subprocess.call([sys.executable, "-m", "bench.proof", "--job", str(path)], env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen([sys.executable, "-m", "bench.proof", "--job", str(path)], env=env,
+                                 stdout=log, stderr=subprocess.STDOUT)
+        _children.add(child)
+        code = child.wait()  # interrupted: the child stays in _children for _stop_children
+        _children.discard(child)
     if code != 0:
         tail = log_path.read_text()[-2000:]
         raise RuntimeError(f"job {job['name']} failed (exit {code}); log {log_path}:\n{tail}")
@@ -428,7 +495,7 @@ def _run_parallel(jobs: list[dict], jobs_dir: Path, gpus: list, started: float) 
                       f"{'GPU ' + gpu if gpu is not None else 'CPU'} in {time.time() - t0:.0f}s; {done}/{len(jobs)} "
                       f"done, ETA {eta:.0f}s", flush=True)
 
-    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
     for t in threads:
         t.start()
     for t in threads:
@@ -471,11 +538,13 @@ def main(argv: list[str] | None = None) -> None:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         job = json.loads(Path(args.job).read_text())
+        # SIGTERM (the proof cut short) as an exception: the launcher then stops the stage's process group
+        signal.signal(signal.SIGTERM, _raise_interrupted)
         if job.get("score") is False:
             run_stages(job["config"], job["stages"], job["runner"])
             return
-        result = run_job(job)
-        Path(args.job).with_suffix(".result.json").write_text(json.dumps(result))
+        result_path = Path(args.job).with_suffix(".result.json")
+        _write_atomic(result_path, json.dumps(run_job(job, result_path)))
         return
     run(args)
 
