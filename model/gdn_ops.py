@@ -21,6 +21,7 @@ Packed sequences pass `cu_seqlens` (B must be 1) and the state restarts at every
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -251,7 +252,7 @@ def lift_hopper_guard_checked(device, op: str = "gated_delta_rule", check=None, 
     check = check or _gated_delta_rule_check
     saved = chunk_o.IS_NVIDIA_HOPPER
     chunk_o.IS_NVIDIA_HOPPER = False
-    report = {}
+    report, started = {}, time.monotonic()
     try:
         for K in (64, 128):
             report[K] = check(device, K)
@@ -261,7 +262,9 @@ def lift_hopper_guard_checked(device, op: str = "gated_delta_rule", check=None, 
     except Exception:
         chunk_o.IS_NVIDIA_HOPPER = saved
         raise
-    warnings.warn(f"fla Hopper/Triton guard lifted after a passing {op} gradient check: {report}")
+    # the time says what the check costs each stage process (kernel compilation included, first use)
+    warnings.warn(f"fla Hopper/Triton guard lifted after a passing {op} gradient check "
+                  f"({time.monotonic() - started:.1f} s): {report}")
     _guard_checked.add(op)
     return report
 

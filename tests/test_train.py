@@ -215,6 +215,11 @@ def test_stage1a_layerwise_mse_on_two_processes_with_zero3(stage1a_zero3):
     losses = _losses(out)
     assert losses[3] < losses[1], losses
     assert "trainable parameters linear_attn" in log
+    # the time each step waited for its batches is logged beside the step's time (is the run input-bound?)
+    with open(os.path.join(out, "logs", "steps.jsonl")) as f:
+        steps = list(map(json.loads, f))
+    assert all(0 < r["data_s"] < r["step_s"] for r in steps), steps
+    assert "waiting for data" in log
     from model.checkpoint import load_pretrained
     from pipeline.checkpoints import list_checkpoints
 
