@@ -20,7 +20,8 @@ fingerprints find them committed) and run in parallel, one worker process per GP
 Stages run through the Prefect flow (`flows.pipeline.infinitevl`, what `infinitevl run` calls) when Prefect
 is installed, else through the same stage calls without Prefect (`--runner direct`; DESIGN.md: pipeline/
 is callable without Prefect): same fingerprints, skips, markers and outputs. Writes
-`<out>/proof.json` (DESIGN.md's benchmark contract), `proof.md` and `proof.png`.
+`<out>/<config name>.json` (DESIGN.md's benchmark contract), `.md` and `.png`: proof.* for configs/proof.yaml (the
+GPU recipe), proof_cpu.* for configs/proof_cpu.yaml.
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ def run(args: argparse.Namespace) -> dict:
     report = build_report(args, cfg, runner, rows, results, failures, time.time() - started)
     if interrupted:
         report["interrupted"] = interrupted
-    write_report(report, args.out)
+    write_report(report, args.out, report_name(args.config))
     print(json.dumps(report["summary"], indent=2))
     if "main" in failures:
         raise SystemExit(f"the main run failed: {failures['main']}")
@@ -348,17 +349,24 @@ def build_report(args, cfg: RunConfig, runner: str, rows: list[dict], results: d
             "summary": summary}
 
 
-def write_report(report: dict, out: str) -> None:
+def report_name(config: str) -> str:
+    """The report's file stem: the recipe's config name (proof, proof_cpu, ...), so that the GPU and the CPU
+    recipes' results sit side by side in bench/results."""
+    return Path(config).stem
+
+
+def write_report(report: dict, out: str, name: str = "proof") -> None:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "proof.json"), "w") as f:
+    base = os.path.join(out, name)
+    with open(base + ".json", "w") as f:
         json.dump(report, f, indent=2)
-    with open(os.path.join(out, "proof.md"), "w") as f:
+    with open(base + ".md", "w") as f:
         f.write(markdown(report))
     try:
-        plot(report, os.path.join(out, "proof.png"))
+        plot(report, base + ".png")
     except ImportError as e:  # matplotlib absent: the JSON and the table still stand
         print(f"no plot: {e}")
-    print(f"report: {os.path.join(out, 'proof.json')}, proof.md, proof.png")
+    print(f"report: {base}.json, {name}.md, {name}.png")
 
 
 def _fmt(v, pct: bool = False) -> str:
@@ -521,7 +529,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="shrink it to a CPU smoke test")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config overrides")
     p.add_argument("--root", default="runs/proof", help="run roots: <root>/main, <root>/<variant>")
-    p.add_argument("--out", default="bench/results", help="where proof.json, proof.md, proof.png go")
+    p.add_argument("--out", default="bench/results", help="where <config name>.json, .md, .png go")
     p.add_argument("--gpus", default="", help="comma-separated GPU ids: one worker each (default: one worker)")
     p.add_argument("--runner", choices=("auto", "flows", "direct"), default="auto",
                    help="flows: the Prefect flow; direct: the same stage calls without Prefect; auto: flows if installed")
