@@ -64,8 +64,8 @@ TINY = {
     **{f"train.{s}.{k}": v for s in ABLATION_STAGES for k, v in
        {"steps": 4, "seq_len": 512, "micro_batch_size": 1, "checkpoint_every": 4, "precision": "fp32",
         "warmup_steps": 0, "loader_workers": 2}.items()},
-    "train.stage3.steps": 2, "train.stage3.loader_workers": 2, "train.stage3.seq_len": 2048, "train.stage3.checkpoint_every": 2,
-    "train.stage3.precision": "fp32",
+    "train.stage3.steps": 2, "train.stage3.loader_workers": 2, "train.stage3.seq_len": 2048,
+    "train.stage3.checkpoint_every": 2, "train.stage3.precision": "fp32",
 }
 
 
@@ -289,7 +289,8 @@ def run(args: argparse.Namespace) -> dict:
         _log_phase(started, f"{len(jobs)} student runs on {len(gpus)} worker(s)")
         results, failures = _run_parallel(jobs, jobs_dir, gpus, started)
     except (Interrupted, KeyboardInterrupt) as e:
-        interrupted = f"cut short after {time.time() - started:.0f} s ({type(e).__name__}): stages not scored are missing"
+        interrupted = (f"cut short after {time.time() - started:.0f} s ({type(e).__name__}): "
+                       "stages not scored are missing")
         _stop_children()
         results, failures = _partial_results(jobs, jobs_dir), {}
         print(f"proof {interrupted}; reporting what was scored", flush=True)
