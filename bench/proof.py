@@ -40,6 +40,7 @@ import typing
 from fractions import Fraction
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import RunConfig, StudentSection, config_from_dict, load_config, to_yaml
 from pipeline.eval.metrics import retention
 from pipeline.stages import STAGE_ORDER, read_json
@@ -231,7 +232,7 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
                                    "seconds": round(marker.get("duration_s", 0.0), 1), "loss": metrics.get("loss")}
         result["seconds"] = round(time.time() - start, 1)
         if result_path is not None:
-            _write_atomic(result_path, json.dumps(result))
+            storage.write_json(str(result_path), result)
         print(f"[{job['name']}] {stage}: held-out accuracy {acc['pictures']:.1f}%", flush=True)
 
     for stage in job["stages"]:
@@ -240,12 +241,6 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
             score_stage(stage)
     result["seconds"] = round(time.time() - start, 1)
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------
@@ -553,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
             run_stages(job["config"], job["stages"], job["runner"])
             return
         result_path = Path(args.job).with_suffix(".result.json")
-        _write_atomic(result_path, json.dumps(run_job(job, result_path)))
+        storage.write_json(str(result_path), run_job(job, result_path))
         return
     run(args)
 
