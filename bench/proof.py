@@ -222,6 +222,7 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
     result = {"name": job["name"], "stages": {}, "seconds": None}
 
     def score_stage(stage: str) -> None:
+        t0 = time.time()
         out = os.path.join(cfg.run.root, stage)
         checkpoint = out if stage == "teacher" else os.path.join(out, "export")
         marker = read_json(os.path.join(out, "_COMPLETE.json")) or {}
@@ -233,14 +234,46 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
         result["seconds"] = round(time.time() - start, 1)
         if result_path is not None:
             storage.write_json(str(result_path), result)
-        print(f"[{job['name']}] {stage}: held-out accuracy {acc['pictures']:.1f}%", flush=True)
+        print(f"[{job['name']}] {stage}: held-out accuracy {acc['pictures']:.1f}% (scored in {time.time() - t0:.0f} s)",
+              flush=True)
 
+    scorer = InOrder()  # a stage's score runs while the next stage trains: the GPU has room for both
     for stage in job["stages"]:
         run_stages(job["config"], [stage], job["runner"])  # committed stages (the shared ones) are skipped
         if stage == "teacher" and job["name"] == "main" or stage in STUDENT_STAGES:
-            score_stage(stage)
+            scorer.submit(lambda stage=stage: score_stage(stage))
+    scorer.wait()
     result["seconds"] = round(time.time() - start, 1)
     return result
+
+
+class InOrder:
+    """Runs calls one at a time, in the order submitted, on a thread of its own; `wait` re-raises the first
+    error (the calls after it are dropped). A daemon thread: a job cut short does not wait for a score."""
+
+    def __init__(self):
+        self._calls: queue.Queue = queue.Queue()
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._loop, name="proof-scorer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (call := self._calls.get()) is not None:
+            if self._errors:
+                continue
+            try:
+                call()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                self._errors.append(e)
+
+    def submit(self, call) -> None:
+        self._calls.put(call)
+
+    def wait(self) -> None:
+        self._calls.put(None)
+        self._thread.join()
+        if self._errors:
+            raise self._errors[0]
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------

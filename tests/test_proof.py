@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,30 @@ def test_retention():
     assert proof.retention(90.0, 90.0) == 1.0
     assert proof.retention(50.0, 0.0) is None and proof.retention(None, 80.0) is None
     assert stage_retention(30.0, 40.0) == 0.75 and stage_retention(1.0, 0.0) is None
+
+
+def test_scores_run_in_order_beside_the_caller_and_the_first_error_surfaces():
+    started, release, seen = threading.Event(), threading.Event(), []
+
+    def slow():
+        started.set()
+        release.wait(10)
+        seen.append("a")
+
+    scorer = proof.InOrder()
+    scorer.submit(slow)
+    scorer.submit(lambda: seen.append("b"))
+    assert started.wait(10) and seen == []  # submit returned while the first call still runs
+    release.set()
+    scorer.wait()
+    assert seen == ["a", "b"]
+
+    failing = proof.InOrder()
+    failing.submit(lambda: 1 / 0)
+    failing.submit(lambda: seen.append("after the error"))
+    with pytest.raises(ZeroDivisionError):
+        failing.wait()
+    assert seen == ["a", "b"]
 
 
 def test_ablation_rows_and_bad_shares_fail_clearly():

@@ -27,7 +27,9 @@ def main(job_path: str) -> None:
 
     from .build import build_recipe
 
+    t0 = time.monotonic()
     recipe = build_recipe(job, dtype, device, log=_log if rank == 0 else None)
+    t1 = time.monotonic()
     engine = wrap_in_deepspeed(recipe.module, job, dtype)
     loader = recipe.loader(rank, world)
 
@@ -35,6 +37,9 @@ def main(job_path: str) -> None:
 
     staging = state.staging_dir(job.output)
     resumed = state.restore(engine, job.output, rank, local_rank, staging)
+    if rank == 0:  # where a stage's start-up goes, before its first (compiling) step
+        _log(f"{job.stage} ready: model built in {t1 - t0:.1f} s, DeepSpeed and checkpoint restore in "
+             f"{time.monotonic() - t1:.1f} s")
     step = 0
     if resumed is not None:
         step = resumed["step"]
