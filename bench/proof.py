@@ -454,6 +454,9 @@ class Interrupted(Exception):
 
 
 def _raise_interrupted(signum, frame):
+    # once: `timeout` signals the whole process group and the parent then stops its jobs too; a second
+    # SIGTERM raised inside the launcher's clean-up would cut that clean-up short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Interrupted()
 
 

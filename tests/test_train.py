@@ -321,3 +321,18 @@ def test_lora_adapters_take_the_models_dtype(workspace, stage1b_single):
     assert lora and set(lora.values()) == {torch.bfloat16}, lora
     x = torch.randint(0, 100, (1, 16))
     assert student(input_ids=x).logits.dtype == torch.bfloat16
+
+
+def test_worker_prints_its_stacks_on_sigusr1_and_goes_on():
+    code = ("import os, signal, time\n"
+            "from pipeline.train.worker import install_stack_dump\n"
+            "def waiting_for_the_first_batch():\n"
+            "    os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.5)\n"
+            "install_stack_dump()\n"
+            "waiting_for_the_first_batch()\n"
+            "print('still running')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "still running"
+    assert "waiting_for_the_first_batch" in done.stderr and "Current thread" in done.stderr

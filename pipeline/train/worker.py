@@ -7,9 +7,11 @@ wrap it in DeepSpeed, open the data stream, resume from the newest committed che
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -20,6 +22,7 @@ from .job import TrainJob
 
 
 def main(job_path: str) -> None:
+    install_stack_dump()
     job = TrainJob.load(job_path)
     rank, world, local_rank, device = join_process_group()
     torch.manual_seed(job.seed)
@@ -93,6 +96,13 @@ def main(job_path: str) -> None:
         export(engine, recipe, job, rank, local_rank, staging)
     writer.close()
     engine.destroy()  # frees ZeRO's buffers and hooks: a process may run several jobs (bench/scaling.py)
+
+
+def install_stack_dump() -> None:
+    """`kill -USR1 <pid>` prints every thread's Python stack to the stage log and the process goes on: where a
+    slow or stuck stage is (a compile, a data loader, a collective). Installed before the data loader forks, so
+    its workers answer too."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def join_process_group():
