@@ -431,18 +431,27 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    rows = report["rows"]
-    left.bar([r["stage"] for r in rows], [r["accuracy"] for r in rows], color=["gray"] + ["tab:blue"] * (len(rows) - 1))
-    left.set_ylabel("held-out accuracy (%)")
-    left.set_ylim(0, 100)
-    left.set_title("teacher and student after each stage")
     ok = [a for a in report["ablations"] if "error" not in a]
-    right.bar([a["name"] for a in ok], [a["retention_stage2"] or 0 for a in ok], color="tab:orange")
-    right.axhline(0.95, color="k", ls="--", lw=1)
-    right.set_ylabel("retention after Stage II")
-    right.set_title("ablations")
-    right.tick_params(axis="x", rotation=30)
+    fig, axes = plt.subplots(1, 2 if ok else 1, figsize=(11 if ok else 6, 4), squeeze=False)
+    left = axes[0][0]
+    rows = report["rows"]
+    bars = left.bar([r["stage"] for r in rows], [r["accuracy"] for r in rows],
+                    color=["gray"] + ["tab:blue"] * (len(rows) - 1))
+    left.bar_label(bars, fmt="%.1f")
+    teacher = report["summary"].get("teacher_acc")
+    if teacher:  # the goal: the student keeps 95% of what the teacher answers
+        left.axhline(0.95 * teacher, color="k", ls="--", lw=1, label="95% of the teacher")
+        left.legend(loc="lower right")
+    left.set_ylabel("held-out accuracy (%)")
+    left.set_ylim(0, 105)
+    left.set_title("teacher and student after each stage")
+    if ok:
+        right = axes[0][1]
+        right.bar([a["name"] for a in ok], [a["retention_stage2"] or 0 for a in ok], color="tab:orange")
+        right.axhline(0.95, color="k", ls="--", lw=1)
+        right.set_ylabel("retention after Stage II")
+        right.set_title("ablations")
+        right.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
