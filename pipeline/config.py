@@ -33,6 +33,8 @@ class RunSection(Section):
     root: str = Field(min_length=1, description="fsspec URL or local path; stage outputs go to <root>/<stage>/")
     stages: list[str] = Field(min_length=1, description="stages to run, in pipeline order")
     seed: int = 0
+    lease_ttl_s: float = Field(120.0, gt=0, description="a stage attempt's lease on its output lives this long "
+                               "after its last renewal (every ttl/4); a dead attempt frees its stage then")
 
 
 class TeacherTrainSection(Section):

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import fsspec
 from pydantic import BaseModel
 
+from .lease import StageLease, lease_url
+
 if TYPE_CHECKING:
     from .config import RunConfig
 
@@ -127,12 +129,25 @@ def execute_stage(ctx: StageContext, fn: Callable[[StageContext], Mapping | None
                   input_fingerprints: Mapping[str, str], force: bool = False) -> StageOutcome:
     """Runs `fn(ctx)` unless its committed output already matches; commits the marker last."""
     expected = fingerprint(section_hash, input_fingerprints)
-    state = stage_state(ctx.output, expected)
-    if state == "done" and not force:
-        marker = read_json(join(ctx.output, COMPLETE))
-        ctx.log.info("stage %s: committed output matches (fingerprint %s), skipping", ctx.name, expected)
-        return StageOutcome(ctx.name, "skipped", ctx.output, expected, marker.get("duration_s", 0.0),
-                            marker.get("metrics", {}))
+    if stage_state(ctx.output, expected) == "done" and not force:
+        return _skipped(ctx, expected)
+    run = ctx.config.run
+    with StageLease(lease_url(run.root, ctx.name), ctx.name, ttl_s=run.lease_ttl_s) as lease:
+        state = stage_state(ctx.output, expected)  # again: an attempt we waited on may have committed it
+        if state == "done" and not force:
+            return _skipped(ctx, expected)
+        return _attempt(ctx, fn, section_hash, input_fingerprints, expected, state, force, lease)
+
+
+def _skipped(ctx: StageContext, expected: str) -> StageOutcome:
+    marker = read_json(join(ctx.output, COMPLETE))
+    ctx.log.info("stage %s: committed output matches (fingerprint %s), skipping", ctx.name, expected)
+    return StageOutcome(ctx.name, "skipped", ctx.output, expected, marker.get("duration_s", 0.0),
+                        marker.get("metrics", {}))
+
+
+def _attempt(ctx: StageContext, fn, section_hash: str, input_fingerprints: Mapping[str, str], expected: str,
+             state: str, force: bool, lease: StageLease) -> StageOutcome:
     if force or state in ("stale", "missing"):
         remove_tree(ctx.output)
     else:
@@ -141,6 +156,7 @@ def execute_stage(ctx: StageContext, fn: Callable[[StageContext], Mapping | None
     write_json(join(ctx.output, STARTED), {"stage": ctx.name, "fingerprint": expected, "started_at": started_at})
     metrics = dict(fn(ctx) or {})
     duration = time.time() - started_at
+    lease.check()  # an attempt presumed dead must not commit over the one that took its place
     write_json(join(ctx.output, COMPLETE), {
         "stage": ctx.name, "fingerprint": expected, "config_hash": section_hash,
         "inputs": dict(input_fingerprints), "output": ctx.output, "started_at": started_at,
