@@ -2,7 +2,8 @@
 
 The child starts its own process group, so torchrun's workers and their dataloader processes can be
 ended together: cancelling the run (KeyboardInterrupt, Prefect's TerminationSignal on SIGTERM, any
-exception in the caller) sends SIGTERM to the whole group, then SIGKILL after a grace period. Its
+exception in the caller) sends SIGTERM to the whole group, then SIGKILL after a grace period. On Linux
+the child is also sent SIGTERM when the launching process dies, even by SIGKILL. Its
 output streams line by line into a logger (the Prefect run log under the flow), and a non-zero exit
 raises LaunchError carrying the last lines, so the failure is readable where the stage failed.
 """
@@ -24,6 +25,21 @@ TAIL_LINES = 40
 # Every stage is its own process: without Triton's disk cache of autotuning results each one would
 # re-benchmark fla's kernels (minutes on a fresh node). The user's environment overrides these.
 CHILD_DEFAULTS = {"TRITON_CACHE_AUTOTUNING": "1"}
+
+def _parent_death_signal():
+    """Linux: a function for Popen's preexec_fn that asks the kernel to SIGTERM the child when the process
+    that launched it dies, even by SIGKILL (no exit handler runs then): a stage whose orchestrator is gone
+    must not train on, writing checkpoints beside the attempt that replaces it. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+_PDEATHSIG = _parent_death_signal()
 
 # Process groups of launches still running. A launch in a worker thread never sees the exception a
 # signal raises in the main thread, so whatever is left when the interpreter exits is killed then.
@@ -68,7 +84,8 @@ def launch(cmd: Sequence[str], log: logging.Logger, env: Mapping[str, str] | Non
     full_env = {**CHILD_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
-                            start_new_session=True, text=True, errors="replace", bufsize=1)
+                            start_new_session=True, preexec_fn=_PDEATHSIG, text=True, errors="replace",
+                            bufsize=1)
     _live_groups.add(proc.pid)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     try:

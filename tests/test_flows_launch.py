@@ -117,6 +117,25 @@ def test_a_launch_in_a_worker_thread_dies_with_its_process():
     assert not _alive(grandchild), "the grandchild outlived the process that launched it"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_launched_child_dies_when_its_launcher_is_sigkilled():
+    """No exit handler runs on SIGKILL: the kernel's parent-death signal is what stops the stage's process, which
+    would otherwise train on, orphaned, beside the attempt that replaces it."""
+    launcher = LAUNCHER.replace("print('grandchild', p.pid, flush=True)", "print('child', os.getpid(), flush=True)")
+    launcher = launcher.replace("child = \"import subprocess, sys, time;", "child = \"import os, subprocess, sys, time;")
+    assert "print('child', os.getpid()" in launcher and "import os, subprocess" in launcher
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    child = next(int(line.split()[1]) for line in proc.stdout if line.startswith("child"))
+    assert _alive(child)
+    proc.kill()
+    proc.wait(timeout=20)
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the launched process outlived its SIGKILLed launcher"
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
