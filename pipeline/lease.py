@@ -11,7 +11,8 @@ S3 has no compare-and-swap, so there taking a lease is write-then-verify: read (
 ours, wait `settle_s`, read again; of two attempts that raced, only the one whose write landed last
 still finds its own lease and goes on. A thread renews the lease every ttl/4 while the stage runs, so a live
 attempt never expires; one that died (SIGKILL, a lost node) frees the stage `ttl_s` after its last
-renewal, and the next attempt resumes the stage from its newest checkpoint. Ages are measured on the
+renewal (at once for a rerun on the same host, where its process can be seen to be gone), and the next
+attempt resumes the stage from its newest checkpoint. Ages are measured on the
 renewing host's clock, so keep hosts within a small fraction of the time to live of each other.
 """
 
@@ -95,8 +96,8 @@ class StageLease:
             return None
 
     def _record(self) -> dict:
-        return {"stage": self.stage, "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                "started_at": self.started_at, "renewed_at": time.time(), "ttl_s": self.ttl_s}
+        return {"stage": self.stage, "owner": self.owner, "host": socket.gethostname(), "pid_namespace": _pid_namespace(),
+                "pid": os.getpid(), "started_at": self.started_at, "renewed_at": time.time(), "ttl_s": self.ttl_s}
 
     def _write(self) -> None:
         storage.write_json(self.url, self._record())
@@ -126,6 +127,10 @@ class StageLease:
             log.warning("stage %s: taking over the lease of %s pid %s, last renewed %.0f s ago (time to live %.0f s)",
                         self.stage, current.get("host"), current.get("pid"), age, ttl)
             return
+        if _died_here(current):  # a rerun on the machine where the last attempt was killed: no need to wait
+            log.warning("stage %s: taking over the lease of pid %s, which is no longer running on this host",
+                        self.stage, current.get("pid"))
+            return
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(current.get("started_at", 0))))
         raise StageBusy(
             f"stage {self.stage} is being run by another attempt: host {current.get('host')} pid "
@@ -146,3 +151,26 @@ class StageLease:
             except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next renewal tries again
                 log.warning("stage %s: renewing its lease failed (%s); retrying in %.0f s", self.stage, exc,
                             self.ttl_s / 4)
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _died_here(holder: dict) -> bool:
+    """Whether the lease's holder ran on this host, in this PID namespace (containers may share a host
+    name), and its process is gone."""
+    if holder.get("host") != socket.gethostname() or holder.get("pid_namespace") != _pid_namespace():
+        return False
+    if holder.get("pid_namespace") is None:
+        return False  # no way to tell our processes from another container's
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False

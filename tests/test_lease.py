@@ -4,7 +4,9 @@ that lost its lease does not commit, and two attempts racing for a free stage (l
 server) end with exactly one running."""
 
 import logging
+import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -20,10 +22,10 @@ from pipeline.stages import COMPLETE, StageContext, execute_stage, join, read_js
 log = logging.getLogger("test")
 
 
-def attempt(cfg, work):
+def attempt(cfg, work, force=False):
     _, section_hash, inputs = fingerprints(cfg)["teacher"]
     ctx = StageContext("teacher", cfg, join(cfg.run.root, "teacher"), {}, log)
-    return execute_stage(ctx, work, section_hash, inputs)
+    return execute_stage(ctx, work, section_hash, inputs, force=force)
 
 
 class Blocking:
@@ -77,6 +79,24 @@ def test_a_dead_attempts_lease_blocks_until_it_expires_then_the_next_attempt_run
     time.sleep(1.6)
     assert attempt(cfg, work).status == "done" and work.calls == 1
     assert not storage.exists(url)
+
+
+def test_a_rerun_on_the_host_where_the_last_attempt_was_killed_takes_over_at_once(tmp_path):
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}"])
+    url = lease_url(str(tmp_path), "teacher")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    other_lease(url, renewed_ago=0.0)
+    record = storage.read_json(url)
+    storage.write_json(url, {**record, "host": socket.gethostname(), "pid": gone.pid,
+                             "pid_namespace": os.readlink("/proc/self/ns/pid")})
+    work = Blocking()
+    work.release.set()
+    assert attempt(cfg, work).status == "done", "a fresh lease of a process that is gone from this host"
+    storage.write_json(url, {**record, "host": socket.gethostname(), "pid": os.getppid(),
+                             "pid_namespace": os.readlink("/proc/self/ns/pid")})
+    with pytest.raises(StageBusy):  # a live process on this host still holds it
+        attempt(cfg, work, force=True)
 
 
 def test_renewals_keep_a_long_attempt_alive_past_its_time_to_live(tmp_path):
