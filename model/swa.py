@@ -141,9 +141,21 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
+@functools.lru_cache(maxsize=1)
+def _import_before_compiling() -> None:
+    """fla's package registers its model-output classes as pytree nodes when first imported, and dynamo guards
+    every compiled graph on the number of registered nodes: imported after the first compile (by the first
+    Gated DeltaNet layer after a sliding one), it made every stage and eval process on the H200 compile
+    flex_attention and create_block_mask a second time."""
+    from .gdn_ops import fla_available
+
+    fla_available()
+
+
 def _flex(q, k, v, window, attention_mask, cu_seqlens):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    _import_before_compiling()
     B, H, T, D = q.shape
     doc = _doc_ids(cu_seqlens, T, q.device)
     valid = attention_mask.bool() if attention_mask is not None else None

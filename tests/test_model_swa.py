@@ -1,5 +1,10 @@
 """Sliding-window attention: the window in tokens, documents of a packed batch, padding."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -158,3 +163,25 @@ def test_compiled_flex_compiles_once_more_for_new_lengths_and_matches_sdpa():
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_importing_fla_after_the_first_compile_costs_no_recompile():
+    """In a fresh interpreter, as in a stage process: the compiled flex runs, then fla gets imported (the first
+    Gated DeltaNet layer does that), then the flex runs again at the same shapes; one graph in all."""
+    pytest.importorskip("fla")
+    code = textwrap.dedent("""
+        import sys, torch
+        from torch._dynamo.utils import counters
+        from model.swa import _flex
+        assert "fla" not in sys.modules
+        q, k, v = (torch.randn(1, 2, 300, 32) for _ in range(3))
+        cu = torch.tensor([0, 100, 300])
+        _flex(q, k, v, 64, None, cu)
+        import fla  # noqa: F401
+        _flex(q, k, v, 64, None, cu)
+        print("graphs", counters["stats"]["unique_graphs"])
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "1", done.stdout
