@@ -170,9 +170,24 @@ def _flex(q, k, v, window, attention_mask, cu_seqlens):
 
     if valid is None:
         block = sliding_block_mask(T, window, doc, mask_mod, q.device)
+        if doc is not None:
+            _vary_lengths(q, k, v, block)
     else:  # padding is per row: let torch classify the blocks (compiled: no dense T×T mask, 137 GB at 128K)
         block = create_block_mask(mask_mod, B, None, T, T, device=q.device, _compile=True)
     return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=k.shape[1] != H)
+
+
+def _vary_lengths(q, k, v, block) -> None:
+    """Packed rows change length every step: the sequence and block-count dims are marked dynamic up front.
+    Left to dynamo's automatic dynamic shapes, the second length recompiled with T dynamic and the first
+    change of block count recompiled once more (three compiles per process in the H200 stage logs; two now)."""
+    for t in (q, k, v):
+        torch._dynamo.maybe_mark_dynamic(t, 2)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                 "full_q_num_blocks", "full_q_indices"):
+        t = getattr(block, name, None)
+        for dim in range(2, t.dim() if t is not None else 2):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 def sliding_block_mask(T: int, window: int, doc: torch.Tensor | None, mask_mod, device, block: int = 128):

@@ -143,8 +143,9 @@ def test_flex_with_our_block_mask_equals_sdpa_window():
 
 
 def test_compiled_flex_compiles_once_more_for_new_lengths_and_matches_sdpa():
-    """Packed rows differ in length every step: the compiled flex must not recompile per length (dynamo stops
-    after 8 and falls back to the unfused kernel that materialises T×T scores). CPU compile of flex (forward:
+    """Packed rows differ in length (and block count) every step: the compiled flex must not recompile per
+    length (dynamo stops after 8 and falls back to the unfused kernel that materialises T×T scores), nor once
+    more when the block count first changes. CPU compile of flex (forward:
     torch has no CPU flex backward)."""
     from torch._dynamo.utils import counters
 
@@ -153,7 +154,7 @@ def test_compiled_flex_compiles_once_more_for_new_lengths_and_matches_sdpa():
     torch._dynamo.reset()
     counters.clear()
     window, Hq, Hkv, D = 64, 4, 2, 32
-    for T in (300, 317, 333, 350, 365):
+    for T in (300, 317, 420, 450, 600):  # 3, 3, 4, 4 and 5 blocks of 128
         q = torch.randn(1, Hq, T, D)
         k, v = (torch.randn(1, Hkv, T, D) for _ in range(2))
         cu = torch.tensor([0, T // 3, T])
