@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.lease import live_holder
 from pipeline.stages import COMPLETE, STAGE_ORDER, join, read_json, stage_state
 
 from flows.stages import PlanError, StageUnavailable, fingerprints, is_available, plan, stage_output
@@ -137,6 +138,9 @@ def print_status(cfg: RunConfig) -> None:
         shown = STATE_WORDS[state]
         if state == "missing" and not planned:
             shown = "not in run.stages" if is_available(name) else "not in this build"
+        holder = live_holder(cfg.run.root, name)
+        if holder is not None:
+            shown = f"running on {holder.get('host')} (pid {holder.get('pid')})"
         marker = (read_json(join(output, COMPLETE)) or {}) if state == "done" else {}
         metrics = marker.get("metrics", {})
         rows.append({"stage": name, "status": shown, "time_s": marker.get("duration_s"), "loss": metrics.get("loss"),

@@ -41,6 +41,16 @@ def lease_url(run_root: str, stage: str) -> str:
     return storage.join(run_root, LEASES, f"{stage}.json")
 
 
+def live_holder(run_root: str, stage: str) -> dict | None:
+    """The lease record of the attempt running `stage` now, or None (no lease, or an expired one)."""
+    try:
+        current = storage.read_json(lease_url(run_root, stage))
+    except FileNotFoundError:
+        return None
+    age = time.time() - float(current.get("renewed_at", 0))
+    return current if age < float(current.get("ttl_s", 0)) and not _died_here(current) else None
+
+
 class StageLease:
     def __init__(self, url: str, stage: str, ttl_s: float = 120.0, settle_s: float = 2.0):
         self.url, self.stage, self.ttl_s, self.settle_s = url, stage, ttl_s, settle_s

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -164,3 +165,16 @@ def test_attempts_racing_for_a_free_stage_on_s3_end_with_one_running(s3, monkeyp
         assert not storage.exists(url)
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_status_shows_who_runs_a_stage(tmp_path):
+    other_lease(lease_url(str(tmp_path), "stage1a"), renewed_ago=5.0)
+    other_lease(lease_url(str(tmp_path), "stage1b"), renewed_ago=500.0)  # expired: that attempt died
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "status", "configs/tiny.yaml", "--set",
+                            f"run.root={tmp_path}"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "COLUMNS": "200"}, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in shown.stdout.splitlines()
+            if line.count("│") > 2}
+    assert rows["stage1a"] == "running on node-7 (pid 4242)"
+    assert rows["stage1b"] == "to do"
