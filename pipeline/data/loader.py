@@ -24,6 +24,7 @@ Decoding PNGs and patchifying happen in the DataLoader's worker processes.
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -155,8 +156,12 @@ def iter_sequences(manifest_url: str, processor: InfiniteVLProcessor, storage_op
             reader.close()
 
 
+@functools.lru_cache(maxsize=2)
 def _epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(size)
+    # cached: every row's lookup asks for it, and a permutation of 1M sequences takes ~40 ms (10M: 0.6 s)
+    order = np.random.default_rng([seed, epoch]).permutation(size)
+    order.flags.writeable = False
+    return order
 
 
 def example_from_row(row: dict, processor: InfiniteVLProcessor, tokens_per_second: float = 2.0) -> dict:
