@@ -32,8 +32,12 @@ class Recipe:
         return PackedLoader(self.job.corpus, self.processor, rank=rank, world_size=world, seed=self.job.seed,
                             num_workers=self.job.section.get("loader_workers", 2))
 
-    def next_batch(self, batches, device) -> dict:
-        rows = [next(batches) for _ in range(self.job.section["micro_batch_size"])]
+    def next_rows(self, batches) -> list[dict]:
+        """One micro-batch's packed rows from the loader's workers."""
+        return [next(batches) for _ in range(self.job.section["micro_batch_size"])]
+
+    def collate(self, rows: list[dict], device) -> dict:
+        """The rows as one packed row on `device`, with their stored teacher logits where the stage reads them."""
         batch = concat_packed(rows)
         if self.logits is not None:
             batch.update(self.logits.for_rows(rows))

@@ -58,10 +58,12 @@ def main(job_path: str) -> None:
     warm_from, warm_tokens, warm_steps = None, 0, 0
     every = job.section["checkpoint_every"]  # 0: no checkpoints (benchmarks)
     while step < steps:
-        metrics, step_started = {"loss": 0.0, "tokens": 0, "data_s": 0.0}, time.monotonic()
+        metrics, step_started = {"loss": 0.0, "tokens": 0, "data_s": 0.0, "loader_s": 0.0}, time.monotonic()
         for _ in range(accum):
             fetch_started = time.monotonic()
-            batch = recipe.next_batch(batches, device)
+            rows = recipe.next_rows(batches)
+            metrics["loader_s"] += time.monotonic() - fetch_started  # the loader's workers were behind
+            batch = recipe.collate(rows, device)
             metrics["data_s"] += time.monotonic() - fetch_started
             loss, extra = engine(batch)
             engine.backward(loss)
@@ -86,7 +88,8 @@ def main(job_path: str) -> None:
             eta = step_time * (steps - step)
             _log(f"{job.stage} step {step}/{steps} loss {metrics['loss']:.6g} lr {metrics['lr']:.3g} "
                  f"grad_norm {metrics['grad_norm']:.3g} tok/s {metrics['tokens_per_s']:.0f} "
-                 f"waiting for data {100 * metrics['data_s'] / metrics['step_s']:.0f}% eta {eta:.0f}s")
+                 f"waiting for data {100 * metrics['data_s'] / metrics['step_s']:.0f}% "
+                 f"(loader {100 * metrics['loader_s'] / metrics['step_s']:.0f}%) eta {eta:.0f}s")
         if every > 0 and (step % every == 0 or step == steps):
             writer.flush()
             state.save(engine, job.stage, job.output, step, loader.state_dict(), _summary(metrics),
