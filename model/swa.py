@@ -186,8 +186,9 @@ def _vary_lengths(q, k, v, block) -> None:
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
                  "full_q_num_blocks", "full_q_indices"):
         t = getattr(block, name, None)
-        for dim in range(2, t.dim() if t is not None else 2):
-            torch._dynamo.maybe_mark_dynamic(t, dim)
+        if t is not None:
+            for dim in range(2, t.dim()):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 def sliding_block_mask(T: int, window: int, doc: torch.Tensor | None, mask_mod, device, block: int = 128):

@@ -47,8 +47,7 @@ def live_holder(run_root: str, stage: str) -> dict | None:
         current = storage.read_json(lease_url(run_root, stage))
     except FileNotFoundError:
         return None
-    age = time.time() - float(current.get("renewed_at", 0))
-    return current if age < float(current.get("ttl_s", 0)) and not _died_here(current) else None
+    return current if _is_live(current) else None
 
 
 class StageLease:
@@ -76,9 +75,7 @@ class StageLease:
 
     def check(self) -> None:
         """Raises StageBusy if the lease was lost while the stage ran (it expired and another attempt took it)."""
-        current = self._read()
-        if self.lost is None and current is not None and current.get("owner") != self.owner:
-            self.lost = f"now held by {current.get('host')} pid {current.get('pid')}"
+        self.lost = self.lost or self._taken_by(self._read())
         if self.lost is not None:
             raise StageBusy(f"stage {self.stage}: this attempt lost its lease {self.url} ({self.lost}); "
                             "not committing over the attempt that holds it now")
@@ -128,19 +125,21 @@ class StageLease:
         finally:
             os.unlink(tmp)
 
-    def _refuse_if_held(self, current: dict | None) -> None:
+    def _taken_by(self, current: dict | None) -> str | None:
         if current is None or current.get("owner") == self.owner:
+            return None
+        return f"now held by {current.get('host')} pid {current.get('pid')}"
+
+    def _refuse_if_held(self, current: dict | None) -> None:
+        if self._taken_by(current) is None:
             return
-        age = time.time() - float(current.get("renewed_at", 0))
-        ttl = float(current.get("ttl_s", self.ttl_s))
-        if age >= ttl:
-            log.warning("stage %s: taking over the lease of %s pid %s, last renewed %.0f s ago (time to live %.0f s)",
-                        self.stage, current.get("host"), current.get("pid"), age, ttl)
+        age = time.time() - float(current["renewed_at"])
+        if not _is_live(current):
+            log.warning("stage %s: taking over the lease of %s pid %s (renewed %.0f s ago, time to live %.0f s; "
+                        "expired, or its process is gone from this host)", self.stage, current.get("host"),
+                        current.get("pid"), age, current["ttl_s"])
             return
-        if _died_here(current):  # a rerun on the machine where the last attempt was killed: no need to wait
-            log.warning("stage %s: taking over the lease of pid %s, which is no longer running on this host",
-                        self.stage, current.get("pid"))
-            return
+        ttl = float(current["ttl_s"])
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(current.get("started_at", 0))))
         raise StageBusy(
             f"stage {self.stage} is being run by another attempt: host {current.get('host')} pid "
@@ -151,11 +150,9 @@ class StageLease:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
-                current = self._read()
-                if current is not None and current.get("owner") != self.owner:
-                    self.lost = f"now held by {current.get('host')} pid {current.get('pid')}"
-                    log.error("stage %s: lost its lease to %s pid %s", self.stage, current.get("host"),
-                              current.get("pid"))
+                self.lost = self._taken_by(self._read())
+                if self.lost is not None:
+                    log.error("stage %s: lost its lease (%s)", self.stage, self.lost)
                     return
                 self._write()
             except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next renewal tries again
@@ -170,17 +167,21 @@ def _pid_namespace() -> str | None:
         return None
 
 
+def _is_live(holder: dict) -> bool:
+    """Renewed within its time to live, and not seen to be dead."""
+    return time.time() - float(holder["renewed_at"]) < float(holder["ttl_s"]) and not _died_here(holder)
+
+
 def _died_here(holder: dict) -> bool:
     """Whether the lease's holder ran on this host, in this PID namespace (containers may share a host
-    name), and its process is gone."""
-    if holder.get("host") != socket.gethostname() or holder.get("pid_namespace") != _pid_namespace():
+    name; without namespaces there is no telling), and its process is gone."""
+    namespace = _pid_namespace()
+    if namespace is None or holder.get("host") != socket.gethostname() or holder.get("pid_namespace") != namespace:
         return False
-    if holder.get("pid_namespace") is None:
-        return False  # no way to tell our processes from another container's
     try:
         os.kill(int(holder["pid"]), 0)
     except ProcessLookupError:
         return True
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return False
+    except PermissionError:  # someone else's process: alive
+        pass
     return False
