@@ -103,8 +103,8 @@ def main(job_path: str) -> None:
 
 def install_stack_dump() -> None:
     """`kill -USR1 <pid>` prints every thread's Python stack to the stage log and the process goes on: where a
-    slow or stuck stage is (a compile, a data loader, a collective). Installed before the data loader forks, so
-    its workers answer too."""
+    slow or stuck stage is (a compile, waiting on the data loader, a collective). Only the training processes
+    have it: the data loader's workers come from a fork server and would die of the signal."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
