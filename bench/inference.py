@@ -70,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt length of one more prefill per model with each layer part timed (0: none)")
     p.add_argument("--skip-teacher", action="store_true")
     p.add_argument("--profile", action="store_true",
-                   help="kernel profiles of the decode steps at the largest batch and context up to 128K, and of "
-                        "a streamed frame (where the time goes: launches, idle share, top kernels)")
+                   help="kernel profiles of the decode steps at the largest batch and context up to 128K, of the "
+                        "one-pass prefill breakdown, and of a streamed frame (where the time goes: launches, idle share, top kernels)")
     p.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: a temp folder)")
     args = p.parse_args(argv)
     defaults = TINY if args.tiny else FULL
@@ -236,8 +236,9 @@ def layer_parts(model) -> dict:
     return parts
 
 
-def prefill_breakdown(model, n, meter, device, chunk=None) -> dict:
-    """One prefill of `n` tokens with every mixer and MLP timed: milliseconds per part, the rest as 'other'."""
+def prefill_breakdown(model, n, meter, device, chunk=None, profile: bool = False) -> dict:
+    """One prefill of `n` tokens with every mixer and MLP timed: milliseconds per part, the rest as 'other'.
+    `profile`: then a kernel profile of one more such prefill (its 25 costliest kernels)."""
     spans = Spans(device)
     handles = spans.hook_modules(layer_parts(model))
     try:
@@ -248,7 +249,12 @@ def prefill_breakdown(model, n, meter, device, chunk=None) -> dict:
             h.remove()
     parts = spans.totals_ms()
     parts["other"] = round(run["latency_ms"] - sum(parts.values()), 1)
-    return {"latency_ms": run["latency_ms"], **{f"{k}_ms": v for k, v in parts.items()}}
+    row = {"latency_ms": run["latency_ms"], **{f"{k}_ms": v for k, v in parts.items()}}
+    if profile:
+        once = (lambda: teacher_prefill(model, n, meter, device)) if chunk == "teacher" else \
+            (lambda: student_prefill(model, n, meter, device, chunk))
+        row["profile"] = kernel_profile(once, calls=1, cuda=meter.cuda, top=25)
+    return row
 
 
 def random_ids(vocab: int, batch: int, n: int, device) -> torch.Tensor:
@@ -423,7 +429,7 @@ def student_decode(student, batch, context, steps, warmup, meter, device, decode
         row = {"ms_per_step": round(dt / steps * 1e3, 3), "tokens_per_s": round(batch * steps / dt, 1),
                "peak_gb": meter.peak_gb()}
         if profile:  # the state keeps its size, so more steps cost the same
-            row["profile"] = kernel_profile(lambda: step(warmup), calls=steps, cuda=meter.cuda)
+            row["profile"] = kernel_profile(lambda: step(warmup), calls=steps, cuda=meter.cuda, top=25)
     state = decoder.cache if decoder is not None else cache
     return {**row, "state_gb": round(state.nbytes() / 1e9, 3)}
 
@@ -532,7 +538,7 @@ def run(args) -> tuple[dict, list[dict], dict]:
         at = args.breakdown_at
         if at:
             rows.append(guarded({"bench": "breakdown", "model": "teacher", "mode": "one pass", "batch": 1, "context": at},
-                                lambda: prefill_breakdown(teacher, at, meter, device, "teacher")))
+                                lambda: prefill_breakdown(teacher, at, meter, device, "teacher", args.profile)))
         from model.cuda_graphs import graphs_available
 
         modes = [("eager", teacher_decode)] + ([("cuda graphs", teacher_decode_graphed)] if graphs_available(device)
@@ -570,7 +576,8 @@ def run(args) -> tuple[dict, list[dict], dict]:
         at = args.breakdown_at
         for mode, chunk in (("one pass", None), (f"chunks of {args.prefill_chunk}", args.prefill_chunk)):
             rows.append(guarded({"bench": "breakdown", "model": "student", "mode": mode, "batch": 1, "context": at},
-                                lambda: prefill_breakdown(student, at, meter, device, chunk)))
+                                lambda: prefill_breakdown(student, at, meter, device, chunk,
+                                                          args.profile and chunk is None)))
 
     from model.cuda_graphs import CUDAGraphDecoder, graphs_available
 
