@@ -1,9 +1,10 @@
 """Constant-size inference state.
 
-Sliding layers keep a ring buffer of the last W-1 keys/values (a query attends to itself plus the W-1
+Sliding layers keep a ring buffer of the last W keys/values (a query attends to itself plus the W-1
 tokens before it); linear layers (Gated DeltaNet, GLA, Mamba2: `config.linear_mixer`) keep their recurrent
-state and the last conv_size-1 inputs of each short convolution (GDN and GLA: "q", "k", "v" [B, C, K-1] and a
-[B, H, Dk, Dv] state; Mamba2: "xBC" and a [B, H, N, P] state). Nothing grows with the number of tokens seen.
+state and the inputs of each short convolution (GDN and GLA: "q", "k", "v" [B, C, K] and a [B, H, Dk, Dv]
+state; Mamba2: "xBC" and a [B, H, N, P] state). A conv state holds the last K = conv_size inputs, newest last,
+of which only K-1 are ever read: fla's layout, so that its decode kernel updates the state in place. Nothing grows with the number of tokens seen.
 
 All rows of a batch share one token timeline (generation pads on the left), so slot positions are shared
 and validity (padding) is kept per row.
@@ -17,9 +18,13 @@ import torch
 
 
 class SlidingWindowCache:
+    """The last W keys/values: W slots, so that a single new token can be written first and then attend
+    to the ring alone (the whole window, itself included, with no copy); a chunk of several tokens attends
+    to the ring as it was followed by the chunk."""
+
     def __init__(self, window: int):
         self.window = window
-        self.size = max(window - 1, 1)
+        self.size = max(window, 1)
         self.keys = self.values = self.pos = self.valid = None
 
     def allocate(self, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
@@ -29,17 +34,21 @@ class SlidingWindowCache:
         self.pos = torch.full((self.size,), -1, dtype=torch.long, device=like_k.device)
         self.valid = torch.zeros(B, self.size, dtype=torch.bool, device=like_k.device)
 
-    def context(self, k, v, pos, valid):
-        """Keys/values a chunk of new tokens attends to: the ring (in slot order: attention does not care about
-        order, the mask uses absolute positions) followed by the new tokens."""
+    def extend(self, k, v, pos, valid):
+        """Stores the new tokens' keys/values and returns what the new tokens attend to: (keys, values,
+        their positions, their validity per row), in slot order (attention does not care about order, the
+        mask uses absolute positions)."""
         if self.keys is None:
             self.allocate(k, v)
-        return (torch.cat([self.keys, k], 2), torch.cat([self.values, v], 2),
-                torch.cat([self.pos, pos]), torch.cat([self.valid & (self.pos >= 0), valid], 1))
+        if k.shape[2] == 1:
+            self.update(k, v, pos, valid)
+            return self.keys, self.values, self.pos, self.valid & (self.pos >= 0)
+        context = (torch.cat([self.keys, k.to(self.keys.dtype)], 2), torch.cat([self.values, v.to(self.values.dtype)], 2),
+                   torch.cat([self.pos, pos]), torch.cat([self.valid & (self.pos >= 0), valid], 1))
+        self.update(k, v, pos, valid)
+        return context
 
     def update(self, k, v, pos, valid) -> None:
-        if self.window <= 1:
-            return
         keep = min(k.shape[2], self.size)
         k, v, pos, valid = k[:, :, -keep:], v[:, :, -keep:], pos[-keep:], valid[:, -keep:]
         slots = pos % self.size

@@ -88,8 +88,7 @@ def forward_in_place(model, cache: InfiniteVLCache, inputs_embeds: torch.Tensor,
             x = _sliding_attention(layer.self_attn, x, position_embeddings, state, offset)
         else:
             x = _linear_mixer(layer.self_attn, x, state)
-        h = h + x
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = layer.feed_forward(x, h)
     return text.norm(h)
 
 
@@ -98,11 +97,10 @@ def _sliding_attention(attn, x, position_embeddings, ring: SlidingWindowCache, o
     q, k, v = attn.project(x, position_embeddings)
     pos = torch.arange(T, device=x.device) + offset  # a tensor offset stays live across replays
     valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
-    k_ctx, v_ctx, kpos, kvalid = ring.context(k, v, pos, valid)
+    k_ctx, v_ctx, kpos, kvalid = ring.extend(k, v, pos, valid)
     mask = window_mask(pos, kpos, attn.window, kvalid)
     o = F.scaled_dot_product_attention(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), attn_mask=mask,
                                        enable_gqa=attn.num_kv_heads != attn.num_heads)
-    ring.update(k, v, pos, valid)
     return attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 

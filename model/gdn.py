@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import RecurrentStateCache
-from .gdn_ops import fla_gated_rmsnorm, fla_short_conv, gated_delta_rule, use_fla
+from .gdn_ops import fla_gated_rmsnorm, fla_short_conv, gated_delta_rule, gdn_gates, use_fla
 
 
 class GatedRMSNorm(nn.Module):
@@ -41,11 +41,12 @@ class GatedRMSNorm(nn.Module):
 def short_conv(x: torch.Tensor, weight: torch.Tensor, seq_idx: torch.Tensor | None = None,
                state: torch.Tensor | None = None, bias: torch.Tensor | None = None):
     """Causal depthwise conv (+ channel bias) + SiLU. x [B, T, C]; weight [C, 1, K]; seq_idx [B, T] (document
-    of each token, taps that reach into another document are dropped); state [B, C, K-1] (inputs before x).
-    Returns (y [B, T, C], new state [B, C, K-1])."""
+    of each token, taps that reach into another document are dropped); state [B, C, K]: the last K inputs
+    before x, newest last, of which the oldest is never read (fla's layout, so its update kernel can write
+    the state in place). Returns (y [B, T, C], new state [B, C, K])."""
     B, T, C = x.shape
     K = weight.shape[-1]
-    prev = x.new_zeros(B, K - 1, C) if state is None else state.transpose(1, 2).to(x.dtype)
+    prev = x.new_zeros(B, K - 1, C) if state is None else state[..., 1:].transpose(1, 2).to(x.dtype)
     xs = torch.cat([prev, x], 1)  # [B, T+K-1, C]
     w = weight[:, 0, :].to(x.dtype)  # [C, K]; tap K-1 multiplies the current token
     y = x * w[:, K - 1]
@@ -58,8 +59,7 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, seq_idx: torch.Tensor | No
         y = y + tap
     if bias is not None:
         y = y + bias.to(x.dtype)
-    new_state = xs[:, -(K - 1):].transpose(1, 2) if K > 1 else x.new_zeros(B, C, 0)
-    return F.silu(y), new_state
+    return F.silu(y), xs[:, -K:].transpose(1, 2)
 
 
 def conv_silu(h: torch.Tensor, conv: nn.Conv1d, state, seq_idx, cu_seqlens, fused: bool, keep_state: bool):
@@ -121,7 +121,7 @@ class ShortConvMixer(nn.Module):
 
     def allocate_state(self, state, batch_size: int, device, dtype) -> None:
         """The cache tensors at their final size (what a CUDA graph needs before capture)."""
-        width = self.conv_size - 1
+        width = self.conv_size  # the conv state's layout: see short_conv
         state.conv = {name: torch.zeros(batch_size, dim, width, device=device, dtype=dtype)
                       for name, dim in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim))}
         state.state = torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device,
@@ -155,16 +155,18 @@ class GatedDeltaNet(ShortConvMixer):
         x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
         fused = use_fla(x, self.backend, self.head_k_dim)
         q, k, v, conv_states = self.qkv(x, seq_idx, cu_seqlens, cache, fused)
-        beta = self.b_proj(x).sigmoid()
-        acc = torch.promote_types(x.dtype, torch.float32)
-        g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
-        if attention_mask is not None:
+        a, b = self.a_proj(x), self.b_proj(x)
+        if attention_mask is None:  # the kernel may apply the gates itself
+            g, beta, gate_params = a, b, dict(A_log=self.A_log, dt_bias=self.dt_bias)
+        else:  # padded steps must not touch the state: β = 0 and g = 0 there
+            g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)
             beta = beta * attention_mask.unsqueeze(-1).to(beta.dtype)
-            g = g * attention_mask.unsqueeze(-1).to(g.dtype)
+            g, gate_params = g * attention_mask.unsqueeze(-1).to(g.dtype), {}
 
         o, state = gated_delta_rule(
-            q, k, v, g, beta.to(q.dtype), initial_state=cache.state if cache is not None else None,
-            output_final_state=cache is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=True, backend=self.backend)
+            q, k, v, g, beta, initial_state=cache.state if cache is not None else None,
+            output_final_state=cache is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=True, backend=self.backend,
+            **gate_params)
         if cache is not None:
             cache.store(conv_states, state)
         gate = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)

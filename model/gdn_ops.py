@@ -149,10 +149,19 @@ def use_fla(x: torch.Tensor, backend: str, head_dim: int) -> bool:
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     use_qk_l2norm=True, backend: str = "auto"):
+                     use_qk_l2norm=True, backend: str = "auto", A_log=None, dt_bias=None):
     """Dispatch: fla's chunk kernel (training, prefill) or fused recurrent kernel (≤ 64 new tokens) on CUDA;
-    the torch chunked reference on CPU or when `backend="torch"`."""
-    if not use_fla(q, backend, q.shape[-1]):
+    the torch chunked reference on CPU or when `backend="torch"`.
+
+    With `A_log` given, `g` and `beta` are the raw projections a and b of Gated DeltaNet: the gates
+    g = −exp(A_log)·softplus(a + dt_bias) and β = sigmoid(b) are applied inside fla's recurrent kernel where it
+    runs (a decode step then launches one kernel where the gate arithmetic took eight), else computed here."""
+    recurrent = q.shape[1] <= 64 and not (torch.is_grad_enabled() and q.requires_grad)
+    fla = use_fla(q, backend, q.shape[-1])
+    if A_log is not None and not (fla and recurrent):
+        g, beta = gdn_gates(g, beta, A_log, dt_bias)
+        A_log = None
+    if not fla:
         fn = torch_recurrent_gated_delta_rule if q.shape[1] <= 4 and not torch.is_grad_enabled() else \
             torch_chunk_gated_delta_rule
         return fn(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm)
@@ -162,26 +171,39 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                   cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.long),
                   use_qk_l2norm_in_kernel=use_qk_l2norm)
     # keywords: the two kernels take their gates in different positions (fused_recurrent's 5th is gk)
-    if q.shape[1] <= 64 and not (torch.is_grad_enabled() and q.requires_grad):
+    if recurrent:
+        if A_log is not None:
+            kwargs.update(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
         return fused_recurrent_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, **kwargs)
     if torch.is_grad_enabled():
         ensure_fla_backward_ok(q.device)
     return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, **kwargs)
 
 
+def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None):
+    """Per-step log-decay g = −exp(A_log)·softplus(a + dt_bias) in fp32 (or fp64 for fp64 inputs) and
+    β = sigmoid(b) in b's dtype."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    pre = a.to(acc) if dt_bias is None else a.to(acc) + dt_bias.to(acc)
+    return -A_log.to(acc).exp() * torch.nn.functional.softplus(pre), b.sigmoid()
+
+
 def fla_short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None,
                    cu_seqlens: torch.Tensor | None = None, output_final_state: bool = False,
                    bias: torch.Tensor | None = None):
-    """fla's Triton causal conv + SiLU, with our state layout: x [B, T, C], weight [C, 1, K], state
-    [B, C, K-1] (the inputs before x). fla keeps K inputs per channel and never reads the oldest, so ours
-    maps in with one zero column in front and back out without its first column."""
-    from fla.modules.causal_conv1d import causal_conv1d
+    """fla's Triton causal conv + SiLU. x [B, T, C], weight [C, 1, K], state [B, C, K] (the last K inputs
+    before x, newest last; the oldest is never read: fla's layout). One new token per row with a state:
+    fla's update kernel, which writes the new state into `state` itself (nothing to copy back)."""
+    from fla.modules.causal_conv1d import causal_conv1d, causal_conv1d_update
 
-    h0 = None if state is None else torch.nn.functional.pad(state.to(x.dtype), (1, 0))
-    y, final = causal_conv1d(x, weight[:, 0, :], bias, initial_state=h0, output_final_state=output_final_state,
-                             activation="silu",
+    if state is not None and x.shape[1] == 1 and cu_seqlens is None and state.is_contiguous() \
+            and state.dtype == x.dtype:
+        y, state = causal_conv1d_update(x, state, weight=weight[:, 0, :], bias=bias, activation="silu")
+        return y, state
+    y, final = causal_conv1d(x, weight[:, 0, :], bias, initial_state=None if state is None else state.to(x.dtype),
+                             output_final_state=output_final_state, activation="silu",
                              cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(x.device, torch.long))
-    return y, (final[..., 1:] if final is not None else None)
+    return y, final
 
 
 def fla_gated_rmsnorm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

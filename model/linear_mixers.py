@@ -162,7 +162,7 @@ class Mamba2Mixer(nn.Module):
 
     def allocate_state(self, state: RecurrentStateCache, batch_size: int, device, dtype) -> None:
         """The cache tensors at their final size (what a CUDA graph needs before capture)."""
-        state.conv = {"xBC": torch.zeros(batch_size, self.conv_dim, self.conv_size - 1, device=device, dtype=dtype)}
+        state.conv = {"xBC": torch.zeros(batch_size, self.conv_dim, self.conv_size, device=device, dtype=dtype)}
         state.state = torch.zeros(batch_size, self.num_heads, self.ssm_state_size, self.head_dim, device=device,
                                   dtype=torch.float32)
 

@@ -22,9 +22,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
     Qwen2_5_VLPreTrainedModel,
-    Qwen2_5_VLRMSNorm,
     Qwen2_5_VLRotaryEmbedding,
-    Qwen2MLP,
 )
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     MultimodalBaseModelOutputWithPast,
@@ -34,6 +32,7 @@ from .cache import InfiniteVLCache
 from .config import InfiniteVLConfig, InfiniteVLTextConfig
 from .gdn import GatedDeltaNet
 from .linear_mixers import GatedLinearAttention, Mamba2Mixer
+from .norm_mlp import RMSNorm, SwiGLUMLP, fuse_vision_tower
 from .positions import packed_rope_index, token_types
 from .swa import SlidingWindowAttention
 
@@ -70,9 +69,9 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
             self.self_attn = SlidingWindowAttention(config, layer_idx)
         else:
             self.self_attn = LINEAR_MIXER_CLASSES[config.linear_mixer](config, layer_idx)
-        self.mlp = Qwen2MLP(config)
-        self.input_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLUMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cu_seqlens=None,
                 cache=None, offset: int = 0):
@@ -81,8 +80,13 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
             h = self.self_attn(h, position_embeddings, attention_mask, cu_seqlens, cache, offset)
         else:
             h = self.self_attn(h, attention_mask, cu_seqlens, cache)
-        hidden_states = hidden_states + h
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return self.feed_forward(h, hidden_states)
+
+    def feed_forward(self, mixed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The mixer's residual add, the post-mixer norm and the MLP with its residual (the add and the norm
+        are one kernel on CUDA)."""
+        normed, hidden_states = self.post_attention_layernorm(mixed, residual)
+        return hidden_states + self.mlp(normed)
 
 
 class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
@@ -94,7 +98,7 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([InfiniteVLDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2_5_VLRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -148,6 +152,7 @@ class InfiniteVLModel(Qwen2_5_VLModel, InfiniteVLPreTrainedModel):
     def __init__(self, config: InfiniteVLConfig):
         InfiniteVLPreTrainedModel.__init__(self, config)
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        fuse_vision_tower(self.visual)
         self.language_model = InfiniteVLTextModel._from_config(config.text_config)
         self.rope_deltas = None
         self.post_init()

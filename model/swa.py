@@ -49,19 +49,15 @@ class SlidingWindowAttention(nn.Module):
         valid = attention_mask.bool() if attention_mask is not None else \
             torch.ones(B, T, dtype=torch.bool, device=x.device)
         backend = self._pick_backend(x, cache)
-        if backend == "flash":
-            o = _flash(q, k, v, self.window, attention_mask, cu_seqlens)
-        elif backend == "flex":
-            o = _flex(q, k, v, self.window, attention_mask, cu_seqlens)
+        if backend in ("flash", "flex"):  # a fresh window over the new tokens alone
+            o = (_flash if backend == "flash" else _flex)(q, k, v, self.window, attention_mask, cu_seqlens)
+            if cache is not None:
+                cache.extend(k, v, pos, valid)
         else:
-            k_ctx, v_ctx, kpos, kvalid = (k, v, pos, valid) if cache is None else cache.context(k, v, pos, valid)
+            k_ctx, v_ctx, kpos, kvalid = (k, v, pos, valid) if cache is None else cache.extend(k, v, pos, valid)
             mask = window_mask(pos, kpos, self.window, kvalid, _doc_ids(cu_seqlens, T, x.device))
             o = F.scaled_dot_product_attention(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), attn_mask=mask,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
-        if cache is not None:
-            if cache.keys is None:
-                cache.allocate(k, v)
-            cache.update(k, v, pos, valid)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
     def project(self, x: torch.Tensor, position_embeddings):
