@@ -10,10 +10,17 @@ same token sequence, at the same positions, as one forward over all of it would 
 
 The whole stream is one user turn of the chat template: the session opens it, `push_text` adds to it,
 and `ask` closes it on the copy (question, end of turn, assistant header) and generates the answer.
+
+With CUDA graphs the vision tower runs on a stream of its own: a push only enqueues work (the frame goes up
+from pinned memory, nothing waits on the host), so frame t+1's vision tower runs beside frame t's decoder
+chunk. Each is a few hundred small kernels that leave most of the GPU idle; side by side they fill it. Events
+order what must be ordered: the decoder waits for its frame's visual tokens, and the vision tower does not
+overwrite its output before the decoder has taken it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -65,6 +72,8 @@ class StreamingSession:
         self._chunk_graphs: dict[int, GraphedForward] = {}
         self._vision_graphs: dict[tuple, GraphedVision] = {}
         self._decoder: CUDAGraphDecoder | None = None
+        self._vision_stream = torch.cuda.Stream(self.device) if self._capture else None
+        self._visual_taken: torch.cuda.Event | None = None  # the decoder's copy of the last visual tokens
         ip = processor.image_processor
         self._mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(ip.image_std, dtype=torch.float32, device=self.device)
@@ -104,20 +113,45 @@ class StreamingSession:
             self._push_chunk(frames)
 
     def _push_chunk(self, frames) -> None:
-        video = self._patchify(frames)
-        grid = video["video_grid_thw"]
+        with self._on_vision_stream() as visual_ready:
+            video = self._patchify(frames)
+            grid = video["video_grid_thw"]
+            visual = self._vision(video["pixel_values_videos"], grid)
         n = int(grid.prod()) // self.processor.merge_size ** 2
         ids = torch.tensor([[self._ids[VISION_START]] + [self._ids[VIDEO_TOKEN]] * n + [self._ids[VISION_END]]])
         positions, _ = rope_index(self.model.config, ids, video_grid_thw=grid,
                                   second_per_grid_ts=video["second_per_grid_ts"])
         next_position = self.position + int(positions[0, 0, -1]) + 1  # the end tag is text: all rows equal
-        positions = (positions + self.position).to(self.device)
+        positions = self._upload(positions + self.position)
 
-        visual = self._vision(video["pixel_values_videos"], grid)
-        embeds = self.model.model.language_model.embed_tokens(ids.to(self.device))
+        embeds = self.model.model.language_model.embed_tokens(self._upload(ids))
+        if visual_ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(visual_ready)
         embeds[0, 1:-1] = visual.to(embeds.dtype)
+        if visual_ready is not None:
+            self._visual_taken = torch.cuda.current_stream(self.device).record_event()
         self._forward_chunk(embeds, positions)
         self.position = next_position
+
+    @contextlib.contextmanager
+    def _on_vision_stream(self):
+        """Runs the block on the vision stream (where there is one), after the decoder has taken the last
+        visual tokens; yields the event the decoder waits for (recorded when the block ends), else None."""
+        if self._vision_stream is None:
+            yield None
+            return
+        ready = torch.cuda.Event()
+        if self._visual_taken is not None:
+            self._vision_stream.wait_event(self._visual_taken)
+        with torch.cuda.stream(self._vision_stream):
+            yield ready
+            ready.record(self._vision_stream)
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """Host → device without the host waiting for the GPU's queue (a copy from pageable memory would)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _patchify(self, frames) -> dict:
         """The processor's video patches for one chunk. Frames already at the size the processor would
@@ -134,7 +168,7 @@ class StreamingSession:
             return self.processor.preprocess_video(frames, fps=1.0, min_pixels=self.min_pixels,
                                                    max_pixels=self.max_pixels)
         tp, p, m = self.processor.temporal_patch_size, self.processor.patch_size, self.processor.merge_size
-        x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True).float() / 255.0
+        x = self._upload(torch.from_numpy(np.stack(arrays))).float() / 255.0
         x = (x - self._mean) / self._std  # [n, H, W, C]
         x = x.permute(0, 3, 1, 2)
         x = torch.cat([x, x[-1:].expand(tp - len(arrays) % tp, -1, -1, -1)]) if len(arrays) % tp else x
