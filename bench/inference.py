@@ -383,7 +383,7 @@ def teacher_decode_graphed(teacher, batch, context, steps, warmup, meter, device
 
 
 def student_state_at(student, batch: int, context: int):
-    """The student's cache as it is after `context` tokens: ring buffers full with the last W-1 positions,
+    """The student's cache as it is after `context` tokens: ring buffers full with the last W positions,
     recurrent and conv states set; values random (the cost of a step does not depend on them)."""
     from model.cache import SlidingWindowCache
     from model.cuda_graphs import allocate_cache
@@ -501,7 +501,8 @@ def stream_breakdown(session, pool, frames: int, start: int, device) -> dict:
 
 # -- the run ---------------------------------------------------------------------------------------------------
 
-def run(args) -> tuple[dict, list[dict], dict]:
+def run(args, save=lambda config, rows: None) -> tuple[dict, list[dict], dict]:
+    """`save(config, rows)` is called after each part (a run cut short still leaves what it measured)."""
     from model.tiny import build_processor
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
@@ -554,6 +555,7 @@ def run(args) -> tuple[dict, list[dict], dict]:
                     break  # longer contexts need more
         del teacher
         free_memory()
+        save(config, rows)
 
     print("student: building", flush=True)
     student = build_student(cfg, device, dtype, window)
@@ -572,6 +574,7 @@ def run(args) -> tuple[dict, list[dict], dict]:
                              "batch": 1, "context": n},
                             lambda: student_prefill(student, n, meter, device, args.prefill_chunk)))
 
+    save(config, rows)
     if args.breakdown_at:
         at = args.breakdown_at
         for mode, chunk in (("one pass", None), (f"chunks of {args.prefill_chunk}", args.prefill_chunk)):
@@ -602,6 +605,7 @@ def run(args) -> tuple[dict, list[dict], dict]:
                                                            decoder, profile=profiled(b, ctx))))
         decoder = None
         free_memory()
+        save(config, rows)
 
     streams = (("eager", args.stream_eager_frames, False), ("cuda graphs", args.stream_frames, graphs))
     for mode, n, use_graphs in streams:
@@ -708,9 +712,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = args.out or (tempfile.mkdtemp(prefix="bench-inference-") if args.tiny else None)
     t0 = time.perf_counter()
-    config, rows, summary = run(args)
+    where = {"out_dir": out} if out else {}
+
+    def save(config, rows):
+        write_result("inference", {**config, "partial": True, "wall_s": round(time.perf_counter() - t0, 1)}, rows,
+                     summarize(rows), **where)
+
+    config, rows, summary = run(args, save)
     config["wall_s"] = round(time.perf_counter() - t0, 1)
-    path = write_result("inference", config, rows, summary, **({"out_dir": out} if out else {}))
+    path = write_result("inference", config, rows, summary, **where)
     plot(rows, os.path.join(os.path.dirname(path), "inference.png"))
     show(rows, summary)
     print(f"wrote {path} in {config['wall_s']} s")
