@@ -257,10 +257,21 @@ VISION_ATTENTION = "flash_varlen_sdpa"
 
 
 def varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
-                **kwargs):
+                max_length_q=None, **kwargs):
     """Attention within the segments `cu_seq_lens_q` bounds, for q/k/v [1, heads, tokens, dim]; returns
-    [1, tokens, heads, dim] like every transformers attention function."""
+    [1, tokens, heads, dim] like every transformers attention function.
+
+    Segments of one length (a frame whose sides are multiples of the window: 448² has 16 windows of 64
+    patches, and the full-attention blocks one segment) run as a batch of unmasked attentions, which takes
+    the flash kernels; the count of segments and the longest (a host int) say so without a host sync."""
     n = query.shape[2]
+    count = cu_seq_lens_q.shape[0] - 1
+    if isinstance(max_length_q, int) and max_length_q * count == n:
+        heads, dim = query.shape[1], query.shape[-1]
+        windows = lambda t: t[0].view(heads, count, max_length_q, -1).transpose(0, 1)  # noqa: E731
+        out = F.scaled_dot_product_attention(windows(query), windows(key), windows(value), dropout_p=dropout,
+                                             scale=scaling)  # [count, heads, length, dim]
+        return out.permute(0, 2, 1, 3).reshape(1, n, heads, out.shape[-1]), None
     bounds = cu_seq_lens_q[1:].to(query.device)
     segment = torch.searchsorted(bounds, torch.arange(n, device=query.device, dtype=bounds.dtype), right=True)
     mask = segment[:, None] == segment[None, :]

@@ -77,24 +77,36 @@ def test_vision_tower_without_host_syncs_equals_transformers_window_attention(ti
 
     torch.manual_seed(0)
     model = convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8, init="random").eval()
-    segments = []
+    segments, masked = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def spy(*args, **kwargs):
         segments.append(kwargs["cu_seq_lens_q"].tolist())
         return cuda_graphs.varlen_sdpa(*args, **kwargs)
 
+    def spy_sdpa(*args, **kwargs):
+        masked.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
     AttentionInterface.register(cuda_graphs.VISION_ATTENTION, spy)
+    monkeypatch.setattr(cuda_graphs.F, "scaled_dot_product_attention", spy_sdpa)
     try:
-        for size in (112, 168):  # 4 and 9 windows of 2×2 merged patches, then one full-attention block
+        # 112 and 168: 4 and 9 windows of 2×2 merged patches (16 patches each), then one full-attention block,
+        # all run as unmasked batches; 140: 3×3 windows of unequal sizes, run with a block-diagonal mask
+        for size in (112, 140, 168):
             video = processor.preprocess_video([_image(size, size, size)], fps=1.0)
             with torch.no_grad():
                 expected = model.model.get_video_features(video["pixel_values_videos"], video["video_grid_thw"],
                                                           return_dict=True).pooler_output[0]
             vision = cuda_graphs.GraphedVision(model.model.visual, video["video_grid_thw"], use_graph=False)
             segments.clear()
+            masked.clear()
             torch.testing.assert_close(vision(video["pixel_values_videos"]), expected, atol=1e-5, rtol=1e-5)
             n = int(video["video_grid_thw"].prod())
-            assert segments == [list(range(0, n + 1, 16)), [0, n]]  # window block, then full block
+            if size == 140:
+                assert len(segments[0]) == 10 and segments[1] == [0, n] and masked == [True, False]
+            else:
+                assert segments == [list(range(0, n + 1, 16)), [0, n]] and masked == [False, False]
     finally:
         AttentionInterface.register(cuda_graphs.VISION_ATTENTION, cuda_graphs.varlen_sdpa)
     assert model.config.vision_config._attn_implementation != cuda_graphs.VISION_ATTENTION
