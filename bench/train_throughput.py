@@ -17,8 +17,8 @@ FLOPs are counted analytically per token (MFU excludes the recomputation of grad
             C² for the triangular solve, 2C(K+V) for the WY factors, 6KV for the state read-out, the
             delta and the state update; backward twice that.
 MFU = FLOPs/token × tokens/s ÷ peak (H100/H200 SXM dense bf16: 989 TFLOP/s).
-Gradient checkpointing (`--checkpointing auto`) is used only where a model's activations overflow the card;
-each row says whether it was on.
+Gradient checkpointing (`--checkpointing auto`) is used only as far as a model's activations overflow the card
+(none, every second block, every block); each row says which (0 none, n every n-th block).
 """
 
 from __future__ import annotations
@@ -60,14 +60,15 @@ def flops_per_token(config, kind: str, seq: int, trainable) -> float:
     return total
 
 
-def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: int, checkpointing: bool,
+def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: int, checkpointing: int,
              profile: bool = False) -> dict:
+    """`checkpointing`: 0 none, n > 0 every n-th block (1: all)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from bench.param_count import qwen2_5_vl_3b_config
     from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
     from model.tiny import tiny_teacher_config, build_tokenizer
-    from pipeline.train.build import add_lora
+    from pipeline.train.build import add_lora, enable_checkpointing
     from pipeline.train.params import select_trainable
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +87,7 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
             layer_types = config.text_config.layer_types
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, checkpointing)
     if stage == "stage3":
         model = add_lora(model, dict(r=64, alpha=128, dropout=0.0,
                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "g_proj"]))
@@ -136,17 +137,27 @@ def release_memory() -> None:
 
 
 def run_case_fitting(kind, stage, seq, tiny, steps, warmup, checkpointing: str, profile: bool = False) -> dict:
-    """`checkpointing` "auto": without recomputation where the activations fit the card, else with it (the
-    student's Gated DeltaNet activations overflowed an 80 GB H100 at 8K without it: 67.6 GB before the loss)."""
+    """`checkpointing` "auto": the least recomputation whose activations fit the card: none, then every
+    second block, then every block (the student's Gated DeltaNet activations overflowed an 80 GB H100 at 8K
+    without it: 67.6 GB before the loss). Otherwise "off", "on" (every block) or n (every n-th block)."""
     if checkpointing != "auto":
-        return run_case(kind, stage, seq, tiny, steps, warmup, checkpointing == "on", profile)
-    try:
-        return run_case(kind, stage, seq, tiny, steps, warmup, False, profile)
-    except torch.cuda.OutOfMemoryError:
-        pass  # the retry runs after the except block: inside it the traceback still holds the first model
-    print(f"{kind} {stage} {seq}: out of memory without gradient checkpointing, retrying with it", flush=True)
-    release_memory()
-    return run_case(kind, stage, seq, tiny, steps, warmup, True, profile)
+        n = {"off": 0, "on": 1}.get(checkpointing)
+        return run_case(kind, stage, seq, tiny, steps, warmup, int(checkpointing) if n is None else n, profile)
+    for n in (0, 2):
+        try:
+            return run_case(kind, stage, seq, tiny, steps, warmup, n, profile)
+        except torch.cuda.OutOfMemoryError:
+            pass  # the retry runs after the except block: inside it the traceback still holds the model
+        print(f"{kind} {stage} {seq}: out of memory " + ("without gradient checkpointing" if n == 0 else
+              f"checkpointing every {n} blocks") + ", retrying with more of it", flush=True)
+        release_memory()
+    return run_case(kind, stage, seq, tiny, steps, warmup, 1, profile)
+
+
+def _checkpointing(value: str) -> str:
+    if value in ("auto", "on", "off") or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"--checkpointing takes auto, on, off or a block interval N > 0, got {value!r}")
 
 
 def main() -> None:
@@ -154,8 +165,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small shapes on CPU: a smoke test, not a measurement")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
-                    help="gradient checkpointing; auto: only where the activations do not fit")
+    ap.add_argument("--checkpointing", default="auto", type=_checkpointing,
+                    help="gradient checkpointing: auto (the least that fits), on, off, or N (every N-th block)")
     ap.add_argument("--cases", nargs="+", choices=["stage2", "stage3"], default=["stage2", "stage3"],
                     help="which rows to run (the summary needs both)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")

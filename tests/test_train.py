@@ -124,6 +124,51 @@ def test_packed_teacher_forward_keeps_documents_apart(tiny_teacher):
 
 # -- trainable groups ------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointing_every_nth_block_recomputes_those_blocks_and_leaves_gradients_alone(tiny_teacher, every):
+    """Blocks counted vision tower first, then decoder: with n=2 every second one runs its forward again in
+    the backward, the others once; the gradients equal a run without checkpointing."""
+    from model import convert_from_qwen2_5_vl
+    from pipeline.train.build import enable_checkpointing
+
+    ids = torch.randint(0, 200, (1, 20), generator=torch.Generator().manual_seed(0))
+
+    def grads_and_calls(n):
+        torch.manual_seed(0)
+        student = convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8).float().train()
+        if n:
+            enable_checkpointing(student, n)
+        layers = student.model.language_model.layers
+        calls = [0] * len(layers)
+        for i, layer in enumerate(layers):  # a module inside the block (a recompute reruns it; it may stop early,
+            # once every saved tensor is back, so the count is taken as the module starts)
+            layer.self_attn.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        student(input_ids=ids, labels=ids).loss.backward()
+        return {k: p.grad for k, p in student.named_parameters() if p.grad is not None}, calls
+
+    plain, plain_calls = grads_and_calls(None)
+    got, calls = grads_and_calls(every)
+    n_vision = len(tiny_teacher[0].model.visual.blocks)
+    assert plain_calls == [1] * len(calls)
+    assert calls == [2 if (n_vision + i) % every == 0 else 1 for i in range(len(calls))]
+    assert got.keys() == plain.keys()
+    for k in plain:
+        torch.testing.assert_close(got[k], plain[k], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoint_every_n_layers_is_checked_and_leaves_the_stage_fingerprint_alone():
+    from pydantic import ValidationError
+
+    from pipeline.config import TrainStageSection
+    from pipeline.stages import identity
+
+    with pytest.raises(ValidationError, match="checkpoint_every_n_layers"):
+        TrainStageSection(**{**SECTION, "gradient_checkpointing": True, "checkpoint_every_n_layers": 0})
+    a = TrainStageSection(**{**SECTION, "gradient_checkpointing": True})
+    b = TrainStageSection(**{**SECTION, "gradient_checkpointing": True, "checkpoint_every_n_layers": 3})
+    assert identity(a) == identity(b)
+
+
 def test_trainable_groups_select_exactly_their_parameters(tiny_teacher):
     from model import convert_from_qwen2_5_vl
 

@@ -79,7 +79,7 @@ def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
         student = build_student(job, dtype, device)
         layer_types = student.config.text_config.layer_types
         if section.get("gradient_checkpointing"):
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(student, section.get("checkpoint_every_n_layers", 1))
         if job.stage == "stage3":
             student = add_lora(student, section["lora"])
         kind = "kl" if job.stage == "stage1b" else "ce"
@@ -121,6 +121,12 @@ def build_student(job: TrainJob, dtype: torch.dtype, device):
     finally:
         torch.set_default_dtype(previous)
     return student.train()
+
+
+def enable_checkpointing(model, every_n_layers: int = 1) -> None:
+    """Activation checkpointing of the model's blocks (vision tower and decoder, in that order), every n-th
+    block only for n > 1: the blocks left out keep their activations and are not recomputed."""
+    model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
 
 
 def add_lora(student, lora: dict):
