@@ -4,7 +4,8 @@ Sliding layers keep a ring buffer of the last W keys/values (a query attends to 
 tokens before it); linear layers (Gated DeltaNet, GLA, Mamba2: `config.linear_mixer`) keep their recurrent
 state and the inputs of each short convolution (GDN and GLA: "q", "k", "v" [B, C, K] and a [B, H, Dk, Dv]
 state; Mamba2: "xBC" and a [B, H, N, P] state). A conv state holds the last K = conv_size inputs, newest last,
-of which only K-1 are ever read: fla's layout, so that its decode kernel updates the state in place. Nothing grows with the number of tokens seen.
+of which only K-1 are ever read: fla's layout, so that its decode kernel updates the state in place.
+Nothing grows with the number of tokens seen.
 
 All rows of a batch share one token timeline (generation pads on the left), so slot positions are shared
 and validity (padding) is kept per row.
@@ -43,7 +44,8 @@ class SlidingWindowCache:
         if k.shape[2] == 1:
             self.update(k, v, pos, valid)
             return self.keys, self.values, self.pos, self.valid & (self.pos >= 0)
-        context = (torch.cat([self.keys, k.to(self.keys.dtype)], 2), torch.cat([self.values, v.to(self.values.dtype)], 2),
+        context = (torch.cat([self.keys, k.to(self.keys.dtype)], 2),
+                   torch.cat([self.values, v.to(self.values.dtype)], 2),
                    torch.cat([self.pos, pos]), torch.cat([self.valid & (self.pos >= 0), valid], 1))
         self.update(k, v, pos, valid)
         return context

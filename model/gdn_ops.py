@@ -180,12 +180,11 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, **kwargs)
 
 
-def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None):
+def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
     """Per-step log-decay g = −exp(A_log)·softplus(a + dt_bias) in fp32 (or fp64 for fp64 inputs) and
     β = sigmoid(b) in b's dtype."""
     acc = torch.promote_types(a.dtype, torch.float32)
-    pre = a.to(acc) if dt_bias is None else a.to(acc) + dt_bias.to(acc)
-    return -A_log.to(acc).exp() * torch.nn.functional.softplus(pre), b.sigmoid()
+    return -A_log.to(acc).exp() * torch.nn.functional.softplus(a.to(acc) + dt_bias.to(acc)), b.sigmoid()
 
 
 def fla_short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None,
