@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-teacher", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="kernel profiles of the decode steps at the largest batch and context up to 128K, of the "
-                        "one-pass prefill breakdown, and of a streamed frame (where the time goes: launches, idle share, top kernels)")
+                        "one-pass prefill breakdown, and of a streamed frame (where the time goes: launches, idle "
+                        "share, top kernels)")
     p.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: a temp folder)")
     args = p.parse_args(argv)
     defaults = TINY if args.tiny else FULL
