@@ -109,11 +109,14 @@ def build_teacher(cfg, device, dtype):
 
 
 def build_student(cfg, device, dtype, window: int):
+    """The student as generation and streaming run it: input projections packed (model/packed.py)."""
     from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
+    from model.packed import pack_projections
 
     config = InfiniteVLConfig.from_teacher(cfg, sliding_window=window)
     with torch.device(device):
         model = InfiniteVLForConditionalGeneration._from_config(config, dtype=dtype)
+    pack_projections(model)
     return model.eval()
 
 
@@ -525,7 +528,9 @@ def run(args, save=lambda config, rows: None) -> tuple[dict, list[dict], dict]:
         "(allocated once at full length, written in place), the student's ring buffers and recurrent states "
         "likewise; a step costs the same as after a real prefill",
         "prefill and decode use text token ids; streaming frames go through the vision tower",
-        "peak_gb is the peak of allocated GPU memory during that point, weights included (one model loaded)"]
+        "peak_gb is the peak of allocated GPU memory during that point, weights included (one model loaded)",
+        "the student runs as generation and streaming run it: input projections packed into one GEMM per group "
+        "and MLP widths padded to a multiple of 8 (model/packed.py)"]
     rows: list[dict] = []
     warmup = 2
     profile_ctx = max((c for c in args.contexts if c <= 128 * K), default=max(args.contexts))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .cache import InfiniteVLCache, RecurrentStateCache, SlidingWindowCache
+from .packed import pack_projections
 from .swa import window_mask
 
 WARMUP_STEPS = 3  # eager runs before capture: Triton autotuning, cuBLAS workspaces, lazy inits
@@ -142,6 +143,7 @@ class GraphedForward:
 
     def __init__(self, model, cache: InfiniteVLCache, batch_size: int, tokens: int, *, from_ids: bool,
                  logits: bool, advance_positions: bool, use_graph: bool):
+        pack_projections(model)  # before any capture: a graph keeps the weight addresses it saw
         param = next(model.parameters())
         self.model, self.cache, self.tokens = model, cache, tokens
         self.from_ids, self.want_logits, self.advance_positions = from_ids, logits, advance_positions

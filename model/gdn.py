@@ -21,6 +21,7 @@ from torch import nn
 
 from .cache import RecurrentStateCache
 from .gdn_ops import fla_gated_rmsnorm, fla_short_conv, gated_delta_rule, gdn_gates, use_fla
+from .packed import project
 
 
 class GatedRMSNorm(nn.Module):
@@ -108,13 +109,15 @@ class ShortConvMixer(nn.Module):
         self.k_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
         self.v_conv1d = nn.Conv1d(self.value_dim, self.value_dim, self.conv_size, groups=self.value_dim, bias=False)
 
-    def qkv(self, x: torch.Tensor, seq_idx, cu_seqlens, cache, fused: bool):
-        """q, k [B, T, H, K] and v [B, T, H, V] after their convs, and the convs' new states."""
-        B, T, _ = x.shape
+    def qkv(self, projected, seq_idx, cu_seqlens, cache, fused: bool):
+        """q, k [B, T, H, K] and v [B, T, H, V] after their convs (from the q/k/v projections), and the
+        convs' new states."""
+        q, k, v = projected
+        B, T, _ = q.shape
         conv, keep = (cache.conv, True) if cache is not None else ({}, False)
-        q, conv_q = conv_silu(self.q_proj(x), self.q_conv1d, conv.get("q"), seq_idx, cu_seqlens, fused, keep)
-        k, conv_k = conv_silu(self.k_proj(x), self.k_conv1d, conv.get("k"), seq_idx, cu_seqlens, fused, keep)
-        v, conv_v = conv_silu(self.v_proj(x), self.v_conv1d, conv.get("v"), seq_idx, cu_seqlens, fused, keep)
+        q, conv_q = conv_silu(q, self.q_conv1d, conv.get("q"), seq_idx, cu_seqlens, fused, keep)
+        k, conv_k = conv_silu(k, self.k_conv1d, conv.get("k"), seq_idx, cu_seqlens, fused, keep)
+        v, conv_v = conv_silu(v, self.v_conv1d, conv.get("v"), seq_idx, cu_seqlens, fused, keep)
         heads = (B, T, self.num_heads)
         return (q.view(*heads, self.head_k_dim), k.view(*heads, self.head_k_dim), v.view(*heads, self.head_v_dim),
                 {"q": conv_q, "k": conv_k, "v": conv_v})
@@ -129,6 +132,8 @@ class ShortConvMixer(nn.Module):
 
 
 class GatedDeltaNet(ShortConvMixer):
+    PACKABLE = ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")  # one input: see model/packed.py
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.a_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
@@ -154,8 +159,8 @@ class GatedDeltaNet(ShortConvMixer):
         B, T, _ = x.shape
         x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
         fused = use_fla(x, self.backend, self.head_k_dim)
-        q, k, v, conv_states = self.qkv(x, seq_idx, cu_seqlens, cache, fused)
-        a, b = self.a_proj(x), self.b_proj(x)
+        q, k, v, g_in, a, b = project(self, x, self.PACKABLE)
+        q, k, v, conv_states = self.qkv((q, k, v), seq_idx, cu_seqlens, cache, fused)
         if attention_mask is None:  # the kernel may apply the gates itself
             g, beta, gate_params = a, b, dict(A_log=self.A_log, dt_bias=self.dt_bias)
         else:  # padded steps must not touch the state: β = 0 and g = 0 there
@@ -169,7 +174,7 @@ class GatedDeltaNet(ShortConvMixer):
             **gate_params)
         if cache is not None:
             cache.store(conv_states, state)
-        gate = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
+        gate = g_in.view(B, T, self.num_heads, self.head_v_dim)
         o = self.o_norm(o, gate, fused).reshape(B, T, self.value_dim)
         return self.o_proj(o)
 

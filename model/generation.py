@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cuda_graphs import CUDAGraphDecoder
+from .packed import pack_projections
 from .positions import rope_index
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -61,6 +62,7 @@ def generate(model, inputs: dict, max_new_tokens: int = 128, eos_token_id=None, 
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
+    pack_projections(model)
     cache = model.new_cache()
     logits, next_pos = prefill(model, inputs, cache)
     step = _graph_steps(model, cache, next_pos) if cuda_graphs else _eager_steps(model, cache, next_pos)

@@ -40,11 +40,13 @@ from .cache import RecurrentStateCache
 from .gdn import GatedRMSNorm, ShortConvMixer, conv_silu, prepare_inputs
 from .gdn_ops import use_fla
 from .linear_ops import gla, simple_gla
+from .packed import project
 
 
 class GatedLinearAttention(ShortConvMixer):
     GATE_LOW_RANK_DIM = 16
     GATE_LOGIT_NORMALIZER = 16
+    PACKABLE = ("q_proj", "k_proj", "v_proj", "g_proj")  # one input: see model/packed.py
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -60,7 +62,8 @@ class GatedLinearAttention(ShortConvMixer):
         B, T, _ = x.shape
         x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
         fused = use_fla(x, self.backend, self.head_k_dim)
-        q, k, v, conv_states = self.qkv(x, seq_idx, cu_seqlens, cache, fused)
+        q, k, v, g_in = project(self, x, self.PACKABLE)
+        q, k, v, conv_states = self.qkv((q, k, v), seq_idx, cu_seqlens, cache, fused)
         acc = torch.promote_types(x.dtype, torch.float32)
         gk = (F.logsigmoid(self.gk_proj(x).to(acc)) / self.GATE_LOGIT_NORMALIZER).view(B, T, self.num_heads, -1)
         if attention_mask is not None:
@@ -72,7 +75,7 @@ class GatedLinearAttention(ShortConvMixer):
                        output_final_state=cache is not None, cu_seqlens=cu_seqlens, backend=self.backend)
         if cache is not None:
             cache.store(conv_states, state)
-        gate = self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim)
+        gate = g_in.view(B, T, self.num_heads, self.head_v_dim)
         o = self.g_norm_swish_gate(o.to(x.dtype), gate, fused).reshape(B, T, self.value_dim)
         return self.o_proj(o)
 

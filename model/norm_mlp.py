@@ -19,6 +19,7 @@ from transformers.activations import SiLUActivation
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm, Qwen2MLP
 
 from .gdn_ops import fla_available
+from .packed import PackedSwiGLU, packed
 
 
 def use_fused(x: torch.Tensor) -> bool:
@@ -40,19 +41,27 @@ class RMSNorm(Qwen2_5_VLRMSNorm):
 
 
 def swiglu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    if use_fused(x) and isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation)):
+    pack = packed(mlp)
+    if pack is not None:
+        return pack(x, lambda gate, up: _activation(mlp, gate, up))
+    return mlp.down_proj(_activation(mlp, mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+def _activation(mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_fused(gate) and isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation)):
         from fla.modules.activations import swiglu
 
-        return mlp.down_proj(swiglu(gate, up))
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+        return swiglu(gate, up)
+    return mlp.act_fn(gate) * up
 
 
 class SwiGLUMLP(Qwen2MLP):
+    PACKABLE, PACK = ("gate_proj", "up_proj", "down_proj"), PackedSwiGLU  # for inference: model/packed.py
     forward = swiglu_mlp
 
 
 class VisionSwiGLUMLP(Qwen2_5_VLMLP):
+    PACKABLE, PACK = ("gate_proj", "up_proj", "down_proj"), PackedSwiGLU
     forward = swiglu_mlp
 
 

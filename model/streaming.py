@@ -36,6 +36,7 @@ from .cuda_graphs import (
     graphs_available,
 )
 from .generation import sample
+from .packed import pack_projections
 from .positions import rope_index
 from .processing import VIDEO_TOKEN, VISION_END, VISION_START, _to_rgb
 
@@ -56,6 +57,7 @@ class StreamingSession:
             raise ValueError(f"frames_per_chunk must be 1 (each frame its own temporal patch) or {tp} "
                              f"(consecutive frames share one), got {frames_per_chunk}")
         self.model, self.processor = model, processor
+        pack_projections(model)
         self.frames_per_chunk = frames_per_chunk
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.device = next(model.parameters()).device

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from .cache import SlidingWindowCache
+from .packed import project
 
 
 def flash_attn_available() -> bool:
@@ -27,6 +28,8 @@ def flash_attn_available() -> bool:
 
 
 class SlidingWindowAttention(nn.Module):
+    PACKABLE = ("q_proj", "k_proj", "v_proj")  # one input: see model/packed.py
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -63,9 +66,10 @@ class SlidingWindowAttention(nn.Module):
     def project(self, x: torch.Tensor, position_embeddings):
         """Queries, keys (both rotated) and values, [B, heads, T, head_dim]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(self, x, self.PACKABLE)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v

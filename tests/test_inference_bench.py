@@ -66,6 +66,7 @@ def test_profile_rows_say_where_a_decode_step_and_a_frame_spend_their_time(tmp_p
     for r in profiled:
         p = r["profile"]
         assert p["calls"] >= 2 and p["launches_per_call"] > 0 and p["top"]
-        assert abs(sum(k["share"] for k in p["top"]) - 1) < 0.5 and p["busy_ms_per_call"] <= p["wall_ms_per_call"] * 1.05
+        assert 0.2 < sum(k["share"] for k in p["top"]) <= 1 + 1e-6  # the costliest of all: a part of the total
+        assert p["busy_ms_per_call"] <= p["wall_ms_per_call"] * 1.05
     ops = {k["name"] for r in profiled if r["bench"] == "decode" for k in r["profile"]["top"]}
     assert any("mm" in name or "linear" in name for name in ops), ops  # the projections are where a step goes
