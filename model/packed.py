@@ -36,6 +36,9 @@ class _Pack:
     def current(self) -> bool:
         return [p.data_ptr() for p in self._params] == self._homes
 
+    def __deepcopy__(self, memo):
+        return None  # a copied model's parameters have storage of their own: the copy starts unpacked
+
 
 def _stack_rows(parts: list[torch.Tensor | None], rows: list[int], padded: list[int], like: torch.Tensor):
     """One tensor holding `parts` one after another along dim 0, each padded with zeros to its `padded`
