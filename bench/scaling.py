@@ -333,7 +333,7 @@ def flops(config_dir: str, seq: int, trains_weights: bool) -> float:
     from model import InfiniteVLConfig
     from bench.train_throughput import flops_per_token
 
-    return flops_per_token(InfiniteVLConfig.from_pretrained(config_dir), "student", seq, lambda i: trains_weights)
+    return flops_per_token(InfiniteVLConfig.from_pretrained(config_dir), "student", seq, mixers_trained=trains_weights)
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:

@@ -5,20 +5,23 @@ one GPU, bf16, in the same process:
     python3 -m bench.train_throughput --tiny          # CPU smoke test on small shapes
 
 Each row trains one model the way its stage does (same trainable groups, AdamW, gradient checkpointing,
-LoRA on q/k/v/o/g at 32K) on one packed sequence per step, and reports tokens/s and MFU.
+LoRA on q/k/v/o/g at 32K, the stages' loss: next-token cross-entropy through the chunked LM head of
+pipeline.train.losses) on one packed sequence per step, every token an answer, and reports tokens/s and MFU.
 
 FLOPs are counted analytically per token (MFU excludes the recomputation of gradient checkpointing):
   matmuls   forward 2·P for every weight matrix a text token passes through (LM layers, LM head);
             backward 2·P for the input gradients of every layer below the last trainable one, plus 2·P
-            for the weight gradients of trainable matrices.
+            for the weight gradients of trainable matrices (Stage II: the mixers; Stage III: only the LoRA
+            adapters, whose P_lora count 6·P_lora: forward, input and weight gradients).
   attention forward 4·ctx·d (QKᵀ and AV over the ctx keys a query sees: (T+1)/2 causal, W sliding),
             backward twice that.
   GDN chunk forward per head, chunk C, key dim K, value dim V: 2C(2K+V) intra-chunk (QKᵀ, KKᵀ, attn·V),
             C² for the triangular solve, 2C(K+V) for the WY factors, 6KV for the state read-out, the
             delta and the state update; backward twice that.
+The chunked LM head's recomputation (one more forward of the head) is not counted, like checkpointing's.
 MFU = FLOPs/token × tokens/s ÷ peak (H100/H200 SXM dense bf16: 989 TFLOP/s).
 Gradient checkpointing (`--checkpointing auto`) is used only as far as a model's activations overflow the card
-(none, every second block, every block); each row says which (0 none, n every n-th block).
+(none, every fourth, third or second block, every block); each row says which (0 none, n every n-th block).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from bench.profiling import kernel_profile, show_profile
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def flops_per_token(config, kind: str, seq: int, trainable) -> float:
+def flops_per_token(config, kind: str, seq: int, mixers_trained: bool, adapter_params: int = 0) -> float:
+    """Per token; `adapter_params`: LoRA parameters in the decoder (Stage III, base weights frozen)."""
     t = config.text_config
     d, L = t.hidden_size, t.num_hidden_layers
     n_q, n_kv = t.num_attention_heads, t.num_key_value_heads
@@ -54,10 +58,10 @@ def flops_per_token(config, kind: str, seq: int, trainable) -> float:
             ctx = (seq + 1) / 2 if lt == "full_attention" else min(t.sliding_window, (seq + 1) / 2)
             mix_w, mix = attn_w, 4 * ctx * n_q * hd
         weights = mix_w + mlp
-        grad_w = 2 * mix_w if trainable(i) else 0.0
+        grad_w = 2 * mix_w if mixers_trained else 0.0
         total += 2 * weights + 2 * weights + grad_w + 3 * mix
     total += 2 * d * t.vocab_size * 2  # LM head forward + input gradient
-    return total
+    return total + 6 * adapter_params
 
 
 def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: int, checkpointing: int,
@@ -69,6 +73,8 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
     from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
     from model.tiny import tiny_teacher_config, build_tokenizer
     from pipeline.train.build import add_lora, enable_checkpointing
+    from pipeline.train.losses import answer_cross_entropy
+    from pipeline.train.recipes import decoder_and_head
     from pipeline.train.params import select_trainable
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,9 +104,11 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     ids = torch.randint(0, config.text_config.vocab_size - 16, (1, seq), device=device)
+    decoder, head = decoder_and_head(model)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        hidden = decoder(input_ids=ids).last_hidden_state[0, :-1]
+        loss, _ = answer_cross_entropy(hidden, ids[0, 1:], head)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -117,7 +125,8 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
     loss.item()
     elapsed = time.perf_counter() - start
     tps = seq * steps / elapsed
-    fpt = flops_per_token(config, kind, seq, lambda i: True)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and "visual" not in n)
+    fpt = flops_per_token(config, kind, seq, mixers_trained=stage != "stage3", adapter_params=adapters)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK.items() if k in name), None)
     row = {"model": kind, "stage": stage, "seq_len": seq, "checkpointing": checkpointing, "tokens_per_s": round(tps, 1),
@@ -137,13 +146,13 @@ def release_memory() -> None:
 
 
 def run_case_fitting(kind, stage, seq, tiny, steps, warmup, checkpointing: str, profile: bool = False) -> dict:
-    """`checkpointing` "auto": the least recomputation whose activations fit the card: none, then every
-    second block, then every block (the student's Gated DeltaNet activations overflowed an 80 GB H100 at 8K
-    without it: 67.6 GB before the loss). Otherwise "off", "on" (every block) or n (every n-th block)."""
+    """`checkpointing` "auto": the least recomputation whose activations fit the card: none, then every fourth,
+    third, second block, then every block (the student's Gated DeltaNet activations overflowed an 80 GB H100
+    at 8K without it: 67.6 GB before the loss). Otherwise "off", "on" (every block) or n (every n-th block)."""
     if checkpointing != "auto":
         n = {"off": 0, "on": 1}.get(checkpointing)
         return run_case(kind, stage, seq, tiny, steps, warmup, int(checkpointing) if n is None else n, profile)
-    for n in (0, 2):
+    for n in (0, 4, 3, 2):
         try:
             return run_case(kind, stage, seq, tiny, steps, warmup, n, profile)
         except torch.cuda.OutOfMemoryError:

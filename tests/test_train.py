@@ -26,25 +26,55 @@ STUDENT = dict(sliding_window=64, layer_period=4, expand_v=2.0, conv_size=4)
 # -- losses -----------------------------------------------------------------------------------------------------
 
 def test_answer_cross_entropy_is_per_supervised_token():
-    logits = torch.randn(1, 5, 7)
+    head = torch.nn.Linear(4, 7, bias=False)
+    hidden = torch.randn(1, 5, 4)
+    logits = head(hidden)
     labels = torch.tensor([[-100, 3, -100, 1, 6]])
     # position t predicts label t+1: pairs (0→3), (2→1), (3→6)
     assert answer_positions(labels).tolist() == [0, 2, 3]
     keep = answer_positions(labels)
-    loss, n = answer_cross_entropy(logits[0, keep], labels[0, keep + 1])
+    loss, n = answer_cross_entropy(hidden[0, keep], labels[0, keep + 1], head)
     ref = -(torch.log_softmax(logits[0, 0], -1)[3] + torch.log_softmax(logits[0, 2], -1)[1]
             + torch.log_softmax(logits[0, 3], -1)[6]) / 3
     assert n == 3 and torch.allclose(loss, ref)
     empty = torch.full((1, 5), -100)
     keep = answer_positions(empty)
-    loss, n = answer_cross_entropy(logits[0, keep], empty[0, keep + 1])
+    loss, n = answer_cross_entropy(hidden[0, keep], empty[0, keep + 1], head)
     assert n == 0 and loss == 0
 
 
+def test_chunked_head_loss_equals_the_whole_head_and_keeps_no_full_logits():
+    """Chunks of 3 rows (one of 1 at the end): loss and gradients of the hidden states and the head weight equal
+    cross-entropy over the whole [10, V] logits, and nothing saved for the backward pass is as big as them."""
+    torch.manual_seed(0)
+    V, N = 50, 10
+    head = torch.nn.Linear(8, V, bias=False)
+    hidden = torch.randn(N, 8, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss, n = answer_cross_entropy(hidden, targets, head, max_elements=3 * V)
+    loss.backward()
+    grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    ref = torch.nn.functional.cross_entropy(head(hidden), targets)
+    ref.backward()
+    assert n == N
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], head.weight.grad)
+    assert saved and max(saved) < N * V, saved
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        answer_cross_entropy(hidden, targets, head)  # one chunk: the plain path keeps its [N, V] softmax
+    assert max(saved) >= N * V
+
+
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("kind", ["ce", "kl"])
-def test_student_objective_scores_only_the_kept_logits_as_if_all_were_computed(kind, tiny_teacher):
-    """The objective asks the model for the logits its loss reads (logits_to_keep); loss and gradients equal
-    the same loss taken from the full logits."""
+def test_student_objective_scores_only_the_kept_logits_as_if_all_were_computed(kind, chunked, tiny_teacher):
+    """The objective runs the LM head only where its loss reads (in chunks of 2 rows when `chunked`); loss and
+    gradients equal the same loss taken from the full logits."""
     from model import convert_from_qwen2_5_vl
     from pipeline.train.recipes import StudentObjective
 
@@ -60,6 +90,8 @@ def test_student_objective_scores_only_the_kept_logits_as_if_all_were_computed(k
              "cu_seqlens": torch.tensor([0, 10, T], dtype=torch.int32), "logit_positions": rows,
              "topk_index": top_i, "topk_logit": torch.randn(3, 4)}
     objective = StudentObjective(student, kind, temperature=1.0)
+    if chunked:
+        objective.head_chunk_elements = 2 * student.lm_head.out_features
     loss, _ = objective(batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}

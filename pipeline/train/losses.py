@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# logits of at most this many elements exist at once (1 GiB in fp32): at 32K answer tokens the whole 151,936-wide
+# LM head output would be 10 GB in bf16, 20 GB more for its fp32 softmax and as much again for its gradient
+HEAD_CHUNK_ELEMENTS = 1 << 28
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -11,14 +18,37 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(labels[0, 1:] != -100).squeeze(-1)
 
 
-def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Next-token CE per supervised token. `logits` [P, V] are those at `answer_positions(labels)` only (the
-    model's `logits_to_keep`: at 32K tokens all logits would be 10 GB in bf16 and more in fp32, for answers that
-    are a few percent of the tokens), `targets` [P] the labels one position later; returns (mean loss, tokens)."""
+def answer_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+                         max_elements: int = HEAD_CHUNK_ELEMENTS) -> tuple[torch.Tensor, int]:
+    """Next-token CE per supervised token. `hidden` [P, d] are the final hidden states at
+    `answer_positions(labels)` only, `targets` [P] the labels one position later, `head` the LM head (run in
+    chunks: `chunked_head_loss`); returns (mean loss, tokens)."""
     n = int(targets.numel())
     if n == 0:
-        return logits.sum() * 0.0, 0
-    return F.cross_entropy(logits.float(), targets, reduction="sum") / n, n
+        return head(hidden).sum() * 0.0, 0
+
+    def ce_sum(logits, c):
+        return F.cross_entropy(logits.float(), targets[c], reduction="sum")
+
+    return chunked_head_loss(hidden, head, ce_sum, max_elements) / n, n
+
+
+def chunked_head_loss(hidden: torch.Tensor, head: torch.nn.Module,
+                      loss_sum: Callable[[torch.Tensor, slice], torch.Tensor],
+                      max_elements: int = HEAD_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Σ over row chunks of `loss_sum(head(hidden[rows]), rows)`, where `hidden` [N, d] are the final hidden
+    states at the positions the loss reads. With more than one chunk each chunk is checkpointed: its logits are
+    dropped after its loss and recomputed in the backward pass (one more LM-head matmul, ~3% of a step) instead
+    of all N × vocab logits, their fp32 softmax and their gradients living at once. The head is called as a
+    module, so LoRA and ZeRO-3 gathering see it as usual."""
+    rows = max(1, max_elements // head.out_features)
+    if hidden.shape[0] <= rows:
+        return loss_sum(head(hidden), slice(0, hidden.shape[0]))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        chunk = slice(start, min(start + rows, hidden.shape[0]))
+        total = total + checkpoint(lambda h, c=chunk: loss_sum(head(h), c), hidden[chunk], use_reentrant=False)
+    return total
 
 
 def topk_kl(student_logits: torch.Tensor, topk_index: torch.Tensor, topk_logit: torch.Tensor,

@@ -20,7 +20,7 @@ from model.checkpoint import save_pretrained
 from model.convert import convert_from_qwen2_5_vl, init_mixer_from_attention
 from model.modeling import LINEAR_MIXER_CLASSES
 
-from .losses import answer_cross_entropy, answer_positions, layer_mse, topk_kl
+from .losses import HEAD_CHUNK_ELEMENTS, answer_cross_entropy, answer_positions, chunked_head_loss, layer_mse, topk_kl
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                 "second_per_grid_ts", "mm_token_type_ids")
@@ -126,22 +126,41 @@ class StudentObjective(nn.Module):
         self.student = student
         self.kind = kind
         self.temperature = temperature
+        self.head_chunk_elements = HEAD_CHUNK_ELEMENTS
 
     def forward(self, batch: dict):
-        # logits only where the loss reads them (the LM head over every position would cost a 151,936-wide
-        # matmul and its fp32 softmax per token, for a loss on a few percent of them)
+        # the LM head only where the loss reads it (over every position it would cost a 151,936-wide matmul and
+        # its fp32 softmax per token, for a loss on a few percent of them), and in chunks (chunked_head_loss)
         keep = batch["logit_positions"] if self.kind == "kl" else answer_positions(batch["labels"])
-        out = self.student(**model_inputs(batch), position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
-                           logits_to_keep=keep.to(batch["input_ids"].device))
-        logits = out.logits[0]
+        body, head = decoder_and_head(self.student)
+        hidden = body(**model_inputs(batch), position_ids=batch["position_ids"],
+                      cu_seqlens=batch["cu_seqlens"]).last_hidden_state[0]
+        hidden = hidden[keep.to(hidden.device)]
+        n = int(keep.numel())
         if self.kind == "kl":
             lse = batch.get("logit_lse")
-            loss = topk_kl(logits, batch["topk_index"].to(logits.device), batch["topk_logit"].to(logits.device),
-                           None if lse is None else lse.to(logits.device), self.temperature)
+            top_i, top_v = batch["topk_index"].to(hidden.device), batch["topk_logit"].to(hidden.device)
+            lse = None if lse is None else lse.to(hidden.device)
+
+            def kl_sum(logits, c):
+                if c.stop == c.start:
+                    return logits.sum() * 0.0
+                return topk_kl(logits, top_i[c], top_v[c], None if lse is None else lse[c],
+                               self.temperature) * (c.stop - c.start)
+
+            loss = chunked_head_loss(hidden, head, kl_sum, self.head_chunk_elements) / max(n, 1)
             return loss, {"kl": float(loss.detach()), "tokens": int(batch["input_ids"].numel()),
-                          "supervised_tokens": int(keep.numel())}
-        loss, n = answer_cross_entropy(logits, batch["labels"][0, keep + 1].to(logits.device))
+                          "supervised_tokens": n}
+        targets = batch["labels"][0, keep + 1].to(hidden.device)
+        loss, n = answer_cross_entropy(hidden, targets, head, self.head_chunk_elements)
         return loss, {"ce": float(loss.detach()), "tokens": int(batch["input_ids"].numel()), "supervised_tokens": n}
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder (vision tower included; it returns hidden states) and the LM head of a Qwen2.5-VL-shaped model,
+    through a peft wrapper if there is one (the adapters live inside the modules themselves)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.lm_head
 
 
 def load_student(path: str, dtype: torch.dtype) -> InfiniteVLForConditionalGeneration:
