@@ -37,11 +37,16 @@ def chunked_head_loss(hidden: torch.Tensor, head: torch.nn.Module,
                       loss_sum: Callable[[torch.Tensor, slice], torch.Tensor],
                       max_elements: int = HEAD_CHUNK_ELEMENTS) -> torch.Tensor:
     """Σ over row chunks of `loss_sum(head(hidden[rows]), rows)`, where `hidden` [N, d] are the final hidden
-    states at the positions the loss reads. With more than one chunk each chunk is checkpointed: its logits are
-    dropped after its loss and recomputed in the backward pass (one more LM-head matmul, ~3% of a step) instead
-    of all N × vocab logits, their fp32 softmax and their gradients living at once. The head is called as a
-    module, so LoRA and ZeRO-3 gathering see it as usual."""
+    states at the positions the loss reads, without all N × vocab logits, their fp32 softmax and their
+    gradients living at once.
+
+    A plain bias-free `nn.Linear` head with its whole weight at hand takes the gradients of each chunk during
+    the forward pass (_FusedHeadLoss: no more FLOPs than the unchunked loss). A head that must be called as a
+    module (a LoRA-wrapped head, ZeRO-3 gathering its shards on call) runs each chunk under activation
+    checkpointing instead, recomputing its logits in the backward pass (one more LM-head forward)."""
     rows = max(1, max_elements // head.out_features)
+    if type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id"):
+        return _FusedHeadLoss.apply(hidden, head.weight, loss_sum, rows)
     if hidden.shape[0] <= rows:
         return loss_sum(head(hidden), slice(0, hidden.shape[0]))
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -49,6 +54,38 @@ def chunked_head_loss(hidden: torch.Tensor, head: torch.nn.Module,
         chunk = slice(start, min(start + rows, hidden.shape[0]))
         total = total + checkpoint(lambda h, c=chunk: loss_sum(head(h), c), hidden[chunk], use_reentrant=False)
     return total
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The loss of `hidden @ weightᵀ` by chunks of rows, each chunk's gradients (hidden, and weight when it
+    trains) taken as soon as its loss is known; only those gradients are kept for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss_sum, rows):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        for start in range(0, hidden.shape[0], rows):
+            c = slice(start, min(start + rows, hidden.shape[0]))
+            with torch.enable_grad():
+                logits = F.linear(hidden[c].detach(), weight.detach()).requires_grad_()
+                loss = loss_sum(logits, c)
+                (grad_logits,) = torch.autograd.grad(loss, logits)
+            total += loss.detach().float()
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight, out=grad_hidden[c])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t().float(), hidden[c].float())
+            del logits, grad_logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype), None, None)
 
 
 def topk_kl(student_logits: torch.Tensor, topk_index: torch.Tensor, topk_logit: torch.Tensor,
