@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash infra/setup.sh
 export PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -q -ra "$@"
+# the slowest tests are printed so that a suite creeping past its ~15 minutes shows where
+exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"
