@@ -18,7 +18,7 @@ FLOPs are counted analytically per token (MFU excludes the recomputation of grad
   GDN chunk forward per head, chunk C, key dim K, value dim V: 2C(2K+V) intra-chunk (QKᵀ, KKᵀ, attn·V),
             C² for the triangular solve, 2C(K+V) for the WY factors, 6KV for the state read-out, the
             delta and the state update; backward twice that.
-The chunked LM head's recomputation (one more forward of the head) is not counted, like checkpointing's.
+The LM head here is a plain linear, so its chunks take their gradients in the forward pass: nothing recomputed.
 MFU = FLOPs/token × tokens/s ÷ peak (H100/H200 SXM dense bf16: 989 TFLOP/s).
 Gradient checkpointing (`--checkpointing auto`) is used only as far as a model's activations overflow the card
 (none, every fourth, third or second block, every block); each row says which (0 none, n every n-th block).
