@@ -72,7 +72,8 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
     from bench.param_count import qwen2_5_vl_3b_config
     from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
     from model.tiny import tiny_teacher_config, build_tokenizer
-    from pipeline.train.build import add_lora, enable_checkpointing
+    from pipeline.train.build import enable_checkpointing
+    from pipeline.train.lora import add_lora
     from pipeline.train.losses import answer_cross_entropy
     from pipeline.train.recipes import decoder_and_head
     from pipeline.train.params import select_trainable

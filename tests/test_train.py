@@ -77,6 +77,64 @@ def test_chunked_head_loss_equals_the_whole_head_and_keeps_no_full_logits(head_c
     torch.testing.assert_close(hidden.grad * 2, grads[0])
 
 
+def test_chunked_head_loss_takes_a_kernels_loss_and_gradient_that_overwrite_the_logits():
+    """`loss_and_grad` (what fla's fused cross-entropy does on CUDA: the gradient written over the logits) gives
+    the loss and gradients of autograd through the whole head."""
+    from pipeline.train.losses import chunked_head_loss
+
+    torch.manual_seed(0)
+    V, N = 50, 10
+    head = torch.nn.Linear(8, V, bias=False)
+    hidden = torch.randn(N, 8, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    calls = []
+
+    def by_hand(logits, c):  # Σ CE and softmax − onehot, in place like the kernel
+        calls.append(c)
+        lse = logits.logsumexp(-1)
+        loss = (lse - logits.gather(-1, targets[c, None]).squeeze(-1)).sum()
+        logits.sub_(lse[:, None]).exp_().scatter_add_(-1, targets[c, None], -torch.ones(len(lse), 1))
+        return loss, logits
+
+    def never(logits, c):
+        raise AssertionError("autograd's loss_sum was called although loss_and_grad was given")
+
+    loss = chunked_head_loss(hidden, head, never, 3 * V, by_hand)
+    (loss * 0.5).backward()
+    got = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    ref = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    (ref * 0.5).backward()
+    assert [(c.start, c.stop) for c in calls] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(got[0], hidden.grad)
+    torch.testing.assert_close(got[1], head.weight.grad)
+
+
+@pytest.mark.gpu
+def test_fused_cross_entropy_on_cuda_equals_torch_in_bf16():
+    """answer_cross_entropy on CUDA goes through fla's fused cross-entropy kernels: loss and hidden-state gradient
+    against F.cross_entropy over the whole bf16 logits (fp32 softmax), 4 chunks of the full vocabulary."""
+    import pipeline.train.losses as losses
+
+    torch.manual_seed(0)
+    V, N, d = 151_936, 300, 256
+    head = torch.nn.Linear(d, V, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, V, (N,), device="cuda")
+    assert losses._fla_ce(hidden)
+    loss, n = losses.answer_cross_entropy(hidden, targets, head, max_elements=80 * V)
+    loss.backward()
+    got = hidden.grad.float().clone()
+    hidden.grad = None
+    ref = torch.nn.functional.cross_entropy(head(hidden).float(), targets)
+    ref.backward()
+    assert n == N
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    err = (got - hidden.grad.float()).abs().max() / hidden.grad.float().abs().max()
+    assert err < 1e-2, err
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("kind", ["ce", "kl"])
 def test_student_objective_scores_only_the_kept_logits_as_if_all_were_computed(kind, chunked, tiny_teacher):
@@ -386,7 +444,7 @@ def test_config_errors_are_caught_before_the_first_step(workspace, stage1b_singl
 
 
 def test_lora_target_that_matches_nothing_is_refused(workspace, stage1b_single):
-    from pipeline.train.build import add_lora
+    from pipeline.train.lora import add_lora
     from pipeline.train.recipes import load_student
 
     student = load_student(str(workspace / "stage1b-export"), torch.float32)
@@ -397,7 +455,7 @@ def test_lora_target_that_matches_nothing_is_refused(workspace, stage1b_single):
 def test_lora_adapters_take_the_models_dtype(workspace, stage1b_single):
     """bf16 model → bf16 adapters: peft's default fp32 adapters made every LoRA matmul an fp32 GEMM plus casts
     (the student's 32K step on the H200: 15.0K tok/s with bf16 adapters against 12.2K with fp32 ones)."""
-    from pipeline.train.build import add_lora
+    from pipeline.train.lora import add_lora
     from pipeline.train.recipes import load_student
 
     student = load_student(str(workspace / "stage1b-export"), torch.bfloat16)
@@ -406,6 +464,57 @@ def test_lora_adapters_take_the_models_dtype(workspace, stage1b_single):
     assert lora and set(lora.values()) == {torch.bfloat16}, lora
     x = torch.randint(0, 100, (1, 16))
     assert student(input_ids=x).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_linears_compute_what_peft_computes(dropout):
+    """The fused adapters (base GEMM, then addmm_ of the adapter product) against peft's own forward on copies of
+    the same model: outputs and the gradients of the input, lora_A and lora_B (biased and bias-free bases, dropout
+    on the adapter input drawn from the same seed); merged adapters and adapters in another dtype take peft's
+    path."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear
+
+    from pipeline.train.lora import FusedLoraLinear, fuse_lora_linears
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 20, bias=True), torch.nn.Tanh(), torch.nn.Linear(20, 9, bias=False))
+    config = LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["0", "2"], bias="none")
+    plain = get_peft_model(base, config)
+    for n, p in plain.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero: the adapter product would be zero and its A-gradient too
+            torch.nn.init.normal_(p)
+    fused = copy.deepcopy(plain)
+    assert fuse_lora_linears(fused) == 2
+    assert all(type(m) is Linear for m in plain.modules() if isinstance(m, Linear))
+    x = torch.randn(2, 7, 12)
+
+    def run(model):
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), xi.grad, grads
+
+    ref, ref_dx, ref_grads = run(plain)
+    out, dx, grads = run(fused)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dx, ref_dx)
+    assert grads.keys() == ref_grads.keys() and any("lora_A" in n for n in grads)
+    for n in grads:  # the scale meets the gradient in another order: fp32 rounding apart
+        scale = float(ref_grads[n].abs().max())
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6 * scale, rtol=1e-5, msg=n)
+
+    layer = fused.base_model.model[0]
+    assert isinstance(layer, FusedLoraLinear) and layer._fusable_adapter(x, (), {}) == "default"
+    assert layer._fusable_adapter(x.double(), (), {}) is None  # a cast: peft's path
+    fused.eval(), plain.eval()
+    fused.merge_adapter(), plain.merge_adapter()
+    assert layer._fusable_adapter(x, (), {}) is None
+    torch.testing.assert_close(fused(x), plain(x))
 
 
 def test_worker_prints_its_stacks_on_sigusr1_and_goes_on():

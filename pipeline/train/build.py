@@ -81,6 +81,8 @@ def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
         if section.get("gradient_checkpointing"):
             enable_checkpointing(student, section.get("checkpoint_every_n_layers", 1))
         if job.stage == "stage3":
+            from .lora import add_lora  # peft only where adapters are
+
             student = add_lora(student, section["lora"])
         kind = "kl" if job.stage == "stage1b" else "ce"
         module = StudentObjective(student, kind, section.get("temperature", 1.0))
@@ -127,20 +129,6 @@ def enable_checkpointing(model, every_n_layers: int = 1) -> None:
     """Activation checkpointing of the model's blocks (vision tower and decoder, in that order), every n-th
     block only for n > 1: the blocks left out keep their activations and are not recomputed."""
     model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
-
-
-def add_lora(student, lora: dict):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=list(lora["target_modules"]), bias="none")
-    try:
-        # adapters in the model's dtype: peft's default fp32 adapters turn every LoRA matmul into an fp32 (non tensor
-        # core) GEMM plus casts of its input and output (~15% of a 32K step on the H200)
-        return get_peft_model(student, config, autocast_adapter_dtype=False)
-    except ValueError as e:
-        raise ValueError(f"train.stage3.lora.target_modules {lora['target_modules']} match no module of the "
-                         f"student: {e}") from None
 
 
 def concat_packed(rows: list[dict]) -> dict:
