@@ -64,8 +64,8 @@ TINY = {
     "data.shard_tokens": 16384, "data.workers": 1, "teacher_logits.top_k": 16, "teacher_logits.batch_size": 4,
     **{f"train.{s}.{k}": v for s in ABLATION_STAGES for k, v in
        {"steps": 4, "seq_len": 512, "micro_batch_size": 1, "checkpoint_every": 4, "precision": "fp32",
-        "warmup_steps": 0, "loader_workers": 2}.items()},
-    "train.stage3.steps": 2, "train.stage3.loader_workers": 2, "train.stage3.seq_len": 2048,
+        "warmup_steps": 0, "loader_workers": 0}.items()},  # a loader process only competes on a CPU run: see tiny.yaml
+    "train.stage3.steps": 2, "train.stage3.loader_workers": 0, "train.stage3.seq_len": 2048,
     "train.stage3.checkpoint_every": 2, "train.stage3.precision": "fp32",
 }
 
