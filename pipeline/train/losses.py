@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from model.norm_mlp import use_fused  # fla's Triton kernels: CUDA tensors with fla installed
+
 # logits of at most this many elements exist at once (1 GiB in fp32): at 32K answer tokens the whole 151,936-wide
 # LM head output would be 10 GB in bf16, 20 GB more for its fp32 softmax and as much again for its gradient
 HEAD_CHUNK_ELEMENTS = 1 << 28
@@ -30,14 +32,8 @@ def answer_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torc
     def ce_sum(logits, c):
         return F.cross_entropy(logits.float(), targets[c], reduction="sum")
 
-    fused = (lambda logits, c: fused_cross_entropy_sum(logits, targets[c])) if _fla_ce(hidden) else None
+    fused = (lambda logits, c: fused_cross_entropy_sum(logits, targets[c])) if use_fused(hidden) else None
     return chunked_head_loss(hidden, head, ce_sum, max_elements, fused) / n, n
-
-
-def _fla_ce(x: torch.Tensor) -> bool:
-    from model.gdn_ops import fla_available
-
-    return x.is_cuda and fla_available()
 
 
 def fused_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
