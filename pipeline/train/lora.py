@@ -21,8 +21,7 @@ from torch import nn
 def add_lora(student, lora: dict):
     """`student` wrapped by peft with the stage's adapters (`lora`: r, alpha, dropout, target_modules), their
     linears fused."""
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=list(lora["target_modules"]), bias="none")
+    config = lora_config(lora)
     try:
         # adapters in the model's dtype: peft's default fp32 adapters turn every LoRA matmul into an fp32 (non tensor
         # core) GEMM plus casts of its input and output (~15% of a 32K step on the H200)
@@ -32,6 +31,12 @@ def add_lora(student, lora: dict):
                          f"student: {e}") from None
     fuse_lora_linears(model)
     return model
+
+
+def lora_config(lora: dict) -> LoraConfig:
+    """peft's config for the stage's `lora` section (training and export build the same adapters)."""
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=list(lora["target_modules"]), bias="none")
 
 
 def fuse_lora_linears(model: nn.Module) -> int:

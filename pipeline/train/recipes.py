@@ -179,11 +179,11 @@ def export_student(config: InfiniteVLConfig, state: dict, out_dir: str, processo
     with no_init_weights():
         student = InfiniteVLForConditionalGeneration(config).to(dtype)
     if lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        student = get_peft_model(student, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
-                                                     lora_dropout=lora["dropout"],
-                                                     target_modules=list(lora["target_modules"]), bias="none"))
+        from .lora import lora_config
+
+        student = get_peft_model(student, lora_config(lora))
     result = student.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]
     if missing or result.unexpected_keys:
