@@ -18,9 +18,9 @@ fingerprints find them committed) and run in parallel, one worker process per GP
     python -m bench.proof --tiny --no-ablations --out /tmp/proof
 
 Stages run through the Prefect flow (`flows.pipeline.infinitevl`, what `infinitevl run` calls) when Prefect
-is installed, else through the same stage calls without Prefect (`--runner direct`; DESIGN.md: pipeline/
+is installed, else through the same stage calls without Prefect (`--runner direct`: pipeline/
 is callable without Prefect): same fingerprints, skips, markers and outputs. Writes
-`<out>/<config name>.json` (DESIGN.md's benchmark contract), `.md` and `.png`: proof.* for configs/proof.yaml (the
+`<out>/<config name>.json` (the results contract of docs/benchmarks.md), `.md` and `.png`: proof.* for configs/proof.yaml (the
 GPU recipe), proof_cpu.* for configs/proof_cpu.yaml.
 """
 
@@ -43,7 +43,7 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.config import RunConfig, StudentSection, config_from_dict, load_config, to_yaml
 from pipeline.eval.metrics import retention
-from pipeline.stages import STAGE_ORDER, read_json
+from pipeline.stages import STAGE_ORDER, committed, stage_dir
 
 SHARED = ("teacher", "data", "teacher-logits")
 STUDENT_STAGES = ("stage1a", "stage1b", "stage2", "stage3")
@@ -128,15 +128,15 @@ def slug(name: str) -> str:
 
 def is_main_variant(variant: dict, cfg: RunConfig) -> bool:
     """The ablation row the main run already is (same student fields): its stages are not run twice."""
-    from pipeline.train.recipes import student_overrides
+    from pipeline.train.objectives import student_overrides
 
     fields = variant.get("student")
     if fields is None:
         return False
-    main = cfg.student.model_dump()
     num_layers = cfg.teacher.train.num_layers if cfg.teacher.train else 8
+    variant_student = cfg.student.model_copy(update=fields)
     # compared as built: layer_types spelled out equals the layer_period pattern it spells
-    return student_overrides({**main, **fields}, num_layers) == student_overrides(main, num_layers)
+    return student_overrides(variant_student, num_layers) == student_overrides(cfg.student, num_layers)
 
 
 # -- running stages ---------------------------------------------------------------------------------------------
@@ -149,12 +149,14 @@ def run_stages(config_path: str, names: list[str], runner: str) -> None:
         return
     import logging
 
-    from flows.stages import plan, run_planned_stage
+    from pipeline.plan import check_plan, preflight, run_stage
 
     cfg = load_config(config_path)
     log = logging.getLogger("infinitevl.proof")
-    for name in plan(cfg, names):
-        outcome = run_planned_stage(cfg, name, log)
+    names = check_plan(cfg, names)
+    preflight(cfg, names)
+    for name in names:
+        outcome = run_stage(cfg, name, log)
         print(f"  {name}: {outcome.status} in {outcome.duration_s:.1f}s", flush=True)
 
 
@@ -223,9 +225,9 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
 
     def score_stage(stage: str) -> None:
         t0 = time.time()
-        out = os.path.join(cfg.run.root, stage)
+        marker = committed(stage_dir(cfg.run.root, stage)) or {}
+        out = marker.get("output", os.path.join(cfg.run.root, stage))
         checkpoint = out if stage == "teacher" else os.path.join(out, "export")
-        marker = read_json(os.path.join(out, "_COMPLETE.json")) or {}
         metrics = marker.get("metrics", {})
         tokens = metrics.get("train_tokens") if stage == "teacher" else stage_tokens(out)
         acc = score(checkpoint, job["eval_pictures"], os.path.join(cfg.run.root, "proof-eval", stage), cfg.picture_kinds)

@@ -180,23 +180,25 @@ LOGIT_ROWS_PER_SHARD = {False: 4, True: 2}
 
 def section(stage: str, tiny: bool, n: int, top: int, zero: int, steps: int, **over) -> dict:
     s = dict(steps=steps, lr=1e-4 if not tiny else 1e-3, warmup_steps=1, seq_len=SEQ[tiny][stage],
-             micro_batch_size=1, grad_accum=top // n, trainable=STAGE2_TRAINABLE, checkpoint_every=0, export=False,
+             micro_batch_size=1, grad_accum=top // n, trainable=STAGE2_TRAINABLE, checkpoint_every=steps,
              launcher="torchrun", nproc_per_node=n, deepspeed_config=None, precision="fp32" if tiny else "bf16",
              zero_stage=zero, grad_clip=1.0, weight_decay=0.0, min_lr_ratio=0.1, gradient_checkpointing=not tiny,
              keep_last=2, loader_workers=0)
     if stage == "stage3":
         r = 4 if tiny else 64
-        s.update(trainable=["lora"], lora=dict(r=r, alpha=2 * r, dropout=0.0, target_modules=LORA_TARGETS, merge=True))
+        s.update(trainable=["lora"], lora=dict(r=r, alpha=2 * r, dropout=0.0, target_modules=LORA_TARGETS, merge=True),
+                 stage2_mix=0.0)
     s.update(over)
     return s
 
 
 def train_job(paths: dict, stage: str, sec: dict, output: str, seed: int, kill: bool = False):
+    """A throughput job takes no checkpoints and exports nothing; the kill-and-resume job checkpoints."""
     from pipeline.train.job import TrainJob
 
     return TrainJob(stage=stage, section=sec, student={}, init=paths["kill-student" if kill else "student"],
                     teacher=paths["kill-teacher" if kill else "teacher"], corpus=paths["kill" if kill else stage],
-                    output=output, seed=seed, init_weights="random")
+                    output=output, seed=seed, init_weights="random", checkpoints=kill, export=False)
 
 
 def kill_section(tiny: bool, n: int, top: int, zero: int) -> dict:

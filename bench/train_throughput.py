@@ -75,7 +75,7 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
     from pipeline.train.build import enable_checkpointing
     from pipeline.train.lora import add_lora
     from pipeline.train.losses import answer_cross_entropy
-    from pipeline.train.recipes import decoder_and_head
+    from pipeline.train.objectives import decoder_and_head
     from pipeline.train.params import select_trainable
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

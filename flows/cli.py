@@ -6,14 +6,16 @@
     infinitevl status RUN_ROOT_OR_CONFIG
     infinitevl generate CHECKPOINT --prompt TEXT [--image PATH ...] [--video PATH]
 
-`run` and `stage` execute in this process; with no PREFECT_API_URL set, Prefect starts its temporary
-local server for the run. The config is validated and the stage plan checked before Prefect starts,
-so mistakes cost a second, not a server start.
+`run` and `stage` execute in this process; with no PREFECT_API_URL set, a temporary Prefect server is started
+for the run and goes with this process however it ends (infra.prefect_server.TemporaryServer). The config is
+validated, the plan checked and every input looked at before any server starts, so mistakes cost seconds, and
+all of them are reported at once.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -22,16 +24,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.lease import live_holder
-from pipeline.stages import COMPLETE, STAGE_ORDER, join, read_json, stage_state
-
-from flows.stages import PlanError, StageUnavailable, fingerprints, is_available, plan, stage_output
+from pipeline.plan import PlanError, check_plan, preflight, status as stage_statuses
+from pipeline.report import REPORT, eval_section
+from pipeline.stages import STAGE_ORDER, join
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="InfiniteVL: convert Qwen2.5-VL, train it in stages, evaluate it, with Prefect.")
 # Piped output (CI logs, `| tee`) gets a wide table rather than rich's 80 columns, so paths stay whole.
 console = Console(width=None if sys.stdout.isatty() else 160)
-STATE_WORDS = {"done": "done", "stale": "stale (other config)", "partial": "unfinished (resumes)", "missing": "to do"}
+STATE_WORDS = {"done": "done", "stale": "stale", "partial": "unfinished (resumes)", "missing": "to do"}
 SET_HELP = "override a config field, e.g. --set train.stage1a.steps=5 (repeatable)"
 
 
@@ -39,7 +40,7 @@ SET_HELP = "override a config field, e.g. --set train.stage1a.steps=5 (repeatabl
 def run(config: str = typer.Argument(..., help="YAML path or fsspec URL"),
         set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
         force: str = typer.Option("", "--force", help="comma-separated stages to recompute")) -> None:
-    """Run the config's stages in order, skipping those already committed for this config."""
+    """Run the config's stages in order, skipping those whose committed output matches their lineage."""
     forced = [s.strip() for s in force.split(",") if s.strip()]
     cfg = _checked(config, set_, None, forced)
     _execute(cfg, config=config, overrides=set_, force=forced, stages=None)
@@ -127,25 +128,29 @@ def generate(checkpoint: str = typer.Argument(..., help="a local checkpoint dire
 
 
 def print_status(cfg: RunConfig) -> None:
-    prints = fingerprints(cfg)
-    rows, next_stage = [], None
+    """One row per stage: done, stale (and why), unfinished or to do; the holder of a running stage's lease."""
+    states = stage_statuses(cfg)
+    rows, why, next_stage = [], [], None
     for name in STAGE_ORDER:
-        output = stage_output(cfg, name)
-        state = stage_state(output, prints[name][0])
+        state = states[name]
         planned = name in cfg.run.stages
-        if state != "done" and planned and next_stage is None:
+        if state.state != "done" and planned and next_stage is None:
             next_stage = name
-        shown = STATE_WORDS[state]
-        if state == "missing" and not planned:
-            shown = "not in run.stages" if is_available(name) else "not in this build"
-        holder = live_holder(cfg.run.root, name)
-        if holder is not None:
-            shown = f"running on {holder.get('host')} (pid {holder.get('pid')})"
-        marker = (read_json(join(output, COMPLETE)) or {}) if state == "done" else {}
-        metrics = marker.get("metrics", {})
-        rows.append({"stage": name, "status": shown, "time_s": marker.get("duration_s"), "loss": metrics.get("loss"),
-                     "score": metrics.get("score"), "output": output})
+        shown = STATE_WORDS[state.state]
+        if state.state == "missing" and not planned:
+            shown = "not in run.stages"
+        if state.reasons and state.state != "partial":
+            why.append(f"  {name}: " + "; ".join(state.reasons))
+        if state.holder is not None:
+            shown = f"running on {state.holder.get('host')} (pid {state.holder.get('pid')})"
+        marker = state.marker if state.state == "done" else None
+        metrics = (marker or {}).get("metrics", {})
+        rows.append({"stage": name, "status": shown, "time_s": (marker or {}).get("duration_s"),
+                     "loss": metrics.get("loss"), "score": None if name == "eval" else metrics.get("score"),
+                     "output": (marker or {}).get("output") or join(cfg.run.root, name)})
     console.print(summary_table(rows, f"run {cfg.run.name} at {cfg.run.root}"))
+    if why:
+        console.print("stale, because:\n" + "\n".join(why), highlight=False, soft_wrap=True)
     console.print(f"next: {next_stage}" if next_stage else "all stages of run.stages are done")
 
 
@@ -162,15 +167,19 @@ def summary_table(rows: list[dict], title: str) -> Table:
 
 
 def _checked(config: str, overrides: list[str], only: list[str] | None, force: list[str]) -> RunConfig:
+    """The config, its plan and every input checked before any server starts; all problems at once."""
     cfg = _load(config, overrides)
     try:
-        plan(cfg, only, force)
-    except (PlanError, StageUnavailable) as e:
+        preflight(cfg, check_plan(cfg, only, force))
+    except PlanError as e:
         _fail(str(e))
     return cfg
 
 
 def _execute(cfg: RunConfig, **parameters) -> None:
+    from infra.prefect_server import TemporaryServer
+
+    TemporaryServer.for_this_process()
     from flows.pipeline import infinitevl
 
     try:
@@ -180,8 +189,14 @@ def _execute(cfg: RunConfig, **parameters) -> None:
         _fail("interrupted", code=130)
     except Exception as e:  # the flow logged the traceback; the status says what is committed and what is next
         print_status(cfg)
+        console.print(f"report: {join(cfg.run.root, REPORT)}")
         _fail(f"run failed: {type(e).__name__}: {e}", code=1)
     console.print(summary_table(rows, f"infinitevl run of {parameters['config']}"))
+    eval_row = next((r for r in rows if r["stage"] == "eval"), None)
+    if eval_row is not None:
+        metrics = (stage_statuses(cfg)["eval"].marker or {}).get("metrics", {})
+        console.print("\n".join(eval_section(cfg, metrics)[2:]), highlight=False)
+    console.print(f"report: {join(cfg.run.root, REPORT)}")
 
 
 def _load(config: str, overrides: list[str]) -> RunConfig:
@@ -194,6 +209,10 @@ def _load(config: str, overrides: list[str]) -> RunConfig:
 def _fail(message: str, code: int = 2) -> None:
     console.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _seconds(value) -> str:
@@ -209,6 +228,9 @@ def _number(value) -> str:
 
 
 def main() -> None:
+    # SIGTERM and SIGHUP end the run as Ctrl-C does: stage processes are stopped, the temporary server goes
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Runs are often on machines without internet; the temporary server's telemetry would only log errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -13,12 +13,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from pipeline import checkpoints
+from pipeline import checkpoints, storage
 from pipeline.config import RunConfig, load_config, to_yaml
-from pipeline.stages import StageOutcome, join, write_text
+from pipeline.plan import check_plan, preflight, run_stage as run_planned_stage
+from pipeline.report import build_report, write_report
+from pipeline.stages import StageOutcome, join
 
 from flows import plots
-from flows.stages import EVALUATOR, StageUnavailable, load_entry, plan, run_planned_stage
 
 CHECKPOINT_EVENT = "infinitevl.checkpoint.written"
 CONFIG_FILE = "config.yaml"
@@ -27,17 +28,30 @@ CONFIG_FILE = "config.yaml"
 @flow(name="infinitevl", log_prints=True)
 def infinitevl(config: str, overrides: list[str] | None = None, force: list[str] | None = None,
                stages: list[str] | None = None) -> list[dict]:
-    """Runs the configured stages (or `stages`) in order, skipping those whose committed output matches.
+    """Runs the configured stages (or `stages`) in order, skipping those whose committed output matches their
+    lineage (pipeline.stages); writes `<run root>/report.md` at the end, also when a stage fails.
 
     config: YAML path or fsspec URL. overrides: `section.field=value` items. force: stages to recompute.
     stages: run only these (their inputs must be committed or run too); default: the config's run.stages.
     """
+    log = get_run_logger()
     cfg = load_config(config, overrides or [])
-    names = plan(cfg, stages, force or [])
-    get_run_logger().info("stages to run: %s (run root %s)", ", ".join(names), cfg.run.root)
+    names = check_plan(cfg, stages, force or [])
+    preflight(cfg, names)
+    log.info("stages to run: %s (run root %s)", ", ".join(names), cfg.run.root)
     config_uri = save_resolved_config(cfg)
-    outcomes = [run_stage(name, cfg, name in (force or []), config_uri) for name in names]
-    rows = [summary_row(o) for o in outcomes]
+    outcomes: dict[str, StageOutcome] = {}
+    failed: dict[str, str] = {}
+    try:
+        for name in names:
+            try:
+                outcomes[name] = run_stage(name, cfg, name in (force or []), config_uri)
+            except BaseException as e:
+                failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                raise
+    finally:
+        publish_report(cfg, outcomes, failed, log)
+    rows = [summary_row(o) for o in outcomes.values()]
     create_table_artifact(rows, key="infinitevl-summary", description=f"Stages of run {cfg.run.name} ({cfg.run.root})")
     return rows
 
@@ -45,8 +59,22 @@ def infinitevl(config: str, overrides: list[str] | None = None, force: list[str]
 def save_resolved_config(cfg: RunConfig) -> str:
     """The config with overrides applied, beside the outputs: what `status` and checkpoint evals read."""
     uri = join(cfg.run.root, CONFIG_FILE)
-    write_text(uri, to_yaml(cfg))
+    storage.write_bytes(uri, to_yaml(cfg).encode())
     return uri
+
+
+def publish_report(cfg: RunConfig, outcomes: dict[str, StageOutcome], failed: dict[str, str], log) -> None:
+    """report.md under the run root and the same markdown as the run's artifact (its plots inline)."""
+    try:
+        report = build_report(cfg, outcomes, failed)
+        url = write_report(cfg, report)
+        markdown = report.markdown
+        for name, png in report.plots.items():
+            markdown = markdown.replace(f"(report/{name})", f"({plots.png_data_uri(png)})")
+        create_markdown_artifact(markdown, key="infinitevl-report", description=f"Report of run {cfg.run.name}")
+        log.info("report: %s", url)
+    except Exception as e:  # noqa: BLE001 - a report that cannot be written must not hide the run's own outcome
+        log.warning("could not write the run report: %s: %s", type(e).__name__, e)
 
 
 @task(task_run_name="{name}", cache_policy=NO_CACHE)
@@ -65,8 +93,10 @@ def announce_checkpoint(uri: str, step: int, metrics: dict, stage: str, config_u
 
 def summary_row(outcome: StageOutcome) -> dict:
     metrics = outcome.metrics or {}
+    # the eval stage's scores are per suite (report.md): one mean over unrelated suites would mislead
+    score = None if outcome.name == "eval" else metrics.get("score")
     return {"stage": outcome.name, "status": outcome.status, "time_s": round(outcome.duration_s, 1),
-            "loss": metrics.get("loss"), "score": metrics.get("score"), "output": outcome.output}
+            "loss": metrics.get("loss"), "score": score, "output": outcome.output}
 
 
 @flow(name="infinitevl", flow_run_name="eval-checkpoint-{step}", log_prints=True)
@@ -77,34 +107,22 @@ def eval_checkpoint(checkpoint: str = "latest", step: int | None = None, config:
     checkpoint: its URI, or "latest" for the newest committed checkpoint of the config's run.
     config: the run's config (a checkpoint event carries the resolved one from the run root).
     """
-    log = get_run_logger()
-    cfg = load_config(config, overrides or []) if config else None
+    from pipeline.eval import evaluate_checkpoint
+
+    if config is None:
+        raise ValueError("evaluating a checkpoint needs the run's config (the event payload's 'config')")
+    cfg = load_config(config, overrides or [])
     if checkpoint == "latest":
-        if cfg is None:
-            raise ValueError("checkpoint='latest' needs a config to find the run")
         found = checkpoints.latest_checkpoint_of_run(cfg.run.root)
         if found is None:
             raise FileNotFoundError(f"no committed checkpoint under {cfg.run.root} yet")
         _, step, checkpoint = found
     marker = checkpoints.checkpoint_metrics(checkpoint)
     step = marker["step"] if step is None else int(step)
-    scores, evaluator = evaluate(checkpoint, cfg, log)
-    report = checkpoints.write_checkpoint_report(checkpoint, step, scores, evaluator)
+    scores = dict(evaluate_checkpoint(checkpoint, cfg))
+    report = checkpoints.write_checkpoint_report(checkpoint, step, scores, "pipeline.eval.evaluate_checkpoint")
     publish_checkpoint_artifacts(report)
     return report
-
-
-def evaluate(checkpoint: str, cfg: RunConfig | None, log) -> tuple[dict | None, str | None]:
-    try:
-        evaluator = load_entry(EVALUATOR, "the checkpoint evaluator")
-    except StageUnavailable as e:
-        # The report still records the checkpoint's training metrics; it says plainly that no
-        # benchmark ran rather than showing scores nobody computed.
-        log.warning("%s: the report holds training metrics only", e)
-        return None, None
-    if cfg is None:
-        raise ValueError("evaluating a checkpoint needs the run's config (the event payload's 'config')")
-    return dict(evaluator(checkpoint, cfg)), EVALUATOR
 
 
 def publish_checkpoint_artifacts(report: dict) -> None:
@@ -116,8 +134,6 @@ def publish_checkpoint_artifacts(report: dict) -> None:
     lines = [f"# {report['stage']} step {report['step']}", f"`{report['checkpoint']}`", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in {**report["train_metrics"], **scores}.items()]
-    if not scores:
-        lines += ["", "No evaluator in this build: training metrics only."]
     image = plots.history_png_data_uri(history)
     if image:
         lines += ["", f"![loss and score by step]({image})"]

@@ -7,7 +7,8 @@ UI cannot read, so the image travels inside the artifact instead.
 from __future__ import annotations
 
 import base64
-import io
+
+from pipeline.report import line_plot_png
 
 
 def history_png_data_uri(history: list[dict], metrics: tuple[str, ...] = ("loss", "score")) -> str | None:
@@ -15,19 +16,8 @@ def history_png_data_uri(history: list[dict], metrics: tuple[str, ...] = ("loss"
     series = {m: points for m, points in series.items() if points}
     if not series:
         return None
-    import matplotlib
+    return png_data_uri(line_plot_png(series))
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
 
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
-    for ax, (metric, points) in zip(axes[0], series.items()):
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="o")
-        ax.set_xlabel("step")
-        ax.set_title(metric)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()

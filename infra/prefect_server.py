@@ -7,10 +7,16 @@ own has no schedulers or triggers), so the tests and local development start one
         ...
 
     python -m infra.prefect_server           # for development: prints the export line, runs until Ctrl-C
+
+`TemporaryServer` is what `infinitevl run` starts when no PREFECT_API_URL is set: Prefect's API alone (as the
+temporary server Prefect itself would start), tied to the process that started it, so it goes when that
+process goes, whatever ends it (SIGKILL included).
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import shutil
 import signal
@@ -102,6 +108,78 @@ class PrefectServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class TemporaryServer:
+    """Prefect's API served by one uvicorn process on 127.0.0.1 for the life of this process. The kernel kills it
+    when the thread that started it dies (PR_SET_PDEATHSIG), so neither a SIGKILL of the CLI nor an exit that
+    skips exit handlers leaves it running; a normal exit stops it. It keeps Prefect's default home and database,
+    like the temporary server Prefect starts on its own."""
+
+    def __init__(self, startup_timeout_s: float = 90.0):
+        self.port = free_port()
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{HOST}:{self.port}/api"
+
+    @classmethod
+    def for_this_process(cls) -> "TemporaryServer | None":
+        """Unless PREFECT_API_URL is set already: a temporary server, PREFECT_API_URL pointing at it, stopped at
+        exit. Call it before Prefect is imported (Prefect reads the URL then); its exit handler runs after
+        Prefect's own (registered later, run first), so Prefect's last logs and events still reach it."""
+        if os.environ.get("PREFECT_API_URL"):
+            return None
+        server = cls().start()
+        os.environ["PREFECT_API_URL"] = server.api_url
+        atexit.register(server.stop)
+        return server
+
+    def start(self) -> "TemporaryServer":
+        import importlib.util
+
+        from pipeline.launch import parent_death_signal
+
+        # found, not imported: Prefect reads PREFECT_API_URL when it is first imported, which must come after
+        prefect_dir = os.path.dirname(importlib.util.find_spec("prefect").origin)
+
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1", "PREFECT_API_URL": ""}
+        cmd = [sys.executable, "-m", "uvicorn", "--app-dir", os.path.dirname(prefect_dir),
+               "--factory", "prefect.server.api.server:create_app", "--host", HOST, "--port", str(self.port),
+               "--log-level", "error", "--lifespan", "on"]
+        logging.getLogger("infinitevl").info("starting a temporary Prefect server on %s", self.api_url)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=parent_death_signal(signal.SIGKILL))
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError(f"the temporary Prefect server exited with code {self.proc.returncode}:\n"
+                                   f"{self._log.read().decode(errors='replace')[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"the temporary Prefect server was not healthy after {self.startup_timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        self._log.close()
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Committed checkpoints inside a stage's output, and the evaluation report written next to each.
 
-A training stage saves step N under `<stage output>/checkpoints/step-<N>/` and then calls
-`commit_checkpoint`, which writes `_CHECKPOINT.json` last (the same commit-by-marker rule as stages)
-and tells the orchestrator, which emits `infinitevl.checkpoint.written` so the checkpoint gets
+A training stage saves step N under `<stage output>/checkpoints/step-<N>/` (its attempt folder) and commits
+it with `_CHECKPOINT.json`, written last, which lists every file of the checkpoint with its sha256 (resuming
+and evaluating check them); the orchestrator then emits `infinitevl.checkpoint.written` so the checkpoint gets
 evaluated. A stage resumes from `latest_checkpoint(ctx.output)`.
 """
 
@@ -13,7 +13,8 @@ import time
 
 import fsspec
 
-from .stages import STAGE_ORDER, StageContext, join, read_json, write_json
+from . import storage
+from .stages import STAGE_ORDER, StageContext, current_attempt, join, stage_dir
 
 MARKER = "_CHECKPOINT.json"
 REPORT_SUFFIX = ".eval.json"
@@ -24,12 +25,19 @@ def checkpoint_dir(stage_output: str, step: int) -> str:
     return join(stage_output, "checkpoints", f"step-{step:08d}")
 
 
-def commit_checkpoint(ctx: StageContext, step: int, metrics: dict | None = None) -> str:
+def commit_checkpoint(ctx: StageContext, step: int, metrics: dict | None = None,
+                      files: dict[str, dict] | None = None) -> str:
+    """Commits the checkpoint folder of `step` (its files, hashed here unless the writer gives their digests)."""
     uri = checkpoint_dir(ctx.output, step)
     metrics = dict(metrics or {})
-    write_json(join(uri, MARKER), {"stage": ctx.name, "step": step, "metrics": metrics, "written_at": time.time()})
+    write_marker(uri, ctx.name, step, metrics, storage.remote_file_digests(uri) if files is None else files)
     ctx.on_checkpoint(uri, step, metrics)
     return uri
+
+
+def write_marker(uri: str, stage: str, step: int, metrics: dict, files: dict[str, dict]) -> None:
+    storage.write_json(join(uri, MARKER), {"stage": stage, "step": step, "metrics": metrics, "files": files,
+                                           "written_at": time.time()})
 
 
 def list_checkpoints(stage_output: str) -> list[tuple[int, str]]:
@@ -42,7 +50,7 @@ def list_checkpoints(stage_output: str) -> list[tuple[int, str]]:
     for entry in fs.ls(path, detail=False):
         match = _STEP_DIR.search(entry.rstrip("/"))
         uri = checkpoint_dir(stage_output, int(match.group(1))) if match else None
-        if uri and read_json(join(uri, MARKER)) is not None:
+        if uri and storage.read_json_or_none(join(uri, MARKER)) is not None:
             found.append((int(match.group(1)), uri))
     return sorted(found)
 
@@ -53,16 +61,18 @@ def latest_checkpoint(stage_output: str) -> tuple[int, str] | None:
 
 
 def latest_checkpoint_of_run(run_root: str) -> tuple[str, int, str] | None:
-    """(stage, step, uri) of the newest committed checkpoint of the latest stage that has one."""
+    """(stage, step, uri) of the newest committed checkpoint of the latest stage that has one (in its newest
+    attempt: the one running or committed)."""
     for stage in reversed(STAGE_ORDER):
-        latest = latest_checkpoint(join(run_root, stage))
+        attempt = current_attempt(stage_dir(run_root, stage))
+        latest = latest_checkpoint(attempt) if attempt else None
         if latest:
             return stage, latest[0], latest[1]
     return None
 
 
 def checkpoint_metrics(uri: str) -> dict:
-    marker = read_json(join(uri, MARKER))
+    marker = storage.read_json_or_none(join(uri, MARKER))
     if marker is None:
         raise FileNotFoundError(f"{uri} is not a committed checkpoint (no {MARKER})")
     return marker
@@ -85,7 +95,7 @@ def write_checkpoint_report(checkpoint: str, step: int, scores: dict | None, eva
         "train_metrics": marker.get("metrics", {}), "scores": scores, "evaluator": evaluator,
         "written_at": time.time(),
     }
-    write_json(report_uri(checkpoint), report)
+    storage.write_json(report_uri(checkpoint), report)
     return report
 
 
@@ -93,7 +103,7 @@ def report_history(stage_output: str) -> list[dict]:
     """Every checkpoint's metrics and report of a stage, oldest first: what the loss/score plot shows."""
     rows = []
     for step, uri in list_checkpoints(stage_output):
-        report = read_json(report_uri(uri)) or {}
+        report = storage.read_json_or_none(report_uri(uri)) or {}
         rows.append({"step": step, "checkpoint": uri, **checkpoint_metrics(uri).get("metrics", {}),
                      **(report.get("scores") or {})})
     return rows

@@ -4,7 +4,7 @@ A config is validated as a whole before anything runs, so a typo in the last sta
 run in its first second rather than after hours of training. Every section forbids unknown fields;
 errors name the dotted field (`train.stage1a.steps: Input should be greater than 0 (got -5)`).
 
-Each stage's config hash covers only the sections it reads (see flows/stages.py), so changing the
+Each stage's fingerprint covers only the sections its recipe names (pipeline/recipes/), so changing the
 evaluation settings does not invalidate the training stages.
 """
 
@@ -117,7 +117,7 @@ class DataSection(Section):
 class TeacherLogitsSection(Section):
     RUN_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "nproc_per_node")
     top_k: int = Field(gt=0)
-    # 300 bytes per token is the design budget for the sparse logit store (DESIGN.md).
+    # 300 bytes per token: the budget of the sparse logit store (at k = 64 it takes 276).
     max_bytes_per_token: int = Field(300, gt=0)
     batch_size: int = Field(1, gt=0, description="packed rows per teacher forward")
     positions: Literal["answer", "text"] = Field("answer", description="positions whose next token is supervised, or every text token")
@@ -225,8 +225,11 @@ class RunConfig(Section):
         return self.teacher.train.pictures if self.teacher.train is not None else None
 
     def section(self, dotted: str) -> Any:
+        """A section or field by its dotted name (`train.stage2`, `run.seed`); None below an unset section."""
         node: Any = self
         for part in dotted.split("."):
+            if node is None:
+                return None
             node = getattr(node, part)
         return node
 

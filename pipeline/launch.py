@@ -26,8 +26,8 @@ TAIL_LINES = 40
 # re-benchmark fla's kernels (minutes on a fresh node). The user's environment overrides these.
 CHILD_DEFAULTS = {"TRITON_CACHE_AUTOTUNING": "1"}
 
-def _parent_death_signal():
-    """Linux: a function for Popen's preexec_fn that asks the kernel to SIGTERM the child when the process
+def parent_death_signal(sig: int = signal.SIGTERM):
+    """Linux: a function for Popen's preexec_fn that asks the kernel to send `sig` to the child when the process
     that launched it dies, even by SIGKILL (no exit handler runs then): a stage whose orchestrator is gone
     must not train on, writing checkpoints beside the attempt that replaces it. None elsewhere."""
     if not sys.platform.startswith("linux"):
@@ -36,10 +36,10 @@ def _parent_death_signal():
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
     pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sig)
 
 
-_PDEATHSIG = _parent_death_signal()
+_PDEATHSIG = parent_death_signal()
 
 # Process groups of launches still running. A launch in a worker thread never sees the exception a
 # signal raises in the main thread, so whatever is left when the interpreter exits is killed then.

@@ -4,17 +4,27 @@ Objects are written whole and become visible in one step (a single PUT on S3, a 
 locally). A set of objects is committed by writing a marker object last: readers trust only what a
 marker names. Directories are never renamed, because s3fs cannot move a directory on S3.
 
+Integrity: a producer records each file's sha256 and size (in a shard marker, a manifest, or the `_FILES.json`
+of a model directory); a reader checks what it opens against that record before using it, once per file per
+process (`verify_file`, `verify_dir`), and a mismatch raises `IntegrityError` naming the file, both digests and
+the command that rebuilds it. Remote model directories are read through `local_dir`, a verified local copy.
+
 Storage options may carry credentials; anything this module raises or returns goes through `redact`,
 so the key and secret never reach logs, manifests or error messages.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import re
+import shutil
+import tempfile
+import threading
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -25,6 +35,32 @@ SECRET_OPTION_NAMES = ("key", "secret", "token", "password", "aws_access_key_id"
 
 class StorageError(OSError):
     """A storage operation failed; the message has no credentials in it."""
+
+
+FILES = "_FILES.json"  # a committed directory's file list: {"files": {relative path: {"sha256", "bytes"}}, ...}
+# where a stage attempt writes (pipeline.stages): <run root>/<stage>/attempt-NNNN/...
+_ATTEMPT_PATH = re.compile(r"^(?P<root>.+?)/(?P<stage>[^/]+)/attempt-\d+(/|$)")
+_CHUNK = 1 << 23
+
+
+class IntegrityError(StorageError):
+    """A file does not match the digest its producer committed (changed, truncated, or missing)."""
+
+    def __init__(self, url: str, expected: str, found: str, detail: str = ""):
+        self.url, self.expected, self.found = url, expected, found
+        message = f"{url} does not match what its producer committed: expected {expected}, found {found}"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(f"{message}. {rebuild_hint(url)}")
+
+
+def rebuild_hint(url: str) -> str:
+    """The command that rebuilds the stage output holding `url`, when it is one."""
+    match = _ATTEMPT_PATH.match(url.replace(os.sep, "/"))
+    if match is None:
+        return "Rebuild it with the command that wrote it."
+    root = match.group("root")
+    return f"Rebuild it: infinitevl run {root}/config.yaml --force {match.group('stage')}"
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -60,11 +96,19 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> N
                 f.write(data)
             os.replace(tmp, path)
         else:
-            fs.pipe_file(path, data)
+            fs.pipe_file(path, data)  # one PUT: visible whole or not at all
 
 
 def read_json(url: str, storage_options: dict | None = None) -> Any:
     return json.loads(read_bytes(url, storage_options))
+
+
+def read_json_or_none(url: str, storage_options: dict | None = None) -> Any:
+    """The object at `url`, or None where there is none (an uncommitted marker, say)."""
+    try:
+        return read_json(url, storage_options)
+    except FileNotFoundError:
+        return None
 
 
 def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
@@ -108,8 +152,183 @@ def commit(marker_url: str, marker: dict, objects: dict[str, bytes], storage_opt
 def delete(url: str, storage_options: dict | None = None) -> None:
     fs, path = filesystem(url, storage_options)
     with _errors(f"delete {url}", storage_options):
+        fs.invalidate_cache(path)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+def upload_dir(local: str, url: str, storage_options: dict | None = None) -> None:
+    """Copies a local folder's files under `url`, streamed, each visible whole or not at all (an S3 upload
+    completes in one step; a local copy is renamed into place)."""
+    fs, path = filesystem(url, storage_options)
+    for rel in _walk(local):
+        source, target = os.path.join(local, rel), f"{path.rstrip('/')}/{rel}"
+        with _errors(f"write {join(url, rel)}", storage_options):
+            if is_local(url):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            else:
+                fs.put_file(source, target)
+
+
+# -- integrity ------------------------------------------------------------------------------------------------
+
+def sha256_file(url: str, storage_options: dict | None = None) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a file, read in a stream."""
+    digest, size = hashlib.sha256(), 0
+    with open_url(url, "rb", storage_options) as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+_verified: set[tuple[str, str]] = set()
+_verified_lock = threading.Lock()
+
+
+def verify_file(url: str, sha256: str, size: int | None = None, storage_options: dict | None = None) -> None:
+    """Raises IntegrityError unless the file's bytes are the ones committed; each (file, digest) is hashed
+    once per process."""
+    key = (url, sha256)
+    with _verified_lock:
+        if key in _verified:
+            return
+    if size is not None:
+        fs, path = filesystem(url, storage_options)
+        fs.invalidate_cache(path)
+        try:
+            found_size = fs.size(path)
+        except FileNotFoundError:
+            raise IntegrityError(url, f"sha256 {sha256[:16]}…", "no file") from None
+        if found_size != size:  # a truncated or grown file is told apart without reading it
+            raise IntegrityError(url, f"{size} bytes", f"{found_size} bytes", "truncated or overwritten")
+    try:
+        found, _ = sha256_file(url, storage_options)
+    except FileNotFoundError:
+        raise IntegrityError(url, f"sha256 {sha256[:16]}…", "no file") from None
+    if found != sha256:
+        raise IntegrityError(url, f"sha256 {sha256}", f"sha256 {found}")
+    with _verified_lock:
+        _verified.add(key)
+
+
+def file_digests(local: str, keep: Callable[[str], bool] = lambda rel: True) -> dict[str, dict]:
+    """{relative path: {"sha256", "bytes"}} of every file under a local folder whose name does not start with
+    '_' (markers) and that `keep` accepts."""
+    out = {}
+    for rel in _walk(local):
+        if rel.rsplit("/", 1)[-1].startswith("_") or not keep(rel):
+            continue
+        sha, size = sha256_file(os.path.join(local, rel))
+        out[rel] = {"sha256": sha, "bytes": size}
+    return out
+
+
+def remote_file_digests(url: str, storage_options: dict | None = None) -> dict[str, dict]:
+    """`file_digests` of a folder on any storage, each file read in a stream (small outputs: reports)."""
+    fs, path = filesystem(url, storage_options)
+    with _errors(f"list {url}", storage_options):
+        fs.invalidate_cache(path)
+        found = fs.find(path)
+    out = {}
+    for remote in sorted(found):
+        rel = remote[len(path.rstrip("/")) + 1:]
+        if rel and not rel.rsplit("/", 1)[-1].startswith(("_", ".")):
+            sha, size = sha256_file(join(url, rel), storage_options)
+            out[rel] = {"sha256": sha, "bytes": size}
+    return out
+
+
+def tree_digest(files: dict[str, dict]) -> str:
+    """One digest for a set of files: the sha256 of their sorted names and sha256s."""
+    canonical = json.dumps({rel: f["sha256"] for rel, f in sorted(files.items())}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def write_files_marker(url: str, files: dict[str, dict], storage_options: dict | None = None, **extra) -> None:
+    """Commits a directory: its `_FILES.json`, written after the files it lists."""
+    write_json(join(url, FILES), {**extra, "files": files, "digest": tree_digest(files)}, storage_options)
+
+
+def committed_files(url: str, storage_options: dict | None = None) -> dict[str, dict] | None:
+    """The file list a directory was committed with (its `_FILES.json`), or None where it has none."""
+    marker = read_json_or_none(join(url, FILES), storage_options)
+    return None if marker is None else marker["files"]
+
+
+def verify_dir(url: str, files: dict[str, dict] | None = None, storage_options: dict | None = None,
+               only: Callable[[str], bool] | None = None) -> dict[str, dict]:
+    """Checks every listed file of a committed directory (`files`, or its `_FILES.json`) that `only` accepts
+    (default: all); returns the list. A directory without a list raises IntegrityError: it was never committed."""
+    files = committed_files(url, storage_options) if files is None else files
+    if files is None:
+        raise IntegrityError(join(url, FILES), "a committed directory", "no file list",
+                             "the directory was never committed, or its writer died")
+    for rel, f in sorted(files.items()):
+        if only is None or only(rel):
+            verify_file(join(url, rel), f["sha256"], f["bytes"], storage_options)
+    return files
+
+
+def local_dir(url: str, storage_options: dict | None = None, verify: bool = True,
+              only: Callable[[str], bool] | None = None) -> str:
+    """A local folder holding the directory at `url` (the folder itself when local, else a copy cached under
+    $INFINITEVL_CACHE), its files that `only` accepts (default: all) checked against its `_FILES.json` where it
+    has one (`verify`). A model from elsewhere (no file list) is used as it is; ours never lack one."""
+    files = committed_files(url, storage_options) if verify else None
+    if is_local(url):
+        local = url.removeprefix("file://")
+        if files is not None:
+            verify_dir(local, files, only=only)
+        return local
+    root = os.environ.get("INFINITEVL_CACHE", os.path.join(tempfile.gettempdir(), "infinitevl-cache"))
+    local = os.path.join(root, hashlib.sha256(url.encode()).hexdigest()[:16])
+    complete = os.path.join(local, ".complete")  # every file is here (not only those some caller wanted)
+    if not os.path.exists(complete):
+        _download(url, local, storage_options, only)
+        if only is None:
+            with open(complete, "w") as f:
+                f.write(redact(url, storage_options) + "\n")
+    if files is not None:
+        try:
+            verify_dir(local, files, only=only)
+        except IntegrityError:  # the cached copy went bad: fetch it again once, then the source decides
+            shutil.rmtree(local, ignore_errors=True)
+            _download(url, local, storage_options, only)
+            verify_dir(local, files, only=only)
+    return local
+
+
+def _download(url: str, local: str, storage_options: dict | None, only: Callable[[str], bool] | None) -> None:
+    """Copies the files under `url` that `only` accepts and `local` lacks, each renamed into place whole."""
+    fs, path = filesystem(url, storage_options)
+    with _errors(f"list {url}", storage_options):
+        fs.invalidate_cache(path)
+        found = [p for p in fs.find(path) if not p.rsplit("/", 1)[-1].startswith(".")]
+    if not found:
+        raise FileNotFoundError(redact(f"nothing under {url}", storage_options))
+    for remote in found:
+        rel = remote[len(path.rstrip("/")) + 1:]
+        target = os.path.join(local, rel)
+        if (only is not None and not only(rel)) or os.path.exists(target):
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        part = f"{target}.part-{os.getpid()}"  # ranks on one node may fetch at once: each its own name
+        with _errors(f"copy {remote}", storage_options):
+            fs.get_file(remote, part)
+        os.replace(part, target)
+
+
+def _walk(local: str) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(local):
+        rel_dir = os.path.relpath(dirpath, local)
+        for name in names:
+            out.append(name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/"))
+    return sorted(out)
 
 
 def secret_values(storage_options: dict | None) -> list[str]:

@@ -24,3 +24,16 @@ def lively_tiny_teacher(weight_seed: int = 0):
             if weight.dim() > 1:
                 weight.normal_(0.0, 0.2)
     return model, processor
+
+
+def fake_recipe(name: str, body, version: int = 1, inputs: tuple[str, ...] = (), sections=None):
+    """A stand-in for a recipe module of pipeline.recipes: `body(ctx)` does the work; its outputs are every file
+    it wrote into its attempt folder (their digest is the stage's output digest)."""
+    from types import SimpleNamespace
+
+    from pipeline import storage
+    from pipeline.recipes import RECIPES
+
+    return SimpleNamespace(NAME=name, SECTIONS=RECIPES[name].SECTIONS if sections is None else sections,
+                           VERSION=version, inputs=lambda config: inputs, run=body,
+                           outputs=storage.remote_file_digests, check=lambda config: [])

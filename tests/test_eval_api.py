@@ -73,7 +73,7 @@ def test_run_config_gives_suites_limit_and_token_budget(checkpoint, tmp_path):
 
 def test_eval_stage_scores_the_target_output(checkpoint, tmp_path):
     from pipeline.config import load_config
-    from pipeline.eval.stage import evaluate_run
+    from pipeline.recipes.eval import run as evaluate_run
     from pipeline.stages import StageContext
 
     config = load_config("configs/tiny.yaml", ["eval.target=teacher", "eval.max_samples=2", "eval.max_new_tokens=2"])

@@ -2,8 +2,9 @@
 
 import pytest
 
-from flows.stages import REGISTRY, PlanError, StageUnavailable, is_available, load_entry, plan
 from pipeline.config import ConfigError, load_config
+from pipeline.plan import PlanError, check_plan
+from pipeline.recipes import RECIPES
 from pipeline.stages import STAGE_ORDER
 
 TINY = "configs/tiny.yaml"
@@ -52,29 +53,32 @@ def test_malformed_override_and_missing_file():
         load_config("configs/nope.yaml")
 
 
-def test_tiny_stages_are_all_available():
+def test_every_stage_is_one_recipe_declaring_its_contract():
+    """The registry is the recipe modules, in pipeline order, each declaring what the plan reads of it."""
+    assert tuple(RECIPES) == STAGE_ORDER
     cfg = load_config(TINY)
-    assert plan(cfg) == cfg.run.stages
-    assert all(is_available(name) for name in cfg.run.stages)
-
-
-def test_a_stage_missing_from_the_build_is_refused_by_name():
-    with pytest.raises(StageUnavailable, match=r"stage x is not available in this build \(pipeline.nowhere does not exist"):
-        load_entry("pipeline.nowhere:run", "stage x")
-    with pytest.raises(StageUnavailable, match="pipeline.stages has no nothing_here"):
-        load_entry("pipeline.stages:nothing_here", "stage x")
-    missing = [name for name in STAGE_ORDER if not is_available(name)]
-    for name in missing:
-        with pytest.raises(StageUnavailable, match=f"stage {name} is not available in this build"):
-            REGISTRY[name].load()
+    for name, recipe in RECIPES.items():
+        assert recipe.NAME == name and isinstance(recipe.VERSION, int) and recipe.VERSION >= 1
+        for section in recipe.SECTIONS:
+            cfg.section(section)  # every declared section exists in the run config
+        for need in recipe.inputs(cfg):
+            assert STAGE_ORDER.index(need) < STAGE_ORDER.index(name)
+        for step in ("run", "outputs", "check"):
+            assert callable(getattr(recipe, step)), (name, step)
+    assert check_plan(cfg) == cfg.run.stages
 
 
 def test_plan_refuses_a_stage_whose_input_is_not_committed(tmp_path):
     cfg = load_config(TINY, [f"run.root={tmp_path}"])
-    with pytest.raises((PlanError, StageUnavailable), match="(needs teacher|not available)"):
-        plan(cfg, only=["data"])
+    with pytest.raises(PlanError) as e:
+        check_plan(cfg, only=["stage1b"])
+    # every missing input is named, one line each
+    lines = str(e.value).splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"stage stage1b needs {n}" for n in
+                                                     ("teacher", "data", "stage1a", "teacher-logits")]
+    assert all("which is missing" in line and "add" in line for line in lines)
     with pytest.raises(PlanError, match="unknown stage 'nonsense'"):
-        plan(cfg, force=["nonsense"])
+        check_plan(cfg, force=["nonsense"])
 
 
 def test_student_layer_types_reach_the_student_config_and_a_wrong_length_is_refused():
@@ -82,12 +86,12 @@ def test_student_layer_types_reach_the_student_config_and_a_wrong_length_is_refu
     match the teacher's depth fails in the model config, before any step, naming the field."""
     from model.config import ConfigError as ModelConfigError
     from model.config import InfiniteVLTextConfig
-    from pipeline.train.recipes import student_overrides
+    from pipeline.train.objectives import student_overrides
 
     cfg = load_config(TINY, ["student.layer_types=[linear_attention, linear_attention, linear_attention, linear_attention]"])
-    fields = student_overrides(cfg.student.model_dump(), 4)
+    fields = student_overrides(cfg.student, 4)
     assert fields["layer_types"] == ["linear_attention"] * 4
-    assert student_overrides(load_config(TINY).student.model_dump(), 4)["layer_types"] == \
+    assert student_overrides(load_config(TINY).student, 4)["layer_types"] == \
         ["sliding_attention", "linear_attention", "linear_attention", "linear_attention"]
     common = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, vocab_size=64)
     assert InfiniteVLTextConfig(num_hidden_layers=4, **common, **fields).layer_types == ["linear_attention"] * 4

@@ -14,19 +14,18 @@ import time
 import pytest
 import s3fs
 
-from flows.stages import fingerprints
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.lease import StageBusy, StageLease, lease_url
-from pipeline.stages import COMPLETE, StageContext, execute_stage, join, read_json
+from pipeline.stages import COMPLETE, execute_stage, join
+from tests.helpers import fake_recipe
 
 log = logging.getLogger("test")
+read_json = storage.read_json_or_none
 
 
 def attempt(cfg, work, force=False):
-    _, section_hash, inputs = fingerprints(cfg)["teacher"]
-    ctx = StageContext("teacher", cfg, join(cfg.run.root, "teacher"), {}, log)
-    return execute_stage(ctx, work, section_hash, inputs, force=force)
+    return execute_stage(fake_recipe("teacher", work), cfg, {}, log, force=force)
 
 
 class Blocking:
@@ -60,7 +59,8 @@ def test_second_attempt_is_refused_while_the_first_runs_and_touches_nothing(tmp_
     with pytest.raises(StageBusy, match=rf"stage teacher is being run by another attempt: host {socket.gethostname()}"):
         attempt(cfg, second)
     assert second.calls == 0
-    assert read_json(join(str(tmp_path), "teacher", "weights.json")) == {"call": 1}, "the refused attempt cleared it"
+    assert read_json(join(str(tmp_path), "teacher", "attempt-0001", "weights.json")) == {"call": 1}, \
+        "the refused attempt touched the running one's output"
 
     first.release.set()
     runner.join(30)

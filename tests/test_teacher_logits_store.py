@@ -21,7 +21,7 @@ from pipeline.teacher_logits import store as store_module
 from pipeline.teacher_logits.coverage import covered_mask
 from pipeline.teacher_logits.reader import TeacherLogitReader
 from pipeline.teacher_logits.run import run
-from pipeline.teacher_logits.stage import store_teacher_logits
+from pipeline.recipes.teacher_logits import run as store_teacher_logits
 from pipeline.teacher_logits.store import StoreConflict, StoreSettings
 from pipeline.teacher_logits.teacher import VocabularyMismatch
 from tests.test_teacher_logits_helpers import build_small_corpus, save_teacher
@@ -191,13 +191,13 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_any_work(corpus, tm
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_teacher_data_and_store_on_s3(s3, corpus, teacher_dir, stored):
+def test_teacher_data_and_store_on_s3(s3, corpus, teacher_dir, stored, monkeypatch):
     fs = s3fs.S3FileSystem(**s3.storage_options)
     data_root, teacher_root, output = s3.fresh("data"), s3.fresh("teacher"), s3.fresh("logits")
     fs.put(os.path.dirname(corpus) + "/", data_root.removeprefix("s3://") + "/", recursive=True)
     fs.put(teacher_dir + "/", teacher_root.removeprefix("s3://") + "/", recursive=True)
-    cache = os.path.join(os.path.dirname(stored[0]), "cache")
-    result = run(f"{data_root}/manifest.json", teacher_root, output, SETTINGS, cache_dir=cache,
+    monkeypatch.setenv("INFINITEVL_CACHE", os.path.join(os.path.dirname(stored[0]), "cache"))
+    result = run(f"{data_root}/manifest.json", teacher_root, output, SETTINGS,
                  storage_options=s3.storage_options, progress=False)
     manifest = storage.read_json(f"{output}/manifest.json", s3.storage_options)
     assert manifest == result["manifest"]
@@ -260,7 +260,7 @@ def test_the_stage_runs_one_process_per_rank_under_torchrun(corpus, teacher_dir,
 def test_after_the_real_teacher_and_data_stages(tmp_path, processor):
     """The run's own layout: teacher folder from the teacher stage, corpora from the data stage."""
     from pipeline.data.stage import build_corpora
-    from pipeline.teacher import prepare_teacher
+    from pipeline.recipes.teacher import run as prepare_teacher
 
     root = str(tmp_path)
     config = load_config("configs/tiny.yaml", [f"run.root={root}", "teacher.train.steps=10", "data.distill.max_samples=12",

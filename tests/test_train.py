@@ -141,7 +141,7 @@ def test_student_objective_scores_only_the_kept_logits_as_if_all_were_computed(k
     """The objective runs the LM head only where its loss reads (in chunks of 2 rows when `chunked`); loss and
     gradients equal the same loss taken from the full logits."""
     from model import convert_from_qwen2_5_vl
-    from pipeline.train.recipes import StudentObjective
+    from pipeline.train.objectives import StudentObjective
 
     torch.manual_seed(0)
     student = convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8).float()
@@ -205,7 +205,7 @@ def test_packed_teacher_forward_keeps_documents_apart(tiny_teacher):
     """Stage I-a's targets come from the teacher's forward over a packed row: it must equal each document
     run alone (a shared KV cache would let documents see each other)."""
     from model.positions import rope_index
-    from pipeline.train.recipes import teacher_forward_packed
+    from pipeline.train.objectives import teacher_forward_packed
 
     teacher, processor = tiny_teacher
     docs = [processor([processor.apply_chat_template([{"role": "user", "content": q}], True)])["input_ids"]
@@ -445,7 +445,7 @@ def test_config_errors_are_caught_before_the_first_step(workspace, stage1b_singl
 
 def test_lora_target_that_matches_nothing_is_refused(workspace, stage1b_single):
     from pipeline.train.lora import add_lora
-    from pipeline.train.recipes import load_student
+    from pipeline.train.objectives import load_student
 
     student = load_student(str(workspace / "stage1b-export"), torch.float32)
     with pytest.raises(ValueError, match="match no module"):
@@ -456,7 +456,7 @@ def test_lora_adapters_take_the_models_dtype(workspace, stage1b_single):
     """bf16 model → bf16 adapters: peft's default fp32 adapters made every LoRA matmul an fp32 GEMM plus casts
     (the student's 32K step on the H200: 15.0K tok/s with bf16 adapters against 12.2K with fp32 ones)."""
     from pipeline.train.lora import add_lora
-    from pipeline.train.recipes import load_student
+    from pipeline.train.objectives import load_student
 
     student = load_student(str(workspace / "stage1b-export"), torch.bfloat16)
     student = add_lora(student, dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "g_proj"]))

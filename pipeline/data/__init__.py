@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 SHARD_DIR = "shards"
+CORPORA = ("distill", "instruct", "long")  # the run's three corpora: Stage I, Stage II, Stage III
+SAMPLE = "sample"  # the built-in synthetic sample data, as a source
+# single-turn questions on the sample pictures, worded as the held-out `pictures` eval suite asks them
+SAMPLE_PICTURES = "sample-pictures"
 
 
 def shard_name(shard: int) -> str:

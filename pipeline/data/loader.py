@@ -49,6 +49,11 @@ def shard_urls(manifest_url: str, manifest: dict) -> list[str]:
     return [f"{root}/{s['file']}" for s in manifest["shards"]]
 
 
+def open_shard(url: str, entry: dict, storage_options: dict | None = None) -> ShardReader:
+    """A token shard, checked against the sha256 and size its manifest entry records."""
+    return ShardReader(url, storage_options, sha256=entry["sha256"], size=entry["bytes"])
+
+
 class PackedDataset(IterableDataset):
     """The stream of one rank from global position `start` on (see the module docstring)."""
 
@@ -85,7 +90,7 @@ class PackedDataset(IterableDataset):
             if shard not in readers:
                 if len(readers) >= 4:
                     readers.pop(next(iter(readers))).close()
-                readers[shard] = ShardReader(self.urls[shard], self.storage_options)
+                readers[shard] = open_shard(self.urls[shard], self.manifest["shards"][shard], self.storage_options)
             example = example_from_row(readers[shard].row(row), self.processor, self.tokens_per_second)
             example["position"] = position
             yield example
@@ -148,7 +153,7 @@ def iter_sequences(manifest_url: str, processor: InfiniteVLProcessor, storage_op
     manifest = read_manifest(manifest_url, storage_options)
     urls = shard_urls(manifest_url, manifest)
     for shard in range(len(urls)) if shards is None else shards:
-        reader = ShardReader(urls[shard], storage_options)
+        reader = open_shard(urls[shard], manifest["shards"][shard], storage_options)
         try:
             for row in range(len(reader)):
                 yield shard, row, example_from_row(reader.row(row), processor, tokens_per_second)

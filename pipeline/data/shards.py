@@ -53,16 +53,24 @@ def encode_shard(rows: list[dict]) -> bytes:
 
 
 class ShardReader:
-    """Random access to the sequences of one shard, local or remote."""
+    """Random access to the sequences of one shard, local or remote. With `sha256` (and `size`), the digest its
+    builder committed, the file is checked before it is read (once per process: pipeline.storage.verify_file)."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, sha256: str | None = None,
+                 size: int | None = None):
         self.url = url
+        if sha256 is not None:
+            storage.verify_file(url, sha256, size, storage_options)
         if storage.is_local(url):
             self._file = pa.memory_map(url.removeprefix("file://"), "r")
         else:
             # small blocks: a ranged read should fetch about one sequence, not megabytes of its neighbours
             self._file = storage.open_url(url, "rb", storage_options, block_size=1 << 20, cache_type="bytes")
-        self._reader = pa.ipc.open_file(self._file)
+        try:
+            self._reader = pa.ipc.open_file(self._file)
+        except pa.ArrowInvalid as exc:
+            self._file.close()
+            raise storage.IntegrityError(url, "an Arrow IPC file", f"unreadable bytes ({exc})") from None
 
     def __len__(self) -> int:
         return self._reader.num_record_batches

@@ -1,4 +1,4 @@
-"""The `data` stage of a run: the three corpora of the paper, from the run config's `data` section.
+"""Building the `data` stage's corpora (pipeline/recipes/data.py): the paper's three, from the run config's `data` section.
 
     distill   Stage I distillation mix           (data.distill)
     instruct  Stage II instruction mix           (data.instruct, images up to data.instruct.max_pixels)
@@ -14,20 +14,16 @@ knows), under `<stage output>/sample-pictures/<corpus>/`. Credentials come from 
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 
 from pipeline import storage
 
+from . import CORPORA, SAMPLE, SAMPLE_PICTURES
 from .build import build_corpus
 from .config import CorpusConfig
 from .synthetic import write_picture_questions, write_sample_corpora
 
-CORPORA = ("distill", "instruct", "long")
-SAMPLE = "sample"
-# single-turn questions on the sample pictures, worded as the held-out `pictures` eval suite asks them
-SAMPLE_PICTURES = "sample-pictures"
 PICTURE_QUESTIONS = 1024
 # the shards of a build are cut by sample count before anything is tokenized; the run config gives a
 # token budget per shard, turned into samples at this many tokens per sample
@@ -103,12 +99,6 @@ def _sample_sources(root: str, seed: int) -> dict[str, dict]:
 
 
 def _processor_folder(teacher: str) -> str:
-    """The teacher's saved processor as a local folder (transformers loads from local paths only)."""
-    if storage.is_local(teacher):
-        return teacher
-    local = os.path.join(tempfile.gettempdir(), "infinitevl-processor", re.sub(r"[^A-Za-z0-9]", "_", teacher))
-    fs, path = storage.filesystem(teacher)
-    for name in fs.ls(path, detail=False):
-        if not name.endswith((".safetensors", ".bin")):  # the processor files, not the weights
-            fs.get(name, os.path.join(local, name.rsplit("/", 1)[-1]))
-    return local
+    """The teacher's saved processor as a local folder, checked against the teacher stage's file list
+    (transformers loads from local paths only; the weights are not needed here)."""
+    return storage.local_dir(teacher, only=lambda rel: not rel.endswith((".safetensors", ".bin")))

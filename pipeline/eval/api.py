@@ -13,27 +13,26 @@ Reports go to `<out_dir>/<suite>/` (see runner.py) plus `<out_dir>/summary.json`
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
-import posixpath
-import tempfile
 from dataclasses import fields
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import fsspec
 import torch
 
+from pipeline import storage
+
 from .dataset import read_samples
 from .longvideo import LongVideoConfig, run_longvideo, run_video_benchmark
 from .runner import EvalConfig, has_video, is_main_process, markdown_table, run_suite
+from .suites import resolve_suite
 from .synthetic import picture_samples, tiny_samples
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
-BUILTIN = {"tiny": "tiny", "sample": "tiny", "pictures": "pictures", "longvideo": "longvideo"}
 
 
 def evaluate_checkpoint(checkpoint: str, config: "RunConfig | EvalConfig | dict | None" = None, *,
@@ -82,21 +81,6 @@ def evaluate_model(model, processor, suites: list[str], out_dir: str, config: Ev
     if is_main_process():
         _write_summary(results, out_dir)
     return results
-
-
-def resolve_suite(spec: str, data_root: str | None = None) -> tuple[str, str]:
-    """A suite spec -> (report name, source): "tiny", "longvideo" or the URL of an Arrow eval file."""
-    if spec in BUILTIN:
-        return BUILTIN[spec], BUILTIN[spec]
-    name, sep, url = spec.partition("=")
-    if sep and name and url:
-        return name, url
-    if spec.endswith(".arrow"):
-        return posixpath.basename(spec)[: -len(".arrow")], spec
-    if data_root and "/" not in spec:
-        return spec, f"{data_root.rstrip('/')}/{spec}.arrow"
-    raise ValueError(f"unknown suite {spec!r}: use one of {sorted(BUILTIN)}, NAME=URL of an eval file "
-                     "(pipeline.eval.importers), a URL ending in .arrow, or a name with a data root")
 
 
 def flat_scores(results: dict[str, dict]) -> dict[str, float]:
@@ -158,18 +142,18 @@ def load_checkpoint(checkpoint: str, device: str | None = None, dtype: str | Non
     # Under torchrun each process evaluates on its own GPU.
     device = device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    with _local_copy(checkpoint) as local:
-        config_path = os.path.join(local, "config.json")
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{checkpoint} has no config.json: not a Hugging Face-format checkpoint")
-        with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
-        if model_type == "qwen2_5_vl":
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(local, dtype=torch_dtype)
-        else:
-            _register_student(model_type)
-            model = AutoModelForImageTextToText.from_pretrained(local, dtype=torch_dtype)
-        processor = InfiniteVLProcessor.from_pretrained(local)
+    local = storage.local_dir(checkpoint)  # one of ours is checked against the files it was committed with
+    config_path = os.path.join(local, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{checkpoint} has no config.json: not a Hugging Face-format checkpoint")
+    with open(config_path) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type == "qwen2_5_vl":
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(local, dtype=torch_dtype)
+    else:
+        _register_student(model_type)
+        model = AutoModelForImageTextToText.from_pretrained(local, dtype=torch_dtype)
+    processor = InfiniteVLProcessor.from_pretrained(local)
     return model.to(device).eval(), processor
 
 
@@ -186,17 +170,3 @@ def _register_student(model_type: str | None) -> None:
     except ValueError:
         raise RuntimeError(f"checkpoint has model_type {model_type!r}, which no transformers Auto class knows; "
                            "this build's `model` package does not register it") from None
-
-
-@contextlib.contextmanager
-def _local_copy(url: str) -> Iterator[str]:
-    """A local directory holding the checkpoint: itself when local, a temporary download otherwise
-    (from_pretrained reads local files only)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="infinitevl-eval-") as tmp:
-        fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
-        yield tmp

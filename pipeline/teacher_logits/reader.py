@@ -110,7 +110,9 @@ class TeacherLogitReader:
             if len(self._readers) >= 4:
                 self._readers.pop(next(iter(self._readers))).close()
             url = logit_shard_url(self.root, self._data_shards[shard_index]["file"])
-            self._readers[shard_index] = ShardReader(url, self.storage_options)
+            entry = self.manifest["shards"][shard_index]  # the sha256 the store committed for this shard
+            self._readers[shard_index] = ShardReader(url, self.storage_options, sha256=entry["sha256"],
+                                                     size=entry["bytes"])
         return self._readers[shard_index]
 
     def _locator(self, seed: int):

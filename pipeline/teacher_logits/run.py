@@ -39,9 +39,9 @@ def check_budget(encoding: SparseEncoding, max_bytes_per_token: int | None) -> N
 
 def run(data_manifest: str, teacher_source: str, output: str, settings: StoreSettings, *,
         max_bytes_per_token: int | None = None, rank: int = 0, world_size: int = 1,
-        device: str | torch.device | None = None, cache_dir: str | None = None,
-        storage_options: dict | None = None, attn_implementation: str = "sdpa", progress: bool = True) -> dict:
-    teacher = load_teacher(teacher_source, device=device, cache_dir=cache_dir, storage_options=storage_options,
+        device: str | torch.device | None = None, storage_options: dict | None = None,
+        attn_implementation: str = "sdpa", progress: bool = True) -> dict:
+    teacher = load_teacher(teacher_source, device=device, storage_options=storage_options,
                            attn_implementation=attn_implementation)
     check_budget(SparseEncoding(settings.top_k, teacher.vocab_size, settings.values), max_bytes_per_token)
     return store_teacher_logits_for(data_manifest, teacher, output, settings, rank=rank, world_size=world_size,
@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
                             default=getattr(defaults, field.name))
     parser.add_argument("--max-bytes-per-token", type=int, default=None)
-    parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--attn-implementation", default="sdpa")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = StoreSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StoreSettings)})
         result = run(args.data, args.teacher, args.output, settings, max_bytes_per_token=args.max_bytes_per_token,
-                     rank=rank, world_size=world, device=device, cache_dir=args.cache_dir,
+                     rank=rank, world_size=world, device=device,
                      attn_implementation=args.attn_implementation, progress=not args.no_progress)
         log.info("rank %d: computed shards %s, skipped %s", rank, result["computed"], result["skipped"])
     finally:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.data.loader import example_from_row, read_manifest, shard_urls
+from pipeline.data.loader import example_from_row, open_shard, read_manifest, shard_urls
 from pipeline.data.shards import ShardReader
 
 from .coverage import covered_mask
@@ -90,7 +90,7 @@ def store_teacher_logits_for(data_manifest_url: str, teacher: Teacher, output: s
         for shard in todo:
             started = time.monotonic()
             rows, covered, tokens, report = _compute_shard(
-                teacher, urls[shard["shard"]], encoding, settings, storage_options, bar,
+                teacher, urls[shard["shard"]], shard, encoding, settings, storage_options, bar,
                 with_fidelity=shard["shard"] == shards[0]["shard"])
             marker = {"shard": shard["shard"], "file": f"{SHARD_DIR}/{shard['file'].rsplit('/', 1)[-1]}",
                       "settings_hash": fingerprint, "sequences": len(rows), "tokens": tokens, "covered": covered,
@@ -111,10 +111,11 @@ def store_teacher_logits_for(data_manifest_url: str, teacher: Teacher, output: s
     return {"computed": [s["shard"] for s in todo], "skipped": sorted(done), "manifest": manifest}
 
 
-def _compute_shard(teacher: Teacher, url: str, encoding: SparseEncoding, settings: StoreSettings,
+def _compute_shard(teacher: Teacher, url: str, entry: dict, encoding: SparseEncoding, settings: StoreSettings,
                    storage_options: dict | None, bar: "_Progress", with_fidelity: bool):
-    """All rows of one token shard → (logit rows, covered positions, tokens, fidelity report or None)."""
-    reader = ShardReader(url, storage_options)
+    """All rows of one token shard (checked against its manifest `entry` first) → (logit rows, covered
+    positions, tokens, fidelity report or None)."""
+    reader = open_shard(url, entry, storage_options)
     try:
         items = _prefetch(_batches(reader, teacher, settings), depth=2)
         report = None

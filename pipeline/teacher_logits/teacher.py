@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-DOWNLOADED = ".download-complete"
 
 
 class VocabularyMismatch(ValueError):
@@ -51,51 +50,22 @@ class Teacher:
                 "vocab_size": self.vocab_size, "dtype": str(self.model.dtype).removeprefix("torch.")}
 
 
-def load_teacher(source: str, *, device: str | torch.device | None = None, cache_dir: str | None = None,
-                 storage_options: dict | None = None, attn_implementation: str = "sdpa") -> Teacher:
-    """A Qwen2.5-VL checkpoint from a local folder or a remote prefix (copied into `cache_dir` first):
-    bf16 on a GPU, fp32 on the CPU."""
+def load_teacher(source: str, *, device: str | torch.device | None = None, storage_options: dict | None = None,
+                 attn_implementation: str = "sdpa") -> Teacher:
+    """A Qwen2.5-VL checkpoint from a local folder or a remote prefix (a verified local copy:
+    pipeline.storage.local_dir): bf16 on a GPU, fp32 on the CPU."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from model.processing import InfiniteVLProcessor
     from pipeline import storage
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    local = source if storage.is_local(source) else download(source, cache_dir, storage_options)
-    local = local.removeprefix("file://")
+    local = storage.local_dir(source, storage_options)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(local, dtype=dtype,
                                                                attn_implementation=attn_implementation)
     processor = InfiniteVLProcessor.from_pretrained(local)
     return Teacher(model.to(device).eval(), processor, source, local)
-
-
-def download(url: str, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
-    """Copies a remote checkpoint folder to a local cache once; a partial copy (no completion file) is redone."""
-    from pipeline import storage
-
-    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "infinitevl", "teachers")
-    local = os.path.join(root, hashlib.sha256(url.encode()).hexdigest()[:16])
-    if os.path.exists(os.path.join(local, DOWNLOADED)):
-        return local
-    fs, path = storage.filesystem(url, storage_options)
-    files = [p for p in fs.find(path) if not p.rsplit("/", 1)[-1].startswith(".")]
-    if not files:
-        raise FileNotFoundError(f"no teacher checkpoint under {url}")
-    for remote in files:
-        target = os.path.join(local, os.path.relpath(remote, path.rstrip("/")))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        # streamed to a name of this process's own (ranks on one node may fetch at once), then renamed
-        part = f"{target}.part-{os.getpid()}"
-        try:
-            fs.get_file(remote, part)
-        except Exception as exc:  # noqa: BLE001 - re-raised without credentials
-            raise storage.StorageError(storage.redact(f"cannot copy {remote}: {exc}", storage_options)) from None
-        os.replace(part, target)
-    with open(os.path.join(local, DOWNLOADED), "w") as f:
-        f.write(url + "\n")
-    log.info("teacher %s cached in %s (%d files)", storage.redact(url, storage_options), local, len(files))
-    return local
 
 
 def weights_hash(local_dir: str) -> str:

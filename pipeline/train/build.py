@@ -1,28 +1,30 @@
-"""Builds a stage's recipe inside a worker: the module DeepSpeed trains, its data stream, its export."""
+"""What a training stage trains, built inside each worker: the module DeepSpeed wraps, its data stream, its export.
+
+Each training recipe (pipeline/recipes/stage1a.py ... stage3.py) has a `build(job, dtype, device, log)` that
+returns a `TrainSetup`; the stages that train the student itself share `student_setup`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
-
-from model import InfiniteVLConfig
 
 from .job import TrainJob, load_processor, materialize
+from .objectives import StudentObjective, export_student, load_student
 from .params import select_trainable
-from .recipes import LayerwiseAligner, StudentObjective, export_student, load_student, student_overrides
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
 
 
 @dataclasses.dataclass
-class Recipe:
+class TrainSetup:
     job: TrainJob
     module: torch.nn.Module
     processor: object
     dtype: torch.dtype
-    export_fn: object
+    export_fn: Callable
     flops_per_token: float
     logits: object = None
 
@@ -30,11 +32,11 @@ class Recipe:
         from pipeline.data.loader import PackedLoader
 
         return PackedLoader(self.job.corpus, self.processor, rank=rank, world_size=world, seed=self.job.seed,
-                            num_workers=self.job.section.get("loader_workers", 2))
+                            num_workers=self.job.section.loader_workers)
 
     def next_rows(self, batches) -> list[dict]:
         """One micro-batch's packed rows from the loader's workers."""
-        return [next(batches) for _ in range(self.job.section["micro_batch_size"])]
+        return [next(batches) for _ in range(self.job.section.micro_batch_size)]
 
     def collate(self, rows: list[dict], device) -> dict:
         """The rows as one packed row on `device`, with their stored teacher logits where the stage reads them."""
@@ -57,51 +59,38 @@ class Recipe:
         self.export_fn(state, out_dir, checkpoint=checkpoint)
 
 
-def build_recipe(job: TrainJob, dtype: torch.dtype, device, log=None) -> Recipe:
+def student_setup(job: TrainJob, dtype: torch.dtype, device, kind: str, log=None, lora=None) -> TrainSetup:
+    """Stages I-b, II, III: the previous stage's student, scored by `kind` ("kl" to the stored teacher logits,
+    "ce" on answer tokens), its `trainable` groups selected; with `lora` (Stage III) wrapped in adapters."""
     processor = load_processor(job.teacher)
     section = job.section
-    if job.stage == "stage1a":
-        teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(materialize(job.teacher), dtype=dtype,
-                                                                     use_safetensors=True).to(device)
-        n_layers = teacher.config.text_config.num_hidden_layers
-        config = InfiniteVLConfig.from_teacher(teacher.config, **student_overrides(job.student, n_layers))
-        module = LayerwiseAligner(teacher, config, loss_scale=section.get("loss_scale", 1000.0)).to(device)
-        if section["trainable"] != ["linear_attn"]:
-            raise ValueError("train.stage1a.trainable must be [linear_attn]: layer-wise alignment trains the "
-                             "linear mixers (Gated DeltaNet, GLA or Mamba2) only")
-        module.teacher.requires_grad_(False)
-        counts = {"linear_attn": sum(p.numel() for p in module.mixers.parameters())}
-        teacher_dir = materialize(job.teacher)
-        export_fn = lambda state, out, checkpoint=False: module.export(state, teacher_dir, out, processor)  # noqa: E731
-        flops = 6 * counts["linear_attn"] + 2 * sum(p.numel() for p in teacher.parameters())
-        recipe = Recipe(job, module, processor, dtype, export_fn, flops)
-    else:
-        student = build_student(job, dtype, device)
-        layer_types = student.config.text_config.layer_types
-        if section.get("gradient_checkpointing"):
-            enable_checkpointing(student, section.get("checkpoint_every_n_layers", 1))
-        if job.stage == "stage3":
-            from .lora import add_lora  # peft only where adapters are
+    student = build_student(job, dtype, device)
+    layer_types = student.config.text_config.layer_types
+    if section.gradient_checkpointing:
+        enable_checkpointing(student, section.checkpoint_every_n_layers)
+    if lora is not None:
+        from .lora import add_lora  # peft only where adapters are
 
-            student = add_lora(student, section["lora"])
-        kind = "kl" if job.stage == "stage1b" else "ce"
-        module = StudentObjective(student, kind, section.get("temperature", 1.0))
-        counts = select_trainable(module, section["trainable"], layer_types)
-        lora = section["lora"] if job.stage == "stage3" else None
-        config = student.config
-        def export_fn(state, out, checkpoint=False):
-            # a checkpoint's copy is always merged: evaluating it must see the adapters
-            merged = None if lora is None else {**lora, "merge": lora.get("merge", True) or checkpoint}
-            export_student(config, state, out, processor, merged)
-        # the decoder layers a text token passes through; the embedding is a lookup, the LM head runs only where
-        # the loss reads logits, the vision tower only on image patches
-        flops = 6 * sum(p.numel() for n, p in student.named_parameters() if "language_model.layers." in n)
-        recipe = Recipe(job, module, processor, dtype, export_fn, flops)
-        if kind == "kl":
-            recipe.logits = StoredLogits(job.logits, job.seed)
+        student = add_lora(student, lora)
+    module = StudentObjective(student, kind, getattr(section, "temperature", 1.0))
+    counts = select_trainable(module, section.trainable, layer_types)
+    config = student.config
+
+    def export_fn(state, out, checkpoint=False):
+        # a checkpoint's copy is always merged: evaluating it must see the adapters
+        merged = None if lora is None else lora.model_copy(update={"merge": lora.merge or checkpoint})
+        export_student(config, state, out, processor, merged)
+
+    # the decoder layers a text token passes through; the embedding is a lookup, the LM head runs only where
+    # the loss reads logits, the vision tower only on image patches
+    flops = 6 * sum(p.numel() for n, p in student.named_parameters() if "language_model.layers." in n)
     if log:
-        log(f"{job.stage}: trainable parameters " + ", ".join(f"{g} {n:,}" for g, n in counts.items()))
-    return recipe
+        log_trainable(job, counts, log)
+    return TrainSetup(job, module, processor, dtype, export_fn, flops)
+
+
+def log_trainable(job: TrainJob, counts: dict[str, int], log) -> None:
+    log(f"{job.stage}: trainable parameters " + ", ".join(f"{g} {n:,}" for g, n in counts.items()))
 
 
 def build_student(job: TrainJob, dtype: torch.dtype, device):
@@ -111,7 +100,7 @@ def build_student(job: TrainJob, dtype: torch.dtype, device):
         return load_student(materialize(job.init), dtype).to(device)
     if job.init_weights != "random":
         raise ValueError(f"init_weights {job.init_weights!r}: use load or random")
-    from model import InfiniteVLForConditionalGeneration
+    from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
 
     config = InfiniteVLConfig.from_pretrained(materialize(job.init))
     torch.manual_seed(job.seed)

@@ -6,26 +6,28 @@ log, announce each checkpoint as it is committed, and report the result.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
 import threading
 
-import fsspec
-
-from pipeline.checkpoints import list_checkpoints
+from pipeline import storage
+from pipeline.checkpoints import checkpoint_metrics, list_checkpoints
+from pipeline.config import StudentSection, TrainSection, TrainStageSection
 from pipeline.launch import launch, launch_command
-from pipeline.stages import StageContext, join, read_json
+from pipeline.stages import StageContext, join
 
 CORPUS_OF_STAGE = {"stage1a": "distill", "stage1b": "distill", "stage2": "instruct", "stage3": "long"}
+EXPORT = "export"  # the model a training stage hands to the next, committed by its _FILES.json
 
 
 @dataclasses.dataclass
 class TrainJob:
+    """Everything a training process needs, written to a JSON file the workers read. `section` is the stage's
+    typed config section (pipeline.config): the worker reads its fields, never a dict with defaults of its own."""
     stage: str
-    section: dict
-    student: dict
+    section: TrainStageSection
+    student: StudentSection | dict
     init: str            # teacher dir (stage1a) or the previous stage's export
     teacher: str         # teacher dir: processor, and the teacher itself for stage1a
     corpus: str          # manifest URL of the packed corpus
@@ -34,10 +36,21 @@ class TrainJob:
     logits: str | None = None
     extra_corpus: str | None = None  # stage III: Stage II data mixed in
     init_weights: str = "load"       # "random": the student built from init's config.json, weights drawn from seed
+    checkpoints: bool = True         # benchmarks measure steps alone: no checkpoints, no export
+    export: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.section, dict):
+            self.section = section_type(self.stage).model_validate(self.section)
+        if isinstance(self.student, dict) and self.student:
+            self.student = StudentSection.model_validate(self.student)
 
     def dump(self, path: str) -> None:
+        fields = dataclasses.asdict(self)
+        fields["section"] = self.section.model_dump(mode="json")
+        fields["student"] = self.student.model_dump(mode="json") if isinstance(self.student, StudentSection) else {}
         with open(path, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
+            json.dump(fields, f, indent=2)
 
     @classmethod
     def load(cls, path: str) -> "TrainJob":
@@ -45,42 +58,53 @@ class TrainJob:
             return cls(**json.load(f))
 
 
+def section_type(stage: str) -> type[TrainStageSection]:
+    """The config section class of a training stage (KLStageSection for stage1b, LongStageSection for stage3)."""
+    if stage not in TrainSection.model_fields:
+        raise ValueError(f"{stage!r} is not a training stage; training stages: {', '.join(TrainSection.model_fields)}")
+    return TrainSection.model_fields[stage].annotation
+
+
 class TrainConfigError(ValueError):
     """A training config that cannot work with its inputs, found before the first step."""
 
 
 def run_training(ctx: StageContext, init: str) -> dict:
+    """The parent side of a training stage: check the job, launch the workers, report what they committed."""
     job = make_job(ctx, init)
     check_job(job)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "job.json")
         job.dump(path)
-        section = job.section
-        cmd = launch_command(section["launcher"], "pipeline.train.worker", [path], section["nproc_per_node"])
+        cmd = launch_command(job.section.launcher, "pipeline.train.worker", [path], job.section.nproc_per_node)
         with CheckpointWatcher(ctx):
             launch(cmd, ctx.log)
-    final = read_json(join(ctx.output, "export", "_EXPORTED.json"))
-    if final is None:
-        raise RuntimeError(f"{ctx.name}: the workers exited without writing {join(ctx.output, 'export')}")
+    export = join(ctx.output, EXPORT)
+    if storage.committed_files(export) is None:
+        raise RuntimeError(f"{ctx.name}: the workers exited without committing {export}")
     committed = list_checkpoints(ctx.output)
-    metrics = read_json(join(committed[-1][1], "_CHECKPOINT.json"))["metrics"] if committed else {}
-    return {"loss": metrics.get("loss"), "steps": section["steps"], "export": join(ctx.output, "export"),
+    metrics = checkpoint_metrics(committed[-1][1])["metrics"] if committed else {}
+    return {"loss": metrics.get("loss"), "steps": job.section.steps, "export": export,
             "tokens_per_s": metrics.get("tokens_per_s")}
+
+
+def export_files(folder: str) -> dict[str, dict]:
+    """A training stage's published files: its export, as the worker committed it."""
+    return {f"{EXPORT}/{rel}": f for rel, f in storage.committed_files(join(folder, EXPORT)).items()}
 
 
 def make_job(ctx: StageContext, init: str) -> TrainJob:
     config = ctx.config
-    section = config.section(f"train.{ctx.name}").model_dump()
     data = ctx.inputs.get("data")
     corpus = join(data, CORPUS_OF_STAGE[ctx.name], "manifest.json") if data else None
     extra = join(data, "instruct", "manifest.json") if ctx.name == "stage3" and data else None
-    return TrainJob(stage=ctx.name, section=section, student=config.student.model_dump(), init=init,
+    return TrainJob(stage=ctx.name, section=config.section(f"train.{ctx.name}"), student=config.student, init=init,
                     teacher=ctx.inputs.get("teacher") or _teacher_of(init), corpus=corpus, output=ctx.output,
                     seed=config.run.seed, logits=ctx.inputs.get("teacher-logits"), extra_corpus=extra)
 
 
 def _teacher_of(export: str) -> str:
-    marker = read_json(join(export, "_TEACHER.json")) or {}
+    marker = storage.read_json_or_none(join(export, "_TEACHER.json")) or {}
     return marker.get("teacher", export)
 
 
@@ -88,14 +112,14 @@ def check_job(job: TrainJob) -> None:
     """The mistakes that would otherwise surface after minutes of start-up, named plainly."""
     from pipeline.data.loader import read_manifest
 
-    if not _exists(join(job.init, "config.json")):
+    if not storage.exists(join(job.init, "config.json")):
         raise TrainConfigError(f"{job.stage}: no model at {job.init} (config.json missing): "
                                f"run the stage that writes it first")
-    if job.corpus is None or not _exists(job.corpus):
+    if job.corpus is None or not storage.exists(job.corpus):
         raise TrainConfigError(f"{job.stage}: no packed corpus at {job.corpus}: run the data stage first")
     manifest = read_manifest(job.corpus)
-    if job.section["seq_len"] > manifest["max_len"]:
-        raise TrainConfigError(f"train.{job.stage}.seq_len {job.section['seq_len']} is above the shards' "
+    if job.section.seq_len > manifest["max_len"]:
+        raise TrainConfigError(f"train.{job.stage}.seq_len {job.section.seq_len} is above the shards' "
                                f"max_len {manifest['max_len']} ({job.corpus})")
     processor = load_processor(job.teacher)
     from pipeline.data.tokenize import processor_fingerprint
@@ -107,30 +131,20 @@ def check_job(job: TrainJob) -> None:
         raise TrainConfigError("stage1b needs the teacher-logits stage's output")
 
 
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
 def materialize(url: str) -> str:
-    """A local directory holding `url` (downloaded once into a cache when it is remote)."""
-    if "://" not in url or url.startswith("file://"):
-        return url[len("file://"):] if url.startswith("file://") else url
-    root = os.path.join(os.environ.get("INFINITEVL_CACHE", os.path.join(tempfile.gettempdir(), "infinitevl-cache")),
-                        hashlib.sha256(url.encode()).hexdigest()[:16])
-    done = os.path.join(root, ".complete")
-    if not os.path.exists(done):
-        fs, path = fsspec.core.url_to_fs(url)
-        os.makedirs(root, exist_ok=True)
-        fs.get(path.rstrip("/") + "/", root + "/", recursive=True)
-        open(done, "w").close()
-    return root
+    """A local folder holding the model directory at `url`, checked against the files its writer committed."""
+    return storage.local_dir(url)
 
 
 def load_processor(url: str):
     from model.processing import InfiniteVLProcessor
 
-    return InfiniteVLProcessor.from_pretrained(materialize(url))
+    # the processor's files only: the weights are checked where they are loaded
+    return InfiniteVLProcessor.from_pretrained(storage.local_dir(url, only=_processor_file))
+
+
+def _processor_file(rel: str) -> bool:
+    return not rel.endswith((".safetensors", ".bin"))
 
 
 class CheckpointWatcher:
@@ -165,5 +179,4 @@ class CheckpointWatcher:
         for step, url in found:
             if step not in self.seen:
                 self.seen.add(step)
-                marker = read_json(join(url, "_CHECKPOINT.json")) or {}
-                self.ctx.on_checkpoint(url, step, marker.get("metrics", {}))
+                self.ctx.on_checkpoint(url, step, checkpoint_metrics(url).get("metrics", {}))

@@ -18,25 +18,28 @@ from peft.tuners.lora.layer import Linear
 from torch import nn
 
 
-def add_lora(student, lora: dict):
-    """`student` wrapped by peft with the stage's adapters (`lora`: r, alpha, dropout, target_modules), their
-    linears fused."""
+def add_lora(student, lora):
+    """`student` wrapped by peft with the stage's adapters (`lora`: the stage's LoraSection, or a dict of its
+    fields), their linears fused."""
     config = lora_config(lora)
     try:
         # adapters in the model's dtype: peft's default fp32 adapters turn every LoRA matmul into an fp32 (non tensor
         # core) GEMM plus casts of its input and output (~15% of a 32K step on the H200)
         model = get_peft_model(student, config, autocast_adapter_dtype=False)
     except ValueError as e:
-        raise ValueError(f"train.stage3.lora.target_modules {lora['target_modules']} match no module of the "
+        raise ValueError(f"train.stage3.lora.target_modules {config.target_modules} match no module of the "
                          f"student: {e}") from None
     fuse_lora_linears(model)
     return model
 
 
-def lora_config(lora: dict) -> LoraConfig:
+def lora_config(lora) -> LoraConfig:
     """peft's config for the stage's `lora` section (training and export build the same adapters)."""
-    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=list(lora["target_modules"]), bias="none")
+    from pipeline.config import LoraSection
+
+    lora = LoraSection.model_validate(lora) if isinstance(lora, dict) else lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), bias="none")
 
 
 def fuse_lora_linears(model: nn.Module) -> int:

@@ -4,7 +4,8 @@ Layout of one checkpoint, `<stage output>/checkpoints/step-<N>/`:
     ds/...                     DeepSpeed's model/optimizer/scheduler state (its per-rank files)
     rng-rank<r>.safetensors    each rank's torch (and CUDA) RNG state
     trainer_state.json         step, data position, recent metrics
-    _CHECKPOINT.json           the marker, written last: the checkpoint exists once this does
+    _CHECKPOINT.json           the marker, written last: the checkpoint exists once this does; it lists every
+                               file above with its sha256, checked before a resume loads any of them
 
 DeepSpeed writes to a local directory; for remote outputs it writes into a local staging copy that the
 first rank of each node uploads before the marker is written. Loading goes through a checkpoint engine
@@ -18,15 +19,15 @@ import json
 import os
 import shutil
 import tempfile
-import time
 
 import fsspec
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoints import MARKER, checkpoint_dir, list_checkpoints
-from pipeline.stages import join, write_json
+from pipeline import storage
+from pipeline.checkpoints import MARKER, checkpoint_dir, checkpoint_metrics, list_checkpoints, write_marker
+from pipeline.stages import join
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -60,16 +61,25 @@ def save(engine, stage: str, output: str, step: int, loader_state: dict, metrics
         with open(os.path.join(work, TRAINER_STATE), "w") as f:
             json.dump({"step": step, "loader": loader_state, "metrics": metrics}, f)
     barrier()
+    # each node hashes the files it wrote (from local disk, before any upload); rank 0 commits the union
+    files = _union_across_nodes(storage.file_digests(work) if local_rank == 0 else {})
     if not is_local(url) and local_rank == 0:
-        fs, path = fsspec.core.url_to_fs(url)
-        fs.put(work.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        storage.upload_dir(work, url)
         shutil.rmtree(work, ignore_errors=True)
     barrier()
     if rank == 0:
-        write_json(join(url, MARKER), {"stage": stage, "step": step, "metrics": metrics, "written_at": time.time()})
+        write_marker(url, stage, step, metrics, files)
         _prune(output, keep_last)
     barrier()
     return url
+
+
+def _union_across_nodes(files: dict[str, dict]) -> dict[str, dict]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return files
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, files)
+    return {rel: f for part in gathered for rel, f in part.items()}
 
 
 def _prune(output: str, keep_last: int) -> None:
@@ -92,6 +102,8 @@ def restore(engine, output: str, rank: int, local_rank: int, staging_root: str) 
     if not is_local(url) and local_rank == 0:
         fs, path = fsspec.core.url_to_fs(url)
         fs.get(path.rstrip("/") + "/", work.rstrip("/") + "/", recursive=True)
+    if local_rank == 0:  # nothing is loaded that is not what the checkpoint committed
+        storage.verify_dir(work, checkpoint_metrics(url).get("files"))
     barrier()
     load_dir, universal = work, False
     saved_world, world = saved_world_size(os.path.join(work, "ds")), engine.dp_world_size

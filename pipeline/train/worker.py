@@ -11,12 +11,15 @@ import faulthandler
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
 
 import torch
+
+from pipeline.stages import join
 
 from .job import TrainJob
 
@@ -26,12 +29,12 @@ def main(job_path: str) -> None:
     job = TrainJob.load(job_path)
     rank, world, local_rank, device = join_process_group()
     torch.manual_seed(job.seed)
-    dtype = torch.bfloat16 if job.section["precision"] == "bf16" else torch.float32
+    dtype = torch.bfloat16 if job.section.precision == "bf16" else torch.float32
 
-    from .build import build_recipe
+    from pipeline.recipes import RECIPES
 
     t0 = time.monotonic()
-    recipe = build_recipe(job, dtype, device, log=_log if rank == 0 else None)
+    recipe = RECIPES[job.stage].build(job, dtype, device, log=_log if rank == 0 else None)
     t1 = time.monotonic()
     engine = wrap_in_deepspeed(recipe.module, job, dtype)
     loader = recipe.loader(rank, world)
@@ -50,13 +53,13 @@ def main(job_path: str) -> None:
         if rank == 0:
             _log(f"resumed {job.stage} at step {step} from its newest committed checkpoint")
 
-    steps, accum = job.section["steps"], job.section["grad_accum"]
+    steps, accum = job.section.steps, job.section.grad_accum
     writer = MetricsWriter(job, rank, staging, resume_step=step)
     batches = iter(loader)
     # Rates and the ETA count from the end of this process's first step, which pays kernel compilation and
     # autotuning (140 s against 0.3 s for the next steps on a fresh H200); until then, that step's own rate.
     warm_from, warm_tokens, warm_steps = None, 0, 0
-    every = job.section["checkpoint_every"]  # 0: no checkpoints (benchmarks)
+    every = job.section.checkpoint_every if job.checkpoints else 0  # benchmarks take no checkpoints
     while step < steps:
         metrics, step_started = {"loss": 0.0, "tokens": 0, "data_s": 0.0, "loader_s": 0.0}, time.monotonic()
         for _ in range(accum):
@@ -93,9 +96,9 @@ def main(job_path: str) -> None:
         if every > 0 and (step % every == 0 or step == steps):
             writer.flush()
             state.save(engine, job.stage, job.output, step, loader.state_dict(), _summary(metrics),
-                       job.section.get("keep_last", 3), rank, local_rank, staging,
+                       job.section.keep_last, rank, local_rank, staging,
                        export=lambda work: export_to(engine, recipe, job, rank, work))
-    if job.section.get("export", True):
+    if job.export:
         export(engine, recipe, job, rank, local_rank, staging)
     writer.close()
     engine.destroy()  # frees ZeRO's buffers and hooks: a process may run several jobs (bench/scaling.py)
@@ -149,20 +152,20 @@ def _across_ranks(loss: float, device: torch.device, world: int) -> dict:
     return out
 
 
-def deepspeed_config(section: dict, dtype: torch.dtype) -> dict:
+def deepspeed_config(section, dtype: torch.dtype) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": section["grad_accum"],
-        "gradient_clipping": section.get("grad_clip", 1.0),
-        "zero_optimization": {"stage": section.get("zero_stage", 2), "overlap_comm": False,
+        "gradient_accumulation_steps": section.grad_accum,
+        "gradient_clipping": section.grad_clip,
+        "zero_optimization": {"stage": section.zero_stage, "overlap_comm": False,
                               "contiguous_gradients": True},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if section.get("deepspeed_config"):
-        with open(section["deepspeed_config"]) as f:
+    if section.deepspeed_config:
+        with open(section.deepspeed_config) as f:
             config.update(json.load(f))
     return config
 
@@ -174,11 +177,11 @@ def wrap_in_deepspeed(module, job: TrainJob, dtype: torch.dtype):
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)]
     no_decay = [p for p in params if not (p.ndim >= 2 and not getattr(p, "_no_weight_decay", False))]
-    groups = [{"params": decay, "weight_decay": section.get("weight_decay", 0.0)},
+    groups = [{"params": decay, "weight_decay": section.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]],  # ZeRO drops empty groups
-                                  lr=section["lr"], betas=(0.9, 0.95), eps=1e-8)
-    schedule = warmup_cosine(section["warmup_steps"], section["steps"], section.get("min_lr_ratio", 0.1))
+                                  lr=section.lr, betas=(0.9, 0.95), eps=1e-8)
+    schedule = warmup_cosine(section.warmup_steps, section.steps, section.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(section, dtype))
@@ -196,7 +199,7 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 
 def full_state_dict(engine, job: TrainJob, rank: int) -> dict | None:
     """The whole model's weights on rank 0 (gathered from the shards under ZeRO-3); None elsewhere."""
-    if job.section.get("zero_stage", 2) == 3:
+    if job.section.zero_stage == 3:
         full = engine._zero3_consolidated_16bit_state_dict()
     else:
         full = engine.module.state_dict() if rank == 0 else None
@@ -210,21 +213,22 @@ def export_to(engine, recipe, job: TrainJob, rank: int, directory: str) -> None:
 
 
 def export(engine, recipe, job: TrainJob, rank: int, local_rank: int, staging: str) -> None:
-    """Gathers the full weights on rank 0 and writes the Hugging Face export the next stage reads."""
+    """Gathers the full weights on rank 0 and writes the Hugging Face export the next stage reads, committed by
+    its _FILES.json (every file's sha256, hashed from the local copy before it is uploaded)."""
+    from pipeline import storage
+
     from . import state as st
-    from pipeline.stages import join, write_json
+    from .job import EXPORT
 
     full = full_state_dict(engine, job, rank)
     if rank == 0:
-        out = join(job.output, "export")
-        work = st.local_path(out) if st.is_local(out) else os.path.join(staging, "export")
+        out = join(job.output, EXPORT)
+        work = st.local_path(out) if st.is_local(out) else os.path.join(staging, EXPORT)
         recipe.export(full, work)
+        files = storage.file_digests(work)
         if not st.is_local(out):
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(out)
-            fs.put(work.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
-        write_json(join(out, "_EXPORTED.json"), {"stage": job.stage, "step": job.section["steps"]})
+            storage.upload_dir(work, out)
+        storage.write_files_marker(out, files, stage=job.stage, step=job.section.steps)
         _log(f"{job.stage} exported to {out}")
     st.barrier()
 
@@ -243,28 +247,43 @@ def _log(message: str) -> None:
 
 
 class MetricsWriter:
-    """TensorBoard scalars and a JSON line per step (rank 0), next to the stage's output."""
+    """TensorBoard scalars and a JSON line per step (rank 0), in the stage output's `logs/`.
+
+    `steps.jsonl` is the record: on a resume it keeps the steps up to the checkpoint resumed from (those after
+    it are taken again), and TensorBoard's event files are written anew from it, so each step is there once
+    however often the stage was killed and resumed."""
 
     def __init__(self, job: TrainJob, rank: int, staging: str, resume_step: int = 0):
+        from pipeline import storage
+
         from . import state as st
 
         self.rank = rank
-        self.remote = None if st.is_local(job.output) else job.output
-        root = st.local_path(job.output) if self.remote is None else os.path.join(staging, "logs")
-        self.dir = os.path.join(root, "logs")
+        self.remote = None if st.is_local(job.output) else join(job.output, "logs")
+        self.dir = os.path.join(st.local_path(job.output) if self.remote is None else staging, "logs")
         self.tb = None
-        if rank == 0:
-            os.makedirs(self.dir, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
+        if rank != 0:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, "steps.jsonl")
+        if self.remote is not None and resume_step > 0:  # the record lives with the output, not on this node
+            try:
+                with open(path, "wb") as f:
+                    f.write(storage.read_bytes(join(self.remote, "steps.jsonl")))
+            except FileNotFoundError:
+                pass
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [json.loads(line) for line in f if line.strip()]
+            kept = [record for record in kept if record["step"] <= resume_step]
+        from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"), purge_step=resume_step + 1)
-            path = os.path.join(self.dir, "steps.jsonl")
-            kept = []
-            if os.path.exists(path):  # steps after the checkpoint we resumed from are taken again
-                with open(path) as f:
-                    kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-            self.steps = open(path, "w")
-            self.steps.writelines(kept)
+        shutil.rmtree(os.path.join(self.dir, "tensorboard"), ignore_errors=True)
+        self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"))
+        self.steps = open(path, "w")
+        for record in kept:
+            self.write(record.pop("step"), record)
 
     def write(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
@@ -280,10 +299,9 @@ class MetricsWriter:
         self.tb.flush()
         self.steps.flush()
         if self.remote:
-            import fsspec
+            from pipeline import storage
 
-            fs, path = fsspec.core.url_to_fs(self.remote)
-            fs.put(self.dir.rstrip("/") + "/", path.rstrip("/") + "/logs/", recursive=True)
+            storage.upload_dir(self.dir, self.remote)
 
     def close(self) -> None:
         if self.rank == 0:

@@ -1,5 +1,5 @@
-"""What each stage trains and how it scores a batch. A recipe builds the module DeepSpeed wraps (its
-forward takes a packed batch and returns the loss and metrics) and exports the trained model.
+"""What the training stages optimise and how they score a batch: the modules DeepSpeed wraps (their forward
+takes a packed batch and returns the loss and metrics) and the exports of the trained model.
 
 Stage I-a keeps one model in memory: the frozen teacher plus the new linear mixers (Gated DeltaNet, or GLA /
 Mamba2 per `student.linear_mixer`); each mixer is fed the teacher's input to that layer's attention (hooked
@@ -30,17 +30,16 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
 
 
-def student_overrides(student: dict, num_layers: int) -> dict:
-    """InfiniteVLTextConfig fields from the run config's `student` section."""
-    out = {"sliding_window": student["sliding_window"], "expand_v": student.get("expand_v", 2.0),
-           "conv_size": student.get("conv_size", 4), "linear_mixer": student.get("linear_mixer", "gated_deltanet")}
-    for k in ("num_linear_heads", "linear_head_dim"):
-        if student.get(k):
-            out[k] = student[k]
-    if student.get("num_linear_heads"):
-        out["num_linear_key_value_heads"] = student["num_linear_heads"]
+def student_overrides(student, num_layers: int) -> dict:
+    """InfiniteVLTextConfig fields from the run config's `student` section (pipeline.config.StudentSection)."""
+    out = {"sliding_window": student.sliding_window, "expand_v": student.expand_v,
+           "conv_size": student.conv_size, "linear_mixer": student.linear_mixer}
+    if student.num_linear_heads:
+        out["num_linear_heads"] = out["num_linear_key_value_heads"] = student.num_linear_heads
+    if student.linear_head_dim:
+        out["linear_head_dim"] = student.linear_head_dim
     # a wrong length fails in InfiniteVLTextConfig, before the first step, naming layer_types
-    out["layer_types"] = list(student.get("layer_types") or default_layer_types(num_layers, student.get("layer_period", 4)))
+    out["layer_types"] = list(student.layer_types or default_layer_types(num_layers, student.layer_period))
     return out
 
 
@@ -168,10 +167,10 @@ def load_student(path: str, dtype: torch.dtype) -> InfiniteVLForConditionalGener
     return model.train()
 
 
-def export_student(config: InfiniteVLConfig, state: dict, out_dir: str, processor, lora: dict | None = None) -> None:
+def export_student(config: InfiniteVLConfig, state: dict, out_dir: str, processor, lora=None) -> None:
     """Writes the trained student in HF format from a full state dict, into a fresh model (so the live,
-    possibly ZeRO-3-partitioned module is never touched). LoRA adapters are merged into the weights, or,
-    with `lora["merge"]` false, saved beside the base weights under `adapter/`."""
+    possibly ZeRO-3-partitioned module is never touched). LoRA adapters (`lora`: the stage's LoraSection) are
+    merged into the weights, or, with `lora.merge` false, saved beside the base weights under `adapter/`."""
     from transformers.initialization import no_init_weights
 
     weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
@@ -191,7 +190,7 @@ def export_student(config: InfiniteVLConfig, state: dict, out_dir: str, processo
                            f"unexpected {result.unexpected_keys[:5]}")
     student.tie_weights()
     if lora is not None:
-        if lora.get("merge", True):
+        if lora.merge:
             student = student.merge_and_unload()
         else:
             student.save_pretrained(os.path.join(out_dir, "adapter"), safe_serialization=True)

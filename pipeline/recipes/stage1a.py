@@ -1,0 +1,60 @@
+"""Stage I-a: layer-wise alignment. Each linear mixer (Gated DeltaNet, GLA or Mamba2) learns, by MSE on the
+teacher's own per-layer inputs and attention outputs, to replace the attention of its layer.
+
+Steps, parent side: check the job against its inputs, launch the workers, report what they committed
+(pipeline/train/job.py). Worker side (`build`): the frozen teacher loaded once, with one new mixer per linear
+layer fed by hooks on the teacher's attentions (online: nothing is precomputed), trained alone; the export is
+the converted student with the trained mixers.
+
+Recipe version 1. Bump VERSION when a change makes this stage write other bytes for the same inputs.
+"""
+
+from __future__ import annotations
+
+from pipeline.stages import StageContext
+from pipeline.train.job import export_files, run_training
+
+NAME = "stage1a"
+SECTIONS = ("student", "train.stage1a", "run.seed")
+VERSION = 1
+
+
+def inputs(config) -> tuple[str, ...]:
+    return ("teacher", "data")
+
+
+def run(ctx: StageContext) -> dict:
+    return run_training(ctx, init=ctx.inputs["teacher"])
+
+
+outputs = export_files
+
+
+def check(config) -> list[str]:
+    if config.train.stage1a.trainable != ["linear_attn"]:
+        return ["train.stage1a.trainable: must be [linear_attn]: layer-wise alignment trains the linear mixers "
+                f"only (got {config.train.stage1a.trainable})"]
+    return []
+
+
+def build(job, dtype, device, log=None):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from model import InfiniteVLConfig
+    from pipeline.train.build import TrainSetup, log_trainable
+    from pipeline.train.job import load_processor, materialize
+    from pipeline.train.objectives import LayerwiseAligner, student_overrides
+
+    processor = load_processor(job.teacher)
+    teacher_dir = materialize(job.teacher)
+    teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher_dir, dtype=dtype,
+                                                                 use_safetensors=True).to(device)
+    n_layers = teacher.config.text_config.num_hidden_layers
+    config = InfiniteVLConfig.from_teacher(teacher.config, **student_overrides(job.student, n_layers))
+    module = LayerwiseAligner(teacher, config, loss_scale=job.section.loss_scale).to(device)
+    counts = {"linear_attn": sum(p.numel() for p in module.mixers.parameters())}
+    if log:
+        log_trainable(job, counts, log)
+    flops = 6 * counts["linear_attn"] + 2 * sum(p.numel() for p in teacher.parameters())
+    return TrainSetup(job, module, processor, dtype,
+                      lambda state, out, checkpoint=False: module.export(state, teacher_dir, out, processor), flops)
