@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import math
 import os
@@ -127,7 +128,8 @@ def write_corpus(root: str, name: str, n_rows: int, seq_len: int, ids: tuple[int
         file = f"shards/shard-{s:05d}.arrow"
         with open(os.path.join(out, file), "wb") as f:
             f.write(data)
-        shards.append({"shard": s, "file": file, "sha256": "", "bytes": len(data), "sequences": count,
+        shards.append({"shard": s, "file": file, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                       "sequences": count,
                        "samples": sum(len(r["doc_lens"]) for r in rows), "tokens": count * seq_len,
                        "quarantined": 0})
     manifest = {"schema_version": 1, "name": name, "config_hash": f"synthetic-{name}-{seq_len}-{seed}",

@@ -22,9 +22,11 @@ from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pipeline import announce_checkpoint, save_resolved_config
-from pipeline import checkpoints
+from pipeline import checkpoints, storage
 from pipeline.config import load_config
-from pipeline.stages import COMPLETE, StageContext, join, read_json
+from pipeline.stages import StageContext, committed, join
+
+read_json = storage.read_json_or_none
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +111,7 @@ def first_run(served):
     done = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "infinitevl/full-pipeline", "--watch"],
                           cwd=REPO, env=served.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\nserve log:\n{served.log.read_text()[-4000:]}"
-    return {name: read_json(join(served.run_root, name, COMPLETE)) for name in SERVED_STAGES}
+    return {name: committed(join(served.run_root, name)) for name in SERVED_STAGES}
 
 
 def test_full_pipeline_deployment_completes(served, first_run):
@@ -117,6 +119,9 @@ def test_full_pipeline_deployment_completes(served, first_run):
         assert marker is not None, f"stage {name} has no committed output"
     resolved = load_config(join(served.run_root, "config.yaml"))
     assert resolved.run.root == served.run_root and resolved.eval.max_samples == 2
+    report = storage.read_bytes(join(served.run_root, "report.md")).decode()
+    for name, marker in first_run.items():
+        assert f"| {name} | ran now |" in report and marker["output"] in report
 
 
 def test_rerun_does_no_stage_work(served, first_run):
@@ -124,16 +129,17 @@ def test_rerun_does_no_stage_work(served, first_run):
     assert rerun.state.is_completed(), rerun.state.message
     assert {row["stage"]: row["status"] for row in _summary(rerun.id)} == {name: "skipped" for name in first_run}
     for name, marker in first_run.items():
-        assert read_json(join(served.run_root, name, COMPLETE)) == marker
+        assert committed(join(served.run_root, name)) == marker
 
 
 def test_force_recomputes_only_the_named_stage(served, first_run):
     forced = run_deployment("infinitevl/stage-teacher", parameters={"force": ["teacher"]}, timeout=RUN_TIMEOUT_S)
     assert forced.state.is_completed(), forced.state.message
     assert [(row["stage"], row["status"]) for row in _summary(forced.id)] == [("teacher", "done")]
-    teacher = read_json(join(served.run_root, "teacher", COMPLETE))
+    teacher = committed(join(served.run_root, "teacher"))
     assert teacher["finished_at"] > first_run["teacher"]["finished_at"]
     assert teacher["fingerprint"] == first_run["teacher"]["fingerprint"]
+    assert teacher["attempt"] != first_run["teacher"]["attempt"], "a forced stage writes a new attempt"
 
 
 def test_bad_parameters_are_refused_before_anything_runs(served, s3):
@@ -165,7 +171,7 @@ def test_checkpoint_event_triggers_its_evaluation(served, tiny_teacher, tmp_path
     config_uri = save_resolved_config(cfg)
     teacher, processor = tiny_teacher
     save_pretrained(convert_from_qwen2_5_vl(teacher, sliding_window=cfg.student.sliding_window), processor, tmp_path)
-    ctx = StageContext("stage1a", cfg, join(cfg.run.root, "stage1a"), {}, log=logging.getLogger("test"),
+    ctx = StageContext("stage1a", cfg, join(cfg.run.root, "stage1a", "attempt-0001"), {}, log=logging.getLogger("test"),
                        on_checkpoint=lambda uri, step, metrics: announce_checkpoint(uri, step, metrics, "stage1a", config_uri))
     fs, path = fsspec.core.url_to_fs(checkpoints.checkpoint_dir(ctx.output, 10))
     fs.put(str(tmp_path) + "/", path + "/", recursive=True)

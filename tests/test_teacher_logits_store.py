@@ -279,3 +279,39 @@ def test_after_the_real_teacher_and_data_stages(tmp_path, processor):
     batch = next(iter(PackedLoader(f"{root}/data/distill/manifest.json", processor, seed=0, num_workers=0)))
     target = reader.for_batch(batch, seed=0)
     assert torch.equal(target.positions + 1, (batch["labels"][0] != -100).nonzero()[:, 0])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_logit_shard_is_refused_naming_it(stored, tmp_path, damage):
+    """Stage I-b's reader checks each logit shard against the sha256 the store committed, before the first row."""
+    import shutil
+
+    from tests.test_integrity import flip_a_byte, truncate
+
+    copy = tmp_path / "run" / "teacher-logits" / "attempt-0002"
+    shutil.copytree(stored[0], copy)
+    entry = stored[1]["manifest"]["shards"][2]
+    damaged = str(copy / entry["file"])
+    (flip_a_byte if damage == "flip" else truncate)(damaged)
+    reader = TeacherLogitReader(str(copy))
+    reader.row(0, 0)  # an intact shard reads
+    with pytest.raises(storage.IntegrityError) as e:
+        reader.row(2, 0)
+    assert damaged in str(e.value) and "--force teacher-logits" in str(e.value)
+    assert (f"expected sha256 {entry['sha256']}" if damage == "flip" else f"expected {entry['bytes']} bytes") \
+        in str(e.value)
+
+
+def test_a_stage_over_a_damaged_token_shard_fails_naming_it_and_commits_nothing(corpus, teacher_dir, tmp_path):
+    """The defect this guards: a forced teacher-logits run read a changed token shard and committed."""
+    import shutil
+
+    from tests.test_integrity import flip_a_byte
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.dirname(corpus), data)
+    shard = read_manifest(str(data / "manifest.json"))["shards"][-1]
+    flip_a_byte(str(data / shard["file"]))
+    with pytest.raises(storage.IntegrityError, match=f"{data}/{shard['file']}.*expected sha256 {shard['sha256']}"):
+        run(str(data / "manifest.json"), teacher_dir, str(tmp_path / "out"), SETTINGS, progress=False)
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
