@@ -169,17 +169,31 @@ def test_tiny_proof_end_to_end_and_cut_short_by_sigterm(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "proof.log", "w") as log:
         parent = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        result = runs / "jobs" / "main.result.json"
-        deadline = time.time() + 540
-        while time.time() < deadline and parent.poll() is None:
-            if result.exists() and "stage2" in json.loads(result.read_text())["stages"]:
-                break
-            time.sleep(1)
-        assert parent.poll() is None, (tmp_path / "proof.log").read_text()[-3000:]
-        assert result.exists(), "Stage II was not scored in time"
-        time.sleep(3)  # Stage III's process is starting or training
-        parent.send_signal(signal.SIGTERM)
-        assert parent.wait(timeout=60) == 0, (tmp_path / "proof.log").read_text()[-3000:]
+        try:
+            result = runs / "jobs" / "main.result.json"
+            deadline = time.time() + 540
+            while time.time() < deadline and parent.poll() is None:
+                if result.exists() and "stage2" in json.loads(result.read_text())["stages"]:
+                    break
+                time.sleep(1)
+            assert parent.poll() is None, (tmp_path / "proof.log").read_text()[-3000:]
+            assert result.exists(), "Stage II was not scored in time"
+            # the evidence that Stage III runs: its worker's first training step, relayed into the job's log
+            main_log, first_step = runs / "jobs" / "main.log", "stage3 step 1/"
+            deadline = time.time() + 180
+            while time.time() < deadline and parent.poll() is None and first_step not in main_log.read_text():
+                time.sleep(0.5)
+            assert first_step in main_log.read_text(), ("Stage III did not train a step in time",
+                                                        main_log.read_text()[-3000:])
+            parent.send_signal(signal.SIGTERM)
+            assert parent.wait(timeout=60) == 0, (tmp_path / "proof.log").read_text()[-3000:]
+        finally:  # a failed wait must not leave the proof and its stage workers running
+            if parent.poll() is None:
+                parent.send_signal(signal.SIGTERM)
+                try:
+                    parent.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    parent.kill()
 
     report = json.loads((out / "proof.json").read_text())
     assert {"bench", "device", "date", "commit", "config", "rows", "summary"} <= set(report)
