@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import Counter
 
 import pytest
 import s3fs
@@ -37,6 +38,14 @@ def bad_jsonl(local) -> list[str]:
         json.dumps({"image": "images/wide.png", "conversations": ok}),                    # 8 absurd aspect ratio
         json.dumps({"conversations": [{"from": "gpt", "value": "red"}]}),                 # 9 wrong roles (order)
         json.dumps({"image": "images/ok.png", "conversations": ok}),                      # 10 good
+        json.dumps({"image": "images/ok.png", "conversations": ok + [
+            {"from": "human", "value": "and now?"}]}),                                   # 11 ends on a user turn
+        json.dumps({"image": "images/ok.png", "conversations": [
+            ok[0], {"from": "gpt", "value": " \n"}, {"from": "human", "value": "and now?"},
+            {"from": "gpt", "value": "red"}]}),                                          # 12 an empty answer
+        json.dumps({"image": "images/ok.png", "conversations": [
+            {"from": "system", "value": "Be brief."}, *ok, {"from": "human", "value": "sure?"},
+            {"from": "gpt", "value": "yes"}]}),                                          # 13 good: system + 2 rounds
     ]
     (local / "data.jsonl").write_text("\n".join(lines) + "\n")
     return lines
@@ -46,7 +55,10 @@ EXPECTED = {
     "line 2": "missing image", "line 3": "unreadable image", "line 4": "broken JSON",
     "line 5": "empty or malformed conversation", "line 6": "wrong role",
     "line 7": "sample overflows max_len", "line 8": "absurd aspect ratio", "line 9": "wrong roles",
+    "line 11": "wrong roles", "line 12": "empty or malformed conversation",
 }
+# the particulars that tell the two conversations that only look complete from the other bad ones
+PARTICULARS = {"line 11": "does not end with an assistant turn", "line 12": "an assistant turn is empty"}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +80,9 @@ def test_every_kind_of_bad_input_is_quarantined_and_counted(s3, bad_source, capl
     with caplog.at_level(logging.INFO):
         manifest = build_corpus(config(f"{bad_source}/data.jsonl", out, max_quarantine_rate=0.9),
                                 s3.storage_options, progress=False)
-    assert manifest["records"] == 10 and manifest["samples"] == 2 and manifest["quarantined"] == 8
-    assert manifest["per_source"]["bad"] == {"available": 10, "records": 10, "samples": 2, "quarantined": 8}
-    assert manifest["quarantine_reasons"] == {reason: 1 for reason in EXPECTED.values()}
+    assert manifest["records"] == 13 and manifest["samples"] == 3 and manifest["quarantined"] == 10
+    assert manifest["per_source"]["bad"] == {"available": 13, "records": 13, "samples": 3, "quarantined": 10}
+    assert manifest["quarantine_reasons"] == dict(Counter(EXPECTED.values()))
     entries = []
     for shard in manifest["shards"]:
         text = storage.read_bytes(f"{out}/{shard['file'].replace('.arrow', '.quarantine.jsonl')}",
@@ -80,6 +92,8 @@ def test_every_kind_of_bad_input_is_quarantined_and_counted(s3, bad_source, capl
     assert sorted(found) == sorted(EXPECTED)
     for position, kind in EXPECTED.items():
         assert found[position].startswith(kind), (position, found[position])
+    for position, particular in PARTICULARS.items():
+        assert particular in found[position], (position, found[position])
     assert all(e["source"] == "bad" and e["location"] == f"{bad_source}/data.jsonl" for e in entries)
     assert "images/missing.png" in found["line 2"]
     # credentials stay out of everything the build wrote or logged
@@ -93,7 +107,7 @@ def test_too_much_bad_input_fails_with_the_top_reasons(s3, bad_source):
         build_corpus(config(f"{bad_source}/data.jsonl", out, max_quarantine_rate=0.5), s3.storage_options,
                      progress=False)
     message = str(err.value)
-    assert "8 of 10 records (80.0%)" in message and "50.0%" in message
+    assert "10 of 13 records (76.9%)" in message and "50.0%" in message
     assert "missing image" in message and "quarantine.jsonl" in message
     assert not storage.exists(f"{out}/manifest.json", s3.storage_options)  # no manifest for a failed build
 

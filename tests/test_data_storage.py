@@ -22,12 +22,30 @@ def test_server_is_local_and_checks_credentials(s3):
 
 
 @pytest.mark.parametrize("where", ["s3", "local"])
-def test_commit_writes_the_marker_last_and_lists(s3, tmp_path, where):
+def test_commit_writes_the_marker_last_and_lists(s3, tmp_path, where, monkeypatch):
     root = s3.fresh("commit") if where == "s3" else str(tmp_path / "out")
     opts = s3.storage_options if where == "s3" else None
     shard, marker = storage.join(root, "part-0.bin"), storage.join(root, "part-0.done.json")
+    objects = {shard: b"abc", storage.join(root, "part-0.q.jsonl"): b""}
     assert storage.list_files(root, opts) == [] and not storage.exists(marker, opts)
-    storage.commit(marker, {"rows": 3}, {shard: b"abc", storage.join(root, "part-0.q.jsonl"): b""}, opts)
+
+    # every write is recorded, and as the marker's starts, what a reader would find then
+    writes, readable_before_marker = [], {}
+    write_bytes = storage.write_bytes
+
+    def recording(url, data, storage_options=None):
+        if url == marker:
+            assert not storage.exists(marker, opts)
+            readable_before_marker.update(
+                {u: storage.read_bytes(u, opts) for u in objects if storage.exists(u, opts)})
+        write_bytes(url, data, storage_options)
+        writes.append(url)
+
+    monkeypatch.setattr(storage, "write_bytes", recording)
+    storage.commit(marker, {"rows": 3}, objects, opts)
+    monkeypatch.undo()
+    assert writes[-1] == marker and sorted(writes[:-1]) == sorted(objects), writes
+    assert readable_before_marker == objects
     assert storage.read_bytes(shard, opts) == b"abc" and storage.read_json(marker, opts) == {"rows": 3}
     assert storage.list_files(root, opts, suffix=".done.json") == [marker]
     assert len(storage.list_files(root, opts)) == 3

@@ -62,6 +62,8 @@ def test_training_seeds_never_draw_held_out_pictures():
 
 
 def test_teacher_forced_exact_match_is_greedy_exact_match(one_thread):
+    from types import SimpleNamespace
+
     from model.tiny import build_tiny_teacher
 
     model, processor = build_tiny_teacher(0, hidden=32, intermediate=64, num_layers=2, vision_hidden=32,
@@ -69,14 +71,32 @@ def test_teacher_forced_exact_match_is_greedy_exact_match(one_thread):
     batch = training_batch(processor, picture_samples(2, seed=3, images_as="pil"))
     labels = batch["labels"]
     assert (labels != IGNORE).sum(1).min() >= 2  # answer tokens and the end of turn
-    right = teacher_forced_exact(model, batch)
-    # force the first row right: make the answer tokens the argmax by a huge bias on exactly those logits
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    targets = labels[:, 1:]
-    forced = logits[:, :-1].argmax(-1)
-    expect = ((forced == targets) | (targets == IGNORE)).all(1).float()
-    assert torch.equal(right, expect)
+    # the logit at position t predicts the token at t + 1: a huge bias on exactly those logits makes greedy
+    # decoding produce the answer. Row 0 gets it on every answer token; row 1 on all but its last answer token
+    # (the end of turn), which is pushed to a wrong token instead: one token wrong makes the whole row wrong.
+    # The other rows keep the random model's logits.
+    vocab = model.config.get_text_config().vocab_size
+    bias = torch.zeros(*labels.shape, vocab)
+    for row in (0, 1):
+        positions = (labels[row, 1:] != IGNORE).nonzero().flatten().tolist()
+        for t in positions:
+            token = int(labels[row, t + 1])
+            if row == 1 and t == positions[-1]:
+                token = (token + 1) % vocab
+            bias[row, t, token] = 1e4
+
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **inputs):
+            return SimpleNamespace(logits=self.inner(**inputs).logits + bias)
+
+    rows = labels.shape[0]
+    assert rows >= 3
+    assert teacher_forced_exact(model, batch).tolist() == [0.0] * rows  # a random model answers nothing right
+    assert teacher_forced_exact(Biased(), batch).tolist() == [1.0] + [0.0] * (rows - 1)
 
 
 def test_retention():
@@ -149,17 +169,31 @@ def test_tiny_proof_end_to_end_and_cut_short_by_sigterm(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "proof.log", "w") as log:
         parent = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        result = runs / "jobs" / "main.result.json"
-        deadline = time.time() + 540
-        while time.time() < deadline and parent.poll() is None:
-            if result.exists() and "stage2" in json.loads(result.read_text())["stages"]:
-                break
-            time.sleep(1)
-        assert parent.poll() is None, (tmp_path / "proof.log").read_text()[-3000:]
-        assert result.exists(), "Stage II was not scored in time"
-        time.sleep(3)  # Stage III's process is starting or training
-        parent.send_signal(signal.SIGTERM)
-        assert parent.wait(timeout=60) == 0, (tmp_path / "proof.log").read_text()[-3000:]
+        try:
+            result = runs / "jobs" / "main.result.json"
+            deadline = time.time() + 540
+            while time.time() < deadline and parent.poll() is None:
+                if result.exists() and "stage2" in json.loads(result.read_text())["stages"]:
+                    break
+                time.sleep(1)
+            assert parent.poll() is None, (tmp_path / "proof.log").read_text()[-3000:]
+            assert result.exists(), "Stage II was not scored in time"
+            # the evidence that Stage III runs: its worker's first training step, relayed into the job's log
+            main_log, first_step = runs / "jobs" / "main.log", "stage3 step 1/"
+            deadline = time.time() + 180
+            while time.time() < deadline and parent.poll() is None and first_step not in main_log.read_text():
+                time.sleep(0.5)
+            assert first_step in main_log.read_text(), ("Stage III did not train a step in time",
+                                                        main_log.read_text()[-3000:])
+            parent.send_signal(signal.SIGTERM)
+            assert parent.wait(timeout=60) == 0, (tmp_path / "proof.log").read_text()[-3000:]
+        finally:  # a failed wait must not leave the proof and its stage workers running
+            if parent.poll() is None:
+                parent.send_signal(signal.SIGTERM)
+                try:
+                    parent.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    parent.kill()
 
     report = json.loads((out / "proof.json").read_text())
     assert {"bench", "device", "date", "commit", "config", "rows", "summary"} <= set(report)

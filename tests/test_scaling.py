@@ -8,6 +8,7 @@ losses."""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -51,16 +52,44 @@ def test_loss_curves_agree_across_process_counts(report):
     assert record["summary"]["loss_curves_agree"]
 
 
+def _steps(output) -> list[tuple[int, float]]:
+    """(step, loss) in the order the run's metrics log holds them."""
+    with open(output / "logs" / "steps.jsonl") as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+def _logged_steps(log: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^stage2 step (\d+)/6 loss", log, re.MULTILINE)]
+
+
 def test_killed_rank_fails_cleanly_and_resumes_on_one_process(report):
+    """Judged on what the runs wrote (torchrun's failure report, the workers' logs and metrics), not on the
+    bench's own verdicts."""
     _, record, root = report
+    work = root / "work"
     kill = record["config"]["kill_test"]
-    assert kill["killed_rank"] == 1 and kill["exit_code"] != 0 and not kill["timed_out"]
-    assert kill["seconds_to_exit_after_kill"] < 60
-    with open(root / "work" / "kill.log") as f:
-        log = f.read()
-    assert "SIGKILL" in log and kill["message_names_dead_rank"]
-    assert kill["committed_checkpoints_at_kill"] == [2]  # step 3 ran, step 4's checkpoint never came
-    assert kill["resumed_on_gpus"] == 1 and kill["resumed_from_step"] == 2 and kill["resume_exit_code"] == 0
-    assert kill["continued_steps"] == [3, 4, 5, 6]
-    assert kill["losses_resumed"] == pytest.approx(kill["losses_reference"], rel=1e-5)
-    assert kill["resume_matches"] and record["summary"]["kill_resume_matches"]
+    assert kill["exit_code"] != 0 and not kill["timed_out"] and kill["seconds_to_exit_after_kill"] < 60
+
+    # torchrun's report: the first failure is rank 1, ended by SIGKILL, and the signal names that same process
+    killed_log = (work / "kill.log").read_text()
+    assert "Root Cause (first observed failure):" in killed_log, killed_log[-3000:]
+    root_cause = killed_log.split("Root Cause (first observed failure):", 1)[1]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause), root_cause
+    pid = re.search(r"exitcode\s*:\s*-9 \(pid: (\d+)\)\s*\(SIGKILL\)", root_cause)
+    assert pid and f"Signal 9 (SIGKILL) received by PID {pid.group(1)}" in root_cause, root_cause
+    assert _logged_steps(killed_log) == [1, 2, 3]  # killed after step 3, before step 4's checkpoint
+
+    # one process resumes from the step-2 checkpoint and trains steps 3 to 6
+    resume_log = (work / "resume.log").read_text()
+    assert "resumed stage2 at step 2 from its newest committed checkpoint" in resume_log, resume_log[-3000:]
+    assert _logged_steps(resume_log) == [3, 4, 5, 6]
+
+    # the interrupted run's metrics (steps 1-2 before the kill, 3-6 after the resume) against the uninterrupted
+    # run on 2 processes, step by step
+    reference, resumed = _steps(work / "kill-reference"), _steps(work / "kill-run")
+    assert [s for s, _ in reference] == [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6], (reference, resumed)
+    assert len({loss for _, loss in reference}) > 1  # it trains
+    for (step, loss), (_, expected) in zip(resumed, reference):
+        assert loss == pytest.approx(expected, rel=1e-5), (step, resumed, reference)
+    # the bench's report says what the runs show
+    assert kill["resume_matches"] and kill["failed_cleanly"] and record["summary"]["kill_resume_matches"]

@@ -34,6 +34,29 @@ def test_indices_round_trip_exactly(vocab, k):
     assert torch.equal(i2, idx) and torch.equal(lp2, lp) and torch.equal(tail2, tail)
 
 
+# vocabularies as tokenizers have them: a power of two, one past it (its one largest id needs the extra bit),
+# Qwen2.5's 151,936 and Qwen3.5's 248,320; the id bits written out by hand
+@pytest.mark.parametrize("vocab,bits", [(2 ** 17, 17), (2 ** 17 + 1, 18), (151_936, 18), (248_320, 18)])
+def test_every_id_of_a_real_vocabulary_round_trips(vocab, bits):
+    k = 64
+    enc = SparseEncoding(k, vocab, "fp16")
+    assert enc.index_bits == bits
+    g = torch.Generator().manual_seed(vocab)
+    # every id once, shuffled over the rows (the last row filled up with random ids)
+    ids = torch.randperm(vocab, generator=g)
+    ids = torch.cat([ids, torch.randint(0, vocab, (-vocab % k,), generator=g)]).view(-1, k)
+    # and the largest id in every row, at a column that moves from row to row
+    largest = torch.randint(0, vocab, (k + 3, k), generator=g)
+    largest[torch.arange(k + 3), torch.arange(k + 3) % k] = vocab - 1
+    for idx in (ids, largest):
+        n = idx.shape[0]
+        lp, tail = -torch.rand(n, k, generator=g) * 30, torch.randn(n, generator=g)
+        i2, lp2, tail2 = enc.decode(enc.encode(idx, lp, tail))
+        wrong = (i2 != idx).nonzero()
+        assert not len(wrong), [(int(idx[r, c]), int(i2[r, c])) for r, c in wrong[:5]]
+        assert torch.equal(lp2, lp.half().float()) and torch.equal(tail2, tail)
+
+
 def test_no_positions_encode_to_no_bytes():
     enc = SparseEncoding(8, 512)
     data = enc.encode(torch.zeros(0, 8, dtype=torch.long), torch.zeros(0, 8), torch.zeros(0))

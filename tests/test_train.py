@@ -390,10 +390,19 @@ def test_stage1b_kl_to_stored_teacher_logits_goes_down(stage1b_single):
     assert losses[3] < losses[1], losses
 
 
-def test_zero2_run_killed_with_sigkill_resumes_to_the_same_losses(workspace, stage1b_single):
-    reference, killed = workspace / "stage2-ref", workspace / "stage2-killed"
-    _launch(_job(workspace, "stage2", reference), workspace / "ref.json")
-    full = _losses(reference)
+@pytest.fixture(scope="module")
+def stage2_reference(workspace, stage1b_single):
+    """Stage II on 2 processes with ZeRO-2, uninterrupted: the resume test's reference, and its export is
+    Stage III's start."""
+    out = workspace / "stage2-ref"
+    _launch(_job(workspace, "stage2", out), workspace / "ref.json")
+    os.symlink(out / "export", workspace / "stage2-export")
+    return out
+
+
+def test_zero2_run_killed_with_sigkill_resumes_to_the_same_losses(workspace, stage2_reference):
+    killed = workspace / "stage2-killed"
+    full = _losses(stage2_reference)
     assert list(full) == [1, 2, 3, 4, 5, 6] and full[6] < full[1]
 
     job = _job(workspace, "stage2", killed)
@@ -409,14 +418,11 @@ def test_zero2_run_killed_with_sigkill_resumes_to_the_same_losses(workspace, sta
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (step, resumed, full)
     # keep_last=2: only the two newest checkpoints remain
     assert [s for s, _ in list_checkpoints(str(killed))] == [4, 6]
-    os.symlink(reference / "export", workspace / "stage2-export")
 
 
-def test_stage3_lora_trains_adapters_and_exports_merged_weights(workspace):
+def test_stage3_lora_trains_adapters_and_exports_merged_weights(workspace, stage2_reference):
     from safetensors.torch import load_file
 
-    if not (workspace / "stage2-export").exists():
-        pytest.skip("needs the Stage II export of the resume test")
     out = workspace / "stage3"
     log = _launch(_job(workspace, "stage3", out, steps=2, checkpoint_every=2, nproc_per_node=1, trainable=["lora"],
                        lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], merge=True)),
