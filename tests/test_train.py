@@ -321,7 +321,7 @@ def _job(ws, stage, output, **section):
 
 def _launch(job: TrainJob, path, kill_after_step: int | None = None) -> str:
     job.dump(str(path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={job.section['nproc_per_node']}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={job.section.nproc_per_node}",
            "--standalone", "-m", "pipeline.train.worker", str(path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
