@@ -19,7 +19,8 @@ A batch is one packed sequence (batch size 1, no padding) as a dict of tensors:
     position_ids [3, 1, T] (M-RoPE, restarting at 0 in every document), cu_seqlens [n_docs + 1] int32,
     pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw / second_per_grid_ts (when present),
 and, for bookkeeping, sample_ids (list of str) and position (int).
-Decoding PNGs and patchifying happen in the DataLoader's worker processes.
+Decoding images (stored as published), resizing them to their grid and patchifying happen in the
+DataLoader's worker processes.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def example_from_row(row: dict, processor: InfiniteVLProcessor, tokens_per_secon
     video_grid = torch.tensor(row["video_grid_thw"], dtype=torch.long).reshape(-1, 3)
     seconds = torch.tensor(row["second_per_grid_ts"], dtype=torch.float32)
     if len(image_grid):
-        pixels = [_image_patches(png, processor) for png in row["images"]]
+        pixels = [_image_patches(data, grid, processor) for data, grid in zip(row["images"], image_grid.tolist())]
         out["pixel_values"] = torch.cat([p for p, _ in pixels])
         out["image_grid_thw"] = torch.cat([g for _, g in pixels])
         _check_grids(out["image_grid_thw"], image_grid, "image")
@@ -193,10 +194,14 @@ def example_from_row(row: dict, processor: InfiniteVLProcessor, tokens_per_secon
     return out
 
 
-def _image_patches(png: bytes, processor: InfiniteVLProcessor):
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    # bounds equal to the stored size: the image is already at model resolution and stays there
-    area = image.size[0] * image.size[1]
+def _image_patches(data: bytes, grid: list[int], processor: InfiniteVLProcessor):
+    """The image resized to its tokenized grid, as the processor resizes it (RGB, then bicubic)."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    size = (grid[2] * processor.patch_size, grid[1] * processor.patch_size)
+    if image.size != size:
+        image = image.resize(size, Image.BICUBIC)
+    # bounds equal to the size: the image is at model resolution and stays there
+    area = size[0] * size[1]
     res = processor.preprocess_images([image], min_pixels=area, max_pixels=area)
     return res["pixel_values"], res["image_grid_thw"]
 
