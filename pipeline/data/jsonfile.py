@@ -68,8 +68,9 @@ def index_file(url: str, storage_options: dict | None = None) -> RecordIndex:
                        np.asarray(lines, np.int64), array)
 
 
-def decode(raw: bytes, index: RecordIndex, i: int):
-    """One record's bytes → its JSON value; BadRecord says what is wrong and where."""
+def decode(raw: bytes, index: RecordIndex, i: int, id_key: str | None = None):
+    """One record's bytes → its JSON value; BadRecord says what is wrong and where (and the record's
+    `id_key` field, when the record is JSON apart from its bad bytes)."""
     body = raw.strip(_SPACE)
     lead = len(raw) - len(raw.lstrip(_SPACE))
     if not body:
@@ -77,13 +78,26 @@ def decode(raw: bytes, index: RecordIndex, i: int):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadRecord(f"not UTF-8 at byte {exc.start} (file offset {int(index.starts[i]) + lead + exc.start}): "
-                        f"{exc.reason} "
-                        f"{body[exc.start:exc.start + 4]!r}") from None
+        err = BadRecord(f"not UTF-8 at byte {exc.start} (file offset {int(index.starts[i]) + lead + exc.start}): "
+                        f"{exc.reason} {body[exc.start:exc.start + 4]!r}")
+        err.record_id = _id_despite(body, id_key)
+        raise err from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRecord(f"broken JSON: {exc.msg} at column {exc.colno}") from None
+
+
+def _id_despite(body: bytes, id_key: str | None):
+    """The id of a record whose other fields hold bad bytes, to name it in the quarantine."""
+    if id_key is None:
+        return None
+    try:
+        value = json.loads(body.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return None
+    found = value.get(id_key) if isinstance(value, dict) else None
+    return str(found) if isinstance(found, (str, int)) and not isinstance(found, bool) else None
 
 
 class RecordFile:
@@ -109,8 +123,8 @@ class RecordFile:
             raise storage.StorageError(storage.redact(f"cannot read {self.index.url} bytes {start}-{end}: {exc}",
                                                       self.storage_options)) from None
 
-    def record(self, i: int):
-        return decode(self.raw(i), self.index, i)
+    def record(self, i: int, id_key: str | None = None):
+        return decode(self.raw(i), self.index, i, id_key)
 
 
 # -- JSON Lines -------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class LlavaReader:
     def read(self, index: int) -> RawRecord:
         k, i = self._find(index)
         where = self.place(index)
-        item = self._file(k).record(i)
+        item = self._file(k).record(i, self.source.column("id"))
         if not isinstance(item, dict):
             raise BadRecord(f"malformed record: a {type(item).__name__}, not an object")
         rid = record_id(item.get(self.source.column("id")))

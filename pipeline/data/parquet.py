@@ -47,6 +47,7 @@ class ParquetRows:
             self.group_rows.append(np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]))
             self.columns.append(set(self._parquet(k).schema_arrow.names))
         self.offsets = np.cumsum([0] + [int(g[-1]) for g in self.group_rows])
+        self.fields = [self._columns(k) for k in range(len(self.files))]  # a file of another layout fails here
 
     def count(self) -> int:
         return int(self.offsets[-1])
@@ -74,11 +75,12 @@ class ParquetRows:
         return self._handles[k][1]
 
     def _columns(self, k: int) -> dict[str, str]:
+        """field -> column of file k; a file without the required columns is of another layout."""
         present = self.columns[k]
         missing = [c for c in self.required.values() if c not in present]
         if missing:
             raise ValueError(f"{self.files[k]} has no column {', '.join(map(repr, missing))} (its columns: "
-                             f"{', '.join(sorted(present))}); this reader is format {self.layout_hint}: "
+                             f"{', '.join(sorted(present))}); the source is read as format {self.layout_hint}: "
                              f"{_LAYOUTS}; or name the columns with `columns`")
         return {**self.required, **{f: c for f, c in self.optional.items() if c in present}}
 
@@ -87,7 +89,7 @@ class ParquetRows:
         k, row = self._find(index)
         g = int(np.searchsorted(self.group_rows[k], row, side="right") - 1)
         if (k, g) not in self._groups:
-            columns = self._columns(k)
+            columns = self.fields[k]
             table = self._parquet(k).read_row_group(g, columns=sorted(set(columns.values())))
             self._groups[(k, g)] = (columns, table)
             while len(self._groups) > CACHED_ROW_GROUPS:

@@ -107,8 +107,13 @@ def source_files(path: str, suffixes: tuple[str, ...], storage_options: dict | N
     scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
     try:
         glob = _GLOB.search(fspath)
-        if glob:
-            found = [p for p in fs.glob(fspath) if p.lower().endswith(suffixes)]
+        if glob:  # matching files, and the files under matching folders
+            found = []
+            for p, info in fs.glob(fspath, detail=True).items():
+                if info.get("type") == "directory":
+                    found += [f for f in fs.find(p) if f.lower().endswith(suffixes)]
+                elif p.lower().endswith(suffixes):
+                    found.append(p)
             root = fspath[:glob.start()].rsplit("/", 1)[0]
         elif fs.isdir(fspath):
             found = [p for p in fs.find(fspath) if p.lower().endswith(suffixes)]
