@@ -124,6 +124,7 @@ def committed_markers(config: CorpusConfig, config_hash: str, storage_options: d
 
 def build_shard(config: CorpusConfig, task: ShardTask, config_hash: str, storage_options: dict | None) -> dict:
     """One shard, start to finish: its marker is written last and returned."""
+    started, cpu = time.monotonic(), time.process_time()
     processor = load_processor(config.processor, config.chat_template, storage_options)
     done: dict[int, object] = {}
     bad = []
@@ -167,6 +168,9 @@ def build_shard(config: CorpusConfig, task: ShardTask, config_hash: str, storage
                        for name, n in sorted(picked.items())},
         "quarantined": len(bad),
         "quarantine_reasons": reason_counts(bad),
+        # in its worker, from the first read to the encoded shard: elapsed, and on the worker's CPU
+        "seconds": round(time.monotonic() - started, 3),
+        "cpu_seconds": round(time.process_time() - cpu, 3),
     }
     storage.commit(marker_url(config.output, task.shard), marker, {
         shard_url(config.output, task.shard): data,
@@ -206,6 +210,8 @@ def assemble_manifest(config: CorpusConfig, config_hash: str, plan: BuildPlan, m
         "token_utilization": total("tokens") / (sequences * config.max_len) if sequences else 0.0,
         "quarantined": total("quarantined"),
         "quarantine_reasons": dict(sorted(reasons.items())),
+        "worker_seconds": round(sum(m.get("seconds", 0.0) for m in shards), 3),
+        "worker_cpu_seconds": round(sum(m.get("cpu_seconds", 0.0) for m in shards), 3),
         "per_source": per_source,
         "shards": [{k: m[k] for k in ("shard", "file", "sha256", "bytes", "sequences", "samples", "tokens",
                                       "quarantined")} for m in shards],

@@ -67,7 +67,7 @@ class SourceConfig(_Strict):
     weight: float = Field(1.0, gt=0)
     max_samples: int | None = Field(None, ge=1, description="take at most this many records (a seeded choice)")
     columns: dict[str, str] = Field(default_factory=dict, description="field -> column or key, where they differ")
-    min_pixels: int | None = Field(None, gt=0)
+    min_pixels: int | None = Field(None, gt=0, description="image (and video frame) size bounds of this source")
     max_pixels: int | None = Field(None, gt=0)
     fps: float | None = Field(None, gt=0, description="video frames sampled per second (default: the corpus's)")
     max_frames: int | None = Field(None, ge=1, description="at most this many frames per video (default: the corpus's)")

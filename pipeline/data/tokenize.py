@@ -104,7 +104,7 @@ def tokenize_record(record: RawRecord, source: SourceConfig, config: CorpusConfi
         sample.images.append(png)
         sample.image_grid_thw.append(grid)
     for clip in videos:
-        frames, grid, seconds = _fit_video(clip, config, processor)
+        frames, grid, seconds = _fit_video(clip, config, source, processor)
         sample.videos.append(frames)
         sample.video_grid_thw.append(grid)
         sample.second_per_grid_ts.append(seconds)
@@ -227,9 +227,10 @@ def _target_size(size: tuple[int, int], min_pixels: int, max_pixels: int, max_ra
         raise BadRecord(f"absurd aspect ratio: {exc}") from None
 
 
-def _fit_video(clip: media.VideoClip, config: CorpusConfig, processor: InfiniteVLProcessor):
-    min_px = config.video.min_pixels or config.min_pixels
-    max_px = config.video.max_pixels or config.max_pixels
+def _fit_video(clip: media.VideoClip, config: CorpusConfig, source: SourceConfig, processor: InfiniteVLProcessor):
+    """Frames at the size of the source's pixel bounds, else the corpus's video bounds, else its image bounds."""
+    min_px = source.min_pixels or config.video.min_pixels or config.min_pixels
+    max_px = source.max_pixels or config.video.max_pixels or config.max_pixels
     h, w = _target_size(clip.frames[0].size, min_px, max_px, config.max_aspect_ratio, processor)
     frames = [_png(f.resize((w, h), Image.BICUBIC) if f.size != (w, h) else f) for f in clip.frames]
     tp, p = processor.temporal_patch_size, processor.patch_size
