@@ -8,6 +8,7 @@ import json
 import logging
 from collections import Counter
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -16,6 +17,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.data import layouts
+from pipeline.data.build import build_corpus
 from pipeline.data.config import CorpusConfig, SourceConfig
 from pipeline.data.loader import example_from_row
 from pipeline.data.shards import ShardReader, pack_row
@@ -217,3 +219,22 @@ def _sample_ids(output: str, shard: dict) -> list[str]:
         return [sid for i in range(len(reader)) for sid in reader.row(i)["sample_ids"]]
     finally:
         reader.close()
+
+
+def test_a_cut_image_is_set_aside_naming_its_row_its_id_and_the_decoders_words(tmp_path):
+    """A JPEG cut short passes a header read; the build decodes it once (at 1/8 scale) and finds it out."""
+    base = layouts.write_onevision(tmp_path, {"CLEVR-Math(MathV360K)": 4}, seed=5, sizes=[(448, 448)])
+    path = base / "CLEVR-Math(MathV360K)/train-00000-of-00001.parquet"
+    rows = pq.read_table(path).to_pylist()
+    whole = rows[2]["image"]["bytes"]
+    rows[2]["image"]["bytes"] = whole[:len(whole) * 2 // 3]
+    assert Image.open(io.BytesIO(rows[2]["image"]["bytes"])).size == (448, 448)  # the header is intact
+    pq.write_table(pa.Table.from_pylist(rows, schema=layouts.onevision_schema()), path)
+    out = tmp_path / "out"
+    manifest = build_corpus(CorpusConfig(name="cut", output=str(out), max_pixels=MAX_PX, workers=1,
+                                         max_quarantine_rate=0.5,
+                                         sources=[{"path": str(base), "format": "llava-parquet"}]), progress=False)
+    assert manifest["samples"] == 3 and manifest["quarantine_reasons"] == {"unreadable image": 1}
+    entry = json.loads((out / "shards/shard-00000.quarantine.jsonl").read_text())
+    assert entry["location"] == str(path) and entry["position"] == "row 2" and entry["record_id"] == rows[2]["id"]
+    assert "image file is truncated" in entry["reason"]
