@@ -6,7 +6,7 @@ Writes, with `pipeline.data.layouts`, FineVision (PNG charts), LLaVA-OneVision-D
 (JPEG files beside the JSON list) with images from 224² to 1344², and LLaVA-Video-178K with videos of a
 few minutes; uploads them to SeaweedFS on 127.0.0.1; builds an image corpus and a video corpus (8192-
 token sequences, images up to 1344², 32 frames a video) with the process pool; then reads the image
-corpus back through the training loader with one worker process. Reports build samples/s per build
+corpus back through the training loader with one and two worker processes, and in process. Reports build samples/s per build
 worker (per second a worker spends on its shards, and per second of the whole build, start-up of the
 worker processes included) and loader tokens/s per loader worker, and writes
 bench/results/data_throughput.json.
@@ -77,6 +77,7 @@ def main() -> None:
                 _build_row("videos (LLaVA-Video-178K)", videos, opts, build_corpus, load)]
 
         rows.append(_loader_row(1, args.loader_batches, opts, PackedLoader, load_processor))
+        rows.append(_loader_row(2, args.loader_batches, opts, PackedLoader, load_processor))
         rows.append(_loader_row(0, args.loader_batches, opts, PackedLoader, load_processor))
         load.append(os.getloadavg()[0])
 
@@ -89,7 +90,7 @@ def main() -> None:
         "video_records": 2 * 3 * args.videos, "video": f"{args.video_seconds:.0f} s, 320x240, 4 fps, mpeg4; "
                                                         "sampled at 2 fps up to 32 frames",
         "max_len": MAX_LEN, "max_pixels": MAX_PIXELS, "processor": "tiny (Qwen2.5-VL image processing, tiny tokenizer)",
-        "engine": "process", "build_workers": args.workers, "loader_workers": "1, and 0 (in process, CPU-timed)",
+        "engine": "process", "build_workers": args.workers, "loader_workers": "1, 2, and 0 (in process, CPU-timed)",
         "storage": "SeaweedFS weed mini on 127.0.0.1 (s3://)", "fixtures_written_s": round(written_s, 1),
         "load_average_1min": [round(x, 2) for x in load],
         "note": "2 CPU cores shared with other engineers' jobs while this ran: a load average above 2 means the "
@@ -100,7 +101,8 @@ def main() -> None:
                "build_samples_per_s_per_worker_images_wall": rows[0]["samples_per_s_per_worker_wall"],
                "build_samples_per_s_per_worker_videos": rows[1]["samples_per_s_per_worker"],
                "loader_tokens_per_s_per_worker": rows[2]["tokens_per_s_per_worker"],
-               "loader_tokens_per_cpu_s": rows[3]["tokens_per_cpu_s"]}
+               "loader_tokens_per_s_two_workers": rows[3]["tokens_per_s"],
+               "loader_tokens_per_cpu_s": rows[4]["tokens_per_cpu_s"]}
     path = write_result("data_throughput", config, rows, summary, device=f"cpu: {os.cpu_count()} cores")
     print(f"wrote {path}")
 
@@ -118,11 +120,12 @@ def _loader_row(workers: int, batches: int, opts, PackedLoader, load_processor) 
         tokens += batch["input_ids"].shape[1]
         patches += batch.get("pixel_values", batch["input_ids"]).shape[0]
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-    row = {"step": f"loader (images corpus, {'1 worker process' if workers else 'in process'})", "workers": workers,
-           "seconds": round(seconds, 2), "sequences": batches, "tokens": tokens}
+    where = f"{workers} worker process{'es' if workers > 1 else ''}" if workers else "in process"
+    row = {"step": f"loader (images corpus, {where})", "workers": workers, "seconds": round(seconds, 2),
+           "sequences": batches, "tokens": tokens}
     if workers:
-        row.update(tokens_per_s_per_worker=round(tokens / seconds, 1),
-                   image_patches_per_s_per_worker=round(patches / seconds, 1))
+        row.update(tokens_per_s=round(tokens / seconds, 1), tokens_per_s_per_worker=round(tokens / seconds / workers, 1),
+                   image_patches_per_s_per_worker=round(patches / seconds / workers, 1))
     else:
         row.update(tokens_per_s=round(tokens / seconds, 1), tokens_per_cpu_s=round(tokens / cpu, 1))
     return row
