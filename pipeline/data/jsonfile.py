@@ -28,8 +28,9 @@ CHUNK = 4 << 20
 BOM = b"\xef\xbb\xbf"
 # files up to this size are kept in memory once read; larger ones are read record by record
 WHOLE_FILE_LIMIT = 64 << 20
+_SPACE = b" \t\r\n"
 _WHITESPACE = np.zeros(256, dtype=bool)
-_WHITESPACE[[9, 10, 13, 32]] = True
+_WHITESPACE[list(_SPACE)] = True
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,6 @@ class RecordIndex:
     def number(self, i: int) -> int:
         """The record's number in its file, for an id: its line in JSON Lines, its item in an array."""
         return i if self.array else int(self.lines[i])
-
-
-def is_json_url(url: str) -> bool:
-    return url.lower().endswith((".json", ".jsonl"))
 
 
 def index_file(url: str, storage_options: dict | None = None) -> RecordIndex:
@@ -177,7 +174,6 @@ def _cat(parts: list) -> np.ndarray:
 _SPECIAL = np.zeros(256, dtype=bool)
 _SPECIAL[[ord(c) for c in '"\\[]{},']] = True
 _QUOTE, _BACKSLASH, _COMMA = ord('"'), ord("\\"), ord(",")
-_SPACE = b" \t\r\n"
 _OPENS, _CLOSES = (ord("["), ord("{")), (ord("]"), ord("}"))
 
 

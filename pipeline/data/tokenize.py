@@ -41,7 +41,7 @@ class Sample:
     source: str
     input_ids: list[int]
     labels: list[int]
-    images: list[bytes] = field(default_factory=list)  # PNG at model resolution
+    images: list[bytes] = field(default_factory=list)  # as published (document pages: PNG at model resolution)
     image_grid_thw: list[list[int]] = field(default_factory=list)
     videos: list[list[bytes]] = field(default_factory=list)  # PNG frames at model resolution
     video_grid_thw: list[list[int]] = field(default_factory=list)
