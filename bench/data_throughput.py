@@ -6,8 +6,8 @@ Writes, with `pipeline.data.layouts`, FineVision (PNG charts), LLaVA-OneVision-D
 (JPEG files beside the JSON list) with images from 224² to 1344², and LLaVA-Video-178K with videos of a
 few minutes; uploads them to SeaweedFS on 127.0.0.1; builds an image corpus and a video corpus (8192-
 token sequences, images up to 1344², 32 frames a video) with the process pool; then reads the image
-corpus back through the training loader with one and two worker processes, and in process. Reports build samples/s per build
-worker (per second a worker spends on its shards, and per second of the whole build, start-up of the
+corpus back through the training loader with one and two worker processes, and in process. Reports
+build samples/s per build worker (per second a worker spends on its shards, and per second of the whole build, start-up of the
 worker processes included) and loader tokens/s per loader worker, and writes
 bench/results/data_throughput.json.
 """
@@ -52,8 +52,9 @@ def main() -> None:
         opts = s3.storage_options
         started = time.perf_counter()
         per = max(1, args.images // 4)
-        layouts.write_finevision(tmp, {"CoSyn_400k_chart": args.images // 2, "ai2d_merged": args.images - args.images // 2},
-                                 seed=1, sizes=SIZES, rows_per_file=per, row_group_size=64, image_format="PNG")
+        half = args.images // 2
+        layouts.write_finevision(tmp, {"CoSyn_400k_chart": half, "ai2d_merged": args.images - half}, seed=1,
+                                 sizes=SIZES, rows_per_file=per, row_group_size=64, image_format="PNG")
         layouts.write_onevision(tmp, {"CLEVR-Math(MathV360K)": args.images}, seed=2, sizes=SIZES, rows_per_file=per,
                                 row_group_size=64, image_format="JPEG")
         layouts.write_llava15(tmp, args.images, seed=3, sizes=SIZES, text_only_every=0)
@@ -124,7 +125,8 @@ def _loader_row(workers: int, batches: int, opts, PackedLoader, load_processor) 
     row = {"step": f"loader (images corpus, {where})", "workers": workers, "seconds": round(seconds, 2),
            "sequences": batches, "tokens": tokens}
     if workers:
-        row.update(tokens_per_s=round(tokens / seconds, 1), tokens_per_s_per_worker=round(tokens / seconds / workers, 1),
+        row.update(tokens_per_s=round(tokens / seconds, 1),
+                   tokens_per_s_per_worker=round(tokens / seconds / workers, 1),
                    image_patches_per_s_per_worker=round(patches / seconds / workers, 1))
     else:
         row.update(tokens_per_s=round(tokens / seconds, 1), tokens_per_cpu_s=round(tokens / cpu, 1))

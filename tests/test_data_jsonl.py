@@ -96,7 +96,8 @@ def test_dirty_jsonl_keeps_every_good_line_and_names_each_bad_one(s3, dirty):
     latin = next(e for e in entries if e["position"] == "line 5")["reason"]
     assert "invalid continuation byte" in latin  # the decoder's own words
     # the shards carry each kept record under its own id
-    ids = sorted(sid for s in manifest["shards"] for row in _rows(f"{out}/{s['file']}", s3) for sid in row["sample_ids"])
+    ids = sorted(sid for s in manifest["shards"] for row in _rows(f"{out}/{s['file']}", s3)
+                 for sid in row["sample_ids"])
     assert ids == [f"dirty:{rid}" for rid in sorted(expect["kept"].values())]
 
 

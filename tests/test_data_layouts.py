@@ -174,8 +174,8 @@ def test_the_run_config_names_the_datasets_and_mixes_stage_two_into_stage_three(
     s3fs.S3FileSystem.clear_instance_cache()
     run = s3.fresh("run")
     processor.save_pretrained(str(tmp_path / "teacher"))
-    s3fs.S3FileSystem(**s3.storage_options).put(str(tmp_path / "teacher") + "/", run.removeprefix("s3://") + "/teacher/",
-                                                recursive=True)
+    s3fs.S3FileSystem(**s3.storage_options).put(str(tmp_path / "teacher") + "/",
+                                                run.removeprefix("s3://") + "/teacher/", recursive=True)
     instruct = (f"[{root}/FineVision, {{path: {root}/LLaVA-OneVision-Data, format: llava-parquet}}, "
                 f"{{path: {root}/llava_v1_5_mix665k.json, name: llava15, weight: 0.5}}]")
     config = load_config("configs/tiny.yaml", [
