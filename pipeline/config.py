@@ -11,12 +11,13 @@ evaluation settings does not invalidate the training stages.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from .data.config import SourceConfig
 from .stages import STAGE_ORDER
 
 
@@ -99,10 +100,37 @@ class StudentSection(Section):
 
 
 class CorpusSection(Section):
-    sources: list[str] = Field(min_length=1, description="source record URLs, or 'sample' for the built-in sample data")
+    """One corpus of the data stage. A source is a URL (a .json/.jsonl LLaVA annotation file, a Parquet file
+    or folder), an entry with options ({path, format, name, media_root, columns, weight, max_samples, fps,
+    max_frames, min_pixels, max_pixels}: pipeline/data/config.py SourceConfig), or 'sample' /
+    'sample-pictures' for the built-in sample data."""
+    sources: list[Annotated[Annotated[str, Tag("url")] | Annotated[SourceConfig, Tag("entry")],
+                            Discriminator(lambda v: "url" if isinstance(v, str) else "entry")]] = Field(
+        min_length=1, description="source URLs or entries, or 'sample'")
+    mix: dict[Literal["distill", "instruct", "long"], float] = Field(
+        default_factory=dict, description="other corpora's sources mixed in, as a share of this corpus: "
+                                          "{instruct: 0.2} is 4 parts this corpus's sources to 1 part Stage II data")
     max_samples: int | None = Field(None, gt=0)
     seq_len: int = Field(gt=0)
     max_pixels: int = Field(gt=0)
+
+    @field_validator("mix")
+    @classmethod
+    def _shares(cls, mix: dict[str, float]) -> dict[str, float]:
+        if any(not 0 < share < 1 for share in mix.values()) or sum(mix.values()) >= 1:
+            raise ValueError(f"shares must lie between 0 and 1 and leave room for the corpus's own sources "
+                             f"(got {mix})")
+        return mix
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list) -> list:
+        names = [SourceConfig(path=s).name if isinstance(s, str) else s.name for s in sources
+                 if not isinstance(s, str) or "/" in s or "." in s]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"two sources are named {', '.join(repeated)} (from their paths): give them a `name`")
+        return sources
 
 
 class DataSection(Section):
@@ -112,6 +140,18 @@ class DataSection(Section):
     long: CorpusSection
     shard_tokens: int = Field(1 << 20, gt=0)
     workers: int = Field(1, gt=0)
+    chat_template: str | None = Field(None, description="a chat template file (.jinja, or .json with `chat_template`) "
+                                                        "for a teacher checkpoint that carries none")
+
+    @model_validator(mode="after")
+    def _mixes(self) -> "DataSection":
+        for name in ("distill", "instruct", "long"):
+            for other in getattr(self, name).mix:
+                if other == name or getattr(self, other).mix:
+                    why = "is this corpus" if other == name else "mixes other corpora itself"
+                    raise ValueError(f"data.{name}.mix: {other} {why}; a corpus mixes in corpora made of their own "
+                                     "sources only")
+        return self
 
 
 class TeacherLogitsSection(Section):

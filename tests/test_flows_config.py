@@ -13,7 +13,9 @@ TINY = "configs/tiny.yaml"
 def test_shipped_configs_validate():
     tiny = load_config(TINY)
     with pytest.raises(ConfigError, match="data.distill.sources: List should have at least 1 item"):
-        load_config("configs/infinitevl_4b.yaml")
+        load_config(TINY, ["data.distill.sources=[]"])
+    assert [s.name for s in load_config("configs/infinitevl_4b.yaml").data.instruct.sources] == [
+        "FineVision", "LLaVA-OneVision-Data"]
     paper = load_config("configs/infinitevl_4b.yaml", [f"data.{c}.sources=[s3://b/{c}.jsonl]" for c in ("distill", "instruct", "long")])
     assert tiny.teacher.source == "tiny"
     assert paper.student.sliding_window == 8192

@@ -8,7 +8,7 @@ shard + quarantine file, then its marker), check the quarantine rate, write the 
 
 Layout under `config.output`:
     shards/shard-00000.arrow             packed sequences (see pipeline.data.shards)
-    shards/shard-00000.quarantine.jsonl  records set aside, with source, file, line/row and reason
+    shards/shard-00000.quarantine.jsonl  records set aside, with source, file, line/row, id and reason
     shards/shard-00000.done.json         the marker: a shard exists once this does
     manifest.json                        written after every marker; its presence means the build is done
 A re-run with the same config finds the manifest and does nothing; a killed run resumes at the first
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -52,13 +53,13 @@ class ShardTask:
 @dataclass(frozen=True)
 class BuildPlan:
     config_hash: str
-    source_sizes: dict[str, int]
+    source_sizes: dict[str, int]  # records each source holds
     tasks: tuple[ShardTask, ...]
 
 
 def build_corpus(config: CorpusConfig, storage_options: dict | None = None, progress: bool = True) -> dict:
     """Runs (or resumes, or skips) the build and returns its manifest."""
-    processor = load_processor(config.processor)
+    processor = load_processor(config.processor, config.chat_template, storage_options)
     config_hash = config.build_hash(processor_fingerprint(processor))
     manifest_url = storage.join(config.output, "manifest.json")
     if storage.exists(manifest_url, storage_options):
@@ -76,7 +77,8 @@ def build_corpus(config: CorpusConfig, storage_options: dict | None = None, prog
              config_hash, config.name, len(plan.tasks), len(markers), len(pending), config.engine, config.workers)
     started = time.monotonic()
     args = [(config, task, config_hash, storage_options) for task in pending]
-    results = run_tasks(build_shard, args, config, install_processor, (config.processor, processor))
+    results = run_tasks(build_shard, args, config, install_processor, (config.processor, config.chat_template,
+                                                                         processor))
     for marker in _with_progress(results, len(pending), config.name, progress):
         markers[marker["shard"]] = marker
     manifest = assemble_manifest(config, config_hash, plan, markers, processor_fingerprint(processor))
@@ -90,12 +92,22 @@ def build_corpus(config: CorpusConfig, storage_options: dict | None = None, prog
 
 
 def plan_build(config: CorpusConfig, config_hash: str, storage_options: dict | None = None) -> BuildPlan:
-    """Counts every source, mixes them by weight and cuts the mix into shard tasks."""
+    """Counts every source, mixes them by weight and cuts the mix into shard tasks. A source with
+    `max_samples` below its size takes part with a seeded choice of that many of its records."""
     sizes = [count_records(s, storage_options) for s in config.sources]
-    picks = mix(sizes, [s.weight for s in config.sources], config.num_samples, config.seed)
-    tasks = tuple(ShardTask(i, tuple((p.source, p.index, p.epoch) for p in chunk))
+    chosen = [_chosen(s, n, config.seed) for s, n in zip(config.sources, sizes)]
+    picks = mix([len(c) if c is not None else n for c, n in zip(chosen, sizes)], [s.weight for s in config.sources],
+                config.num_samples, config.seed)
+    tasks = tuple(ShardTask(i, tuple((p.source, p.index if chosen[p.source] is None else chosen[p.source][p.index],
+                                      p.epoch) for p in chunk))
                   for i, chunk in enumerate(chunks(picks, config.samples_per_shard)))
     return BuildPlan(config_hash, {s.name: n for s, n in zip(config.sources, sizes)}, tasks)
+
+
+def _chosen(source, size: int, seed: int) -> list[int] | None:
+    if source.max_samples is None or source.max_samples >= size:
+        return None
+    return sorted(random.Random(f"{seed}:{source.name}:choice").sample(range(size), source.max_samples))
 
 
 def committed_markers(config: CorpusConfig, config_hash: str, storage_options: dict | None) -> dict[int, dict]:
@@ -112,19 +124,29 @@ def committed_markers(config: CorpusConfig, config_hash: str, storage_options: d
 
 def build_shard(config: CorpusConfig, task: ShardTask, config_hash: str, storage_options: dict | None) -> dict:
     """One shard, start to finish: its marker is written last and returned."""
-    processor = load_processor(config.processor)
-    samples, bad = [], []
+    started, cpu = time.monotonic(), time.process_time()
+    processor = load_processor(config.processor, config.chat_template, storage_options)
+    done: dict[int, object] = {}
+    bad = []
     picked = Counter()
-    for s, index, epoch in task.picks:
+    # records are read in file order (a Parquet row group, a ranged read, serves its neighbours), and the
+    # samples kept in mix order
+    for k in sorted(range(len(task.picks)), key=lambda k: task.picks[k]):
+        s, index, epoch = task.picks[k]
         source = config.sources[s]
         picked[source.name] += 1
-        sample_id = f"{source.name}:{index}" + (f"#{epoch}" if epoch else "")
+        record = None
         try:
             record = read_record(source, index, storage_options)
-            samples.append(tokenize_record(record, source, config, processor, sample_id, storage_options))
+            sample_id = f"{source.name}:{record.name}" + (f"#{epoch}" if epoch else "")
+            done[k] = tokenize_record(record, source, config, processor, sample_id, storage_options)
         except BadRecord as exc:
-            location, position = locate(source, index, storage_options)
-            bad.append(QuarantineEntry(source.name, location, position, storage.redact(str(exc), storage_options)))
+            place = locate(source, index, storage_options)
+            record_id = record.record_id if record is not None else exc.record_id
+            bad.append((k, QuarantineEntry(source.name, place.location, place.position,
+                                           storage.redact(str(exc), storage_options), record_id)))
+    samples = [done[k] for k in sorted(done)]
+    bad = [entry for _, entry in sorted(bad, key=lambda kb: kb[0])]
     bins = pack([len(s) for s in samples], config.max_len)
     data = encode_shard([pack_row([samples[i] for i in b]) for b in bins])
     tokens = sum(len(s) for s in samples)
@@ -146,6 +168,9 @@ def build_shard(config: CorpusConfig, task: ShardTask, config_hash: str, storage
                        for name, n in sorted(picked.items())},
         "quarantined": len(bad),
         "quarantine_reasons": reason_counts(bad),
+        # in its worker, from the first read to the encoded shard: elapsed, and on the worker's CPU
+        "seconds": round(time.monotonic() - started, 3),
+        "cpu_seconds": round(time.process_time() - cpu, 3),
     }
     storage.commit(marker_url(config.output, task.shard), marker, {
         shard_url(config.output, task.shard): data,
@@ -185,6 +210,8 @@ def assemble_manifest(config: CorpusConfig, config_hash: str, plan: BuildPlan, m
         "token_utilization": total("tokens") / (sequences * config.max_len) if sequences else 0.0,
         "quarantined": total("quarantined"),
         "quarantine_reasons": dict(sorted(reasons.items())),
+        "worker_seconds": round(sum(m.get("seconds", 0.0) for m in shards), 3),
+        "worker_cpu_seconds": round(sum(m.get("cpu_seconds", 0.0) for m in shards), 3),
         "per_source": per_source,
         "shards": [{k: m[k] for k in ("shard", "file", "sha256", "bytes", "sequences", "samples", "tokens",
                                       "quarantined")} for m in shards],

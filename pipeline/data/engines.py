@@ -38,7 +38,8 @@ def worker_context() -> mp.context.BaseContext:
     """Fresh worker processes with the heavy imports done once, in the fork server."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "transformers", "pyarrow", "pipeline.data.build"])
+        ctx.set_forkserver_preload(["torch", "transformers", "pyarrow", "s3fs", "pipeline.data.build",
+                                     "pipeline.data.llava"])
         return ctx
     return mp.get_context("spawn")
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
 
 from pipeline import storage
 
@@ -29,20 +30,40 @@ def resolve(ref: str, root: str) -> str:
     return storage.join(root, ref)
 
 
+# modes that convert to RGB (the loader's first step); others are tried once here
+_TO_RGB = {"RGB", "RGBA", "RGBX", "L", "LA", "La", "P", "PA", "1", "CMYK", "YCbCr", "I", "F"}
+
+
+def image_size(data: bytes, what: str) -> tuple[int, int]:
+    """(width, height) of an encoded image, once it is known to decode: a JPEG is decoded at 1/8 scale
+    (every coded byte is still read, the inverse transform mostly skipped), anything else in full."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        size = image.size
+        if isinstance(image, JpegImageFile):
+            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+        image.load()
+        if image.mode not in _TO_RGB:
+            image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure makes the record unusable
+        raise BadRecord(f"unreadable image: {what} ({type(exc).__name__}: {exc})") from None
+    return size
+
+
 def open_image(data: bytes, what: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+        return image.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - any decoder failure makes the record unusable
-        raise BadRecord(f"unreadable image: {what} ({type(exc).__name__})") from None
-    return image.convert("RGB")
+        raise BadRecord(f"unreadable image: {what} ({type(exc).__name__}: {exc})") from None
 
 
 def load_image(url: str, storage_options: dict | None = None) -> Image.Image:
-    return open_image(_read(url, "image", storage_options), url)
+    return open_image(read_media(url, "image", storage_options), url)
 
 
-def _read(url: str, what: str, storage_options: dict | None) -> bytes:
+def read_media(url: str, what: str, storage_options: dict | None) -> bytes:
     try:
         return storage.read_bytes(url, storage_options)
     except FileNotFoundError:
@@ -63,7 +84,7 @@ def decode_video(url: str, fps: float, max_frames: int, storage_options: dict | 
     """Samples frames at `fps`, or `max_frames` spread evenly over a longer video."""
     import av
 
-    data = _read(url, "video", storage_options)
+    data = read_media(url, "video", storage_options)
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
@@ -111,7 +132,7 @@ def _frames_at(container, stream, times: list[float], seek_gap: float = 2.0) -> 
 def load_document(url: str, dpi: float, max_pages: int, storage_options: dict | None = None) -> list[Image.Image]:
     """Pages of a PDF rendered at `dpi`, or the images of a page folder in page order."""
     if url.lower().endswith(".pdf"):
-        return _render_pdf(_read(url, "document", storage_options), url, dpi, max_pages)
+        return _render_pdf(read_media(url, "document", storage_options), url, dpi, max_pages)
     pages = [u for u in _list(url, storage_options) if u.lower().endswith(IMAGE_SUFFIXES)]
     if not pages:
         raise BadRecord(f"missing document: no page images in {url}")
@@ -133,7 +154,7 @@ def _render_pdf(data: bytes, url: str, dpi: float, max_pages: int) -> list[Image
     try:
         pdf = pdfium.PdfDocument(data)
     except Exception as exc:  # noqa: BLE001
-        raise BadRecord(f"unreadable document: {url} ({type(exc).__name__})") from None
+        raise BadRecord(f"unreadable document: {url} ({type(exc).__name__}: {exc})") from None
     try:
         if len(pdf) == 0:
             raise BadRecord(f"unreadable document: {url} has no pages")

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 
 
 class BadRecord(Exception):
-    """A record that cannot become a training sample; the message is the reason."""
+    """A record that cannot become a training sample; the message is the reason. A reader that could read
+    the record's id sets `record_id`, so the quarantine names it."""
+
+    record_id: str | None = None
 
 
 @dataclass(frozen=True)
 class QuarantineEntry:
     source: str
     location: str  # the file the record came from
-    position: str  # "line 7" of a JSONL file, "item 3" of a JSON list, "row 12" of a Parquet file
-    reason: str
+    position: str  # "line 7" of a JSONL file, "item 3 (line 12)" of a JSON list, "row 12" of a Parquet file
+    reason: str  # what is wrong, with the underlying library's own message
+    record_id: str | None = None  # the record's own `id`, when it has one and it could be read
 
     @property
     def kind(self) -> str:
-        """The reason without its particulars, for counting ("missing image: a.png" -> "missing image")."""
-        return self.reason.split(":", 1)[0]
+        """The reason without its particulars, for counting ("missing image: a.png" -> "missing image",
+        "not UTF-8 at byte 17 (...): ..." -> "not UTF-8")."""
+        return re.sub(r" at byte \d+.*", "", self.reason.split(":", 1)[0])
 
 
 def to_jsonl(entries: list[QuarantineEntry]) -> bytes:

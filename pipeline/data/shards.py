@@ -2,7 +2,8 @@
 
 One batch per sequence lets a reader fetch a single sequence with a ranged read (the file footer
 indexes the batches), so a loader can visit sequences in any order without downloading whole shards.
-Images and video frames are PNG at model resolution; the loader turns them into patches.
+Images are stored as published (document pages and video frames as PNG at model resolution); the
+loader resizes them to their grids and turns them into patches.
 """
 
 from __future__ import annotations

@@ -4,12 +4,18 @@
     instruct  Stage II instruction mix           (data.instruct, images up to data.instruct.max_pixels)
     long      Stage III long video and documents (data.long, up to 32K tokens)
 
-Each lands in `<stage output>/<corpus>/` with its manifest. A source is a record URL (a .json/.jsonl
-LLaVA annotation file, or Parquet file/folder), `sample`, the built-in synthetic data, generated into
-`<stage output>/sample-data/` so the run is self-contained, or `sample-pictures`, single-turn questions on
-fresh sample pictures worded as the held-out `pictures` eval suite asks them (what a trained tiny teacher
-knows), under `<stage output>/sample-pictures/<corpus>/`. Credentials come from the environment
-(AWS_* variables), as for every stage.
+Each lands in `<stage output>/<corpus>/` with its manifest. A source is
+- a URL: a .json/.jsonl LLaVA annotation file (format `llava`), or a Parquet file or folder (`parquet`);
+- an entry with options, {path, format, name, media_root, columns, weight, max_samples, fps, max_frames, ...}
+  (`pipeline.data.config.SourceConfig`; docs/datasets.md for the published datasets);
+- `sample`, the built-in synthetic data, generated into `<stage output>/sample-data/` so the run is
+  self-contained, or `sample-pictures`, single-turn questions on fresh sample pictures worded as the
+  held-out `pictures` eval suite asks them (what a trained tiny teacher knows), under
+  `<stage output>/sample-pictures/<corpus>/`.
+A corpus's `mix` adds other corpora's sources as a share of it: `data.long.mix: {instruct: 0.2}` is
+Stage III's 4:1 of long video to Stage II data (those sources keep Stage II's image size). The teacher's
+chat template is the one its checkpoint carries, else `data.chat_template`. Credentials come from the
+environment (AWS_* variables), as for every stage.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pipeline import storage
 
 from . import CORPORA, SAMPLE, SAMPLE_PICTURES
 from .build import build_corpus
-from .config import CorpusConfig
+from .config import CorpusConfig, SourceConfig
 from .synthetic import write_picture_questions, write_sample_corpora
 
 PICTURE_QUESTIONS = 1024
@@ -35,8 +41,30 @@ SAMPLE_KINDS = {"distill": ("pictures", "cauldron"), "instruct": ("pictures", "c
 def build_corpora(ctx) -> dict:
     data = ctx.config.data
     processor = _processor_folder(ctx.inputs["teacher"])
-    samples = None
+    own = _own_sources(ctx)
     metrics = {}
+    for name in CORPORA:
+        section = getattr(data, name)
+        config = CorpusConfig(
+            name=name, output=ctx.path(name), sources=own[name] + mixed_sources(name, data, own), processor=processor,
+            chat_template=data.chat_template, max_len=section.seq_len, max_pixels=section.max_pixels,
+            num_samples=section.max_samples, seed=ctx.config.run.seed + CORPORA.index(name),
+            samples_per_shard=max(1, data.shard_tokens // TOKENS_PER_SAMPLE_ESTIMATE), workers=data.workers)
+        manifest = build_corpus(config, progress=False)
+        ctx.log.info("corpus %s: %d samples, %d tokens in %d sequences (utilisation %.1f%%), %d quarantined",
+                     name, manifest["samples"], manifest["tokens"], manifest["sequences"],
+                     100 * manifest["token_utilization"], manifest["quarantined"])
+        metrics.update({f"{name}_samples": manifest["samples"], f"{name}_tokens": manifest["tokens"],
+                        f"{name}_token_utilization": round(manifest["token_utilization"], 4),
+                        f"{name}_quarantined": manifest["quarantined"]})
+    return metrics
+
+
+def _own_sources(ctx) -> dict[str, list[dict]]:
+    """Each corpus's own sources as source configs (dicts), sample data written where it is used."""
+    data = ctx.config.data
+    samples = None
+    out = {}
     for name in CORPORA:
         section = getattr(data, name)
         sources = []
@@ -49,27 +77,39 @@ def build_corpora(ctx) -> dict:
                                                ctx.config.run.seed + 101 * (1 + CORPORA.index(name)),
                                                ctx.config.picture_kinds))
             else:
-                sources.append(source_for_url(ref))
-        config = CorpusConfig(
-            name=name, output=ctx.path(name), sources=sources, processor=processor, max_len=section.seq_len,
-            max_pixels=section.max_pixels, num_samples=section.max_samples, seed=ctx.config.run.seed + CORPORA.index(name),
-            samples_per_shard=max(1, data.shard_tokens // TOKENS_PER_SAMPLE_ESTIMATE), workers=data.workers)
-        manifest = build_corpus(config, progress=False)
-        ctx.log.info("corpus %s: %d samples, %d tokens in %d sequences (utilisation %.1f%%), %d quarantined",
-                     name, manifest["samples"], manifest["tokens"], manifest["sequences"],
-                     100 * manifest["token_utilization"], manifest["quarantined"])
-        metrics.update({f"{name}_samples": manifest["samples"], f"{name}_tokens": manifest["tokens"],
-                        f"{name}_token_utilization": round(manifest["token_utilization"], 4),
-                        f"{name}_quarantined": manifest["quarantined"]})
-    return metrics
+                sources.append(source_for_entry(ref))
+        out[name] = sources
+    return out
+
+
+def mixed_sources(name: str, data, own: dict[str, list[dict]]) -> list[dict]:
+    """The sources `data.<name>.mix` brings in: each mixed corpus's own sources, renamed `<corpus>.<source>`,
+    at that corpus's image size, weighted so that together they make its share of the mix."""
+    mix = getattr(data, name).mix
+    if not mix:
+        return []
+    own_weight = sum(s.get("weight", 1.0) for s in own[name])
+    out = []
+    for other, share in mix.items():
+        sources = own[other]
+        total = sum(s.get("weight", 1.0) for s in sources)
+        scale = own_weight * share / (1 - sum(mix.values())) / total
+        max_pixels = getattr(data, other).max_pixels
+        out += [dict(s, name=f"{other}.{s['name']}", weight=s.get("weight", 1.0) * scale,
+                     max_pixels=s.get("max_pixels") or max_pixels) for s in sources]
+    return out
+
+
+def source_for_entry(entry) -> dict:
+    """A source config (dict) for a run-config source: a URL, or an entry with options."""
+    if isinstance(entry, str):
+        return source_for_url(entry)
+    return entry.model_dump(exclude_defaults=True) | {"name": entry.name, "format": entry.format}
 
 
 def source_for_url(url: str) -> dict:
     """A source config for a record URL: LLaVA annotations by suffix, Parquet otherwise."""
-    base = url.rstrip("/").rsplit("/", 1)[-1]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "source"
-    fmt = "llava" if base.endswith((".json", ".jsonl")) else "parquet"
-    return {"name": name, "format": fmt, "path": url}
+    return SourceConfig(path=url).model_dump(include={"name", "format", "path"})
 
 
 def _picture_source(root: str, max_samples: int | None, seed: int, kinds=None) -> dict:

@@ -3,8 +3,11 @@
 The text is the teacher's chat template; each image or video is one pad token in it, expanded to one
 token per merged patch of its grid, exactly as `InfiniteVLProcessor.__call__` does. Labels keep the
 assistant turns (their text and the end-of-turn token, so the model learns to stop) and are -100
-everywhere else. Images and frames are resized here to the size the processor would pick and stored
-as PNG; normalising and patchifying them is left to the loader's worker processes.
+everywhere else.
+
+An image's grid comes from its header (its size), and the image is stored as published, after one
+check that it decodes; the loader's worker processes resize it to the grid, normalise and patchify it.
+Video frames and document pages, which exist only once decoded, are resized here and stored as PNG.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from . import media
 from .config import CorpusConfig, SourceConfig
 from .quarantine import BadRecord
 from .sources import RawRecord
+from .templates import ChatTemplateError, read_template_file
+from .templates import choose as choose_template
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -36,7 +41,7 @@ class Sample:
     source: str
     input_ids: list[int]
     labels: list[int]
-    images: list[bytes] = field(default_factory=list)  # PNG at model resolution
+    images: list[bytes] = field(default_factory=list)  # as published (document pages: PNG at model resolution)
     image_grid_thw: list[list[int]] = field(default_factory=list)
     videos: list[list[bytes]] = field(default_factory=list)  # PNG frames at model resolution
     video_grid_thw: list[list[int]] = field(default_factory=list)
@@ -46,24 +51,34 @@ class Sample:
         return len(self.input_ids)
 
 
-_processors: dict[str, InfiniteVLProcessor] = {}
+_processors: dict[tuple[str, str | None], InfiniteVLProcessor] = {}
 
 
-def load_processor(name: str) -> InfiniteVLProcessor:
-    """'tiny' builds the offline tiny processor; anything else is a saved processor folder. Cached."""
-    if name not in _processors:
+def load_processor(name: str, chat_template: str | None = None,
+                   storage_options: dict | None = None) -> InfiniteVLProcessor:
+    """'tiny' builds the offline tiny processor; anything else is a saved processor folder, with the chat
+    template found where its library saved it (`pipeline.data.templates`), or else the one in the
+    `chat_template` file. Cached."""
+    key = (name, chat_template)
+    if key not in _processors:
         if name == "tiny":
             from model.tiny import build_processor
 
-            _processors[name] = build_processor()
+            if chat_template is not None:
+                raise ChatTemplateError("processor 'tiny' has its own chat template; chat_template is for "
+                                        "checkpoints that have none")
+            _processors[key] = build_processor()
         else:
-            _processors[name] = InfiniteVLProcessor.from_pretrained(name)
-    return _processors[name]
+            configured = read_template_file(chat_template, storage_options) if chat_template else None
+            template = choose_template(name, configured, chat_template)
+            loaded = InfiniteVLProcessor.from_pretrained(name)
+            _processors[key] = InfiniteVLProcessor(loaded.tokenizer, loaded.image_processor, chat_template=template)
+    return _processors[key]
 
 
-def install_processor(name: str, processor: InfiniteVLProcessor) -> None:
+def install_processor(name: str, chat_template: str | None, processor: InfiniteVLProcessor) -> None:
     """Seeds the cache, so a worker process gets the processor shipped to it instead of rebuilding it."""
-    _processors[name] = processor
+    _processors[(name, chat_template)] = processor
 
 
 def processor_fingerprint(processor: InfiniteVLProcessor) -> str:
@@ -76,16 +91,20 @@ def processor_fingerprint(processor: InfiniteVLProcessor) -> str:
 def tokenize_record(record: RawRecord, source: SourceConfig, config: CorpusConfig, processor: InfiniteVLProcessor,
                     sample_id: str, storage_options: dict | None = None) -> Sample:
     turns = check_turns(record.turns)
-    images, videos, pages = _load_media(record, config, storage_options)
+    images, videos, pages = _load_media(record, config, source, storage_options)
     messages = _messages(turns, n_images=len(images), has_video=bool(videos), n_pages=len(pages))
     min_px, max_px = config.pixels_for(source)
     sample = Sample(sample_id=sample_id, source=record.source, input_ids=[], labels=[])
-    for image in images + pages:
-        png, grid = _fit_image(image, min_px, max_px, config.max_aspect_ratio, processor)
+    for data, size in images:
+        h, w = _target_size(size, min_px, max_px, config.max_aspect_ratio, processor)
+        sample.images.append(data)
+        sample.image_grid_thw.append([1, h // processor.patch_size, w // processor.patch_size])
+    for page in pages:
+        png, grid = _fit_image(page, min_px, max_px, config.max_aspect_ratio, processor)
         sample.images.append(png)
         sample.image_grid_thw.append(grid)
     for clip in videos:
-        frames, grid, seconds = _fit_video(clip, config, processor)
+        frames, grid, seconds = _fit_video(clip, config, source, processor)
         sample.videos.append(frames)
         sample.video_grid_thw.append(grid)
         sample.second_per_grid_ts.append(seconds)
@@ -112,6 +131,10 @@ def check_turns(turns) -> list[tuple[str, str]]:
         role = ROLES.get(str(turn[0]).lower()) if turn[0] is not None else None
         if role is None:
             raise BadRecord(f"wrong role: {turn[0]!r}")
+        try:
+            turn[1].encode("utf-8")
+        except UnicodeEncodeError as exc:  # a JSON escape such as \ud83d without its other half
+            raise BadRecord(f"not UTF-8: a lone surrogate {turn[1][exc.start]!r} in a {role} turn") from None
         out.append((role, turn[1]))
     body = out[1:] if out[0][0] == "system" else out
     expected = ["user", "assistant"] * (len(body) // 2 + 1)
@@ -169,11 +192,15 @@ def _split_placeholders(text: str) -> list[str]:
 
 
 # -- media ------------------------------------------------------------------------------------------------------
-def _load_media(record: RawRecord, config: CorpusConfig, storage_options):
-    images = [media.open_image(x, f"{record.location} {record.position}") if isinstance(x, bytes)
-              else media.load_image(x, storage_options) for x in record.images]
-    videos = [media.decode_video(record.video, config.video.fps, config.video.max_frames, storage_options)
-              ] if record.video else []
+def _load_media(record: RawRecord, config: CorpusConfig, source: SourceConfig, storage_options):
+    """Images as (bytes as published, (width, height)), video clips, document pages."""
+    images = []
+    for x in record.images:
+        data, what = (x, f"{record.location} {record.position}") if isinstance(x, bytes) else (
+            media.read_media(x, "image", storage_options), x)
+        images.append((data, media.image_size(data, what)))
+    fps, max_frames = config.video_for(source)
+    videos = [media.decode_video(record.video, fps, max_frames, storage_options)] if record.video else []
     pages = media.load_document(record.document, config.document.dpi, config.document.max_pages,
                                 storage_options) if record.document else []
     return images, videos, pages
@@ -181,14 +208,15 @@ def _load_media(record: RawRecord, config: CorpusConfig, storage_options):
 
 def _fit_image(image: Image.Image, min_pixels: int, max_pixels: int, max_ratio: float,
                processor: InfiniteVLProcessor) -> tuple[bytes, list[int]]:
-    h, w = _target_size(image, min_pixels, max_pixels, max_ratio, processor)
+    h, w = _target_size(image.size, min_pixels, max_pixels, max_ratio, processor)
     p = processor.patch_size
     return _png(image.resize((w, h), Image.BICUBIC) if (w, h) != image.size else image), [1, h // p, w // p]
 
 
-def _target_size(image: Image.Image, min_pixels: int, max_pixels: int, max_ratio: float,
+def _target_size(size: tuple[int, int], min_pixels: int, max_pixels: int, max_ratio: float,
                  processor: InfiniteVLProcessor) -> tuple[int, int]:
-    w, h = image.size
+    """(height, width) the processor resizes an image of `size` (width, height) to."""
+    w, h = size
     ratio = max(w, h) / max(1, min(w, h))
     if ratio > max_ratio:
         raise BadRecord(f"absurd aspect ratio: {w}x{h} ({ratio:.0f}:1 > {max_ratio:.0f}:1)")
@@ -199,10 +227,11 @@ def _target_size(image: Image.Image, min_pixels: int, max_pixels: int, max_ratio
         raise BadRecord(f"absurd aspect ratio: {exc}") from None
 
 
-def _fit_video(clip: media.VideoClip, config: CorpusConfig, processor: InfiniteVLProcessor):
-    min_px = config.video.min_pixels or config.min_pixels
-    max_px = config.video.max_pixels or config.max_pixels
-    h, w = _target_size(clip.frames[0], min_px, max_px, config.max_aspect_ratio, processor)
+def _fit_video(clip: media.VideoClip, config: CorpusConfig, source: SourceConfig, processor: InfiniteVLProcessor):
+    """Frames at the size of the source's pixel bounds, else the corpus's video bounds, else its image bounds."""
+    min_px = source.min_pixels or config.video.min_pixels or config.min_pixels
+    max_px = source.max_pixels or config.video.max_pixels or config.max_pixels
+    h, w = _target_size(clip.frames[0].size, min_px, max_px, config.max_aspect_ratio, processor)
     frames = [_png(f.resize((w, h), Image.BICUBIC) if f.size != (w, h) else f) for f in clip.frames]
     tp, p = processor.temporal_patch_size, processor.patch_size
     # the processor pads the last temporal patch by repeating the final frame
