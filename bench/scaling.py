@@ -188,8 +188,7 @@ def section(stage: str, tiny: bool, n: int, top: int, zero: int, steps: int, **o
              keep_last=2, loader_workers=0)
     if stage == "stage3":
         r = 4 if tiny else 64
-        s.update(trainable=["lora"], lora=dict(r=r, alpha=2 * r, dropout=0.0, target_modules=LORA_TARGETS, merge=True),
-                 stage2_mix=0.0)
+        s.update(trainable=["lora"], lora=dict(r=r, alpha=2 * r, dropout=0.0, target_modules=LORA_TARGETS, merge=True))
     s.update(over)
     return s
 

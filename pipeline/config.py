@@ -216,9 +216,8 @@ class LoraSection(Section):
 
 
 class LongStageSection(TrainStageSection):
+    """Stage III: with LoRA; the Stage II data it mixes in is the long corpus's `mix` (data.long.mix)."""
     lora: LoraSection
-    # Fraction of Stage II instruction data mixed into the long video/document data.
-    stage2_mix: float = Field(ge=0, le=1)
 
 
 class TrainSection(Section):

@@ -45,16 +45,29 @@ def outputs(folder: str) -> dict[str, dict]:
 
 
 def check(config) -> list[str]:
-    """Every source of every corpus exists and can be read with the credentials at hand."""
+    """Every source of every corpus (a file, a folder or a glob matching something) and every media root exists
+    and can be read with the credentials at hand; the chat template a config names, too."""
     problems = []
     for corpus in CORPORA:
         for i, source in enumerate(getattr(config.data, corpus).sources):
             if source in (SAMPLE, SAMPLE_PICTURES):
                 continue
             field = f"data.{corpus}.sources[{i}]"
-            try:
-                if not storage.exists(source):
-                    problems.append(f"{field}: {source!r} does not exist")
-            except (OSError, ValueError) as exc:
-                problems.append(f"{field}: cannot read {source!r}: {exc}")
+            path = source if isinstance(source, str) else source.path
+            problems += _missing(field if isinstance(source, str) else f"{field}.path", path)
+            if not isinstance(source, str) and source.media_root:
+                problems += _missing(f"{field}.media_root", source.media_root)
+    if getattr(config.data, "chat_template", None):
+        problems += _missing("data.chat_template", config.data.chat_template)
     return problems
+
+
+def _missing(field: str, url: str) -> list[str]:
+    try:
+        if any(c in url for c in "*?["):
+            fs, path = storage.filesystem(url)
+            found = fs.glob(path)
+            return [] if found else [f"{field}: {url!r} matches nothing"]
+        return [] if storage.exists(url) else [f"{field}: {url!r} does not exist"]
+    except (OSError, ValueError) as exc:
+        return [f"{field}: cannot read {url!r}: {exc}"]

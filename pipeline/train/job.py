@@ -34,7 +34,6 @@ class TrainJob:
     output: str
     seed: int
     logits: str | None = None
-    extra_corpus: str | None = None  # stage III: Stage II data mixed in
     init_weights: str = "load"       # "random": the student built from init's config.json, weights drawn from seed
     checkpoints: bool = True         # benchmarks measure steps alone: no checkpoints, no export
     export: bool = True
@@ -97,10 +96,9 @@ def make_job(ctx: StageContext, init: str) -> TrainJob:
     config = ctx.config
     data = ctx.inputs.get("data")
     corpus = join(data, CORPUS_OF_STAGE[ctx.name], "manifest.json") if data else None
-    extra = join(data, "instruct", "manifest.json") if ctx.name == "stage3" and data else None
     return TrainJob(stage=ctx.name, section=config.section(f"train.{ctx.name}"), student=config.student, init=init,
                     teacher=ctx.inputs.get("teacher") or _teacher_of(init), corpus=corpus, output=ctx.output,
-                    seed=config.run.seed, logits=ctx.inputs.get("teacher-logits"), extra_corpus=extra)
+                    seed=config.run.seed, logits=ctx.inputs.get("teacher-logits"))
 
 
 def _teacher_of(export: str) -> str:
