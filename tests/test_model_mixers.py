@@ -193,7 +193,7 @@ def test_parameter_names_and_shapes_equal_flas_layers():
 
 def test_linear_mixer_is_a_checked_config_field():
     assert InfiniteVLTextConfig(num_hidden_layers=4).linear_mixer == "gated_deltanet"
-    with pytest.raises(ConfigError, match="linear_mixer.*allowed: gated_deltanet, gla, mamba2"):
+    with pytest.raises(ConfigError, match="linear_mixer.*allowed: gated_deltanet, gla, mamba2, kda"):
         _config("mamba")
     with pytest.raises(ConfigError, match="grouped value heads are not supported by linear_mixer='gla'"):
         _config("gla", num_linear_value_heads=4)

@@ -14,12 +14,14 @@ from .attention import SlidingWindowAttention
 from .base import AttentionWeights, LinearMixer
 from .gated_deltanet import GatedDeltaNet
 from .gla import GatedLinearAttention
+from .kda import KimiDeltaAttention
 from .mamba2 import Mamba2Mixer
 
 MIXERS: dict[str, type[LinearMixer]] = {
     "gated_deltanet": GatedDeltaNet,
     "gla": GatedLinearAttention,
     "mamba2": Mamba2Mixer,
+    "kda": KimiDeltaAttention,
 }
 
 
@@ -34,5 +36,5 @@ def mixer_class(name: str) -> type[LinearMixer]:
     return MIXERS[name]
 
 
-__all__ = ["MIXERS", "AttentionWeights", "GatedDeltaNet", "GatedLinearAttention", "LinearMixer", "Mamba2Mixer",
-           "SlidingWindowAttention", "mixer_class", "mixer_names"]
+__all__ = ["MIXERS", "AttentionWeights", "GatedDeltaNet", "GatedLinearAttention", "KimiDeltaAttention", "LinearMixer",
+           "Mamba2Mixer", "SlidingWindowAttention", "mixer_class", "mixer_names"]
