@@ -78,7 +78,6 @@ def build_tiny_teacher(seed: int = 0, processor: InfiniteVLProcessor | None = No
     config = tiny_teacher_config(processor.tokenizer, family, **config_kwargs)
     torch.manual_seed(seed)
     model = family_of(family).teacher_class(config).eval()
-    text = config.text_config
-    model.generation_config.pad_token_id = text.pad_token_id
-    model.generation_config.eos_token_id = text.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     return model, processor
