@@ -144,7 +144,7 @@ class GraphedForward:
     `advance_positions`, each run moves the positions on by `tokens` (text continues 1-D)."""
 
     def __init__(self, model, cache: InfiniteVLCache, batch_size: int, tokens: int, *, from_ids: bool,
-                 logits: bool, advance_positions: bool, use_graph: bool):
+                 logits: bool, advance_positions: bool, use_graph: bool, deepstack_levels: int = 0):
         pack_projections(model)  # before any capture: a graph keeps the weight addresses it saw
         param = next(model.parameters())
         self.model, self.cache, self.tokens = model, cache, tokens
@@ -154,6 +154,8 @@ class GraphedForward:
                                   device=param.device)
         self.positions = torch.zeros(3, batch_size, tokens, dtype=torch.long, device=param.device)
         self.offset = torch.zeros((), dtype=torch.long, device=param.device)
+        # DeepStack features of the new tokens, dense (zeros off the visual positions): see add_deepstack
+        self.deepstack = [torch.zeros_like(self.embeds) for _ in range(deepstack_levels)]
         self.graph = None
         self.output = None
         if use_graph:
@@ -161,7 +163,8 @@ class GraphedForward:
 
     def _body(self) -> torch.Tensor:
         embeds = self.model.model.language_model.embed_tokens(self.ids) if self.from_ids else self.embeds
-        h = forward_in_place(self.model, self.cache, embeds, self.positions, self.offset)[:, -1]
+        deepstack = (None, self.deepstack) if self.deepstack else None
+        h = forward_in_place(self.model, self.cache, embeds, self.positions, self.offset, deepstack)[:, -1]
         self.offset += self.tokens
         if self.advance_positions:
             self.positions += self.tokens

@@ -77,10 +77,13 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
 
 def add_deepstack(h: torch.Tensor, deepstack, layer: int) -> torch.Tensor:
     """DeepStack: after decoder layer `layer`, its level of visual features is added at the visual positions.
-    `deepstack` is (mask [B, T] bool, [levels × [visual tokens, hidden]]) or None."""
+    `deepstack` is (mask [B, T] bool, [levels × [visual tokens, hidden]]), or (None, [levels × [B, T, hidden]])
+    with zeros off the visual positions (the capturable form: no data-dependent shapes), or None."""
     if deepstack is None or layer >= len(deepstack[1]):
         return h
     mask, levels = deepstack
+    if mask is None:
+        return h + levels[layer].to(h.dtype)
     mask = mask.to(h.device)
     added = h[mask] + levels[layer].to(h.device, h.dtype)
     return h.masked_scatter(mask.unsqueeze(-1), added)
