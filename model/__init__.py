@@ -3,7 +3,14 @@ conversion, cache, processor and checkpoint I/O."""
 
 from .cache import InfiniteVLCache
 from .config import ConfigError, default_layer_types
-from .convert import convert_from_qwen2_5_vl, convert_teacher, init_mixer_from_attention
+from .convert import (
+    convert_from_qwen2_5_vl,
+    convert_teacher,
+    exact_student,
+    init_mixer_from_attention,
+    init_mixer_from_teacher,
+    teacher_mixer,
+)
 from .families import FAMILIES, family_names, family_of, family_of_checkpoint, load_teacher
 from .families.qwen2_5_vl import (
     InfiniteVLConfig,
@@ -32,10 +39,13 @@ __all__ = [
     "convert_from_qwen2_5_vl",
     "convert_teacher",
     "default_layer_types",
+    "exact_student",
     "family_names",
     "family_of",
     "family_of_checkpoint",
     "init_mixer_from_attention",
+    "init_mixer_from_teacher",
     "load_teacher",
     "mixer_names",
+    "teacher_mixer",
 ]

@@ -53,18 +53,41 @@ def convert_teacher(teacher_or_path, layer_types=None, init: str = "teacher", **
     if not_mixer or unexpected:
         raise RuntimeError(f"teacher and student disagree outside the mixers: missing {not_mixer[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for i, t in enumerate(text.layer_types):
-            if t != "linear_attention":
-                continue
-            mixer = student.model.language_model.layers[i].self_attn
-            teacher_mixer = family.teacher_mixer(teacher.model.language_model.layers[i])
-            if kinds[i] == "linear_attention":
-                family.carry_linear(mixer, teacher_mixer, text)
-            elif init == "teacher":
-                mixer.init_from_attention(family.attention_weights(teacher_mixer, teacher_text))
+    for i, t in enumerate(text.layer_types):
+        if t == "linear_attention":
+            init_mixer_from_teacher(student.model.language_model.layers[i].self_attn, teacher, i, init)
     student.generation_config = teacher.generation_config
     return student.eval() if not teacher.training else student
+
+
+@torch.no_grad()
+def init_mixer_from_teacher(mixer, teacher, layer_idx: int, init: str = "teacher") -> None:
+    """Starts the linear mixer of layer `layer_idx` from the teacher's layer: carried over weight for weight where
+    the teacher's layer is linear (Qwen3.5), started from its attention with `init="teacher"`, left at its own
+    init with `init="random"` (what Stage I-a builds its mixers with, whatever the family)."""
+    family = family_of(teacher.config)
+    text = teacher.config.text_config
+    source = teacher_mixer(teacher, layer_idx)
+    if family.teacher_layer_kind(text, layer_idx) == "linear_attention":
+        family.carry_linear(mixer, source, text)
+    elif init == "teacher":
+        mixer.init_from_attention(family.attention_weights(source, text))
+
+
+def teacher_mixer(teacher, layer_idx: int):
+    """The token mixer of the teacher's layer `layer_idx` (attention, or Qwen3.5's linear_attn): the module whose
+    input and output Stage I-a regresses each student mixer onto."""
+    return family_of(teacher.config).teacher_mixer(teacher.model.language_model.layers[layer_idx])
+
+
+def exact_student(teacher, max_tokens: int):
+    """The teacher as a student: its own layout (attention as windows of `max_tokens`, linear layers kept), which
+    computes what the teacher computes on inputs up to `max_tokens` long, and runs packed rows (cu_seqlens)
+    exactly, document by document, on every device (transformers' Qwen3.5 does not restart its linear layers at
+    document boundaries off CUDA)."""
+    family = family_of(teacher.config)
+    return convert_teacher(teacher, layer_types=family.teacher_layout(teacher.config.text_config),
+                           sliding_window=max_tokens)
 
 
 def convert_from_qwen2_5_vl(teacher_or_path, layer_types=None, init: str = "teacher", **overrides):

@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from model import FAMILIES, convert_teacher, family_of, load_teacher
+from model.convert import exact_student
 from model.checkpoint import load_pretrained, save_pretrained
 from model.generation import generate
 from model.positions import rope_index
@@ -36,10 +37,7 @@ def family_case(request):
     as sliding windows longer than any input, its linear layers kept) and a hybrid student (window 8)."""
     family = FAMILIES[request.param]
     teacher, processor = build_tiny_teacher(seed=0, family=family.name)
-    text = teacher.config.text_config
-    layout = ["sliding_attention" if family.teacher_layer_kind(text, i) == "attention" else "linear_attention"
-              for i in range(text.num_hidden_layers)]
-    oracle = convert_teacher(teacher, layer_types=layout, sliding_window=4096)
+    oracle = exact_student(teacher, 4096)
     torch.manual_seed(0)
     hybrid = convert_teacher(teacher, sliding_window=8)
     return family, teacher, processor, oracle, hybrid

@@ -103,3 +103,23 @@ def test_attention_layers_can_become_linear_too(converted):
                            for a, b in ((0, 11), (11, 12), (12, 20))], 1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
     assert cache.nbytes() > 0 and all(cache.is_linear)
+
+
+def test_stage_1a_builds_each_mixer_from_whatever_the_teachers_layer_was(converted):
+    """What Stage I-a needs, family-blind: the teacher module each student mixer regresses onto, and a mixer
+    started from it (the teacher's own Gated DeltaNet reproduces its module's output exactly)."""
+    from model import init_mixer_from_teacher, teacher_mixer
+    from model.layers import MIXERS
+
+    teacher, student = converted
+    text = student.config.text_config
+    x = torch.randn(1, 30, 64, generator=torch.Generator().manual_seed(1))
+    for i in (0, 3):
+        mixer = MIXERS[text.linear_mixer](text, i)
+        init_mixer_from_teacher(mixer, teacher, i)
+        source = teacher_mixer(teacher, i)
+        assert source is (teacher.model.language_model.layers[i].linear_attn if i == 0
+                          else teacher.model.language_model.layers[i].self_attn)
+        if i == 0:
+            with torch.no_grad():
+                assert (mixer(x) - source(x)).abs().max() < 1e-5

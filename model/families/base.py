@@ -67,6 +67,12 @@ class Family:
         """"attention" or "linear_attention": what layer i of the teacher is."""
         return "attention"
 
+    def teacher_layout(self, teacher_text_config) -> list[str]:
+        """The student layer_types that keep the teacher as it is: attention as sliding windows, linear layers
+        linear."""
+        return ["sliding_attention" if self.teacher_layer_kind(teacher_text_config, i) == "attention"
+                else "linear_attention" for i in range(teacher_text_config.num_hidden_layers)]
+
     def teacher_mixer(self, teacher_layer):
         """The token mixer module of a teacher decoder layer (what Stage I-a regresses onto)."""
         return teacher_layer.self_attn
