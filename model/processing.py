@@ -96,7 +96,11 @@ class InfiniteVLProcessor:
         from .families import family_of_checkpoint
 
         family = family_of_checkpoint(path)
-        return cls(tokenizer, image_processor, video_layout=family.video_layout if family else "qwen2_5_vl")
+        template = None if getattr(tokenizer, "chat_template", None) else _template_file(path)
+        if template is None and family is not None and not getattr(tokenizer, "chat_template", None):
+            template = family.chat_template
+        return cls(tokenizer, image_processor, chat_template=template,
+                   video_layout=family.video_layout if family else "qwen2_5_vl")
 
     # -- text --------------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -207,6 +211,18 @@ class InfiniteVLProcessor:
         mm[ids == self.video_token_id] = 2
         data.update(input_ids=ids, attention_mask=enc["attention_mask"], mm_token_type_ids=mm)
         return BatchFeature(data=data, tensor_type=None)
+
+
+def _template_file(path: str) -> str | None:
+    """A checkpoint's chat template kept beside the tokenizer (processor-level chat_template.jinja / .json)."""
+    jinja, js = os.path.join(path, "chat_template.jinja"), os.path.join(path, "chat_template.json")
+    if os.path.exists(jinja):
+        with open(jinja) as f:
+            return f.read()
+    if os.path.exists(js):
+        with open(js) as f:
+            return json.load(f).get("chat_template")
+    return None
 
 
 def _to_rgb(x) -> Image.Image:

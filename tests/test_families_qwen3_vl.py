@@ -50,3 +50,24 @@ def test_conversion_keeps_deepstack_qk_norms_and_interleaved_rope():
     assert text.head_dim == 16 and text.linear_head_dim == 16 and text.rope_parameters["mrope_interleaved"]
     mixer = student.model.language_model.layers[1].self_attn
     assert torch.equal(mixer.q_proj.weight, teacher.model.language_model.layers[1].self_attn.q_proj.weight)
+
+
+def test_a_teacher_directory_without_a_tokenizer_template_takes_its_processor_template(tmp_path):
+    """Qwen3-VL checkpoints keep the chat template beside the tokenizer (chat_template.json): the processor
+    loaded from the directory uses it, not another family's."""
+    import json
+
+    from model.processing import InfiniteVLProcessor
+
+    teacher, processor = build_tiny_teacher(family="qwen3_vl")
+    teacher.config.save_pretrained(tmp_path)
+    processor.tokenizer.chat_template = None
+    processor.tokenizer.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    assert not (tmp_path / "chat_template.jinja").exists()  # no template in the tokenizer's own files
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    loaded = InfiniteVLProcessor.from_pretrained(tmp_path)
+    assert loaded.chat_template == template and loaded.video_layout == "qwen3_vl"
+    (tmp_path / "chat_template.json").unlink()
+    assert InfiniteVLProcessor.from_pretrained(tmp_path).chat_template == processor.chat_template
