@@ -153,8 +153,11 @@ def test_save_load_round_trip_is_identical_and_never_unpickles(tiny_teacher, tmp
         ref = student(**batch).logits
         assert torch.equal(loaded(**batch).logits, ref)
         assert torch.equal(auto(**batch).logits, ref)
-    # the reloaded tokenizer is the same pipeline, not just the same vocabulary
-    assert proc2.tokenizer.backend_tokenizer.to_str() == processor.tokenizer.backend_tokenizer.to_str()
+    # the reloaded tokenizer is the same pipeline, not just the same vocabulary (padding and truncation are call
+    # state: the shared processor's depend on the calls before)
+    pipeline = lambda p: {k: v for k, v in json.loads(p.tokenizer.backend_tokenizer.to_str()).items()  # noqa: E731
+                          if k not in ("padding", "truncation")}
+    assert pipeline(proc2) == pipeline(processor)
     text = "<|im_start|>user\nHow many Circles? 42 shapes!<|im_end|>"
     assert proc2([text])["input_ids"].tolist() == processor([text])["input_ids"].tolist()
     (tmp_path / "evil.bin").write_bytes(b"not a pickle")
