@@ -189,3 +189,13 @@ def test_hybrid_student_on_gpu_matches_the_cpu_reference_and_trains(name):
     print(f"{name} hybrid bf16 GPU vs fp32 CPU: max rel err {err:.3e}, loss {out.loss.item():.4f}")
     assert err < 5e-2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu.parameters() if p.requires_grad)
+
+
+def test_load_teacher_refuses_what_is_not_a_teacher_by_name(tmp_path):
+    with pytest.raises(ValueError, match="s3://bucket/teacher is a URL"):
+        load_teacher("s3://bucket/teacher")
+    with pytest.raises(FileNotFoundError, match="no config.json in"):
+        load_teacher(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ValueError, match="no teacher family for model_type 'llava'; supported: qwen2_5_vl"):
+        load_teacher(tmp_path)

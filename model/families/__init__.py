@@ -49,15 +49,20 @@ def family_of_checkpoint(path) -> Family | None:
 
 
 def load_teacher(path, dtype=None, **kwargs):
-    """A teacher checkpoint (a local directory with config.json and safetensors) as its own transformers model,
-    the family read from config.json's model_type."""
+    """A teacher checkpoint as its own transformers model, the family read from its config.json's model_type:
+    a local directory (config.json and safetensors), or a Hugging Face Hub id (transformers resolves it, from its
+    cache when offline). Other URLs are refused: copy the checkpoint to a local directory first."""
     path = os.fspath(path)
     if "://" in path:
-        raise ValueError(f"{path} is a URL: model/ reads local directories only; copy the checkpoint to a local "
-                         "directory first")
+        raise ValueError(f"{path} is a URL: model/ reads local directories (or Hub ids) only; copy the checkpoint "
+                         "to a local directory first")
     family = family_of_checkpoint(path)
     if family is None:
-        raise FileNotFoundError(f"no config.json in {path}: not a teacher checkpoint directory")
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"no config.json in {path}: not a teacher checkpoint directory")
+        from transformers import PretrainedConfig
+
+        family = family_of(PretrainedConfig.get_config_dict(path)[0].get("model_type", "unknown"))
     return family.load_teacher(path, dtype=dtype, **kwargs)
 
 
