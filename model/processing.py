@@ -53,8 +53,9 @@ class InfiniteVLProcessor:
     """Turns chat messages, images and video frames into the model's inputs.
 
     Video frames are given as a sequence of PIL images (or HxWxC uint8 arrays) with their sampling
-    fps; consecutive frames are grouped by `temporal_patch_size` like Qwen2.5-VL's video processor,
-    and `second_per_grid_ts` carries the time step of each temporal patch for M-RoPE.
+    fps; consecutive frames are grouped by `temporal_patch_size` like the Qwen video processors; in the
+    "qwen2_5_vl" layout `second_per_grid_ts` carries the time step of each temporal patch for M-RoPE, in the
+    "qwen3_vl" layout each temporal patch's time is written in the text (`frame_times`, `frame_placeholder`).
     """
 
     def __init__(self, tokenizer, image_processor: Qwen2VLImageProcessorPil, chat_template: str | None = None,
