@@ -1,5 +1,7 @@
-"""Parameter count of the converted full-size student (Qwen2.5-VL-3B shapes, random weights, built on the
-meta device, so nothing is allocated), against its teacher.
+"""Parameter counts of every teacher family at its published sizes (shapes from each config.json, written in
+model/families/*.py), against the converted student with the family's default layout (Qwen2.5-VL and Qwen3-VL:
+1 sliding-window attention : 3 Gated DeltaNet; Qwen3.5: its own Gated DeltaNet kept, its full attention made
+sliding). Built on the meta device, so nothing is allocated.
 
     python -m bench.param_count
 """
@@ -7,28 +9,22 @@ meta device, so nothing is allocated), against its teacher.
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from bench.common import print_table, write_result
-from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
+from model import FAMILIES
+
+GROUPS = ("vision", "embeddings+head", "attention", "linear", "mlp+norms")
 
 
-def qwen2_5_vl_3b_config() -> Qwen2_5_VLConfig:
-    """Qwen2.5-VL-3B-Instruct's published shapes."""
-    return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
-                         rms_norm_eps=1e-6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-                         rope_theta=1e6, tie_word_embeddings=True),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
-        tie_word_embeddings=True)
+def qwen2_5_vl_3b_config():
+    """Qwen2.5-VL-3B-Instruct's published shapes (the paper's teacher)."""
+    return FAMILIES["qwen2_5_vl"].published["3B"]()
 
 
-def count(model) -> dict:
-    seen, groups = set(), {"vision": 0, "embeddings+head": 0, "attention": 0, "gated_deltanet": 0, "mlp+norms": 0}
-    types = model.config.text_config.layer_types if hasattr(model.config.text_config, "layer_types") else None
+def count(model, linear_layers: set[int]) -> dict:
+    """Parameters by group; the token mixers of `linear_layers` count as "linear" (the teacher's own Gated
+    DeltaNet included), other mixers as "attention"."""
+    seen, groups = set(), dict.fromkeys(GROUPS, 0)
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue  # tied
@@ -37,9 +33,9 @@ def count(model) -> dict:
             g = "vision"
         elif "embed_tokens" in name or "lm_head" in name:
             g = "embeddings+head"
-        elif ".self_attn." in name:
+        elif ".self_attn." in name or ".linear_attn." in name:
             layer = int(name.split("layers.")[1].split(".")[0])
-            g = "gated_deltanet" if types and types[layer] == "linear_attention" else "attention"
+            g = "linear" if layer in linear_layers else "attention"
         else:
             g = "mlp+norms"
         groups[g] += p.numel()
@@ -47,20 +43,37 @@ def count(model) -> dict:
     return groups
 
 
+def sizes() -> list[dict]:
+    rows = []
+    for family in FAMILIES.values():
+        for size, config in family.published.items():
+            teacher_cfg = config()
+            text = teacher_cfg.text_config
+            teacher_linear = {i for i in range(text.num_hidden_layers)
+                              if family.teacher_layer_kind(text, i) == "linear_attention"}
+            with torch.device("meta"):
+                teacher = family.teacher_class(teacher_cfg)
+                student_cfg = family.config_class.from_teacher(teacher_cfg)
+                student = family.model_class(student_cfg)
+            student_linear = {i for i, t in enumerate(student_cfg.text_config.layer_types) if t == "linear_attention"}
+            t, s = count(teacher, teacher_linear), count(student, student_linear)
+            layout = f"{len(student_linear)} linear + {text.num_hidden_layers - len(student_linear)} sliding"
+            rows.append({"family": family.name, "size": size, "model": "teacher", **t, "layout": f"{len(teacher_linear)}"
+                         f" linear + {text.num_hidden_layers - len(teacher_linear)} full attention"})
+            rows.append({"family": family.name, "size": size, "model": "student", **s, "layout": layout})
+    return rows
+
+
 def main() -> None:
-    teacher_cfg = qwen2_5_vl_3b_config()
-    with torch.device("meta"):
-        teacher = Qwen2_5_VLForConditionalGeneration(teacher_cfg)
-        student = InfiniteVLForConditionalGeneration(InfiniteVLConfig.from_teacher(teacher_cfg))
-    rows = [{"model": "Qwen2.5-VL-3B (teacher)", **count(teacher)}, {"model": "InfiniteVL (student)", **count(student)}]
-    print_table(rows)
-    s = rows[1]["total"]
-    print(f"student: {s / 1e9:.2f}B parameters ({rows[1]['gated_deltanet'] / 1e6:.0f}M in 27 Gated DeltaNet mixers, "
-          f"{rows[1]['attention'] / 1e6:.0f}M in 9 sliding-window attentions); the paper's '4B' class")
-    t = student.config.text_config
-    write_result("param_count", {"teacher": "Qwen2.5-VL-3B shapes", "layer_types": "1 sliding : 3 GDN",
-                                 "gdn": f"{t.num_linear_heads} heads x {t.linear_head_dim}, expand_v {t.expand_v}"},
-                 rows, {"student_params_b": round(s / 1e9, 3), "teacher_params_b": round(rows[0]["total"] / 1e9, 3)})
+    rows = sizes()
+    print_table([{**r, **{k: f"{r[k] / 1e9:.3f}B" for k in (*GROUPS, "total")}} for r in rows])
+    summary = {f"{r['family']} {r['size']} {r['model']}": round(r["total"] / 1e9, 3) for r in rows}
+    for fam in FAMILIES.values():
+        for size in fam.published:
+            t, s = (summary[f"{fam.name} {size} {m}"] for m in ("teacher", "student"))
+            print(f"{fam.name} {size}: teacher {t:.2f}B, student {s:.2f}B")
+    write_result("param_count", {"students": "each family's default layout, linear mixer gated_deltanet, "
+                                 "GDN dims from the teacher's attention (Qwen3.5: its own)"}, rows, summary)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Constant-size inference state.
 
 Sliding layers keep a ring buffer of the last W keys/values (a query attends to itself plus the W-1
-tokens before it); linear layers (Gated DeltaNet, GLA, Mamba2: `config.linear_mixer`) keep their recurrent
-state and the inputs of each short convolution (GDN and GLA: "q", "k", "v" [B, C, K] and a [B, H, Dk, Dv]
-state; Mamba2: "xBC" and a [B, H, N, P] state). A conv state holds the last K = conv_size inputs, newest last,
+tokens before it); linear layers (`config.linear_mixer`: Gated DeltaNet, GLA, Mamba2, KDA) keep their recurrent
+state and the inputs of each short convolution (GDN, GLA and KDA: "q", "k", "v" [B, C, K] and a [B, HV, Dk, Dv]
+state; Mamba2: "xBC" and a [B, H, N, P] state; each mixer's `allocate_state` says). A conv state holds the last K = conv_size inputs, newest last,
 of which only K-1 are ever read: fla's layout, so that its decode kernel updates the state in place.
 Nothing grows with the number of tokens seen.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .modeling import InfiniteVLForConditionalGeneration
+from .families import family_of_checkpoint
 from .processing import InfiniteVLProcessor
 
 
@@ -16,9 +16,13 @@ def save_pretrained(model, processor: InfiniteVLProcessor | None, path) -> None:
         processor.save_pretrained(path)
 
 
-def load_pretrained(path, **kwargs) -> tuple[InfiniteVLForConditionalGeneration, InfiniteVLProcessor | None]:
-    """(model, processor) from a local directory; the processor is None when none was saved."""
+def load_pretrained(path, **kwargs):
+    """(model, processor) from a local student directory of any family (its config.json's model_type says
+    which); the processor is None when none was saved."""
     path = os.fspath(path)
-    model = InfiniteVLForConditionalGeneration.from_pretrained(path, use_safetensors=True, **kwargs)
+    family = family_of_checkpoint(path)
+    if family is None:
+        raise FileNotFoundError(f"no config.json in {path}: not a checkpoint directory")
+    model = family.model_class.from_pretrained(path, use_safetensors=True, **kwargs)
     has_processor = os.path.exists(os.path.join(path, "tokenizer_config.json"))
     return model.eval(), (InfiniteVLProcessor.from_pretrained(path) if has_processor else None)

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .cache import InfiniteVLCache, RecurrentStateCache, SlidingWindowCache
+from .layers.attention import window_mask
+from .modeling import add_deepstack
 from .packed import pack_projections
-from .swa import window_mask
 
 WARMUP_STEPS = 3  # eager runs before capture: Triton autotuning, cuBLAS workspaces, lazy inits
 
@@ -76,33 +77,34 @@ def copy_cache_(dst: InfiniteVLCache, src: InfiniteVLCache) -> None:
 
 
 def forward_in_place(model, cache: InfiniteVLCache, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                     offset) -> torch.Tensor:
+                     offset, deepstack=None) -> torch.Tensor:
     """The decoder over new tokens that follow `offset` (int or 0-d tensor) tokens already in `cache`;
     returns the final hidden states [B, T, hidden]. New state goes into the cache's existing tensors; the
-    caller advances `cache.seen` (a Python int, which a replay cannot do)."""
+    caller advances `cache.seen` (a Python int, which a replay cannot do). `deepstack`: (visual mask,
+    levels) of the new tokens where the family adds DeepStack features (model.modeling.add_deepstack)."""
     text = model.model.language_model
     position_embeddings = text.rotary_emb(inputs_embeds, position_ids)
     h = inputs_embeds
-    for layer, state in zip(text.layers, cache.layers):
+    for i, (layer, state) in enumerate(zip(text.layers, cache.layers)):
         x = layer.input_layernorm(h)
         if isinstance(state, SlidingWindowCache):
             x = _sliding_attention(layer.self_attn, x, position_embeddings, state, offset)
         else:
             x = _linear_mixer(layer.self_attn, x, state)
-        h = layer.feed_forward(x, h)
+        h = add_deepstack(layer.feed_forward(x, h), deepstack, i)
     return text.norm(h)
 
 
 def _sliding_attention(attn, x, position_embeddings, ring: SlidingWindowCache, offset):
     B, T, _ = x.shape
-    q, k, v = attn.project(x, position_embeddings)
+    q, k, v, gate = attn.project(x, position_embeddings)
     pos = torch.arange(T, device=x.device) + offset  # a tensor offset stays live across replays
     valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
     k_ctx, v_ctx, kpos, kvalid = ring.extend(k, v, pos, valid)
     mask = window_mask(pos, kpos, attn.window, kvalid)
     o = F.scaled_dot_product_attention(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), attn_mask=mask,
                                        enable_gqa=attn.num_kv_heads != attn.num_heads)
-    return attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+    return attn.output(o, gate)
 
 
 def _linear_mixer(mixer, x, state: RecurrentStateCache):
@@ -142,7 +144,7 @@ class GraphedForward:
     `advance_positions`, each run moves the positions on by `tokens` (text continues 1-D)."""
 
     def __init__(self, model, cache: InfiniteVLCache, batch_size: int, tokens: int, *, from_ids: bool,
-                 logits: bool, advance_positions: bool, use_graph: bool):
+                 logits: bool, advance_positions: bool, use_graph: bool, deepstack_levels: int = 0):
         pack_projections(model)  # before any capture: a graph keeps the weight addresses it saw
         param = next(model.parameters())
         self.model, self.cache, self.tokens = model, cache, tokens
@@ -152,6 +154,8 @@ class GraphedForward:
                                   device=param.device)
         self.positions = torch.zeros(3, batch_size, tokens, dtype=torch.long, device=param.device)
         self.offset = torch.zeros((), dtype=torch.long, device=param.device)
+        # DeepStack features of the new tokens, dense (zeros off the visual positions): see add_deepstack
+        self.deepstack = [torch.zeros_like(self.embeds) for _ in range(deepstack_levels)]
         self.graph = None
         self.output = None
         if use_graph:
@@ -159,7 +163,8 @@ class GraphedForward:
 
     def _body(self) -> torch.Tensor:
         embeds = self.model.model.language_model.embed_tokens(self.ids) if self.from_ids else self.embeds
-        h = forward_in_place(self.model, self.cache, embeds, self.positions, self.offset)[:, -1]
+        deepstack = (None, self.deepstack) if self.deepstack else None
+        h = forward_in_place(self.model, self.cache, embeds, self.positions, self.offset, deepstack)[:, -1]
         self.offset += self.tokens
         if self.advance_positions:
             self.positions += self.tokens

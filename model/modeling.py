@@ -1,12 +1,16 @@
-"""InfiniteVL: Qwen2.5-VL's vision tower, merger, embeddings, LM head, norms and MLPs around a hybrid
-decoder whose token mixers are sliding-window attention or a linear mixer, per `config.layer_types`; the
-linear mixer is Gated DeltaNet, or GLA / Mamba2 for the paper's ablation (`config.linear_mixer`).
+"""The hybrid student, whatever the teacher family: the teacher's vision tower, merger, embeddings, LM head,
+norms and MLPs around a decoder whose token mixers are sliding-window attention or a linear mixer, per
+`config.layer_types` (`config.linear_mixer` picks the linear one from model.layers.MIXERS).
 
-Module names equal Qwen2.5-VL's (`model.visual.*`, `model.language_model.layers.{i}.self_attn.*`,
-`.mlp.*`, `lm_head`), so every non-mixer weight loads from the teacher unchanged and sliding layers keep
-the teacher's q/k/v/o under the same keys.
+A family (model/families/*.py) binds these mixins to its teacher's transformers classes: its PreTrainedModel,
+its multimodal Model (image/video features, placeholder masks, M-RoPE index) and its ForConditionalGeneration
+(generation's position handling), and names its rotary embedding and vision tower. Module names equal the
+teacher's (`model.visual.*`, `model.language_model.layers.{i}.self_attn.*`, `.mlp.*`, `lm_head`), so every
+non-mixer weight loads from the teacher unchanged and sliding layers keep the teacher's attention weights under
+the same keys. DeepStack (Qwen3-VL: features from intermediate vision layers added to the hidden states of the
+first decoder layers at the visual positions) is kept exactly.
 
-Inputs beyond Qwen2.5-VL's: `cu_seqlens` (1-D document boundaries of a packed batch of size 1), with
+Inputs beyond the teachers': `cu_seqlens` (1-D document boundaries of a packed batch of size 1), with
 `position_ids` [3, 1, T] computed per document (or left out: the model computes them per document).
 """
 
@@ -14,33 +18,22 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, GenerationMixin
+from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLModel,
-    Qwen2_5_VLPreTrainedModel,
-    Qwen2_5_VLRotaryEmbedding,
-)
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    MultimodalBaseModelOutputWithPast,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPast, MultimodalBaseModelOutputWithPast, \
+    MultimodalCausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 
 from .cache import InfiniteVLCache
-from .config import InfiniteVLConfig, InfiniteVLTextConfig
-from .gdn import GatedDeltaNet
-from .linear_mixers import GatedLinearAttention, Mamba2Mixer
+from .layers import LinearMixer, SlidingWindowAttention, mixer_class
 from .norm_mlp import RMSNorm, SwiGLUMLP, fuse_vision_tower
-from .positions import packed_rope_index, token_types
-from .swa import SlidingWindowAttention
+from .positions import packed_rope_index, rope_index
 
 
-class InfiniteVLPreTrainedModel(Qwen2_5_VLPreTrainedModel):
-    config: InfiniteVLConfig
-    config_class = InfiniteVLConfig
-    _no_split_modules = ["InfiniteVLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+class HybridPreTrainedModel:
+    """Mixed in before the family's PreTrainedModel: every linear mixer initialises its own parameters, and
+    zero-centred norms (Qwen3.5) start at zero."""
+
     _can_compile_fullgraph = False
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -48,30 +41,23 @@ class InfiniteVLPreTrainedModel(Qwen2_5_VLPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, GatedDeltaNet):
-            module.reset_gates()
-            module.o_norm.weight.fill_(1.0)
-        elif isinstance(module, Mamba2Mixer):
-            module.reset_ssm()
-            module.norm.weight.fill_(1.0)
-        elif isinstance(module, GatedLinearAttention):
-            module.g_norm_swish_gate.weight.fill_(1.0)
+        if isinstance(module, LinearMixer):
+            module.init_parameters()
+        elif isinstance(module, RMSNorm) and module.offset:
+            module.weight.zero_()
 
 
-LINEAR_MIXER_CLASSES = {"gated_deltanet": GatedDeltaNet, "gla": GatedLinearAttention, "mamba2": Mamba2Mixer}
-
-
-class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: InfiniteVLTextConfig, layer_idx: int):
+class HybridDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         if self.layer_type == "sliding_attention":
             self.self_attn = SlidingWindowAttention(config, layer_idx)
         else:
-            self.self_attn = LINEAR_MIXER_CLASSES[config.linear_mixer](config, layer_idx)
+            self.self_attn = mixer_class(config.linear_mixer)(config, layer_idx)
         self.mlp = SwiGLUMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=config.norm_offset)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=config.norm_offset)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cu_seqlens=None,
                 cache=None, offset: int = 0):
@@ -89,22 +75,37 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(normed)
 
 
-class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
-    config: InfiniteVLTextConfig
-    config_class = InfiniteVLTextConfig
+def add_deepstack(h: torch.Tensor, deepstack, layer: int) -> torch.Tensor:
+    """DeepStack: after decoder layer `layer`, its level of visual features is added at the visual positions.
+    `deepstack` is (mask [B, T] bool, [levels × [visual tokens, hidden]]), or (None, [levels × [B, T, hidden]])
+    with zeros off the visual positions (the capturable form: no data-dependent shapes), or None."""
+    if deepstack is None or layer >= len(deepstack[1]):
+        return h
+    mask, levels = deepstack
+    if mask is None:
+        return h + levels[layer].to(h.dtype)
+    mask = mask.to(h.device)
+    added = h[mask] + levels[layer].to(h.device, h.dtype)
+    return h.masked_scatter(mask.unsqueeze(-1), added)
+
+
+class HybridTextModel:
+    """Mixed in before the family's PreTrainedModel; the family sets `rotary_class` (its M-RoPE variant)."""
+
+    rotary_class: type
     input_modalities = ("text",)
 
-    def __init__(self, config: InfiniteVLTextConfig):
+    def __init__(self, config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([InfiniteVLDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen2_5_VLRotaryEmbedding(config=config)
+        self.layers = nn.ModuleList([HybridDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=config.norm_offset)
+        self.rotary_emb = self.rotary_class(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: InfiniteVLCache | None = None,
-                inputs_embeds=None, use_cache=None, cu_seqlens=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cu_seqlens=None, deepstack=None, **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -129,6 +130,7 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, position_embeddings, mask, cu_seqlens, cache.layers[i] if cache is not None else None, offset)
+            h = add_deepstack(h, deepstack, i)
         if cache is not None:
             cache.advance(T)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
@@ -146,14 +148,40 @@ def _new_token_mask(attention_mask, T):
     return None if bool(m.all()) else m
 
 
-class InfiniteVLModel(Qwen2_5_VLModel, InfiniteVLPreTrainedModel):
-    config_class = InfiniteVLConfig
+def _deepstack_inputs(image_outputs, video_outputs, image_mask, video_mask):
+    """The DeepStack levels of the images and videos, interleaved in sequence order (Qwen3-VL's rule), with
+    the mask of all visual positions; None where the vision tower has no DeepStack features."""
+    image_levels = getattr(image_outputs, "deepstack_features", None) if image_outputs is not None else None
+    video_levels = getattr(video_outputs, "deepstack_features", None) if video_outputs is not None else None
+    if not image_levels and not video_levels:
+        return None
+    if image_levels and video_levels:
+        visual = image_mask | video_mask
+        levels = []
+        for img, vid in zip(image_levels, video_levels):
+            img, vid = torch.cat(img), torch.cat(vid)
+            joint = img.new_zeros(int(visual.sum()), img.shape[-1])
+            joint[image_mask[visual]] = img
+            joint[video_mask[visual]] = vid
+            levels.append(joint)
+        return visual, levels
+    if image_levels:
+        return image_mask, [torch.cat(level) for level in image_levels]
+    return video_mask, [torch.cat(level) for level in video_levels]
 
-    def __init__(self, config: InfiniteVLConfig):
-        InfiniteVLPreTrainedModel.__init__(self, config)
-        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+
+class HybridModel:
+    """Mixed in before the family's multimodal Model class (whose get_image_features, get_video_features and
+    get_placeholder_mask it uses); the family sets `vision_class` and `text_class`."""
+
+    vision_class: type
+    text_class: type
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)
+        self.visual = self.vision_class._from_config(config.vision_config)
         fuse_vision_tower(self.visual)
-        self.language_model = InfiniteVLTextModel._from_config(config.text_config)
+        self.language_model = self.text_class._from_config(config.text_config)
         self.rope_deltas = None
         self.post_init()
 
@@ -170,41 +198,75 @@ class InfiniteVLModel(Qwen2_5_VLModel, InfiniteVLPreTrainedModel):
             image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         if video_outputs is None and pixel_values_videos is not None:
             video_outputs = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+        image_mask = video_mask = None
         if image_outputs is not None:
             embeds = torch.cat(image_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=embeds)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, embeds)
+            image_mask = image_mask[..., 0]
         if video_outputs is not None:
             embeds = torch.cat(video_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
             _, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, video_features=embeds)
             inputs_embeds = inputs_embeds.masked_scatter(video_mask, embeds)
+            video_mask = video_mask[..., 0]
+        deepstack = _deepstack_inputs(image_outputs, video_outputs, image_mask, video_mask)
 
-        if position_ids is None and cu_seqlens is not None and input_ids is not None:
-            position_ids = packed_rope_index(self.config, input_ids, cu_seqlens, image_grid_thw, video_grid_thw,
-                                             second_per_grid_ts)
-        elif position_ids is None:
-            if mm_token_type_ids is None and input_ids is not None:
-                mm_token_type_ids = token_types(self.config, input_ids)
-            position_ids = self.compute_3d_position_ids(
-                input_ids=input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                second_per_grid_ts=second_per_grid_ts, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                cache=cache, mm_token_type_ids=mm_token_type_ids)
-
+        if position_ids is None and input_ids is not None:
+            position_ids = self._positions(input_ids, attention_mask, cache, cu_seqlens, image_grid_thw,
+                                           video_grid_thw, second_per_grid_ts)
         out = self.language_model(position_ids=position_ids, attention_mask=attention_mask, cache=cache,
-                                  inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens)
+                                  inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                                  deepstack=deepstack)
         return MultimodalBaseModelOutputWithPast(last_hidden_state=out.last_hidden_state, cache=out.cache,
                                                  image_outputs=image_outputs, video_outputs=video_outputs)
 
+    def _positions(self, input_ids, attention_mask, cache, cu_seqlens, image_grid_thw, video_grid_thw,
+                   second_per_grid_ts):
+        """M-RoPE positions where the caller gave none: per document for a packed row; the family's layout for
+        a prompt with images or video (as its teacher computes them); otherwise None (text counts up from the
+        tokens already cached)."""
+        if cu_seqlens is not None:
+            return packed_rope_index(self.config, input_ids, cu_seqlens, image_grid_thw, video_grid_thw,
+                                     second_per_grid_ts)
+        if image_grid_thw is None and video_grid_thw is None:
+            return None
+        if cache is not None and cache.get_seq_length():
+            raise ValueError("images or video after cached tokens need explicit position_ids "
+                             "(model.positions.rope_index over the whole sequence gives them)")
+        positions, _ = rope_index(self.config, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                  attention_mask=attention_mask)
+        return positions
 
-class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, InfiniteVLPreTrainedModel,
-                                         GenerationMixin):
-    config_class = InfiniteVLConfig
 
-    def __init__(self, config: InfiniteVLConfig):
-        InfiniteVLPreTrainedModel.__init__(self, config)
-        self.model = InfiniteVLModel(config)
+class HybridForConditionalGeneration:
+    """Mixed in before the family's ForConditionalGeneration (whose generation-time position handling it keeps);
+    the family sets `model_class`."""
+
+    model_class: type
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)
+        self.model = self.model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
+                video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None, logits_to_keep=0,
+                cu_seqlens=None, mm_encoder_outputs=None, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, pixel_values=pixel_values,
+                         pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
+                         video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
+                         second_per_grid_ts=second_per_grid_ts, cu_seqlens=cu_seqlens,
+                         mm_encoder_outputs=mm_encoder_outputs)
+        logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **kwargs)
+        return MultimodalCausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
+                                                image_outputs=out.image_outputs, video_outputs=out.video_outputs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
@@ -215,15 +277,23 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, Inf
 
 
 def register_auto_classes() -> None:
-    """With the project installed, AutoConfig / AutoModelForImageTextToText.from_pretrained(dir) load us."""
-    for name, cls in (("infinitevl", InfiniteVLConfig), ("infinitevl_text", InfiniteVLTextConfig)):
-        try:
-            AutoConfig.register(name, cls)
-        except ValueError:
-            pass  # already registered
-    for auto, model_cls in ((AutoModelForImageTextToText, InfiniteVLForConditionalGeneration),
-                            (AutoModel, InfiniteVLModel)):
-        try:
-            auto.register(InfiniteVLConfig, model_cls)
-        except ValueError:
-            pass
+    """With the project installed, AutoConfig / AutoModelForImageTextToText.from_pretrained(dir) load every
+    family's student (`import model` registers them)."""
+    from .families import FAMILIES
+
+    for family in FAMILIES.values():
+        family.register()
+
+
+def __getattr__(name):
+    # the Qwen2.5-VL student's classes and the mixer table under their historical names
+    if name == "LINEAR_MIXER_CLASSES":
+        from .layers import MIXERS
+
+        return MIXERS
+    if name in ("InfiniteVLForConditionalGeneration", "InfiniteVLModel", "InfiniteVLTextModel",
+                "InfiniteVLPreTrainedModel"):
+        from .families import qwen2_5_vl
+
+        return getattr(qwen2_5_vl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

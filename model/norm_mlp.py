@@ -1,5 +1,5 @@
-"""The decoder's RMSNorm and SwiGLU MLP: Qwen2.5-VL's modules (same weights, same names), with fla's fused
-Triton kernels on CUDA.
+"""The decoder's RMSNorm and SwiGLU MLP: the teachers' modules (same weights, same names), with fla's fused
+Triton kernels on CUDA. Qwen3.5's norms are zero-centred (weight w, scale 1 + w, computed in fp32): `offset=1`.
 
 In eager PyTorch an RMSNorm is ~7 kernels that each read and write the whole activation in fp32 (at 128K
 tokens of hidden 2048 that is ~1 GB a pass), the residual add before it one more, and SiLU(gate)·up two
@@ -18,7 +18,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm, Qwen2MLP
 
-from .gdn_ops import fla_available
+from .ops.common import fla_available
 from .packed import PackedSwiGLU, packed
 
 
@@ -27,17 +27,32 @@ def use_fused(x: torch.Tensor) -> bool:
 
 
 class RMSNorm(Qwen2_5_VLRMSNorm):
+    offset = 0.0  # the vision tower's norms become this class in place (fuse_vision_tower): no __init__ ran
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0):
+        super().__init__(hidden_size, eps=eps)
+        self.offset = offset
+        if offset:
+            self.weight.data.zero_()
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMSNorm(x), or with `residual`: (RMSNorm(x + residual), x + residual)."""
         if use_fused(x):
             from fla.modules.norm.layernorm import rms_norm
 
-            return rms_norm(x, self.weight, None, residual=residual, eps=self.variance_epsilon,
+            weight = self.weight if not self.offset else (self.weight.float() + self.offset).to(self.weight.dtype)
+            return rms_norm(x, weight, None, residual=residual, eps=self.variance_epsilon,
                             prenorm=residual is not None)
         if residual is None:
-            return super().forward(x)
+            return self._norm(x)
         x = x + residual
-        return super().forward(x), x
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.offset:
+            return super().forward(x)
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (normed * (self.offset + self.weight.float())).type_as(x)
 
 
 def swiglu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:

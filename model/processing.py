@@ -1,8 +1,13 @@
-"""The processor: Qwen2.5-VL's tokenizer, chat template and image processor, plus our own video path.
+"""The processor: a Qwen VLM's tokenizer, chat template and image processor, plus our own video path.
 
-transformers' `Qwen2_5_VLProcessor` needs a video processor that imports torchvision, which does not
-import on CPU-only machines, so videos are patchified here with the same patch layout the vision
-tower expects, and images go through the PIL image processor.
+transformers' Qwen2.5-VL / Qwen3-VL processors need a video processor that imports torchvision, which does not
+import on CPU-only machines, so videos are patchified here with the same patch layout the vision towers
+expect, and images go through the PIL image processor.
+
+Video placeholders follow the teacher family (`video_layout`): "qwen2_5_vl" expands a video's pad token to one
+run of tokens and passes `second_per_grid_ts` (M-RoPE's time axis); "qwen3_vl" (Qwen3-VL, Qwen3.5) writes each
+temporal patch as `<{t:.1f} seconds>` + vision start + its tokens + vision end, the time in text, as
+transformers' Qwen3VLProcessor does.
 """
 
 from __future__ import annotations
@@ -41,17 +46,23 @@ CHAT_TEMPLATE = (
 )
 
 PROCESSOR_FILE = "infinitevl_processor.json"
+VIDEO_LAYOUTS = ("qwen2_5_vl", "qwen3_vl")
 
 
 class InfiniteVLProcessor:
     """Turns chat messages, images and video frames into the model's inputs.
 
     Video frames are given as a sequence of PIL images (or HxWxC uint8 arrays) with their sampling
-    fps; consecutive frames are grouped by `temporal_patch_size` like Qwen2.5-VL's video processor,
-    and `second_per_grid_ts` carries the time step of each temporal patch for M-RoPE.
+    fps; consecutive frames are grouped by `temporal_patch_size` like the Qwen video processors; in the
+    "qwen2_5_vl" layout `second_per_grid_ts` carries the time step of each temporal patch for M-RoPE, in the
+    "qwen3_vl" layout each temporal patch's time is written in the text (`frame_times`, `frame_placeholder`).
     """
 
-    def __init__(self, tokenizer, image_processor: Qwen2VLImageProcessorPil, chat_template: str | None = None):
+    def __init__(self, tokenizer, image_processor: Qwen2VLImageProcessorPil, chat_template: str | None = None,
+                 video_layout: str = "qwen2_5_vl"):
+        if video_layout not in VIDEO_LAYOUTS:
+            raise ValueError(f"video_layout is {video_layout!r}; allowed: {', '.join(VIDEO_LAYOUTS)}")
+        self.video_layout = video_layout
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
@@ -68,19 +79,29 @@ class InfiniteVLProcessor:
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
         with open(os.path.join(path, PROCESSOR_FILE), "w") as f:
-            json.dump({"processor_class": type(self).__name__, "chat_template": self.chat_template}, f, indent=2)
+            json.dump({"processor_class": type(self).__name__, "chat_template": self.chat_template,
+                       "video_layout": self.video_layout}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "InfiniteVLProcessor":
-        """Loads ours, or a Qwen2.5-VL checkpoint's tokenizer and preprocessor_config.json."""
+        """Loads ours, or a teacher checkpoint's tokenizer and preprocessor_config.json (its family, from
+        config.json, says how videos are laid out)."""
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-        template = None
         meta = os.path.join(path, PROCESSOR_FILE)
         if os.path.exists(meta):
             with open(meta) as f:
-                template = json.load(f).get("chat_template")
-        return cls(tokenizer, image_processor, chat_template=template)
+                saved = json.load(f)
+            return cls(tokenizer, image_processor, chat_template=saved.get("chat_template"),
+                       video_layout=saved.get("video_layout", "qwen2_5_vl"))
+        from .families import family_of_checkpoint
+
+        family = family_of_checkpoint(path)
+        template = None if getattr(tokenizer, "chat_template", None) else _template_file(path)
+        if template is None and family is not None and not getattr(tokenizer, "chat_template", None):
+            template = family.chat_template
+        return cls(tokenizer, image_processor, chat_template=template,
+                   video_layout=family.video_layout if family else "qwen2_5_vl")
 
     # -- text --------------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -127,7 +148,7 @@ class InfiniteVLProcessor:
             x = (x - np.asarray(ip.image_mean, np.float32)) / np.asarray(ip.image_std, np.float32)
             pixels.append(x.transpose(2, 0, 1))
         while len(pixels) % tp:
-            pixels.append(pixels[-1])  # pad the last temporal patch by repeating the final frame
+            pixels.append(pixels[-1])  # pad the last temporal patch by repeating the final frame (and its time)
         video = np.stack(pixels)  # T, C, H, W
         t, c = video.shape[0] // tp, video.shape[1]
         p, m = self.patch_size, self.merge_size
@@ -140,6 +161,17 @@ class InfiniteVLProcessor:
             "video_grid_thw": torch.tensor([[t, gh, gw]]),
             "second_per_grid_ts": torch.tensor([tp / float(fps)]),
         }
+
+    def frame_times(self, n_frames: int, fps: float) -> list[float]:
+        """Seconds of each temporal patch of a video of `n_frames` sampled at `fps` (the mean time of its
+        frames, the last frame repeated to fill the last patch): what the "qwen3_vl" layout writes."""
+        tp = self.temporal_patch_size
+        idx = list(range(n_frames)) + [n_frames - 1] * ((tp - n_frames % tp) % tp)
+        return [(idx[i] + idx[i + tp - 1]) / 2 / float(fps) for i in range(0, len(idx), tp)]
+
+    def frame_placeholder(self, seconds: float, tokens: int) -> str:
+        """One temporal patch of a video in the "qwen3_vl" layout."""
+        return f"<{seconds:.1f} seconds>" + VISION_START + VIDEO_TOKEN * tokens + VISION_END
 
     def __call__(self, text: str | list[str], images: Sequence | None = None, videos: Sequence | None = None,
                  video_fps: float | Sequence[float] = 2.0, min_pixels: int | None = None,
@@ -155,14 +187,21 @@ class InfiniteVLProcessor:
             data.update(self.preprocess_images(images, min_pixels, max_pixels))
             merge = self.merge_size ** 2
             image_counts = (data["image_grid_thw"].prod(-1) // merge).tolist()
-        video_counts: list[int] = []
+        video_counts: list = []
         if videos:
             fps_list = [video_fps] * len(videos) if isinstance(video_fps, (int, float)) else list(video_fps)
             parts = [self.preprocess_video(v, f, min_pixels, max_pixels) for v, f in zip(videos, fps_list)]
             data["pixel_values_videos"] = torch.cat([q["pixel_values_videos"] for q in parts])
             data["video_grid_thw"] = torch.cat([q["video_grid_thw"] for q in parts])
-            data["second_per_grid_ts"] = torch.cat([q["second_per_grid_ts"] for q in parts])
             video_counts = (data["video_grid_thw"].prod(-1) // self.merge_size ** 2).tolist()
+            if self.video_layout == "qwen2_5_vl":
+                data["second_per_grid_ts"] = torch.cat([q["second_per_grid_ts"] for q in parts])
+            else:  # the time goes into the text, frame by frame
+                video_counts = [
+                    "".join(self.frame_placeholder(t, n // int(grid[0]))
+                            for t in self.frame_times(len(frames), fps))
+                    for n, grid, frames, fps in zip(video_counts, data["video_grid_thw"], videos, fps_list)]
+                texts = [t.replace(VISION_START + VIDEO_TOKEN + VISION_END, VIDEO_TOKEN) for t in texts]
         texts = _expand(texts, IMAGE_TOKEN, image_counts)
         texts = _expand(texts, VIDEO_TOKEN, video_counts)
         self.tokenizer.padding_side = padding_side
@@ -175,14 +214,27 @@ class InfiniteVLProcessor:
         return BatchFeature(data=data, tensor_type=None)
 
 
+def _template_file(path: str) -> str | None:
+    """A checkpoint's chat template kept beside the tokenizer (processor-level chat_template.jinja / .json)."""
+    jinja, js = os.path.join(path, "chat_template.jinja"), os.path.join(path, "chat_template.json")
+    if os.path.exists(jinja):
+        with open(jinja) as f:
+            return f.read()
+    if os.path.exists(js):
+        with open(js) as f:
+            return json.load(f).get("chat_template")
+    return None
+
+
 def _to_rgb(x) -> Image.Image:
     if isinstance(x, Image.Image):
         return x.convert("RGB")
     return Image.fromarray(np.asarray(x, dtype=np.uint8)).convert("RGB")
 
 
-def _expand(texts: list[str], token: str, counts: list[int]) -> list[str]:
-    """Replaces the i-th `token` across the batch by counts[i] copies of it."""
+def _expand(texts: list[str], token: str, counts: list) -> list[str]:
+    """Replaces the i-th `token` across the batch by counts[i] copies of it (or by counts[i] itself where it is
+    a string: a whole placeholder)."""
     total = sum(t.count(token) for t in texts)
     if total != len(counts):
         raise ValueError(f"{total} {token} placeholders in the text but {len(counts)} inputs given")
@@ -192,6 +244,8 @@ def _expand(texts: list[str], token: str, counts: list[int]) -> list[str]:
         pieces = t.split(token)
         s = pieces[0]
         for piece in pieces[1:]:
-            s += "\0" * next(it) + piece  # a sentinel so expanded tokens are not split again
+            n = next(it)
+            # a sentinel so expanded tokens are not split again
+            s += (n.replace(token, "\0") if isinstance(n, str) else "\0" * n) + piece
         out.append(s.replace("\0", token))
     return out

@@ -17,8 +17,8 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, InfiniteVLConfig, default_layer_types
-from .modeling import InfiniteVLForConditionalGeneration
+from .config import ConfigError, default_layer_types
+from .families.qwen2_5_vl import InfiniteVLConfig, InfiniteVLForConditionalGeneration
 
 RELEASE_MODEL_TYPE = "infinite_vl"
 RELEASE_ARCH = "InfiniteVLQwen2_5_VLForConditionalGeneration"

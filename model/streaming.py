@@ -1,8 +1,11 @@
 """Streaming video: frames pushed one at a time, text at any moment, into a state of constant size;
 questions answered on a copy of that state, so the stream goes on undisturbed.
 
-Each frame (or each `frames_per_chunk` consecutive frames: Qwen2.5-VL's temporal patch is 2 frames)
-enters as a video of one temporal patch, wrapped in <|vision_start|> … <|vision_end|>. Positions follow
+Each frame (or each `frames_per_chunk` consecutive frames: a temporal patch is 2 frames) enters as a video of
+one temporal patch, wrapped in <|vision_start|> … <|vision_end|>; in the Qwen3-VL / Qwen3.5 layout (the
+processor's `video_layout`) preceded by its time as text, `<t seconds>` (the mean of its frames' timestamps;
+frames pushed without one count one per second), and with DeepStack features where the family has them.
+Positions follow
 a running counter exactly as `rope_index` lays out a prompt holding those chunks in that order: a chunk's
 visual tokens take (counter, counter + row, counter + column) and the counter then moves past the
 chunk's longer side, so the temporal position keeps increasing from frame to frame, and a stream sees the
@@ -25,6 +28,7 @@ import warnings
 
 import numpy as np
 import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .cuda_graphs import (
@@ -108,19 +112,22 @@ class StreamingSession:
             if self.last_timestamp is not None and timestamp < self.last_timestamp:
                 raise ValueError(f"frame timestamps go back: {timestamp} after {self.last_timestamp}")
             self.last_timestamp = timestamp
-        self._pending.append(image)
+        self._pending.append((image, float(self.frames_seen) if timestamp is None else float(timestamp)))
         self.frames_seen += 1
         if len(self._pending) == self.frames_per_chunk:
-            frames, self._pending = self._pending, []
-            self._push_chunk(frames)
+            pending, self._pending = self._pending, []
+            self._push_chunk([f for f, _ in pending], (pending[0][1] + pending[-1][1]) / 2)
 
-    def _push_chunk(self, frames) -> None:
+    def _push_chunk(self, frames, seconds: float) -> None:
         with self._on_vision_stream() as visual_ready:
             video = self._patchify(frames)
             grid = video["video_grid_thw"]
-            visual = self._vision(video["pixel_values_videos"], grid)
+            visual, levels = self._vision(video["pixel_values_videos"], grid)
         n = int(grid.prod()) // self.processor.merge_size ** 2
-        ids = torch.tensor([[self._ids[VISION_START]] + [self._ids[VIDEO_TOKEN]] * n + [self._ids[VISION_END]]])
+        prefix = self.processor.tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"] \
+            if self.processor.video_layout == "qwen3_vl" else []
+        ids = torch.tensor([prefix + [self._ids[VISION_START]] + [self._ids[VIDEO_TOKEN]] * n
+                            + [self._ids[VISION_END]]])
         positions, _ = rope_index(self.model.config, ids, video_grid_thw=grid,
                                   second_per_grid_ts=video["second_per_grid_ts"])
         next_position = self.position + int(positions[0, 0, -1]) + 1  # the end tag is text: all rows equal
@@ -129,10 +136,16 @@ class StreamingSession:
         embeds = self.model.model.language_model.embed_tokens(self._upload(ids))
         if visual_ready is not None:
             torch.cuda.current_stream(self.device).wait_event(visual_ready)
-        embeds[0, 1:-1] = visual.to(embeds.dtype)
+        visual_at = slice(len(prefix) + 1, len(prefix) + 1 + n)
+        embeds[0, visual_at] = visual.to(embeds.dtype)
+        dense = []
+        for level in levels:  # DeepStack, dense over the chunk: zeros off the visual tokens
+            d = torch.zeros_like(embeds)
+            d[0, visual_at] = level.to(embeds.dtype)
+            dense.append(d)
         if visual_ready is not None:
             self._visual_taken = torch.cuda.current_stream(self.device).record_event()
-        self._forward_chunk(embeds, positions)
+        self._forward_chunk(embeds, positions, dense)
         self.position = next_position
 
     @contextlib.contextmanager
@@ -179,26 +192,34 @@ class StreamingSession:
         return {"pixel_values_videos": x.reshape(t * gh * gw, c * tp * p * p),
                 "video_grid_thw": torch.tensor([[t, gh, gw]]), "second_per_grid_ts": torch.tensor([float(tp)])}
 
-    def _vision(self, pixels, grid) -> torch.Tensor:
-        if not self.cuda_graphs:
-            return self.model.model.get_video_features(pixels.to(self.device), grid.to(self.device),
-                                                       return_dict=True).pooler_output[0]
-        key = tuple(grid.flatten().tolist())
-        if key not in self._vision_graphs:
-            self._vision_graphs[key] = GraphedVision(self.model.model.visual, grid, use_graph=self._capture)
-        return self._vision_graphs[key](pixels)
+    def _vision(self, pixels, grid) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The chunk's merged visual tokens and its DeepStack levels (none for towers without DeepStack). Only
+        Qwen2.5-VL's windowed tower is captured as a graph; the others run eagerly."""
+        visual = self.model.model.visual
+        if self.cuda_graphs and isinstance(visual, Qwen2_5_VisionTransformerPretrainedModel):
+            key = tuple(grid.flatten().tolist())
+            if key not in self._vision_graphs:
+                self._vision_graphs[key] = GraphedVision(visual, grid, use_graph=self._capture)
+            return self._vision_graphs[key](pixels), []
+        out = self.model.model.get_video_features(pixels.to(self.device), grid.to(self.device), return_dict=True)
+        levels = getattr(out, "deepstack_features", None) or []
+        return out.pooler_output[0], [level[0] for level in levels]
 
-    def _forward_chunk(self, embeds, positions) -> None:
+    def _forward_chunk(self, embeds, positions, deepstack: list[torch.Tensor]) -> None:
         T = embeds.shape[1]
         if not self.cuda_graphs:
-            forward_in_place(self.model, self.cache, embeds, positions, self.cache.seen)
+            forward_in_place(self.model, self.cache, embeds, positions, self.cache.seen,
+                             (None, deepstack) if deepstack else None)
             self.cache.seen += T
             return
         graph = self._chunk_graphs.get(T)
         if graph is None:
             graph = self._chunk_graphs[T] = GraphedForward(self.model, self.cache, 1, T, from_ids=False, logits=False,
-                                                           advance_positions=False, use_graph=self._capture)
+                                                           advance_positions=False, use_graph=self._capture,
+                                                           deepstack_levels=len(deepstack))
         graph.embeds.copy_(embeds)
+        for buffer, level in zip(graph.deepstack, deepstack):
+            buffer.copy_(level)
         graph.positions.copy_(positions)
         graph.offset.fill_(self.cache.seen)
         graph.run()

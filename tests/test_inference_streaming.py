@@ -128,3 +128,43 @@ def test_frames_at_their_processed_size_are_patchified_like_the_processor(studen
     big = _frames(1, seed=6, size=300)  # the processor's max_pixels shrink it: its own path
     assert session._patchify(big)["video_grid_thw"].tolist() == preprocess(big, 1.0)["video_grid_thw"].tolist()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("frames_per_chunk", [1, 2])
+def test_qwen3_layout_stream_answers_what_one_forward_answers(family, frames_per_chunk):
+    """Frames as timed chunks (`<t seconds>` + the chunk's tokens), DeepStack features added where the family has
+    them (Qwen3-VL), the hybrid student's state carried chunk to chunk: the answer's logits equal one forward over
+    the same tokens with the family's own M-RoPE layout."""
+    from model import convert_teacher
+    from model.tiny import build_tiny_teacher
+
+    teacher, processor = build_tiny_teacher(family=family)
+    torch.manual_seed(0)
+    student = convert_teacher(teacher, sliding_window=8).eval()
+    frames, times = _frames(4, seed=7), [0.0, 0.5, 1.0, 1.5]
+    session = StreamingSession(student, processor, frames_per_chunk=frames_per_chunk)
+    for i, (frame, t) in enumerate(zip(frames, times)):
+        session.push_frame(frame, t)
+        if i == 1:
+            session.push_text("the camera turns left.")
+    question = "which color is at the top left?"
+    got = session.answer_logits(question)
+
+    tok = lambda s: processor.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    opening, header = processor.apply_chat_template([{"role": "user", "content": "\0"}], True).split("\0")
+    ids, pixels, grids = tok(opening), [], []
+    for c in range(0, 4, frames_per_chunk):
+        video = processor.preprocess_video(frames[c:c + frames_per_chunk], fps=1.0)
+        pixels.append(video["pixel_values_videos"])
+        grids.append(video["video_grid_thw"])
+        n = int(video["video_grid_thw"].prod()) // processor.merge_size ** 2
+        seconds = (times[c] + times[c + frames_per_chunk - 1]) / 2
+        ids += tok(processor.frame_placeholder(seconds, n))
+        if c + frames_per_chunk == 2:
+            ids += tok("the camera turns left.")
+    ids += tok(question + header)
+    with torch.no_grad():
+        expected = student(input_ids=torch.tensor([ids]), pixel_values_videos=torch.cat(pixels),
+                           video_grid_thw=torch.cat(grids)).logits[0, -1]
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)

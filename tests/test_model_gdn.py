@@ -5,8 +5,10 @@ import torch
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
 from model.config import InfiniteVLTextConfig
-from model.gdn import GatedDeltaNet, short_conv
-from model.gdn_ops import compare_with_reference, l2norm, torch_chunk_gated_delta_rule
+from model.layers import GatedDeltaNet
+from model.ops.common import l2norm
+from model.ops.conv import short_conv
+from model.ops.delta_rule import fla_check, torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
 
 
 def _inputs(B, T, H=2, K=8, V=16, seed=0, requires_grad=False):
@@ -56,6 +58,33 @@ def test_packed_sequences_reset_state_at_every_boundary():
     torch.testing.assert_close(g_packed, x2["k"].grad, atol=1e-4, rtol=1e-4)
 
 
+def test_grouped_value_heads_equal_transformers_qwen3_5_reference():
+    """fla's grouped value heads (Qwen3.5: 2 value heads per query/key head) against transformers' own torch
+    gated delta rule of Qwen3.5, forward and gradients; the step-by-step form agrees too."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule as qwen3_5_rule
+
+    g = torch.Generator().manual_seed(3)
+    B, T, H, HV, K, V = 2, 70, 2, 4, 8, 16
+    x = dict(q=torch.randn(B, T, H, K, generator=g), k=torch.randn(B, T, H, K, generator=g),
+             v=torch.randn(B, T, HV, V, generator=g),
+             g=torch.nn.functional.logsigmoid(torch.randn(B, T, HV, generator=g) + 2),
+             beta=torch.rand(B, T, HV, generator=g))
+    x = {n: t.double().requires_grad_() for n, t in x.items()}
+    h0 = torch.randn(B, HV, K, V, generator=g, dtype=torch.float64)
+    o_ref, s_ref = qwen3_5_rule(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=h0,
+                                output_final_state=True, use_qk_l2norm_in_kernel=True)
+    grads_ref = torch.autograd.grad(o_ref.sum() + s_ref.sum(), list(x.values()))
+    o, s = torch_chunk_gated_delta_rule(**x, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    grads = torch.autograd.grad(o.sum() + s.sum(), list(x.values()))
+    torch.testing.assert_close(o.double(), o_ref.double(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s.double(), s_ref.double(), atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        o2, _ = torch_recurrent_gated_delta_rule(**x, initial_state=h0, use_qk_l2norm_in_kernel=True)
+    torch.testing.assert_close(o2, o.detach(), atol=1e-10, rtol=1e-9)
+
+
 def test_short_conv_restarts_at_document_boundaries():
     x = torch.randn(1, 12, 6)
     w = torch.randn(6, 1, 4)
@@ -72,7 +101,6 @@ def _mixer(seed=0):
                                intermediate_size=64, vocab_size=64)
     torch.manual_seed(seed)
     m = GatedDeltaNet(cfg, 1).double()
-    m.reset_gates()
     for conv in (m.q_conv1d, m.k_conv1d, m.v_conv1d):
         torch.nn.init.normal_(conv.weight, std=0.5)
     return m
@@ -117,12 +145,11 @@ def test_packed_mixer_equals_documents_alone():
 def test_fla_kernel_matches_torch_reference_on_gpu(K, packed):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-    from model.gdn_ops import ensure_fla_backward_ok
+    from model.ops.common import ensure_fla_backward_ok
 
-    ensure_fla_backward_ok(torch.device("cuda"))
-    cu = torch.tensor([0, 100, 357, 600], device="cuda") if packed else None
-    errs = compare_with_reference(chunk_gated_delta_rule, "cuda", B=1 if packed else 2, T=600, H=4, K=K, V=2 * K,
-                                  cu_seqlens=cu)
+    ensure_fla_backward_ok(torch.device("cuda"), "gated_delta_rule", fla_check)
+    cu = torch.tensor([0, 100, 357, 600]) if packed else None
+    errs = fla_check("cuda", K, chunk_gated_delta_rule, B=1 if packed else 2, T=600, H=4, cu_seqlens=cu)
     print(f"fla vs torch (bf16 vs fp32), K={K}, packed={packed}: {errs}")
     assert max(errs.values()) < 2e-2, errs
 
@@ -139,7 +166,6 @@ def test_fused_mixer_on_gpu_matches_torch_path():
                                intermediate_size=64, vocab_size=64)  # head_dim 64: the fla path
     torch.manual_seed(0)
     ref = GatedDeltaNet(cfg, 1)
-    ref.reset_gates()
     for conv in (ref.q_conv1d, ref.k_conv1d, ref.v_conv1d):
         torch.nn.init.normal_(conv.weight, std=0.5)
     ref.o_norm.weight.data.normal_(1.0, 0.2)
@@ -182,7 +208,7 @@ def test_hopper_guard_check_inside_checkpointed_forward_leaves_recomputation_alo
     H200: recomputation failed with different metadata at 32K). A stand-in check with its own backward."""
     from torch.utils.checkpoint import checkpoint
 
-    import model.gdn_ops as ops
+    import model.ops.common as ops
 
     def stand_in_check(device, op, check, rtol=2e-2):
         a = torch.randn(2, 300, 4, requires_grad=True)
@@ -195,7 +221,7 @@ def test_hopper_guard_check_inside_checkpointed_forward_leaves_recomputation_alo
     monkeypatch.setenv(ops.LIFT_GUARD_ENV, "1")
 
     def block(x):
-        ops.ensure_fla_backward_ok(x.device)
+        ops.ensure_fla_backward_ok(x.device, "gated_delta_rule", None)
         return (x.exp() * x).sum(-1)
 
     x = torch.randn(3, 5, requires_grad=True)
@@ -205,7 +231,7 @@ def test_hopper_guard_check_inside_checkpointed_forward_leaves_recomputation_alo
 
 
 def test_failing_hopper_guard_check_raises_in_the_callers_thread(monkeypatch):
-    import model.gdn_ops as ops
+    import model.ops.common as ops
 
     def failing_check(device, op, check, rtol=2e-2):
         raise RuntimeError("fla gradient check failed at head_dim 64")
@@ -215,5 +241,5 @@ def test_failing_hopper_guard_check_raises_in_the_callers_thread(monkeypatch):
     monkeypatch.setattr(ops, "lift_hopper_guard_checked", failing_check)
     monkeypatch.setenv(ops.LIFT_GUARD_ENV, "1")
     with pytest.raises(RuntimeError, match="gradient check failed"):
-        ops.ensure_fla_backward_ok("cpu")
+        ops.ensure_fla_backward_ok("cpu", "gated_delta_rule", None)
     assert not ops._guard_checked

@@ -153,8 +153,11 @@ def test_save_load_round_trip_is_identical_and_never_unpickles(tiny_teacher, tmp
         ref = student(**batch).logits
         assert torch.equal(loaded(**batch).logits, ref)
         assert torch.equal(auto(**batch).logits, ref)
-    # the reloaded tokenizer is the same pipeline, not just the same vocabulary
-    assert proc2.tokenizer.backend_tokenizer.to_str() == processor.tokenizer.backend_tokenizer.to_str()
+    # the reloaded tokenizer is the same pipeline, not just the same vocabulary (padding and truncation are call
+    # state: the shared processor's depend on the calls before)
+    pipeline = lambda p: {k: v for k, v in json.loads(p.tokenizer.backend_tokenizer.to_str()).items()  # noqa: E731
+                          if k not in ("padding", "truncation")}
+    assert pipeline(proc2) == pipeline(processor)
     text = "<|im_start|>user\nHow many Circles? 42 shapes!<|im_end|>"
     assert proc2([text])["input_ids"].tolist() == processor([text])["input_ids"].tolist()
     (tmp_path / "evil.bin").write_bytes(b"not a pickle")
@@ -180,10 +183,11 @@ def test_bad_config_fails_at_construction_naming_the_field(tiny_teacher, overrid
 @pytest.mark.gpu
 def test_hybrid_on_gpu_matches_cpu_reference_and_trains():
     """fla kernels + flex attention in bf16 on the GPU against the fp32 torch path on the CPU."""
-    from model.gdn_ops import ensure_fla_backward_ok
+    from model.ops.common import ensure_fla_backward_ok
+    from model.ops.delta_rule import fla_check
     from model.tiny import build_tiny_teacher
 
-    ensure_fla_backward_ok(torch.device("cuda"))
+    ensure_fla_backward_ok(torch.device("cuda"), "gated_delta_rule", fla_check)
     # head_dim 64 (GDN value head 128): the kernel shapes of real checkpoints, unlike the tiny default's 16
     teacher, processor = build_tiny_teacher(seed=0, hidden=256, heads=4, kv_heads=2, intermediate=512,
                                             num_layers=4, vision_hidden=64)

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ConfigError, InfiniteVLTextConfig
-from model.linear_mixers import GatedLinearAttention, Mamba2Mixer
-from model.linear_ops import compare_with_reference, torch_chunk_gla, torch_recurrent_gla
+from model.layers import MIXERS as MIXER_TABLE
+from model.layers import GatedLinearAttention, LinearMixer, Mamba2Mixer
+from model.ops.gla import fla_check, torch_chunk_gla, torch_recurrent_gla
 
 MIXERS = ("gla", "mamba2")
 
@@ -193,8 +194,26 @@ def test_parameter_names_and_shapes_equal_flas_layers():
 
 def test_linear_mixer_is_a_checked_config_field():
     assert InfiniteVLTextConfig(num_hidden_layers=4).linear_mixer == "gated_deltanet"
-    with pytest.raises(ConfigError, match="linear_mixer"):
+    with pytest.raises(ConfigError, match="linear_mixer.*allowed: gated_deltanet, gla, mamba2, kda"):
         _config("mamba")
+    with pytest.raises(ConfigError, match="grouped value heads are not supported by linear_mixer='gla'"):
+        _config("gla", num_linear_value_heads=4)
+
+
+def test_one_table_names_every_mixer_and_the_model_builds_from_it():
+    from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration, mixer_names
+    from model.modeling import LINEAR_MIXER_CLASSES
+
+    assert mixer_names() == tuple(MIXER_TABLE) and LINEAR_MIXER_CLASSES is MIXER_TABLE
+    for name, cls in MIXER_TABLE.items():
+        for method in ("init_parameters", "init_from_attention", "allocate_state"):
+            assert getattr(cls, method) is not getattr(LinearMixer, method), (name, method)
+        layer = InfiniteVLForConditionalGeneration(InfiniteVLConfig(text_config=dict(
+            hidden_size=32, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2, intermediate_size=64,
+            vocab_size=64, linear_mixer=name, layer_types=["sliding_attention", "linear_attention"]),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32))
+        ).model.language_model.layers[1].self_attn
+        assert type(layer) is cls
 
 
 @pytest.fixture(scope="module")
@@ -377,19 +396,18 @@ def test_fla_kernels_match_the_torch_path_on_gpu(op, packed):
     import fla.ops.gla as gla_ops
     import fla.ops.simple_gla as simple_ops
 
-    from model.gdn_ops import ensure_fla_backward_ok
-    from model.linear_ops import _simple_gla_check
+    from model.ops.common import ensure_fla_backward_ok
+    from model.ops.gla import simple_gla_check
 
     scalar = "simple" in op
     if scalar:
-        ensure_fla_backward_ok(torch.device("cuda"), "simple_gla", _simple_gla_check)
+        ensure_fla_backward_ok(torch.device("cuda"), "simple_gla", simple_gla_check)
     kernel = getattr(simple_ops if scalar else gla_ops, op)
-    cu = torch.tensor([0, 100, 357, 600], device="cuda") if packed else None
+    cu = torch.tensor([0, 100, 357, 600]) if packed else None
     T = 600 if "chunk" in op else 64
     if cu is not None and T != 600:
-        cu = torch.tensor([0, 10, 40, 64], device="cuda")
-    errs = compare_with_reference(kernel, "cuda", B=1 if packed else 2, T=T, H=4, K=128, V=256, cu_seqlens=cu,
-                                  scalar=scalar)
+        cu = torch.tensor([0, 10, 40, 64])
+    errs = fla_check(kernel, "cuda", scalar, B=1 if packed else 2, T=T, H=4, K=128, V=256, cu_seqlens=cu)
     print(f"{op} (bf16) vs torch (fp32), packed={packed}: {errs}")
     assert max(errs.values()) < 2e-2, errs
 

@@ -1,21 +1,20 @@
-"""Gated linear attention recurrences for the ablation mixers (GLA, Mamba2): pure-torch chunked and
-step-by-step implementations (CPU path, test reference) and the dispatch to flash-linear-attention's Triton
-kernels on CUDA, in the style of `gdn_ops.py`.
+"""Gated linear attention recurrences (GLA: one decay per key channel; Mamba2's SSD form: one per head): exact
+chunked and step-by-step torch implementations (CPU path, test reference) and the dispatch to
+flash-linear-attention's Triton kernels on CUDA.
 
-One recurrence covers both mixers. Per head, with the state h a K×V matrix (q already scaled):
+Per head, with the state h a K×V matrix (q already scaled):
 
     h_t = diag(exp(g_t)) · h_{t-1} + k_t v_tᵀ
     o_t = h_tᵀ q_t
 
-GLA gates every key channel (g [B, T, H, K], fla's `chunk_gla`); Mamba2's SSD form has one scalar decay per
-head (g [B, T, H], fla's `chunk_simple_gla`). Chunked form (chunk of C steps, G = Σ_{s≤t} g_s inside the
-chunk, S the state entering it):
+GLA gates every key channel (g [B, T, H, K], fla's `chunk_gla`); the scalar form has g [B, T, H] (fla's
+`chunk_simple_gla`). Chunked form (chunk of C steps, G = Σ_{s≤t} g_s inside the chunk, S the state entering it):
 
     O  = (Q ⊙ exp(G)) S + A V              A[t,s] = Σ_k q_tk k_sk exp(G_tk − G_sk)   for s ≤ t
     S' = exp(G_C) ⊙ S + (K ⊙ exp(G_C − G))ᵀ V
 
 Every exponent above is ≤ 0 (decays only), so nothing overflows however strong the gates. With per-channel
-gates A needs a [C, C, K] tensor per chunk, hence a smaller chunk (16) for GLA than for the scalar form (64).
+gates A needs a [C, C, K] tensor per chunk, hence a smaller chunk (16) than for the scalar form (64).
 
 Layouts follow fla: q, k [B, T, H, K]; v [B, T, H, V]; states [N, H, K, V] in fp32. Packed sequences pass
 `cu_seqlens` (B must be 1) and the state restarts at every boundary.
@@ -25,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .gdn_ops import _acc, _chunks, ensure_fla_backward_ok, per_document, use_fla
+from .common import acc_dtype, chunks, cu_long, decoding, ensure_fla_backward_ok, per_document, use_fla
+from .testing import compare_with_reference
 
 CHUNK_SCALAR = 64
 CHUNK_CHANNEL = 16
@@ -38,7 +38,7 @@ def torch_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_sta
     if cu_seqlens is not None:
         return per_document(torch_chunk_gla, (q, k, v, g), scale, initial_state, output_final_state, cu_seqlens,
                             chunk_size=chunk_size)
-    dtype, acc = v.dtype, _acc(v)
+    dtype, acc = v.dtype, acc_dtype(v)
     scalar = g.ndim == 3
     C = chunk_size or (CHUNK_SCALAR if scalar else CHUNK_CHANNEL)
     B, T, H, K = k.shape
@@ -46,8 +46,8 @@ def torch_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_sta
     scale = K ** -0.5 if scale is None else scale
     pad = (C - T % C) % C
     # [B, H, N, C, *]; padded steps have k = 0 and g = 0, so they leave the state untouched
-    q, k, v = (_chunks(x.to(acc), pad, C) for x in (q * scale, k, v))
-    g = _chunks((g.unsqueeze(-1) if scalar else g).to(acc), pad, C)  # [B, H, N, C, 1 or K]
+    q, k, v = (chunks(x.to(acc), pad, C) for x in (q * scale, k, v))
+    g = chunks((g.unsqueeze(-1) if scalar else g).to(acc), pad, C)  # [B, H, N, C, 1 or K]
     G = g.cumsum(-2)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
 
@@ -73,7 +73,7 @@ def torch_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final
     """Step-by-step form (decoding a few tokens, and an independent check of the chunked form)."""
     if cu_seqlens is not None:
         return per_document(torch_recurrent_gla, (q, k, v, g), scale, initial_state, output_final_state, cu_seqlens)
-    dtype, acc = v.dtype, _acc(v)
+    dtype, acc = v.dtype, acc_dtype(v)
     B, T, H, K = k.shape
     scale = K ** -0.5 if scale is None else scale
     S = q.new_zeros(B, H, K, v.shape[-1], dtype=acc) if initial_state is None else initial_state.to(acc)
@@ -87,10 +87,6 @@ def torch_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final
     return torch.stack(outs, 1).to(dtype), (S if output_final_state else None)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# CUDA: flash-linear-attention
-# --------------------------------------------------------------------------------------------------------------
-
 def _torch_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     fn = torch_recurrent_gla if q.shape[1] <= 4 and not torch.is_grad_enabled() else torch_chunk_gla
     return fn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
@@ -98,12 +94,7 @@ def _torch_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens
 
 def _fla_kwargs(q, scale, initial_state, output_final_state, cu_seqlens):
     return dict(scale=scale, initial_state=None if initial_state is None else initial_state.float(),
-                output_final_state=output_final_state,
-                cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.long))
-
-
-def _decoding(q) -> bool:
-    return q.shape[1] <= 64 and not (torch.is_grad_enabled() and q.requires_grad)
+                output_final_state=output_final_state, cu_seqlens=cu_long(cu_seqlens, q.device))
 
 
 def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -116,7 +107,7 @@ def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu
 
     kwargs = _fla_kwargs(q, scale, initial_state, output_final_state, cu_seqlens)
     # keywords throughout: fused_recurrent_gla calls the gate `gk`, chunk_gla calls it `g`
-    if _decoding(q):
+    if decoding(q):
         return fused_recurrent_gla(q=q, k=k, v=v, gk=g, **kwargs)
     return chunk_gla(q=q, k=k, v=v, g=g, **kwargs)
 
@@ -130,49 +121,37 @@ def simple_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fa
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
     kwargs = _fla_kwargs(q, scale, initial_state, output_final_state, cu_seqlens)
-    if _decoding(q):
+    if decoding(q):
         return fused_recurrent_simple_gla(q=q, k=k, v=v, g=g, **kwargs)
     if torch.is_grad_enabled():
-        ensure_fla_backward_ok(q.device, "simple_gla", _simple_gla_check)
+        ensure_fla_backward_ok(q.device, "simple_gla", simple_gla_check)
     return chunk_simple_gla(q=q, k=k, v=v, g=g, **kwargs)
 
 
-def _simple_gla_check(device, head_dim: int) -> dict:
+def random_inputs(B=2, T=300, H=4, K=64, V=128, scalar=False, seed=0) -> dict:
+    """Inputs in GLA's own gate range: logsigmoid(·)/16 per channel (scalar form: logsigmoid(·))."""
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    g_shape = (B, T, H) if scalar else (B, T, H, K)
+    return dict(q=mk(B, T, H, K), k=mk(B, T, H, K), v=mk(B, T, H, V),
+                g=torch.nn.functional.logsigmoid(mk(*g_shape) + 2) / (1 if scalar else 16))
+
+
+def fla_check(kernel, device, scalar: bool, **shape) -> dict:
+    """An fla GLA kernel (chunk or fused recurrent, per channel or scalar; bf16) against the torch chunked form
+    (fp32) from an initial state: relative errors of output, final state and gradients."""
+    cu = shape.pop("cu_seqlens", None)
+    inputs = random_inputs(scalar=scalar, **shape)
+    B, _, H, K = inputs["q"].shape
+    N = B if cu is None else len(cu) - 1
+    h0 = torch.randn(N, H, K, inputs["v"].shape[-1], generator=torch.Generator().manual_seed(1))
+    names = {"g": "gk"} if getattr(kernel, "__name__", "") == "fused_recurrent_gla" else None
+    return compare_with_reference(kernel, torch_chunk_gla, inputs, device, kernel_names=names, initial_state=h0,
+                                  output_final_state=True, cu_seqlens=cu)
+
+
+def simple_gla_check(device, head_dim: int) -> dict:
     """chunk_simple_gla's backward goes through the gated kernel fla refuses on Hopper (fla issue #640)."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    return compare_with_reference(chunk_simple_gla, device, K=head_dim, V=2 * head_dim, scalar=True)
-
-
-def compare_with_reference(kernel, device, B=2, T=300, H=4, K=64, V=128, dtype=torch.bfloat16, seed=0,
-                           cu_seqlens=None, scalar=False) -> dict:
-    """Relative error (max |a-b| / max |b|) of an fla kernel (chunk_gla / chunk_simple_gla or their fused
-    recurrent forms) against the fp32 torch chunked form, for the output, the final state and the gradients
-    of q, k, v, g."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    g_shape = (B, T, H) if scalar else (B, T, H, K)
-    # GLA's own gate range: logsigmoid(·)/16
-    inputs = dict(q=mk(B, T, H, K), k=mk(B, T, H, K), v=mk(B, T, H, V),
-                  g=torch.nn.functional.logsigmoid(mk(*g_shape) + 2) / (1 if scalar else 16))
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    h0 = mk(N, H, K, V)
-    do, dht = mk(B, T, H, V), mk(N, H, K, V)
-    gate_name = "gk" if "fused_recurrent_gla" in getattr(kernel, "__name__", "") else "g"
-
-    def run(fn, dt):
-        xs = {n: x.to(device, dt).requires_grad_() for n, x in inputs.items()}
-        xs["g"] = inputs["g"].to(device, torch.float32).requires_grad_()
-        args = dict(q=xs["q"], k=xs["k"], v=xs["v"], initial_state=h0.to(device), output_final_state=True,
-                    cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device))
-        if fn is kernel:
-            o, ht = fn(**args, **{gate_name: xs["g"]})
-        else:
-            o, ht = fn(**args, g=xs["g"])
-        ((o.float() * do.to(device)).sum() + (ht.float() * dht.to(device)).sum()).backward()
-        return {"o": o.detach().float().cpu(), "ht": ht.detach().float().cpu(),
-                **{f"d{n}": x.grad.float().cpu() for n, x in xs.items()}}
-
-    got = run(kernel, dtype)
-    ref = run(torch_chunk_gla, torch.float32)
-    return {n: float((got[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-12)) for n in ref}
+    return fla_check(chunk_simple_gla, device, scalar=True, K=head_dim, V=2 * head_dim)

@@ -1,6 +1,11 @@
-"""Sliding-window attention: the teacher's GQA attention (same q/k/v/o weights, M-RoPE), where a query at
-token index i sees keys at indices j with 0 ≤ i − j < W (window counted in tokens, itself included), never
-across documents of a packed batch and never padding.
+"""Sliding-window attention: the teacher's GQA attention (same weights under the same names, M-RoPE), where a
+query at token index i sees keys at indices j with 0 ≤ i − j < W (window counted in tokens, itself included),
+never across documents of a packed batch and never padding.
+
+What differs between teacher families is read off the config's `attention_spec()`: q/k/v (and o) biases
+(Qwen2.5-VL), per-head RMSNorms on q and k before the rotation (Qwen3-VL, Qwen3.5: q_norm, k_norm), an explicit
+head_dim, partial rotary (Qwen3.5 rotates the first quarter of each head), and an output gate (Qwen3.5: q_proj
+also yields a per-channel gate, the output is o_proj(attention · sigmoid(gate))).
 
 Backends: flash-attn varlen with a window when it is installed; torch flex_attention on CUDA; SDPA with an
 explicit boolean mask otherwise (the CPU path, and cached decoding everywhere).
@@ -13,10 +18,9 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
-from .cache import SlidingWindowCache
-from .packed import project
+from ..cache import SlidingWindowCache
+from ..norm_mlp import RMSNorm
+from ..packed import project
 
 
 def flash_attn_available() -> bool:
@@ -27,27 +31,52 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available()
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k [B, heads, T, D] rotated by cos/sin [B, T, R] on their first R channels (R < D: partial rotary)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    R = cos.shape[-1]
+
+    def rot(x):
+        x_rot = x[..., :R] * cos + rotate_half(x[..., :R]) * sin
+        return x_rot if R == x.shape[-1] else torch.cat([x_rot, x[..., R:]], dim=-1)
+
+    return rot(q), rot(k)
+
+
 class SlidingWindowAttention(nn.Module):
     PACKABLE = ("q_proj", "k_proj", "v_proj")  # one input: see model/packed.py
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
+        spec = config.attention_spec()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.hidden_size // self.num_heads
+        self.head_dim = spec.head_dim
+        self.output_gate = spec.output_gate
         self.window = int(config.sliding_window)
         self.backend = config.attention_backend
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        q_rows = self.num_heads * self.head_dim * (2 if self.output_gate else 1)
+        self.q_proj = nn.Linear(config.hidden_size, q_rows, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, offset=config.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, offset=config.norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, position_embeddings, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: SlidingWindowCache | None = None,
                 offset: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.project(x, position_embeddings)
+        q, k, v, gate = self.project(x, position_embeddings)
         pos = torch.arange(T, device=x.device) + offset  # offset may be a device tensor (CUDA graphs)
         valid = attention_mask.bool() if attention_mask is not None else \
             torch.ones(B, T, dtype=torch.bool, device=x.device)
@@ -61,20 +90,36 @@ class SlidingWindowAttention(nn.Module):
             mask = window_mask(pos, kpos, self.window, kvalid, _doc_ids(cu_seqlens, T, x.device))
             o = F.scaled_dot_product_attention(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), attn_mask=mask,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return self.output(o, gate)
 
     def project(self, x: torch.Tensor, position_embeddings):
-        """Queries, keys (both rotated) and values, [B, heads, T, head_dim]."""
+        """Queries, keys (both normed where the family norms them, then rotated) and values, [B, heads, T,
+        head_dim], and the output gate [B, T, heads·head_dim] (None without one)."""
         B, T, _ = x.shape
         q, k, v = project(self, x, self.PACKABLE)
         if T > 1:  # a packed v is strided: the compiled flex kernel read it 40% slower (128K prefill, H200)
             v = v.contiguous()
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        gate = None
+        if self.output_gate:  # per head: [query | gate], as the teacher lays them out
+            q, gate = q.view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(B, T, -1)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        q, k = apply_rotary(q, k, cos, sin)
+        return q, k, v, gate
+
+    def output(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """o [B, heads, T, head_dim] → o_proj(o), gated where the family gates it."""
+        B, _, T, _ = o.shape
+        o = o.transpose(1, 2).reshape(B, T, -1)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        return self.o_proj(o)
 
     def _pick_backend(self, x, cache) -> str:
         """Cached steps attend over the ring buffer with SDPA (a short, explicit mask); a fresh prefill or a
@@ -149,7 +194,7 @@ def _import_before_compiling() -> None:
     every compiled graph on the number of registered nodes: imported after the first compile (by the first
     Gated DeltaNet layer after a sliding one), it made every stage and eval process on the H200 compile
     flex_attention and create_block_mask a second time."""
-    from .gdn_ops import fla_available
+    from ..ops.common import fla_available
 
     fla_available()
 
