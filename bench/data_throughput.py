@@ -18,7 +18,6 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 SIZES = [(224, 224), (448, 336), (672, 672), (896, 640), (1344, 1344), (336, 448)]
 MAX_LEN = 8192

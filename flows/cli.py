@@ -26,7 +26,7 @@ from rich.table import Table
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.plan import PlanError, check_plan, preflight, status as stage_statuses
 from pipeline.report import REPORT, eval_section
-from pipeline.stages import STAGE_ORDER, join
+from pipeline.stages import STAGE_ORDER, join, model_folder
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="InfiniteVL: convert Qwen2.5-VL, train it in stages, evaluate it, with Prefect.")
@@ -85,7 +85,8 @@ def status(target: str = typer.Argument(..., help="a run root (holding config.ya
 
 
 @app.command("eval")
-def eval_(checkpoint: str = typer.Argument(..., help="a checkpoint directory or fsspec URL (Hugging Face format)"),
+def eval_(checkpoint: str = typer.Argument(..., help="a checkpoint directory or fsspec URL (Hugging Face format), or a "
+                                          "stage folder of a run (runs/tiny/stage3: its committed export)"),
           suite: List[str] = typer.Option(["tiny"], "--suite", help="tiny, longvideo, NAME=URL.arrow, URL.arrow, or a "
                                           "name under --data-root (repeatable)"),
           data_root: Optional[str] = typer.Option(None, "--data-root", help="where bare suite names find NAME.arrow"),
@@ -96,6 +97,7 @@ def eval_(checkpoint: str = typer.Argument(..., help="a checkpoint directory or 
     from pipeline.eval import evaluate_checkpoint
 
     settings = {"max_new_tokens": max_new_tokens, **({"limit": limit} if limit else {})}
+    checkpoint = model_folder(checkpoint)
     try:
         scores = evaluate_checkpoint(checkpoint, settings, suite=list(suite), out_dir=out, data_root=data_root)
     except (FileNotFoundError, ValueError) as e:
@@ -109,7 +111,8 @@ def eval_(checkpoint: str = typer.Argument(..., help="a checkpoint directory or 
 
 
 @app.command()
-def generate(checkpoint: str = typer.Argument(..., help="a local checkpoint directory (model + processor)"),
+def generate(checkpoint: str = typer.Argument(..., help="a local checkpoint directory (model + processor), or a stage "
+                                              "folder of a run (runs/tiny/stage3: its committed export)"),
              prompt: str = typer.Option(..., "--prompt", "-p", help="the question"),
              image: List[str] = typer.Option([], "--image", help="an image path or URL (repeatable)"),
              video: Optional[str] = typer.Option(None, "--video", help="a video path or URL"),
@@ -121,7 +124,7 @@ def generate(checkpoint: str = typer.Argument(..., help="a local checkpoint dire
     from pipeline.serve.chat import answer_from_checkpoint
 
     try:
-        answer = answer_from_checkpoint(checkpoint, prompt, image, video, max_new_tokens, fps, max_frames)
+        answer = answer_from_checkpoint(model_folder(checkpoint), prompt, image, video, max_new_tokens, fps, max_frames)
     except (FileNotFoundError, ValueError, BadRecord) as e:
         _fail(str(e))
     typer.echo(answer)

@@ -175,6 +175,16 @@ def current_attempt(stage_directory: str) -> str | None:
     return found[-1][1] if found else None
 
 
+def model_folder(url: str) -> str:
+    """The model a stage folder holds (`runs/tiny/stage3`: its committed attempt's export; the teacher stage: its
+    committed output); any other folder is returned as it is."""
+    marker = committed(url)
+    if marker is None or "output" not in marker:
+        return url
+    export = join(marker["output"], "export")
+    return export if storage.committed_files(export) is not None else marker["output"]
+
+
 def stage_state(stage_directory: str, fingerprint: str) -> str:
     """"done", "stale" (committed for another lineage), "partial" (a resumable attempt) or "missing"."""
     marker = committed(stage_directory)

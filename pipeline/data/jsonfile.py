@@ -15,7 +15,6 @@ large one) and decoded strictly: a byte that is not UTF-8 sets that record aside
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 import numpy as np

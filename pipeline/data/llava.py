@@ -128,7 +128,7 @@ class LlavaParquetReader:
             blob = image.get("bytes") if isinstance(image, dict) else image
             if not isinstance(blob, (bytes, bytearray)) or not blob:
                 path = image.get("path") if isinstance(image, dict) else None
-                err = BadRecord(f"missing image: no bytes in the row" + (f" (only a path, {path})" if path else ""))
+                err = BadRecord("missing image: no bytes in the row" + (f" (only a path, {path})" if path else ""))
                 err.record_id = rid
                 raise err
             images = [bytes(blob)]

@@ -20,7 +20,6 @@ environment (AWS_* variables), as for every stage.
 
 from __future__ import annotations
 
-import re
 import tempfile
 
 from pipeline import storage
