@@ -6,7 +6,8 @@ own has no schedulers or triggers), so the tests and local development start one
     with PrefectServer() as server:          # in code; server.api_url is the PREFECT_API_URL
         ...
 
-    python -m infra.prefect_server           # for development: prints the export line, runs until Ctrl-C
+    python -m infra.prefect_server           # for development: a persistent home (~/.infinitevl/prefect), prints
+                                             # the export line, runs until Ctrl-C or SIGTERM (--help: options)
 
 `TemporaryServer` is what `infinitevl run` starts when no PREFECT_API_URL is set: Prefect's API alone (as the
 temporary server Prefect itself would start), tied to the process that started it, so it goes when that
@@ -64,8 +65,11 @@ class PrefectServer:
             "PREFECT_API_URL": "",  # the server must not talk to another one
         }
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(self.port)]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        from pipeline.launch import parent_death_signal
+
+        with open(self.log_path, "ab") as log:  # its own session, ended with its parent even if that is SIGKILLed
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=parent_death_signal(signal.SIGTERM))
         self._wait_healthy()
         return self
 
@@ -135,6 +139,7 @@ class TemporaryServer:
             return None
         server = cls().start()
         os.environ["PREFECT_API_URL"] = server.api_url
+        os.environ.setdefault("PREFECT_UI_URL", "")  # it serves no UI: flow runs print no link to one
         atexit.register(server.stop)
         return server
 
@@ -182,15 +187,41 @@ class TemporaryServer:
         self._log.close()
 
 
-def main() -> None:
-    with PrefectServer(home=os.environ.get("INFINITEVL_PREFECT_HOME")) as server:
+DEFAULT_HOME = os.path.join("~", ".infinitevl", "prefect")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A development server whose state (flow runs, deployments, artifacts) lives in a home folder that outlives it;
+    SIGTERM or Ctrl-C stops it, and so does the end of this process, however it ends."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m infra.prefect_server", description=main.__doc__)
+    parser.add_argument("--home", default=os.environ.get("INFINITEVL_PREFECT_HOME", DEFAULT_HOME),
+                        help="PREFECT_HOME: the database and logs (default: $INFINITEVL_PREFECT_HOME or %(default)s)")
+    parser.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--ui", action="store_true", help="serve Prefect's web UI too")
+    args = parser.parse_args(argv)
+    home = os.path.abspath(os.path.expanduser(args.home))
+    os.makedirs(home, exist_ok=True)
+    if args.ui:
+        os.environ["PREFECT_UI_ENABLED"] = "true"
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    with PrefectServer(port=args.port, home=home) as server:
         print(f"export PREFECT_API_URL={server.api_url}", flush=True)
+        if args.ui:
+            print(f"UI: http://{HOST}:{server.port}", flush=True)
+        else:  # without it, every flow run would print a link to a UI that is not there
+            print("export PREFECT_UI_URL=", flush=True)
         print(f"(PREFECT_HOME {server.home}; Ctrl-C stops the server)", flush=True)
         try:
             while server.proc.poll() is None:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+
+
+def _stop_on_signal(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

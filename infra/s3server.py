@@ -69,15 +69,6 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM when its parent dies, so a killed test run leaves no server behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _ready(endpoint: str) -> bool:
     try:
         urllib.request.urlopen(endpoint, timeout=0.5)
@@ -110,8 +101,11 @@ def s3_server(buckets: list[str] | tuple[str, ...] = ("data",), timeout: float =
     if buckets:
         cmd.append("-bucket=" + ",".join(buckets))
     log = open(log_path or Path(workdir, "weed.log"), "wb")
+    from pipeline.launch import parent_death_signal
+
+    # the server gets SIGTERM when its parent dies, so a killed test run leaves no server behind
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=parent_death_signal())
     server = S3Server(endpoint=f"http://{HOST}:{ports['s3']}", key=key, secret=secret, buckets=tuple(buckets))
     try:
         _wait(server, proc, timeout, log.name)
@@ -150,18 +144,30 @@ def _wait(server: S3Server, proc: subprocess.Popen, timeout: float, log_name: st
     raise TimeoutError(f"S3 server at {server.endpoint} not ready after {timeout:.0f} s (log: {log_name})")
 
 
-def main() -> None:
-    """Runs a dev server until Ctrl-C and prints how to reach it."""
-    with s3_server(buckets=sys.argv[1:] or ["data"]) as s3:
-        print(f"S3 endpoint {s3.endpoint}; buckets {', '.join(s3.buckets)}")
-        print("environment for clients:")
+def main(argv: list[str] | None = None) -> None:
+    """Runs a dev S3 server (SeaweedFS on 127.0.0.1, data in a temporary folder) until Ctrl-C or SIGTERM and
+    prints how to reach it."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m infra.s3server", description=main.__doc__)
+    parser.add_argument("buckets", nargs="*", default=["data"], help="buckets to create (default: data)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    with s3_server(buckets=args.buckets) as s3:
+        print(f"S3 endpoint {s3.endpoint}; buckets {', '.join(s3.buckets)}", flush=True)
+        print("environment for clients:", flush=True)
         for k, v in s3.env.items():
-            print(f"  export {k}={v}")
+            print(f"  export {k}={v}", flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+def _stop_on_signal(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
