@@ -239,6 +239,13 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
         print(f"[{job['name']}] {stage}: held-out accuracy {acc['pictures']:.1f}% (scored in {time.time() - t0:.0f} s)",
               flush=True)
 
+    # the scorer thread and this one would otherwise import transformers' lazy modules at once, which can fail
+    # ("cannot import name 'AutoConfig'"): everything both use is imported here, before the thread starts
+    import model  # noqa: F401
+    import pipeline.data.loader  # noqa: F401
+    import pipeline.eval.api  # noqa: F401
+    import pipeline.teacher_train  # noqa: F401
+
     scorer = InOrder()  # a stage's score runs while the next stage trains: the GPU has room for both
     for stage in job["stages"]:
         run_stages(job["config"], [stage], job["runner"])  # committed stages (the shared ones) are skipped

@@ -60,7 +60,9 @@ def stage(name: str = typer.Argument(..., help=f"one of: {', '.join(STAGE_ORDER)
 def serve(config: Optional[str] = typer.Option(None, "--config", "-c", help="default config of the deployments; "
                                                 "also schedules the eval of its run's latest checkpoint"),
           set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP),
-          limit: Optional[int] = typer.Option(None, "--limit", help="most flow runs at once (e.g. 1 per GPU host)")) -> None:
+          limit: Optional[int] = typer.Option(None, "--limit", help="most flow runs at once (e.g. 1 per GPU host)"),
+          eval_concurrency: int = typer.Option(1, "--eval-concurrency", min=1,
+                                               help="checkpoint evaluations at once; the others wait their turn")) -> None:
     """Serve every deployment against PREFECT_API_URL until interrupted."""
     from prefect.settings import PREFECT_API_URL
 
@@ -71,9 +73,15 @@ def serve(config: Optional[str] = typer.Option(None, "--config", "-c", help="def
         _load(config, set_)
     from prefect import serve as prefect_serve
 
-    from flows.deployments import build_deployments
+    from flows.deployments import build_deployments, deployments_on_work_pools
 
-    prefect_serve(*build_deployments(config, set_), limit=limit)
+    deployments = build_deployments(config, set_, eval_concurrency)
+    taken = deployments_on_work_pools([f"{d.flow_name}/{d.name}" for d in deployments])
+    if taken:
+        _fail("these deployments were made by `prefect deploy` on work pools, and serving would take them over: "
+              + ", ".join(taken) + ". Run them through their work pools' workers, or delete them first "
+              "(prefect deployment delete NAME).")
+    prefect_serve(*deployments, limit=limit)
 
 
 @app.command()

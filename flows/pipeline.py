@@ -16,7 +16,7 @@ from prefect.events import emit_event
 from pipeline import checkpoints, storage
 from pipeline.config import RunConfig, load_config, to_yaml
 from pipeline.plan import check_plan, preflight, run_stage as run_planned_stage
-from pipeline.report import build_report, write_report
+from pipeline.report import build_report, stage_rows, write_report
 from pipeline.stages import StageOutcome, join
 
 from flows import plots
@@ -51,9 +51,7 @@ def infinitevl(config: str, overrides: list[str] | None = None, force: list[str]
                 raise
     finally:
         publish_report(cfg, outcomes, failed, log)
-    rows = [summary_row(o) for o in outcomes.values()]
-    create_table_artifact(rows, key="infinitevl-summary", description=f"Stages of run {cfg.run.name} ({cfg.run.root})")
-    return rows
+    return [summary_row(o) for o in outcomes.values()]
 
 
 def save_resolved_config(cfg: RunConfig) -> str:
@@ -64,8 +62,12 @@ def save_resolved_config(cfg: RunConfig) -> str:
 
 
 def publish_report(cfg: RunConfig, outcomes: dict[str, StageOutcome], failed: dict[str, str], log) -> None:
-    """report.md under the run root and the same markdown as the run's artifact (its plots inline)."""
+    """report.md under the run root, the same markdown as the run's artifact (its plots inline), and a table of
+    every stage of the run (those this flow run did not touch too)."""
     try:
+        rows = [{k: v for k, v in row.items() if k != "marker"} for row in stage_rows(cfg, outcomes, failed)]
+        create_table_artifact(rows, key="infinitevl-summary",
+                              description=f"Stages of run {cfg.run.name} ({cfg.run.root})")
         report = build_report(cfg, outcomes, failed)
         url = write_report(cfg, report)
         markdown = report.markdown
@@ -99,26 +101,48 @@ def summary_row(outcome: StageOutcome) -> dict:
             "loss": metrics.get("loss"), "score": score, "output": outcome.output}
 
 
-@flow(name="infinitevl", flow_run_name="eval-checkpoint-{step}", log_prints=True)
-def eval_checkpoint(checkpoint: str = "latest", step: int | None = None, config: str | None = None,
-                    overrides: list[str] | None = None) -> dict:
-    """Evaluates one committed checkpoint and writes its report JSON next to it.
+def eval_run_name() -> str:
+    """`eval-stage2-step-150` from the run's parameters (the checkpoint event's stage and step), `eval-latest`
+    for the scheduled evaluation of the newest checkpoint."""
+    from prefect.runtime import flow_run
 
-    checkpoint: its URI, or "latest" for the newest committed checkpoint of the config's run.
-    config: the run's config (a checkpoint event carries the resolved one from the run root).
+    parameters = flow_run.parameters
+    if parameters.get("checkpoint", "latest") == "latest":
+        return "eval-latest"
+    stage = parameters.get("stage") or checkpoints.stage_output_of(parameters["checkpoint"]).rsplit("/", 2)[-2]
+    return f"eval-{stage}-step-{parameters.get('step')}"
+
+
+@flow(name="infinitevl", flow_run_name=eval_run_name, log_prints=True)
+def eval_checkpoint(checkpoint: str = "latest", step: int | None = None, config: str | None = None,
+                    overrides: list[str] | None = None, stage: str | None = None) -> dict:
+    """Evaluates a committed checkpoint and writes its report JSON next to it.
+
+    checkpoint: a checkpoint's URI (a checkpoint event's), or "latest" for the newest committed checkpoint of the
+    config's run. The deployment runs these one at a time (its concurrency limit), so events queue while one is
+    scored; when its turn comes, a run scores the newest checkpoint of that stage not yet scored (its own, or one
+    committed since), and does nothing when all are: no checkpoint is scored twice, the newest first.
+    config: the run's config (a checkpoint event carries the resolved one from the run root). stage: the stage
+    that wrote the checkpoint (in the run's name).
     """
     from pipeline.eval import evaluate_checkpoint
 
     if config is None:
         raise ValueError("evaluating a checkpoint needs the run's config (the event payload's 'config')")
+    log = get_run_logger()
     cfg = load_config(config, overrides or [])
     if checkpoint == "latest":
         found = checkpoints.latest_checkpoint_of_run(cfg.run.root)
         if found is None:
             raise FileNotFoundError(f"no committed checkpoint under {cfg.run.root} yet")
-        _, step, checkpoint = found
-    marker = checkpoints.checkpoint_metrics(checkpoint)
-    step = marker["step"] if step is None else int(step)
+        checkpoint = found[2]
+    chosen = checkpoints.newest_unscored(checkpoints.stage_output_of(checkpoint))
+    if chosen is None:
+        log.info("every committed checkpoint of %s is scored already: nothing to do",
+                 checkpoints.stage_output_of(checkpoint))
+        return {"checkpoint": checkpoint, "skipped": "already scored"}
+    step, checkpoint = chosen
+    log.info("scoring %s (step %d)", checkpoint, step)
     scores = dict(evaluate_checkpoint(checkpoint, cfg))
     report = checkpoints.write_checkpoint_report(checkpoint, step, scores, "pipeline.eval.evaluate_checkpoint")
     publish_checkpoint_artifacts(report)

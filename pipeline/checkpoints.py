@@ -60,6 +60,14 @@ def latest_checkpoint(stage_output: str) -> tuple[int, str] | None:
     return found[-1] if found else None
 
 
+def newest_unscored(stage_output: str) -> tuple[int, str] | None:
+    """(step, uri) of the newest committed checkpoint of a stage with no evaluation report yet, if any."""
+    for step, uri in reversed(list_checkpoints(stage_output)):
+        if storage.read_json_or_none(report_uri(uri)) is None:
+            return step, uri
+    return None
+
+
 def latest_checkpoint_of_run(run_root: str) -> tuple[str, int, str] | None:
     """(stage, step, uri) of the newest committed checkpoint of the latest stage that has one (in its newest
     attempt: the one running or committed)."""

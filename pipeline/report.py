@@ -29,15 +29,16 @@ class Report:
     plots: dict[str, bytes] = field(default_factory=dict)  # file name under PLOTS -> PNG
 
 
-def build_report(config: RunConfig, outcomes: dict[str, StageOutcome] | None = None,
-                 failed: dict[str, str] | None = None) -> Report:
-    """The report of a run from its commit markers; `outcomes` (this run's) say what ran now and what was
-    skipped, `failed` which stage failed and why."""
+def stage_rows(config: RunConfig, outcomes: dict[str, StageOutcome] | None = None,
+               failed: dict[str, str] | None = None) -> list[dict]:
+    """One row per stage of the whole run (not only those this run touched): status, time, tokens, final loss,
+    output, from the commit markers; `outcomes` (this run's) say what ran now and what was skipped, `failed` which
+    stage failed and why."""
     from .plan import status
 
     outcomes, failed = outcomes or {}, failed or {}
     states = status(config)
-    rows, plots, eval_metrics = [], {}, None
+    rows = []
     for name in STAGE_ORDER:
         state = states[name]
         marker = state.marker if state.state == "done" else None
@@ -51,16 +52,25 @@ def build_report(config: RunConfig, outcomes: dict[str, StageOutcome] | None = N
         elif name not in config.run.stages:
             shown = "not in run.stages"
         else:
-            shown = state.state + (f" ({'; '.join(state.reasons)})" if state.reasons else "")
+            shown = {"missing": "to do", "partial": "unfinished (resumes)"}.get(state.state, state.state)
+            shown += f" ({'; '.join(state.reasons)})" if state.reasons and state.state == "stale" else ""
         metrics = (marker or {}).get("metrics", {})
-        curve = _loss_curve(name, marker["output"]) if marker else []
-        if len(curve) > 1:
-            plots[f"{name}-loss.png"] = line_plot_png({"loss": curve}, f"{name} loss")
         rows.append({"stage": name, "status": shown, "time": _seconds((marker or {}).get("duration_s")),
                      "tokens": _tokens(name, metrics, marker), "loss": _number(metrics.get("loss")),
-                     "output": (marker or {}).get("output", "-")})
-        if name == "eval" and marker:
-            eval_metrics = metrics
+                     "output": (marker or {}).get("output", "-"), "marker": marker})
+    return rows
+
+
+def build_report(config: RunConfig, outcomes: dict[str, StageOutcome] | None = None,
+                 failed: dict[str, str] | None = None) -> Report:
+    """report.md of a run: the stage table, the evaluation, the loss curves."""
+    rows = stage_rows(config, outcomes, failed)
+    plots = {}
+    for row in rows:
+        curve = _loss_curve(row["stage"], row["marker"]["output"]) if row["marker"] else []
+        if len(curve) > 1:
+            plots[f"{row['stage']}-loss.png"] = line_plot_png({"loss": curve}, f"{row['stage']} loss")
+    eval_marker = next(r["marker"] for r in rows if r["stage"] == "eval")
     lines = [f"# infinitevl run `{config.run.name}`", "",
              f"Run root `{config.run.root}`, config `{join(config.run.root, 'config.yaml')}`, written "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
@@ -69,8 +79,8 @@ def build_report(config: RunConfig, outcomes: dict[str, StageOutcome] | None = N
     lines += ["| stage | status | time | tokens | final loss | output |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['time']} | {r['tokens']} | {r['loss']} | `{r['output']}` |"
               for r in rows]
-    if eval_metrics is not None:
-        lines += ["", *eval_section(config, eval_metrics)]
+    if eval_marker is not None:
+        lines += ["", *eval_section(config, eval_marker.get("metrics", {}))]
     if plots:
         lines += ["", "## Loss curves", ""]
         lines += [f"![{name.removesuffix('.png')}]({PLOTS}/{name})" for name in plots]

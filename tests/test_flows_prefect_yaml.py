@@ -52,3 +52,9 @@ def test_prefect_yaml_deploys_on_work_pools(prefect_server):
         actions = [a for automation in client.read_automations() for a in automation.actions
                    if getattr(a, "deployment_id", None) == eval_id]
         assert actions and actions[0].parameters["checkpoint"] == "{{ event.payload.checkpoint }}"
+    # `infinitevl serve` on the same server would take these names over: it refuses, naming them
+    served = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--config", "configs/tiny.yaml"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert served.returncode == 2, served.stdout + served.stderr
+    assert "made by `prefect deploy` on work pools" in served.stdout
+    assert "infinitevl/full-pipeline (work pool infinitevl-gpu)" in served.stdout

@@ -24,7 +24,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.pipeline import announce_checkpoint, save_resolved_config
 from pipeline import checkpoints, storage
 from pipeline.config import load_config
-from pipeline.stages import StageContext, committed, join
+from pipeline.stages import STAGE_ORDER, StageContext, committed, join
 
 read_json = storage.read_json_or_none
 
@@ -70,7 +70,8 @@ def served(prefect_server, s3, s3_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "flows.cli", "serve", "--config", TINY, "--set", f"run.root={run_root}",
            "--set", "eval.max_samples=2", "--set", f"run.stages=[{', '.join(SERVED_STAGES)}]",
-           "--set", "teacher.train.steps=10"]  # the orchestration is under test here, not the teacher's learning
+           "--set", "teacher.train.steps=10",  # the orchestration is under test here, not the teacher's learning
+           "--set", "eval.benchmarks=[sample]"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -95,14 +96,17 @@ def _wait_for_deployment(name: str, proc: subprocess.Popen, log: Path, timeout_s
     raise TimeoutError(f"{name} not deployed after {timeout_s} s:\n{log.read_text()}")
 
 
-def _summary(flow_run_id) -> list[dict]:
+def _summary(flow_run_id) -> dict[str, str]:
+    """stage -> status in the run's summary table, which lists every stage of the run."""
     import json
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     tables = [a for a in artifacts if a.key == "infinitevl-summary"]
     assert tables, "the run published no summary table"
-    return json.loads(tables[0].data)
+    rows = {row["stage"]: row["status"] for row in json.loads(tables[0].data)}
+    assert list(rows) == list(STAGE_ORDER), "the summary keeps the whole run"
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +131,9 @@ def test_full_pipeline_deployment_completes(served, first_run):
 def test_rerun_does_no_stage_work(served, first_run):
     rerun = run_deployment("infinitevl/full-pipeline", timeout=RUN_TIMEOUT_S)
     assert rerun.state.is_completed(), rerun.state.message
-    assert {row["stage"]: row["status"] for row in _summary(rerun.id)} == {name: "skipped" for name in first_run}
+    summary = _summary(rerun.id)
+    assert {name: summary[name] for name in first_run} == {name: "already committed" for name in first_run}
+    assert summary["stage1a"] == "not in run.stages"
     for name, marker in first_run.items():
         assert committed(join(served.run_root, name)) == marker
 
@@ -135,7 +141,8 @@ def test_rerun_does_no_stage_work(served, first_run):
 def test_force_recomputes_only_the_named_stage(served, first_run):
     forced = run_deployment("infinitevl/stage-teacher", parameters={"force": ["teacher"]}, timeout=RUN_TIMEOUT_S)
     assert forced.state.is_completed(), forced.state.message
-    assert [(row["stage"], row["status"]) for row in _summary(forced.id)] == [("teacher", "done")]
+    summary = _summary(forced.id)
+    assert summary["teacher"] == "ran now" and summary["data"] == "committed earlier", summary
     teacher = committed(join(served.run_root, "teacher"))
     assert teacher["finished_at"] > first_run["teacher"]["finished_at"]
     assert teacher["fingerprint"] == first_run["teacher"]["fingerprint"]
@@ -163,41 +170,51 @@ def test_eval_checkpoint_has_its_nightly_schedule(served):
     assert deployment.schedules[0].parameters["checkpoint"] == "latest"
 
 
-def test_checkpoint_event_triggers_its_evaluation(served, tiny_teacher, tmp_path):
+def test_checkpoint_events_are_evaluated_one_at_a_time_newest_first_none_twice(served, tiny_teacher, tmp_path):
+    """Three checkpoints committed at once: three events, three triggered runs, queued behind the deployment's
+    concurrency limit; they score the newest first, one at a time, each checkpoint once."""
     from model.checkpoint import save_pretrained
     from model.convert import convert_from_qwen2_5_vl
 
-    cfg = load_config(TINY, [f"run.root={served.run_root}", "eval.max_samples=2"])
+    cfg = load_config(TINY, [f"run.root={served.run_root}", "eval.max_samples=2", "eval.benchmarks=[sample]"])
     config_uri = save_resolved_config(cfg)
     teacher, processor = tiny_teacher
     save_pretrained(convert_from_qwen2_5_vl(teacher, sliding_window=cfg.student.sliding_window), processor, tmp_path)
     ctx = StageContext("stage1a", cfg, join(cfg.run.root, "stage1a", "attempt-0001"), {}, log=logging.getLogger("test"),
                        on_checkpoint=lambda uri, step, metrics: announce_checkpoint(uri, step, metrics, "stage1a", config_uri))
-    fs, path = fsspec.core.url_to_fs(checkpoints.checkpoint_dir(ctx.output, 10))
-    fs.put(str(tmp_path) + "/", path + "/", recursive=True)
-    uri = checkpoints.commit_checkpoint(ctx, 10, {"loss": 2.5})
+    uris = []
+    for step in (10, 20, 30):
+        fs, path = fsspec.core.url_to_fs(checkpoints.checkpoint_dir(ctx.output, step))
+        fs.put(str(tmp_path) + "/", path + "/", recursive=True)
+        uris.append(checkpoints.commit_checkpoint(ctx, step, {"loss": 3.0 - step / 10}))
     EventsWorker.drain_all()
 
-    run = _wait_for_triggered_run("infinitevl/eval-checkpoint", timeout_s=120, log=served.log)
-    assert run.parameters["checkpoint"] == uri and run.parameters["step"] == 10
-    report = read_json(checkpoints.report_uri(uri))
-    assert report["step"] == 10 and report["train_metrics"] == {"loss": 2.5}
-    assert report["evaluator"] and "score" in report["scores"]
+    runs = _wait_for_triggered_runs("infinitevl/eval-checkpoint", 3, timeout_s=240, log=served.log)
+    assert sorted(r.name for r in runs) == ["eval-stage1a-step-10", "eval-stage1a-step-20", "eval-stage1a-step-30"]
+    spans = sorted((r.start_time, r.end_time) for r in runs)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), "two ran at once"
+    reports = {uri: read_json(checkpoints.report_uri(uri)) for uri in uris}
+    assert all(r is not None and r["scores"] and "score" in r["scores"] for r in reports.values())
+    written = sorted(reports, key=lambda uri: reports[uri]["written_at"])
+    assert written == uris[::-1], "the newest checkpoint is scored first"
+    assert reports[uris[0]]["train_metrics"] == {"loss": 2.0}
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[r.id for r in runs])))
     assert {"infinitevl-eval", "infinitevl-checkpoints"} <= {a.key for a in artifacts}
+    assert sum(1 for a in artifacts if a.key == "infinitevl-eval") == 3, "each checkpoint scored once"
 
 
-def _wait_for_triggered_run(name: str, timeout_s: float, log: Path):
+def _wait_for_triggered_runs(name: str, count: int, timeout_s: float, log: Path):
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(name)
         while time.monotonic() < deadline:
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-            triggered = [r for r in runs if r.state and not r.state.is_scheduled()]
-            for run in triggered:
-                if run.state.is_final():
+            triggered = [r for r in runs if r.state and r.parameters.get("checkpoint") != "latest"]
+            if len(triggered) >= count and all(r.state.is_final() for r in triggered):
+                for run in triggered:
                     assert run.state.is_completed(), f"{run.state.message}\nserve log:\n{log.read_text()[-4000:]}"
-                    return run
+                return triggered
             time.sleep(1)
-    raise TimeoutError(f"no completed run of {name} after {timeout_s} s:\n{log.read_text()[-4000:]}")
+    raise TimeoutError(f"no {count} completed runs of {name} after {timeout_s} s:\n{log.read_text()[-4000:]}")
