@@ -215,6 +215,31 @@ def verify_file(url: str, sha256: str, size: int | None = None, storage_options:
         _verified.add(key)
 
 
+def check_sizes(sizes: dict[str, int], storage_options: dict | None = None) -> None:
+    """Raises IntegrityError naming every file of `sizes` (url -> committed bytes) that is missing or of another
+    size (truncated, overwritten), all at once. Lists each folder once: no file is read."""
+    found: dict[str, int] = {}
+    for folder in sorted({url.rsplit("/", 1)[0] for url in sizes}):
+        fs, path = filesystem(folder, storage_options)
+        with _errors(f"list {folder}", storage_options):
+            fs.invalidate_cache(path)
+            entries = fs.ls(path, detail=True) if fs.exists(path) else []
+        found.update({_unstrip(folder, path, e["name"]).rstrip("/"): e.get("size") for e in entries})
+    bad = [(url, size, found.get(_canonical(url, storage_options))) for url, size in sorted(sizes.items())
+           if found.get(_canonical(url, storage_options)) != size]
+    if bad:
+        url, size, got = bad[0]
+        detail = "; ".join(f"{u}: {'no file' if g is None else f'{g} bytes'} where {s} were committed"
+                           for u, s, g in bad)
+        raise IntegrityError(url, f"{size} bytes", "no file" if got is None else f"{got} bytes",
+                             f"{len(bad)} file(s) damaged: {detail}")
+
+
+def _canonical(url: str, storage_options: dict | None) -> str:
+    fs, path = filesystem(url, storage_options)
+    return _unstrip(url, path, path).rstrip("/")
+
+
 def file_digests(local: str, keep: Callable[[str], bool] = lambda rel: True) -> dict[str, dict]:
     """{relative path: {"sha256", "bytes"}} of every file under a local folder whose name does not start with
     '_' (markers) and that `keep` accepts."""

@@ -173,3 +173,23 @@ def test_a_directory_never_committed_is_not_taken_for_a_model(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(IntegrityError, match="never committed"):
         storage.verify_dir(str(tmp_path))
+
+
+def test_every_damaged_shard_is_named_before_training_starts(corpus, tmp_path):
+    """A training stage checks the sizes of all the shards its workers will read (no byte is read) before it
+    launches them: every truncated or missing one is named at once."""
+    import shutil
+
+    copy = tmp_path / "run" / "data" / "attempt-0001" / "distill"
+    shutil.copytree(corpus, copy)
+    manifest = storage.read_json(str(copy / "manifest.json"))
+    sizes = {str(copy / s["file"]): s["bytes"] for s in manifest["shards"]}
+    storage.check_sizes(sizes)
+    first, second = (str(copy / s["file"]) for s in manifest["shards"][:2])
+    truncate(first)
+    os.remove(second)
+    with pytest.raises(IntegrityError) as e:
+        storage.check_sizes(sizes)
+    message = str(e.value)
+    assert "2 file(s) damaged" in message and f"{second}: no file where" in message
+    assert f"{first}: {os.path.getsize(first)} bytes where {manifest['shards'][0]['bytes']} were committed" in message

@@ -127,6 +127,15 @@ def check_job(job: TrainJob) -> None:
                                f"processor than the teacher's at {job.teacher}")
     if job.stage == "stage1b" and not job.logits:
         raise TrainConfigError("stage1b needs the teacher-logits stage's output")
+    # every shard the workers will read, by size (cheap: no byte is read): a truncated or missing one is named now,
+    # not when the loader first reaches it; each is hashed when a worker opens it
+    from pipeline.data.loader import shard_urls
+
+    shards = {url: entry for url, entry in zip(shard_urls(job.corpus, manifest), manifest["shards"])}
+    if job.logits:
+        logit_manifest = storage.read_json(join(job.logits, "manifest.json"))
+        shards.update({join(job.logits, e["file"]): e for e in logit_manifest["shards"]})
+    storage.check_sizes({url: entry["bytes"] for url, entry in shards.items()})
 
 
 def materialize(url: str) -> str:
