@@ -1,0 +1,273 @@
+"""Stages on several nodes, on CPU: torchrun agents on 127.0.0.1 (one process each, gloo), joined by the c10d
+rendezvous on the store a leader hosts (pipeline/multinode.py), each agent started by a real follower process
+the way a Kubernetes pod or a Slurm task starts one. Stage II across two agents trains to the losses of one agent
+with two processes; a follower SIGKILLed mid-run with its agent and rank (a node lost) makes the group restart
+when its replacement arrives, and the run ends on an uninterrupted run's losses; the teacher-logit stage across
+two agents stores what one process stores and says so in its manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import psutil
+import pytest
+import torch
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.multinode import Board, LaunchConfigError, launch_problems, rendezvous_id
+from pipeline.stages import StageContext
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE2 = ["train.stage2.steps=6", "train.stage2.checkpoint_every=2", "train.stage2.keep_last=3",
+          "train.stage2.lr=1.0e-3", "train.stage2.warmup_steps=1", "train.stage2.launcher=torchrun",
+          "train.stage2.trainable=[linear_attn, sliding_attn]", "train.stage2.loader_workers=0"]
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_teacher):
+    """The saved tiny teacher, an instruct corpus of 512-token rows, a student converted from the teacher (what
+    Stage II starts from), and a distillation corpus of 4 shards for the teacher-logit stage."""
+    from model import convert_from_qwen2_5_vl
+    from pipeline.data.build import build_corpus
+    from pipeline.data.config import CorpusConfig, SourceConfig
+    from pipeline.data.synthetic import write_llava
+    from tests.test_teacher_logits_helpers import build_small_corpus
+
+    root = tmp_path_factory.mktemp("multinode")
+    teacher, processor = tiny_teacher
+    for folder in ("teacher", "init"):
+        processor.save_pretrained(root / folder)
+    teacher.save_pretrained(root / "teacher")
+    torch.manual_seed(0)
+    convert_from_qwen2_5_vl(teacher, sliding_window=64, init="random").save_pretrained(root / "init")
+    src = write_llava(root / "src", 24, seed=0)
+    build_corpus(CorpusConfig(name="instruct", output=str(root / "data" / "instruct"), max_len=512,
+                              max_pixels=28 * 28 * 16, samples_per_shard=8, workers=1,
+                              sources=[SourceConfig(name="s", format="llava", path=str(src))]), progress=False)
+    build_small_corpus(root / "data", "distill")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def leader_node(tmp_path):
+    """The leader's store for the whole run, and a way to start follower nodes against it (each its own
+    `python -m pipeline.multinode follow` process, logging to a file, with a staging folder of its own as a
+    separate machine would have)."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    board = Board.host(endpoint)
+    followers: list[tuple[subprocess.Popen, str]] = []
+
+    def start_follower(name: str) -> tuple[subprocess.Popen, str]:
+        out = str(tmp_path / f"{name}.log")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "INFINITEVL_STAGING": str(tmp_path / f"staging-{name}")}
+        with open(out, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline.multinode", "follow", "--endpoint", endpoint],
+                                    stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        followers.append((proc, out))
+        return proc, out
+
+    try:
+        yield endpoint, board, start_follower
+        board.finish_run(0)
+        for proc, out in followers:
+            if proc.poll() is None or proc.returncode != -signal.SIGKILL:
+                assert proc.wait(timeout=60) == 0, open(out).read()[-3000:]
+    finally:
+        for proc, _ in followers:
+            _kill_tree(proc.pid)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started, all at once: a node that dies."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _stage2(workspace, name: str, overrides: list[str]):
+    config = load_config("configs/tiny.yaml", [f"run.root={workspace / 'runs' / name}", *STAGE2, *overrides])
+    logger = logging.getLogger(f"test.multinode.{name}")
+    logger.setLevel(logging.INFO)
+    handler = Lines()
+    logger.addHandler(handler)
+    output = str(workspace / "runs" / name / "stage2" / "attempt-0001")
+    ctx = StageContext("stage2", config, output, {"teacher": str(workspace / "teacher"),
+                                                  "data": str(workspace / "data")}, logger)
+    return ctx, handler
+
+
+def _train(ctx, workspace) -> dict:
+    from pipeline.train.job import run_training
+
+    return run_training(ctx, init=str(workspace / "init"))
+
+
+def _losses(output: str) -> list[tuple[int, float]]:
+    with open(os.path.join(output, "logs", "steps.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+@pytest.fixture(scope="module")
+def one_agent_two_processes(workspace):
+    """The reference: Stage II on one node, torchrun with two processes (c10d on a store of its own)."""
+    ctx, handler = _stage2(workspace, "one-agent", ["train.stage2.nproc_per_node=2"])
+    started = time.monotonic()
+    _train(ctx, workspace)
+    seconds = time.monotonic() - started
+    assert any(f"--rdzv-id={rendezvous_id(ctx.output)}" in line for line in handler.lines), handler.lines[:3]
+    return _losses(ctx.output), seconds
+
+
+def test_stage2_on_two_agents_trains_to_one_agents_losses(workspace, one_agent_two_processes, tmp_path):
+    reference, reference_s = one_agent_two_processes
+    assert [s for s, _ in reference] == [1, 2, 3, 4, 5, 6] and reference[-1][1] < reference[0][1]
+    with leader_node(tmp_path) as (endpoint, board, start_follower):
+        _, follower_log = start_follower("node1")
+        ctx, handler = _stage2(workspace, "two-agents", ["launch.nnodes=2", "launch.nproc_per_node=1",
+                                                         f"launch.rdzv_endpoint={endpoint}"])
+        started = time.monotonic()
+        result = _train(ctx, workspace)
+        seconds = time.monotonic() - started
+        assert board.ended(board.latest()) == "ok"
+    follower = open(follower_log).read()
+    # the follower ran the launch the leader posted: the same rendezvous, on the same store
+    run_id = f"{rendezvous_id(ctx.output)}-1"
+    assert f"--rdzv-id={run_id}" in follower and f"--rdzv-endpoint={endpoint}" in follower, follower[-2000:]
+    assert "--nnodes=2" in follower and "is_host=false" in follower
+    assert "the leader's run ended (exit code 0)" in follower
+    two = _losses(ctx.output)
+    assert [s for s, _ in two] == [s for s, _ in reference]
+    for (step, got), (_, want) in zip(two, reference):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7), (step, two, reference)
+    assert result["steps"] == 6 and os.path.exists(os.path.join(result["export"], "model.safetensors"))
+    print(f"\none agent, two processes: {reference_s:.1f} s; two agents, one process each: {seconds:.1f} s")
+
+
+def test_a_lost_node_restarts_the_group_which_resumes_to_the_same_losses(workspace, one_agent_two_processes,
+                                                                          tmp_path):
+    """The follower node dies (SIGKILL to it, its agent and its rank) once step 2's checkpoint is committed; the
+    leader's rank fails at its next collective, its agent re-rendezvouses, the platform's replacement follower
+    joins the running launch, and every rank resumes from the newest committed checkpoint."""
+    from pipeline.checkpoints import list_checkpoints
+
+    reference, _ = one_agent_two_processes
+    with leader_node(tmp_path) as (endpoint, board, start_follower):
+        first, _ = start_follower("node1")
+        ctx, handler = _stage2(workspace, "lost-node", ["launch.nnodes=2", "launch.nproc_per_node=1",
+                                                        f"launch.rdzv_endpoint={endpoint}",
+                                                        "launch.join_timeout_s=120"])
+        killed: list[int] = []
+
+        def lose_a_node_then_replace_it():
+            while not list_checkpoints(ctx.output):
+                time.sleep(0.1)
+            killed.append(max(s for s, _ in list_checkpoints(ctx.output)))
+            _kill_tree(first.pid)
+            start_follower("node1-replacement")
+
+        node_loss = threading.Thread(target=lose_a_node_then_replace_it, daemon=True)
+        node_loss.start()
+        started = time.monotonic()
+        _train(ctx, workspace)
+        seconds = time.monotonic() - started
+        node_loss.join(timeout=10)
+    assert killed and killed[0] < 6, killed
+    logs = "\n".join(handler.lines) + open(tmp_path / "node1-replacement.log").read()
+    # torchrun's agent on the leader restarted its worker group; a worker resumed from a committed checkpoint
+    assert "Worker group FAILED" in logs and "will restart worker group" in logs, logs[-4000:]
+    resumed = [int(n) for n in __import__("re").findall(r"resumed stage2 at step (\d+)", logs)]
+    assert resumed and resumed[0] >= killed[0], (resumed, killed)
+    after = _losses(ctx.output)
+    assert [s for s, _ in after] == [1, 2, 3, 4, 5, 6]  # each step once: those after the checkpoint taken again
+    for (step, got), (_, want) in zip(after, reference):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7), (step, after, reference)
+    print(f"\nkilled after checkpoint {killed[0]}, resumed at {resumed[0]}; the whole run took {seconds:.1f} s")
+
+
+def test_teacher_logits_on_two_agents_store_what_one_process_stores(workspace, tmp_path):
+    from pipeline.recipes.teacher_logits import run as teacher_logits_stage
+    from pipeline.teacher_logits.reader import TeacherLogitReader
+    from pipeline.teacher_logits.run import run
+    from pipeline.teacher_logits.store import StoreSettings
+
+    settings = StoreSettings(top_k=8, positions="answer", values="fp16", batch_size=2)
+    one = str(tmp_path / "one")
+    run(str(workspace / "data" / "distill" / "manifest.json"), str(workspace / "teacher"), one, settings,
+        max_bytes_per_token=300, progress=False)
+    with leader_node(tmp_path) as (endpoint, board, start_follower):
+        start_follower("node1")
+        config = load_config("configs/tiny.yaml", ["teacher_logits.top_k=8", "teacher_logits.batch_size=2",
+                                                   "launch.nnodes=2", f"launch.rdzv_endpoint={endpoint}"])
+        output = str(tmp_path / "teacher-logits" / "attempt-0001")
+        teacher_logits_stage(StageContext("teacher-logits", config, output,
+                                          {"teacher": str(workspace / "teacher"), "data": str(workspace / "data")},
+                                          logging.getLogger("test.multinode.logits")))
+    manifest = storage.read_json(os.path.join(output, "manifest.json"))
+    alone = storage.read_json(os.path.join(one, "manifest.json"))
+    assert manifest["ran_on"]["nodes"] == 2 and manifest["ran_on"]["ranks"] == 2
+    assert alone["ran_on"]["nodes"] == 1 and alone["ran_on"]["ranks"] == 1
+    ranks = {storage.read_json(os.path.join(output, "shards", s["file"].rsplit("/", 1)[-1].replace(
+        ".arrow", ".done.json")))["rank"] for s in manifest["shards"]}
+    assert ranks == {0, 1}  # each agent's rank wrote its own shards
+    assert manifest["covered"] == alone["covered"] > 0
+    # values, not bytes: each process sums in its own thread count (as the one-node torchrun test compares)
+    two, ref = TeacherLogitReader(output), TeacherLogitReader(one)
+    for shard in manifest["shards"]:
+        for row in range(shard["sequences"]):
+            (a_row, a), (b_row, b) = two.row(shard["shard"], row), ref.row(shard["shard"], row)
+            assert a_row["sample_ids"] == b_row["sample_ids"] and torch.equal(a.mask, b.mask)
+            assert torch.allclose(a.log_probs, b.log_probs, atol=1e-3)
+
+
+def test_a_multinode_launch_that_cannot_start_is_refused_before_any_agent(monkeypatch, tmp_path):
+    monkeypatch.delenv("INFINITEVL_RDZV_ENDPOINT", raising=False)
+    config = load_config("configs/tiny.yaml", ["launch.nnodes=2", "train.stage2.launcher=deepspeed"])
+    problems = launch_problems(config, config.train.stage2.launcher, "train.stage2")
+    assert any(p.startswith("train.stage2.launcher: deepspeed") for p in problems), problems
+    assert any(p.startswith("launch.rdzv_endpoint: launch.nnodes is 2") for p in problems), problems
+    monkeypatch.setenv("INFINITEVL_RDZV_ENDPOINT", "node0:29400")
+    monkeypatch.setenv("INFINITEVL_NNODES", "4")
+    assert launch_problems(config) == ["launch.nnodes is 2 but this job has 4 nodes (INFINITEVL_NNODES)"]
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="launch.min_nnodes"):
+        load_config("configs/tiny.yaml", ["launch.nnodes=2", "launch.min_nnodes=3"])
+    with pytest.raises(ConfigError, match="host:port"):
+        load_config("configs/tiny.yaml", ["launch.rdzv_endpoint=node0"])
+    # nobody hosts the store: the follower says so instead of waiting forever
+    with pytest.raises(LaunchConfigError, match="nothing hosts the rendezvous store"):
+        Board.connect(f"127.0.0.1:{_free_port()}", wait_s=0)
