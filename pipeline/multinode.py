@@ -52,6 +52,11 @@ LEADER_FAILED = 86         # exit codes the platforms act on (infra/k8s: the Job
 LOST_LEADER = 87
 ENDPOINT_ENV, NNODES_ENV, NODE_RANK_ENV = "INFINITEVL_RDZV_ENDPOINT", "INFINITEVL_NNODES", "INFINITEVL_NODE_RANK"
 K8S_SUBDOMAIN_ENV = "INFINITEVL_K8S_SUBDOMAIN"
+# Each rendezvous round publishes the workers' MASTER_ADDR/PORT anew. With torchrun's default (rank 0's agent
+# shares its own store with the workers and remembers its address across rounds) an agent that joins a later
+# round, a lost node's replacement, waits forever for an address the earlier agents never publish again, and an
+# agent whose rank-0 peer died keeps pointing its workers at it (torch 2.13).
+AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 class LaunchConfigError(ValueError):
@@ -100,6 +105,7 @@ def launch_stage(ctx, module: str, args: Sequence[str], nproc_per_node: int, lau
     """Runs `module` for the stage of `ctx` on launch.nnodes nodes of `nproc_per_node` processes each. `files`
     (name -> text) are written to a fresh folder on every node, which FILES in `args` names."""
     settings = ctx.config.launch
+    env = {**AGENT_ENV, **(env or {})}
     problems = launch_problems(ctx.config, launcher, f"train.{ctx.name}")
     if problems:
         raise LaunchConfigError("; ".join(problems))
@@ -117,8 +123,7 @@ def launch_stage(ctx, module: str, args: Sequence[str], nproc_per_node: int, lau
                                 settings.min_nnodes, settings.max_restarts, settings.join_timeout_s,
                                 external_store=True)
         argv = launch_command("torchrun", module, list(args), nproc_per_node, rendezvous)
-        record = {"stage": ctx.name, "output": ctx.output, "argv": argv, "files": dict(files or {}),
-                  "env": dict(env or {})}
+        record = {"stage": ctx.name, "output": ctx.output, "argv": argv, "files": dict(files or {}), "env": env}
         board.post(seq, record)
         ctx.log.info("%s: launch %d posted to %d nodes x %d processes (rendezvous %s at %s)", ctx.name, seq,
                      settings.nnodes, nproc_per_node, rendezvous.run_id, rendezvous.endpoint)
@@ -194,8 +199,9 @@ class Board:
         host, port = split_endpoint(endpoint)
         deadline = time.monotonic() + wait_s
         while True:
+            attempt_s = max(1.0, min(30.0, deadline - time.monotonic()))  # also how long each operation may wait
             try:
-                return cls(TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=30)),
+                return cls(TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=attempt_s)),
                            hosted=False)
             except (RuntimeError, TimeoutError, OSError) as exc:
                 if time.monotonic() >= deadline:

@@ -206,9 +206,12 @@ def test_a_lost_node_restarts_the_group_which_resumes_to_the_same_losses(workspa
         seconds = time.monotonic() - started
         node_loss.join(timeout=10)
     assert killed and killed[0] < 6, killed
-    logs = "\n".join(handler.lines) + open(tmp_path / "node1-replacement.log").read()
-    # torchrun's agent on the leader restarted its worker group; a worker resumed from a committed checkpoint
-    assert "Worker group FAILED" in logs and "will restart worker group" in logs, logs[-4000:]
+    leader = "\n".join(handler.lines)
+    logs = leader + open(tmp_path / "node1-replacement.log").read()
+    # the leader's agent restarted its rank, the group formed again on two nodes, its rank 0 resumed from the
+    # newest committed checkpoint
+    assert "stage2: torchrun's agent restarted this node's ranks (group restart 1)" in leader, leader[-4000:]
+    assert logs.count("stage2 ready on 2 ranks, 2 nodes") == 2, logs[-4000:]
     resumed = [int(n) for n in __import__("re").findall(r"resumed stage2 at step (\d+)", logs)]
     assert resumed and resumed[0] >= killed[0], (resumed, killed)
     after = _losses(ctx.output)
