@@ -70,6 +70,16 @@ def processes_per_node(config, own: int | None) -> int:
     return config.launch.nproc_per_node or own or 1
 
 
+def gpus_per_node(config) -> int:
+    """What each node must hold for the run's stages: launch.nproc_per_node, else the most any planned stage
+    takes (a pod or Slurm node is sized once for the whole run)."""
+    if config.launch.nproc_per_node:
+        return config.launch.nproc_per_node
+    own = {"teacher-logits": config.teacher_logits.nproc_per_node,
+           **{name: getattr(config.train, name).nproc_per_node for name in type(config.train).model_fields}}
+    return max([own.get(stage, 1) for stage in config.run.stages] + [1])
+
+
 def rendezvous_id(output: str) -> str:
     """The run id of a stage attempt's rendezvous: its stage and attempt folder, and a hash of the whole URL (two
     runs roots may share a leader)."""
@@ -266,8 +276,11 @@ def lead(endpoint: str, command: Sequence[str], nnodes: int | None = None, linge
         for sig, handler in forward.items():
             signal.signal(sig, handler)
     board.finish_run(returncode)
+    # every follower the job has (those not arrived yet too: a short command may end before they start) reads
+    # that the run is done before the store goes away with this process
+    expected = lambda: max(board.count("arrived"), (nnodes or 1) - 1)  # noqa: E731
     deadline = time.monotonic() + linger_s
-    while board.count("left") < board.count("arrived") and time.monotonic() < deadline:
+    while board.count("left") < expected() and time.monotonic() < deadline:
         time.sleep(0.5)
     log.info("leader: %s exited with %d; %d of %d followers left", command[0], returncode, board.count("left"),
              board.count("arrived"))
@@ -358,21 +371,22 @@ def platform_nnodes() -> int | None:
     return None
 
 
-def platform_endpoint(port: int = DEFAULT_PORT) -> str:
+def platform_endpoint(port: int = DEFAULT_PORT, k8s_subdomain: str | None = None) -> str:
     """INFINITEVL_RDZV_ENDPOINT, else on Kubernetes index 0's pod: an indexed Job's pods are named
-    `<job>-<index>`, and the headless Service named INFINITEVL_K8S_SUBDOMAIN gives each a DNS name."""
+    `<job>-<index>`, and the headless Service whose name is their subdomain gives each a DNS name."""
     if os.environ.get(ENDPOINT_ENV):
         return os.environ[ENDPOINT_ENV]
-    index, subdomain = os.environ.get("JOB_COMPLETION_INDEX"), os.environ.get(K8S_SUBDOMAIN_ENV)
+    index, subdomain = os.environ.get("JOB_COMPLETION_INDEX"), k8s_subdomain or os.environ.get(K8S_SUBDOMAIN_ENV)
     if index is not None and subdomain:
         job = socket.gethostname().removesuffix(f"-{index}")
         return f"{job}-0.{subdomain}:{port}"
-    raise LaunchConfigError(f"no rendezvous endpoint: set {ENDPOINT_ENV} (the sbatch script does), or "
-                            f"{K8S_SUBDOMAIN_ENV} in an indexed Job's pods (the Kubernetes template does)")
+    raise LaunchConfigError(f"no rendezvous endpoint: set {ENDPOINT_ENV} (the sbatch script does), or give "
+                            "--k8s-subdomain in an indexed Job's pods (the Kubernetes template does)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.multinode", description=__doc__,
+                                     usage="%(prog)s {node,lead,follow} [options] [-- COMMAND ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="role", required=True)
     for name, text in (("node", "lead or follow, as the platform's node rank says"),
@@ -380,21 +394,24 @@ def main(argv: list[str] | None = None) -> int:
                        ("follow", "run the leader's launches until its run is done")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--endpoint", help=f"host:port of the store (default: {ENDPOINT_ENV} or the platform's)")
+        p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the store's port, where the platform gives "
+                                                                      "the host")
+        p.add_argument("--k8s-subdomain", help="Kubernetes: the headless Service naming the indexed Job's pods")
+        p.add_argument("--nnodes", type=int, help=f"nodes of the platform's job (default: {NNODES_ENV} or Slurm's)")
         p.add_argument("--wait", type=float, default=1800.0, help="seconds a follower waits for the leader's store")
-        if name != "follow":
-            p.add_argument("command", nargs=argparse.REMAINDER, help="-- the pipeline command (leader only)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, command = parser.parse_args(argv[:split]), argv[split + 1:]  # after --: the leader's command
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s %(message)s")
-    endpoint = args.endpoint or platform_endpoint()
+    endpoint = args.endpoint or platform_endpoint(args.port, args.k8s_subdomain)
     role = args.role
     if role == "node":
         role = "lead" if node_rank() == 0 else "follow"
     if role == "follow":
         return follow(endpoint, wait_s=args.wait)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        parser.error("the leader needs the pipeline command after --")
-    return lead(endpoint, command, platform_nnodes())
+        parser.error("the leader runs the pipeline command given after --")
+    return lead(endpoint, command, args.nnodes or platform_nnodes())
 
 
 if __name__ == "__main__":
