@@ -133,7 +133,8 @@ def launch_stage(ctx, module: str, args: Sequence[str], nproc_per_node: int, lau
                                 settings.min_nnodes, settings.max_restarts, settings.join_timeout_s,
                                 external_store=True)
         argv = launch_command("torchrun", module, list(args), nproc_per_node, rendezvous)
-        record = {"stage": ctx.name, "output": ctx.output, "argv": argv, "files": dict(files or {}), "env": env}
+        record = {"stage": ctx.name, "output": ctx.output, "argv": argv, "files": dict(files or {}), "env": env,
+                  "cwd": os.getcwd()}  # relative paths of the config mean on every node what they mean here
         board.post(seq, record)
         ctx.log.info("%s: launch %d posted to %d nodes x %d processes (rendezvous %s at %s)", ctx.name, seq,
                      settings.nnodes, nproc_per_node, rendezvous.run_id, rendezvous.endpoint)
@@ -154,7 +155,9 @@ def run_record(record: dict, logger: logging.Logger, on_start=None) -> None:
     """This node's agent for a posted launch, its files in a fresh folder."""
     with _written(record["files"]) as folder:
         argv = [record["argv"][0], *_placed(record["argv"][1:], folder)]
-        launch(argv, logger, env=record.get("env"), on_start=on_start)
+        cwd = record.get("cwd")
+        launch(argv, logger, env=record.get("env"), cwd=cwd if cwd and os.path.isdir(cwd) else None,
+               on_start=on_start)
 
 
 class _written:
