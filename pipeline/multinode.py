@@ -27,6 +27,7 @@ Keys in the store: `infinitevl/launches` (how many launches were posted), `infin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from pipeline.launch import LaunchError, Rendezvous, kill_group, launch, launch_command
 
@@ -152,27 +153,21 @@ def launch_stage(ctx, module: str, args: Sequence[str], nproc_per_node: int, lau
 
 
 def run_record(record: dict, logger: logging.Logger, on_start=None) -> None:
-    """This node's agent for a posted launch, its files in a fresh folder."""
+    """This node's agent for a posted launch (with this node's interpreter), its files in a fresh folder."""
     with _written(record["files"]) as folder:
-        argv = [record["argv"][0], *_placed(record["argv"][1:], folder)]
+        argv = [sys.executable, *_placed(record["argv"][1:], folder)]
         cwd = record.get("cwd")
         launch(argv, logger, env=record.get("env"), cwd=cwd if cwd and os.path.isdir(cwd) else None,
                on_start=on_start)
 
 
-class _written:
-    def __init__(self, files: Mapping[str, str] | None):
-        self.files = files or {}
-
-    def __enter__(self) -> str:
-        self.tmp = tempfile.TemporaryDirectory(prefix="infinitevl-launch-")
-        for name, text in self.files.items():
-            with open(os.path.join(self.tmp.name, name), "w") as f:
+@contextlib.contextmanager
+def _written(files: Mapping[str, str] | None) -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="infinitevl-launch-") as folder:
+        for name, text in (files or {}).items():
+            with open(os.path.join(folder, name), "w") as f:
                 f.write(text)
-        return self.tmp.name
-
-    def __exit__(self, *exc) -> None:
-        self.tmp.cleanup()
+        yield folder
 
 
 def _placed(args: Sequence[str], folder: str) -> list[str]:
@@ -191,8 +186,8 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 class Board:
     """The leader's store seen from one process: what was launched, how it ended, whether the run is done."""
 
-    def __init__(self, store, hosted: bool):
-        self.store, self.hosted = store, hosted
+    def __init__(self, store):
+        self.store = store
 
     @classmethod
     def host(cls, endpoint: str) -> "Board":
@@ -202,7 +197,7 @@ class Board:
         host, port = split_endpoint(endpoint)
         store = TCPStore(host, port, is_master=True, wait_for_workers=False,
                          timeout=datetime.timedelta(seconds=60))
-        return cls(store, hosted=True)
+        return cls(store)
 
     @classmethod
     def connect(cls, endpoint: str, wait_s: float) -> "Board":
@@ -214,8 +209,7 @@ class Board:
         while True:
             attempt_s = max(1.0, min(30.0, deadline - time.monotonic()))  # also how long each operation may wait
             try:
-                return cls(TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=attempt_s)),
-                           hosted=False)
+                return cls(TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=attempt_s)))
             except (RuntimeError, TimeoutError, OSError) as exc:
                 if time.monotonic() >= deadline:
                     raise LaunchConfigError(

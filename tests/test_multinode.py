@@ -396,7 +396,8 @@ def test_submitting_follows_the_job_to_its_end_and_says_why_it_failed(tmp_path):
     config = load_config("configs/tiny.yaml", ["launch.nnodes=2"])
     output = tmp_path / "job.out"
     env = _fake_tools(tmp_path / "bin", {
-        "sbatch": f'echo "$@" > {tmp_path}/sbatch.args; cp "${{@: -1}}" {tmp_path}/submitted.sbatch; echo "4242;cluster"\n',
+        "sbatch": f'echo "$@" > {tmp_path}/sbatch.args; cp "${{@: -1}}" {tmp_path}/submitted.sbatch\n'
+                  'echo "4242;cluster"\n',
         # in the queue for two polls, writing its output meanwhile; then gone
         "squeue": f'n=$(cat {tmp_path}/polls 2>/dev/null || echo 0); echo $((n+1)) > {tmp_path}/polls\n'
                   f'if [ $n -lt 2 ]; then echo "step $n" >> {output}; echo RUNNING; fi\n',

@@ -58,7 +58,8 @@ def render_sbatch(config, command: Sequence[str], *, image: str | None = None, j
         template = string.Template(f.read())
     return template.substitute(
         nodes=config.launch.nnodes, gpus_per_node=gpus_per_node(config), job_name=job_name or config.run.name,
-        output=output or os.path.join(workdir, "slurm-%j.out"), directives="\n".join(f"#SBATCH {d}" for d in directives),
+        output=output or os.path.join(workdir, "slurm-%j.out"),
+        directives="\n".join(f"#SBATCH {d}" for d in directives),
         workdir=shlex.quote(workdir), port=port, srun_options=srun_options, python=shlex.quote(python),
         command=shlex.join(command))
 
