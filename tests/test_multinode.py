@@ -3,7 +3,7 @@ rendezvous on the store a leader hosts (pipeline/multinode.py), each agent start
 the way a Kubernetes pod or a Slurm task starts one. Stage II across two agents trains to the losses of one agent
 with two processes; a follower SIGKILLed mid-run with its agent and rank (a node lost) makes the group restart
 when its replacement arrives, and the run ends on an uninterrupted run's losses; the teacher-logit stage across
-two agents stores what one process stores and says so in its manifest."""
+two agents stores the bytes one process stores and says so in its manifest; the eval stage on two agents answers as one process does."""
 
 from __future__ import annotations
 
@@ -221,12 +221,15 @@ def test_a_lost_node_restarts_the_group_which_resumes_to_the_same_losses(workspa
     print(f"\nkilled after checkpoint {killed[0]}, resumed at {resumed[0]}; the whole run took {seconds:.1f} s")
 
 
-def test_teacher_logits_on_two_agents_store_what_one_process_stores(workspace, tmp_path):
+def test_teacher_logits_on_two_agents_store_the_bytes_one_process_stores(workspace, tmp_path, monkeypatch):
+    """Each agent's rank computes its own shards; every shard is byte for byte what one process writes (the ranks
+    sum in as many threads as the reference process does), and the manifests say who computed them."""
+    from pipeline.data.loader import read_manifest
     from pipeline.recipes.teacher_logits import run as teacher_logits_stage
-    from pipeline.teacher_logits.reader import TeacherLogitReader
     from pipeline.teacher_logits.run import run
     from pipeline.teacher_logits.store import StoreSettings
 
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     settings = StoreSettings(top_k=8, positions="answer", values="fp16", batch_size=2)
     one = str(tmp_path / "one")
     run(str(workspace / "data" / "distill" / "manifest.json"), str(workspace / "teacher"), one, settings,
@@ -241,19 +244,17 @@ def test_teacher_logits_on_two_agents_store_what_one_process_stores(workspace, t
                                           logging.getLogger("test.multinode.logits")))
     manifest = storage.read_json(os.path.join(output, "manifest.json"))
     alone = storage.read_json(os.path.join(one, "manifest.json"))
-    assert manifest["ran_on"]["nodes"] == 2 and manifest["ran_on"]["ranks"] == 2
-    assert alone["ran_on"]["nodes"] == 1 and alone["ran_on"]["ranks"] == 1
-    ranks = {storage.read_json(os.path.join(output, "shards", s["file"].rsplit("/", 1)[-1].replace(
-        ".arrow", ".done.json")))["rank"] for s in manifest["shards"]}
-    assert ranks == {0, 1}  # each agent's rank wrote its own shards
-    assert manifest["covered"] == alone["covered"] > 0
-    # values, not bytes: each process sums in its own thread count (as the one-node torchrun test compares)
-    two, ref = TeacherLogitReader(output), TeacherLogitReader(one)
-    for shard in manifest["shards"]:
-        for row in range(shard["sequences"]):
-            (a_row, a), (b_row, b) = two.row(shard["shard"], row), ref.row(shard["shard"], row)
-            assert a_row["sample_ids"] == b_row["sample_ids"] and torch.equal(a.mask, b.mask)
-            assert torch.allclose(a.log_probs, b.log_probs, atol=1e-3)
+    assert len(manifest["shards"]) == 4 and manifest["covered"] == alone["covered"] > 0
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in alone["shards"]]
+    host = socket.gethostname()
+    assert manifest["ran_on"] == {"nodes": 2, "ranks": 2, "hosts": [host]}
+    assert alone["ran_on"] == {"nodes": 1, "ranks": 1, "hosts": [host]}
+    markers = [storage.read_json(os.path.join(output, s["file"].replace(".arrow", ".done.json")))
+               for s in manifest["shards"]]
+    assert [m["rank"] for m in markers] == [0, 1, 0, 1]  # shard i on rank i mod 2: each agent wrote its own
+    # the data stage's manifest says how its corpus was built too
+    data = read_manifest(str(workspace / "data" / "distill" / "manifest.json"))
+    assert data["ran_on"] == {"engine": "process", "workers": 1, "nodes": 1, "hosts": [host]}
 
 
 def test_eval_on_two_agents_reports_what_one_process_reports(workspace, tmp_path):
