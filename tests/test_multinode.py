@@ -3,7 +3,9 @@ rendezvous on the store a leader hosts (pipeline/multinode.py), each agent start
 the way a Kubernetes pod or a Slurm task starts one. Stage II across two agents trains to the losses of one agent
 with two processes; a follower SIGKILLed mid-run with its agent and rank (a node lost) makes the group restart
 when its replacement arrives, and the run ends on an uninterrupted run's losses; the teacher-logit stage across
-two agents stores the bytes one process stores and says so in its manifest; the eval stage on two agents answers as one process does."""
+two agents stores the bytes one process stores and says so in its manifest; the eval stage on two agents answers
+as one process does. Then the platforms: the Kubernetes Job and Service against the official client's schema,
+the sbatch script run with stand-ins for srun and scontrol, and submitting and following a Slurm job."""
 
 from __future__ import annotations
 
