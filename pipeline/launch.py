@@ -109,7 +109,7 @@ def launch(cmd: Sequence[str], log: logging.Logger, env: Mapping[str, str] | Non
            grace_s: float = 10.0, tail_lines: int = TAIL_LINES,
            on_start: Callable[[subprocess.Popen], None] | None = None) -> None:
     """Runs `cmd` to completion, streaming its output to `log`; raises LaunchError on a non-zero exit.
-    `on_start(proc)` is told the child as soon as it runs (to stop it from another thread: stop_group)."""
+    `on_start(proc)` is told the child as soon as it runs (to stop it from another thread: kill_group)."""
     full_env = {**CHILD_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
