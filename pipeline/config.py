@@ -236,6 +236,40 @@ class EvalSection(Section):
     schedule: str = Field("0 3 * * *", description="cron of the scheduled eval of the latest checkpoint")
 
 
+class LaunchSection(Section):
+    """How the GPU stages (teacher logits, I-a, I-b, II, III, eval) start: on `nnodes` nodes of
+    `nproc_per_node` processes each, joined by torchrun's c10d rendezvous (docs/multinode.md). All run-only:
+    a stage's fingerprint never covers how many machines computed it."""
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("nnodes", "min_nnodes", "nproc_per_node", "rdzv_endpoint",
+                                           "max_restarts", "join_timeout_s")
+    nnodes: int = Field(1, gt=0, description="nodes every GPU stage spans; above 1 the stage's process on the "
+                                             "leader node posts each launch to the other nodes' followers")
+    min_nnodes: int | None = Field(None, gt=0, description="fewest nodes the group goes on with after losing one "
+                                                           "(torchrun --nnodes=MIN:MAX); default nnodes: a lost "
+                                                           "node's replacement is waited for")
+    nproc_per_node: int | None = Field(None, gt=0, description="processes (GPUs) per node for every GPU stage; "
+                                       "set, it wins over train.<stage>.nproc_per_node and "
+                                       "teacher_logits.nproc_per_node; unset, each stage takes its own (eval 1)")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the leader node's rendezvous store; "
+                                      "default: INFINITEVL_RDZV_ENDPOINT, which `python -m pipeline.multinode "
+                                      "node` sets from the platform (Kubernetes, Slurm)")
+    max_restarts: int = Field(3, ge=0, description="times torchrun's agents restart a failed group (a lost node, "
+                                                   "a crashed rank) before the stage fails; each restart resumes "
+                                                   "from the newest committed checkpoint")
+    join_timeout_s: int = Field(900, gt=0, description="how long agents wait for the group's nodes to join a "
+                                                       "rendezvous (a restarted pod being scheduled)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LaunchSection":
+        if self.min_nnodes is not None and self.min_nnodes > self.nnodes:
+            raise ValueError(f"launch.min_nnodes ({self.min_nnodes}) is above launch.nnodes ({self.nnodes})")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"launch.rdzv_endpoint must be host:port (got {self.rdzv_endpoint!r})")
+        return self
+
+
 class RunConfig(Section):
     run: RunSection
     teacher: TeacherSection
@@ -244,6 +278,7 @@ class RunConfig(Section):
     teacher_logits: TeacherLogitsSection
     train: TrainSection
     eval: EvalSection
+    launch: LaunchSection = Field(default_factory=LaunchSection)
 
     @model_validator(mode="after")
     def _stages_known_and_ordered(self) -> "RunConfig":

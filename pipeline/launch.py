@@ -18,7 +18,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 TAIL_LINES = 40
 
@@ -57,36 +58,66 @@ def python_command(module: str, args: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def torchrun_command(module: str, args: Sequence[str] = (), nproc_per_node: int = 1, nnodes: int = 1) -> list[str]:
-    rendezvous = ["--standalone"] if nnodes == 1 else []
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
-            f"--nnodes={nnodes}", *rendezvous, "-m", module, *args]
+@dataclass(frozen=True)
+class Rendezvous:
+    """torchrun's c10d rendezvous of one launch: the agents that give the same `run_id` to the store at
+    `endpoint` form one group of `nnodes` (at least `min_nnodes`) nodes, and restart it from scratch up to
+    `max_restarts` times when a worker or a node fails. With `external_store` the store is hosted by the leader
+    node's long-lived process (pipeline.multinode), so it outlives any agent; otherwise the agent that finds
+    `endpoint` on its own host hosts it (port 0: a free port, for one node)."""
+    run_id: str
+    endpoint: str = "127.0.0.1:0"
+    nnodes: int = 1
+    min_nnodes: int | None = None
+    max_restarts: int = 0
+    join_timeout_s: int = 900
+    external_store: bool = False
+
+    def options(self) -> list[str]:
+        low = self.min_nnodes or self.nnodes
+        conf = [f"join_timeout={self.join_timeout_s}"] + (["is_host=false"] if self.external_store else [])
+        return [f"--nnodes={low}:{self.nnodes}" if low != self.nnodes else f"--nnodes={self.nnodes}",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={self.run_id}",
+                f"--rdzv-conf={','.join(conf)}", f"--max-restarts={self.max_restarts}"]
+
+
+def torchrun_command(module: str, args: Sequence[str] = (), nproc_per_node: int = 1,
+                     rendezvous: Rendezvous | None = None) -> list[str]:
+    """torchrun for one node's agent; without `rendezvous` a standalone one (a fresh store, a random run id)."""
+    group = rendezvous.options() if rendezvous is not None else ["--nnodes=1", "--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", *group,
+            "-m", module, *args]
 
 
 def deepspeed_command(module: str, args: Sequence[str] = (), nproc_per_node: int = 1) -> list[str]:
     return ["deepspeed", f"--num_gpus={nproc_per_node}", "--module", module, *args]
 
 
-def launch_command(launcher: str, module: str, args: Sequence[str] = (), nproc_per_node: int = 1) -> list[str]:
-    """The command for a stage's `launcher` config field."""
+def launch_command(launcher: str, module: str, args: Sequence[str] = (), nproc_per_node: int = 1,
+                   rendezvous: Rendezvous | None = None) -> list[str]:
+    """The command for a stage's `launcher` config field (`rendezvous`: torchrun's)."""
     if launcher == "python":
         return python_command(module, args)
     if launcher == "torchrun":
-        return torchrun_command(module, args, nproc_per_node)
+        return torchrun_command(module, args, nproc_per_node, rendezvous)
     if launcher == "deepspeed":
         return deepspeed_command(module, args, nproc_per_node)
     raise ValueError(f"unknown launcher {launcher!r}; use python, torchrun or deepspeed")
 
 
 def launch(cmd: Sequence[str], log: logging.Logger, env: Mapping[str, str] | None = None, cwd: str | None = None,
-           grace_s: float = 10.0, tail_lines: int = TAIL_LINES) -> None:
-    """Runs `cmd` to completion, streaming its output to `log`; raises LaunchError on a non-zero exit."""
+           grace_s: float = 10.0, tail_lines: int = TAIL_LINES,
+           on_start: Callable[[subprocess.Popen], None] | None = None) -> None:
+    """Runs `cmd` to completion, streaming its output to `log`; raises LaunchError on a non-zero exit.
+    `on_start(proc)` is told the child as soon as it runs (to stop it from another thread: kill_group)."""
     full_env = {**CHILD_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
                             start_new_session=True, preexec_fn=_PDEATHSIG, text=True, errors="replace",
                             bufsize=1)
     _live_groups.add(proc.pid)
+    if on_start is not None:
+        on_start(proc)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     try:
         for line in proc.stdout:

@@ -61,6 +61,23 @@ def test_launch_command_builds_each_launcher():
         launch_command("slurm", "pipeline.x")
 
 
+def test_torchrun_joins_the_rendezvous_it_is_given():
+    """Without one a standalone rendezvous; with one, torchrun's c10d options: an elastic MIN:MAX node range, the
+    leader's store (not hosted by the agent) and the restarts."""
+    from pipeline.launch import Rendezvous
+
+    assert "--standalone" in launch_command("torchrun", "pipeline.x", [], nproc_per_node=2)
+    group = Rendezvous("stage2-attempt-0001-ab12cd34-3", "node0:29400", nnodes=4, min_nnodes=2, max_restarts=5,
+                       join_timeout_s=600, external_store=True)
+    cmd = launch_command("torchrun", "pipeline.x", ["--a"], nproc_per_node=8, rendezvous=group)
+    assert cmd[cmd.index("-m", 2):] == ["-m", "pipeline.x", "--a"] and "--standalone" not in cmd
+    assert {"--nproc-per-node=8", "--nnodes=2:4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
+            "--rdzv-id=stage2-attempt-0001-ab12cd34-3", "--rdzv-conf=join_timeout=600,is_host=false",
+            "--max-restarts=5"} <= set(cmd)
+    one = launch_command("torchrun", "pipeline.x", [], 2, Rendezvous("r", max_restarts=1))
+    assert {"--nnodes=1", "--rdzv-endpoint=127.0.0.1:0", "--rdzv-conf=join_timeout=900"} <= set(one)
+
+
 # The launching process is a real one we signal, as Prefect's runner signals a cancelled flow run: a
 # SIGTERM that becomes an exception (Prefect raises TerminationSignal) or a Ctrl-C.
 LAUNCHER = textwrap.dedent("""

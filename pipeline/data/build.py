@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -171,6 +172,7 @@ def build_shard(config: CorpusConfig, task: ShardTask, config_hash: str, storage
         # in its worker, from the first read to the encoded shard: elapsed, and on the worker's CPU
         "seconds": round(time.monotonic() - started, 3),
         "cpu_seconds": round(time.process_time() - cpu, 3),
+        "host": socket.gethostname(),  # the manifest counts the nodes that built the corpus
     }
     storage.commit(marker_url(config.output, task.shard), marker, {
         shard_url(config.output, task.shard): data,
@@ -213,6 +215,11 @@ def assemble_manifest(config: CorpusConfig, config_hash: str, plan: BuildPlan, m
         "worker_seconds": round(sum(m.get("seconds", 0.0) for m in shards), 3),
         "worker_cpu_seconds": round(sum(m.get("cpu_seconds", 0.0) for m in shards), 3),
         "per_source": per_source,
+        # how the build ran: its engine, worker count, and the hosts whose workers built shards (a cluster's
+        # nodes; a resumed build counts those of earlier runs too)
+        "ran_on": {"engine": config.engine, "workers": config.workers,
+                   "nodes": len({m["host"] for m in shards if "host" in m}),
+                   "hosts": sorted({m["host"] for m in shards if "host" in m})},
         "shards": [{k: m[k] for k in ("shard", "file", "sha256", "bytes", "sequences", "samples", "tokens",
                                       "quarantined")} for m in shards],
     }

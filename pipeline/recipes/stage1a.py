@@ -11,6 +11,7 @@ Recipe version 1. Bump VERSION when a change makes this stage write other bytes 
 
 from __future__ import annotations
 
+from pipeline.multinode import launch_problems
 from pipeline.stages import StageContext
 from pipeline.train.job import export_files, run_training
 
@@ -31,10 +32,11 @@ outputs = export_files
 
 
 def check(config) -> list[str]:
+    problems = launch_problems(config, config.train.stage1a.launcher, "train.stage1a")
     if config.train.stage1a.trainable != ["linear_attn"]:
-        return ["train.stage1a.trainable: must be [linear_attn]: layer-wise alignment trains the linear mixers "
-                f"only (got {config.train.stage1a.trainable})"]
-    return []
+        problems.append("train.stage1a.trainable: must be [linear_attn]: layer-wise alignment trains the linear "
+                        f"mixers only (got {config.train.stage1a.trainable})")
+    return problems
 
 
 def build(job, dtype, device, log=None):

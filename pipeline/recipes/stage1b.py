@@ -9,6 +9,7 @@ Recipe version 1. Bump VERSION when a change makes this stage write other bytes 
 
 from __future__ import annotations
 
+from pipeline.multinode import launch_problems
 from pipeline.stages import StageContext, join
 from pipeline.train.job import EXPORT, export_files, run_training
 
@@ -29,7 +30,7 @@ outputs = export_files
 
 
 def check(config) -> list[str]:
-    return []
+    return launch_problems(config, config.train.stage1b.launcher, "train.stage1b")
 
 
 def build(job, dtype, device, log=None):

@@ -1,9 +1,10 @@
 """The teacher-logits stage: the committed teacher, run once over the committed distillation corpus, stores
 sparse top-k logits next to the token shards (pipeline/teacher_logits/store.py).
 
-Steps: read the distillation manifest, then compute the shards, in this process or, with
-teacher_logits.nproc_per_node > 1, one process per GPU under torchrun (through pipeline.launch, so cancelling
-the stage ends every rank); rank 0 writes the manifest last. Each token shard is checked against the sha256
+Steps: read the distillation manifest, then compute the shards, in this process or, on more than one process
+(teacher_logits.nproc_per_node or launch.nproc_per_node above 1, or launch.nnodes above 1), one process per GPU
+under torchrun on every node (pipeline.multinode, so cancelling the stage ends every rank); rank 0 writes the
+manifest last, saying how many nodes and ranks computed it. Each token shard is checked against the sha256
 the data stage recorded before it is read, and each logit shard's sha256 goes into the manifest, against
 which Stage I-b's reader checks it.
 
@@ -13,7 +14,7 @@ Recipe version 1. Bump VERSION when a change makes this stage write other bytes 
 from __future__ import annotations
 
 from pipeline import storage
-from pipeline.launch import launch, torchrun_command
+from pipeline.multinode import launch_problems, launch_stage, processes_per_node
 from pipeline.stages import StageContext
 
 MANIFEST = "manifest.json"
@@ -35,12 +36,13 @@ def run(ctx: StageContext) -> dict:
                              batch_size=cfg.batch_size)
     data_manifest = storage.join(ctx.inputs["data"], "distill", MANIFEST)
     teacher = ctx.inputs["teacher"]
-    if cfg.nproc_per_node > 1:
+    nproc = processes_per_node(ctx.config, cfg.nproc_per_node)
+    if nproc > 1 or ctx.config.launch.nnodes > 1:
         args = ["--data", data_manifest, "--teacher", teacher, "--output", ctx.output,
                 "--top-k", str(settings.top_k), "--positions", settings.positions, "--values", settings.values,
                 "--batch-size", str(settings.batch_size), "--max-bytes-per-token", str(cfg.max_bytes_per_token),
                 "--no-progress"]
-        launch(torchrun_command("pipeline.teacher_logits.run", args, cfg.nproc_per_node), ctx.log)
+        launch_stage(ctx, "pipeline.teacher_logits.run", args, nproc)
     else:
         from pipeline.teacher_logits.run import run as store
 
@@ -57,4 +59,4 @@ def outputs(folder: str) -> dict[str, dict]:
 
 
 def check(config) -> list[str]:
-    return []  # reads only what earlier stages commit
+    return launch_problems(config)  # otherwise it reads only what earlier stages commit

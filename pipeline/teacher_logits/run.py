@@ -38,14 +38,14 @@ def check_budget(encoding: SparseEncoding, max_bytes_per_token: int | None) -> N
 
 
 def run(data_manifest: str, teacher_source: str, output: str, settings: StoreSettings, *,
-        max_bytes_per_token: int | None = None, rank: int = 0, world_size: int = 1,
+        max_bytes_per_token: int | None = None, rank: int = 0, world_size: int = 1, nodes: int = 1,
         device: str | torch.device | None = None, storage_options: dict | None = None,
         attn_implementation: str = "sdpa", progress: bool = True) -> dict:
     teacher = load_teacher(teacher_source, device=device, storage_options=storage_options,
                            attn_implementation=attn_implementation)
     check_budget(SparseEncoding(settings.top_k, teacher.vocab_size, settings.values), max_bytes_per_token)
     return store_teacher_logits_for(data_manifest, teacher, output, settings, rank=rank, world_size=world_size,
-                                    storage_options=storage_options, progress=progress)
+                                    nodes=nodes, storage_options=storage_options, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))  # torchrun's: the agents, one per node
     device = None
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = StoreSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StoreSettings)})
         result = run(args.data, args.teacher, args.output, settings, max_bytes_per_token=args.max_bytes_per_token,
-                     rank=rank, world_size=world, device=device,
+                     rank=rank, world_size=world, nodes=nodes, device=device,
                      attn_implementation=args.attn_implementation, progress=not args.no_progress)
         log.info("rank %d: computed shards %s, skipped %s", rank, result["computed"], result["skipped"])
     finally:

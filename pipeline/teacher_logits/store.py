@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -66,10 +67,11 @@ def marker_url(output: str, data_file: str) -> str:
 
 
 def store_teacher_logits_for(data_manifest_url: str, teacher: Teacher, output: str, settings: StoreSettings, *,
-                             rank: int = 0, world_size: int = 1, storage_options: dict | None = None,
-                             progress: bool = True) -> dict:
+                             rank: int = 0, world_size: int = 1, nodes: int = 1,
+                             storage_options: dict | None = None, progress: bool = True) -> dict:
     """Writes this rank's shards (skipping committed ones); rank 0 then writes the manifest once every
-    shard is committed. Returns {"computed": [shard ids], "skipped": [shard ids], "manifest": dict | None}."""
+    shard is committed, with the `nodes` and ranks that ran. Returns {"computed": [shard ids], "skipped":
+    [shard ids], "manifest": dict | None}."""
     data_manifest = read_manifest(data_manifest_url, storage_options)
     check_vocabulary(teacher, data_manifest)
     encoding = SparseEncoding(settings.top_k, teacher.vocab_size, settings.values)
@@ -94,7 +96,8 @@ def store_teacher_logits_for(data_manifest_url: str, teacher: Teacher, output: s
                 with_fidelity=shard["shard"] == shards[0]["shard"])
             marker = {"shard": shard["shard"], "file": f"{SHARD_DIR}/{shard['file'].rsplit('/', 1)[-1]}",
                       "settings_hash": fingerprint, "sequences": len(rows), "tokens": tokens, "covered": covered,
-                      "seconds": round(time.monotonic() - started, 3), "fidelity": report}
+                      "seconds": round(time.monotonic() - started, 3), "fidelity": report,
+                      "rank": rank, "host": socket.gethostname()}
             log.info("rank %d: shard %d, %d rows, %d of %d positions covered, %.1f s", rank, shard["shard"],
                      len(rows), covered, tokens, marker["seconds"])
             if in_flight is not None:
@@ -107,7 +110,7 @@ def store_teacher_logits_for(data_manifest_url: str, teacher: Teacher, output: s
     manifest = None
     if rank == 0:
         manifest = _write_manifest(data_manifest_url, data_manifest, output, identity, encoding, settings,
-                                   fingerprint, storage_options)
+                                   fingerprint, storage_options, {"nodes": nodes, "ranks": world_size})
     return {"computed": [s["shard"] for s in todo], "skipped": sorted(done), "manifest": manifest}
 
 
@@ -189,7 +192,9 @@ def _wait_for_other_ranks(world_size: int) -> None:
 
 def _write_manifest(data_manifest_url: str, data_manifest: dict, output: str, identity: dict,
                     encoding: SparseEncoding, settings: StoreSettings, fingerprint: str,
-                    storage_options: dict | None) -> dict:
+                    storage_options: dict | None, ran_on: dict) -> dict:
+    """`ran_on`: the nodes and ranks of the run that finished the store; `hosts` adds every host that wrote a
+    shard (a resumed store may have had other ones)."""
     markers = []
     for shard in data_manifest["shards"]:
         url = marker_url(output, shard["file"])
@@ -214,6 +219,7 @@ def _write_manifest(data_manifest_url: str, data_manifest: dict, output: str, id
         "bytes_per_token": size / covered if covered else 0.0,
         "payload_bytes_per_token": encoding.bytes_per_position,
         "fidelity": next((m["fidelity"] for m in markers if m.get("fidelity")), None),
+        "ran_on": {**ran_on, "hosts": sorted({m["host"] for m in markers if "host" in m})},
         "shards": [{k: m[k] for k in ("shard", "file", "sequences", "tokens", "covered", "bytes", "sha256")}
                    for m in markers],
     }

@@ -1,20 +1,19 @@
 """The parent side of a training stage: check the config against its inputs, write the job file, launch
-the workers (python / torchrun / deepspeed) as a process group whose output streams into the stage's
-log, announce each checkpoint as it is committed, and report the result.
+the workers (python / torchrun / deepspeed; on several nodes torchrun's c10d rendezvous, pipeline.multinode)
+as a process group whose output streams into the stage's log, announce each checkpoint as it is committed,
+and report the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import threading
 
 from pipeline import storage
 from pipeline.checkpoints import checkpoint_metrics, list_checkpoints
 from pipeline.config import StudentSection, TrainSection, TrainStageSection
-from pipeline.launch import launch, launch_command
+from pipeline.multinode import FILES, launch_stage, processes_per_node
 from pipeline.stages import StageContext, join
 
 CORPUS_OF_STAGE = {"stage1a": "distill", "stage1b": "distill", "stage2": "instruct", "stage3": "long"}
@@ -44,12 +43,15 @@ class TrainJob:
         if isinstance(self.student, dict) and self.student:
             self.student = StudentSection.model_validate(self.student)
 
-    def dump(self, path: str) -> None:
+    def to_json(self) -> str:
         fields = dataclasses.asdict(self)
         fields["section"] = self.section.model_dump(mode="json")
         fields["student"] = self.student.model_dump(mode="json") if isinstance(self.student, StudentSection) else {}
+        return json.dumps(fields, indent=2)
+
+    def dump(self, path: str) -> None:
         with open(path, "w") as f:
-            json.dump(fields, f, indent=2)
+            f.write(self.to_json())
 
     @classmethod
     def load(cls, path: str) -> "TrainJob":
@@ -72,12 +74,11 @@ def run_training(ctx: StageContext, init: str) -> dict:
     """The parent side of a training stage: check the job, launch the workers, report what they committed."""
     job = make_job(ctx, init)
     check_job(job)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "job.json")
-        job.dump(path)
-        cmd = launch_command(job.section.launcher, "pipeline.train.worker", [path], job.section.nproc_per_node)
-        with CheckpointWatcher(ctx):
-            launch(cmd, ctx.log)
+    section = job.section
+    with CheckpointWatcher(ctx):
+        launch_stage(ctx, "pipeline.train.worker", [f"{FILES}/job.json"],
+                     processes_per_node(ctx.config, section.nproc_per_node), section.launcher,
+                     files={"job.json": job.to_json()})
     export = join(ctx.output, EXPORT)
     if storage.committed_files(export) is None:
         raise RuntimeError(f"{ctx.name}: the workers exited without committing {export}")

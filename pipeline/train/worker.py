@@ -28,6 +28,10 @@ def main(job_path: str) -> None:
     install_stack_dump()
     job = TrainJob.load(job_path)
     rank, world, local_rank, device = join_process_group()
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # a rank or a node of the group failed
+    if local_rank == 0 and restarts:
+        _log(f"{job.stage}: torchrun's agent restarted this node's ranks (group restart {restarts}); the group "
+             "resumes from the newest committed checkpoint")
     torch.manual_seed(job.seed)
     dtype = torch.bfloat16 if job.section.precision == "bf16" else torch.float32
 
@@ -44,7 +48,8 @@ def main(job_path: str) -> None:
     staging = state.staging_dir(job.output)
     resumed = state.restore(engine, job.output, rank, local_rank, staging)
     if rank == 0:  # where a stage's start-up goes, before its first (compiling) step
-        _log(f"{job.stage} ready: model built in {t1 - t0:.1f} s, DeepSpeed and checkpoint restore in "
+        _log(f"{job.stage} ready on {world} ranks, {os.environ.get('GROUP_WORLD_SIZE', '1')} nodes: model built "
+             f"in {t1 - t0:.1f} s, DeepSpeed and checkpoint restore in "
              f"{time.monotonic() - t1:.1f} s")
     step = 0
     if resumed is not None:
