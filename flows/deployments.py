@@ -2,6 +2,7 @@
 
 - `infinitevl/full-pipeline`: every stage of the config's run.stages.
 - `infinitevl/stage-<name>`: one stage, to run or rerun it alone.
+- `infinitevl/slurm-pipeline`: the same as one Slurm job of launch.nnodes nodes (serve it on the login node).
 - `infinitevl/eval-checkpoint`: one checkpoint, triggered by every `infinitevl.checkpoint.written`
   event, and on the config's eval.schedule for the latest checkpoint of its run; one at a time (a deployment
   concurrency limit: the others queue), newest first, none twice.
@@ -23,7 +24,7 @@ from prefect.schedules import Cron
 from pipeline.config import load_config
 from pipeline.stages import STAGE_ORDER
 
-from flows.pipeline import CHECKPOINT_EVENT, eval_checkpoint, infinitevl
+from flows.pipeline import CHECKPOINT_EVENT, eval_checkpoint, infinitevl, slurm_pipeline
 
 
 def checkpoint_trigger() -> DeploymentEventTrigger:
@@ -54,6 +55,9 @@ def build_deployments(config: str | None = None, overrides: list[str] | None = N
                                  description=f"only the {name} stage (its inputs must be committed)")
         for name in STAGE_ORDER
     ]
+    deployments.append(slurm_pipeline.to_deployment(
+        "slurm-pipeline", parameters=defaults, entrypoint_type=module,
+        description="the whole run (or one stage) as one Slurm job of launch.nnodes nodes, followed to its end"))
     deployments.append(eval_checkpoint.to_deployment(
         "eval-checkpoint",
         triggers=[checkpoint_trigger()], schedules=schedules, entrypoint_type=module,

@@ -54,6 +54,25 @@ def infinitevl(config: str, overrides: list[str] | None = None, force: list[str]
     return [summary_row(o) for o in outcomes.values()]
 
 
+@flow(name="infinitevl", flow_run_name="slurm-{config}", log_prints=True)
+def slurm_pipeline(config: str, overrides: list[str] | None = None, force: list[str] | None = None,
+                   stages: list[str] | None = None, image: str | None = None) -> str:
+    """Runs `infinitevl run` as one Slurm job of launch.nnodes nodes (infra/slurm): submits it from this worker (a
+    process pool on the login node), streams the job's output into this run's log and follows it to its end;
+    cancelling this flow run cancels the job. Returns the job's final state."""
+    from infra.slurm.submit import run_on_slurm
+
+    if stages and len(stages) > 1:
+        raise ValueError(f"slurm-pipeline runs the whole config or one stage, not {stages}")
+    cfg = load_config(config, overrides or [])
+    check_plan(cfg, stages, force or [])  # a bad config or plan is refused before anything is queued
+    command = ["infinitevl", "stage", stages[0], config] if stages else ["infinitevl", "run", config]
+    command += [f"--set={o}" for o in overrides or []]
+    if force:
+        command += ["--force"] if stages else ["--force", ",".join(force)]
+    return run_on_slurm(cfg, command, get_run_logger(), image=image)
+
+
 def save_resolved_config(cfg: RunConfig) -> str:
     """The config with overrides applied, beside the outputs: what `status` and checkpoint evals read."""
     uri = join(cfg.run.root, CONFIG_FILE)

@@ -253,9 +253,10 @@ class LaunchSection(Section):
     rdzv_endpoint: str | None = Field(None, description="host:port of the leader node's rendezvous store; "
                                       "default: INFINITEVL_RDZV_ENDPOINT, which `python -m pipeline.multinode "
                                       "node` sets from the platform (Kubernetes, Slurm)")
-    max_restarts: int = Field(3, ge=0, description="times torchrun's agents restart a failed group (a lost node, "
-                                                   "a crashed rank) before the stage fails; each restart resumes "
-                                                   "from the newest committed checkpoint")
+    max_restarts: int = Field(3, ge=0, description="times torchrun's agents restart a failed group of several nodes "
+                                                   "(a lost node, a crashed rank) before the stage fails; each "
+                                                   "restart resumes from the newest committed checkpoint. On one "
+                                                   "node a failed group fails the stage (the next run resumes)")
     join_timeout_s: int = Field(900, gt=0, description="how long agents wait for the group's nodes to join a "
                                                        "rendezvous (a restarted pod being scheduled)")
 

@@ -120,8 +120,11 @@ def launch_stage(ctx, module: str, args: Sequence[str], nproc_per_node: int, lau
     problems = launch_problems(ctx.config, launcher, f"train.{ctx.name}")
     if problems:
         raise LaunchConfigError("; ".join(problems))
+    # on one node a failed group fails the stage at once (a worker that always fails, out of memory say, is not
+    # tried max_restarts more times); the next run resumes from the newest committed checkpoint
+    restarts = settings.max_restarts if settings.nnodes > 1 else 0
     rendezvous = Rendezvous(rendezvous_id(ctx.output), nnodes=settings.nnodes, min_nnodes=settings.min_nnodes,
-                            max_restarts=settings.max_restarts, join_timeout_s=settings.join_timeout_s)
+                            max_restarts=restarts, join_timeout_s=settings.join_timeout_s)
     if settings.nnodes == 1:
         with _written(files) as folder:
             cmd = launch_command(launcher, module, _placed(args, folder), nproc_per_node, rendezvous)

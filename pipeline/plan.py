@@ -115,7 +115,8 @@ def preflight(config: RunConfig, names: list[str]) -> None:
     """Everything that can be known wrong before work starts, all at once: each planned stage's inputs
     (sources, media roots, teacher, eval suites: `check` of its recipe), that the run root takes writes with
     the credentials at hand, and that no other live attempt holds a planned stage's lease."""
-    problems = [p for name in names for p in RECIPES[name].check(config)]
+    # stages that share an input (or a launch setting) report its problem once
+    problems = list(dict.fromkeys(p for name in names for p in RECIPES[name].check(config)))
     problems += _storage_problems(config.run.root)
     for name in names:
         holder = live_holder(config.run.root, name)

@@ -425,3 +425,29 @@ def test_submitting_follows_the_job_to_its_end_and_says_why_it_failed(tmp_path):
             slurm.run_on_slurm(config, ["true"], logger, output=str(output))
     finally:
         monkeypatch.undo()
+
+
+def test_the_slurm_flow_submits_the_run_and_follows_it(tmp_path, prefect_server):
+    """`infinitevl/slurm-pipeline` as a Prefect flow run: the job's script runs the stage's CLI command with the
+    flow's overrides on the first node, its output reaches the flow's log, and the job's end is the run's."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import slurm_pipeline
+
+    env = _fake_tools(tmp_path / "bin", {
+        "sbatch": f'cp "${{@: -1}}" {tmp_path}/submitted.sbatch; echo "77"\n',
+        "squeue": f'n=$(cat {tmp_path}/polls 2>/dev/null || echo 0); echo $((n+1)) > {tmp_path}/polls\n'
+                  'if [ $n -lt 1 ]; then echo RUNNING; fi\n',
+        "sacct": 'echo "COMPLETED|0:0"\n', "scancel": "true\n"})
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("PATH", env["PATH"])
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server}):
+            state = slurm_pipeline(config="configs/tiny.yaml", overrides=["launch.nnodes=2"], stages=["teacher"],
+                                   force=["teacher"])
+        assert state == "COMPLETED"
+        script = (tmp_path / "submitted.sbatch").read_text()
+        assert "--nodes=2" in script
+        assert "infinitevl stage teacher configs/tiny.yaml --set=launch.nnodes=2 --force" in script
+    finally:
+        monkeypatch.undo()
