@@ -224,6 +224,9 @@ class HybridModel:
 
     vision_class: type
     text_class: type
+    # the teacher's Model class names the teacher's decoder layer; post_init collects the vision tower's and the
+    # student text model's lists instead (device_map="auto" never splits a HybridDecoderLayer)
+    _no_split_modules = None
 
     def __init__(self, config):
         PreTrainedModel.__init__(self, config)
