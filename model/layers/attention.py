@@ -92,11 +92,12 @@ class SlidingWindowAttention(nn.Module):
             return self.output(o, gate)
         k_ctx, v_ctx, kpos, kvalid = (k, v, pos, valid) if cache is None else cache.extend(k, v, pos, valid)
         mask = window_mask(pos, kpos, self.window, kvalid, _doc_ids(cu_seqlens, T, x.device))
-        if output_attentions:
-            o, weights = attention_with_weights(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), mask)
-            in_order = (kpos >= 0).nonzero().squeeze(-1)  # never-written ring slots dropped, then by position
-            in_order = in_order[kpos[in_order].argsort()]
-            return self.output(o, gate), weights[..., in_order]
+        if output_attentions:  # keys by position, never-written ring slots left out
+            order = (kpos >= 0).nonzero().squeeze(-1)
+            order = order[kpos[order].argsort()]
+            o, weights = attention_with_weights(q, k_ctx[:, :, order].to(q.dtype), v_ctx[:, :, order].to(q.dtype),
+                                                mask[..., order])
+            return self.output(o, gate), weights
         o = F.scaled_dot_product_attention(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), attn_mask=mask,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.output(o, gate)
