@@ -285,7 +285,8 @@ class RecurrentStateCache:
                 mix(*_cut(j.inputs, j.masks, 0, fold), scratch)
                 j.checkpoint = scratch
             y = mix(x, mask, self)
-        j.inputs, j.masks = _cut(inputs, masks, fold, n + T)
+        # copies: a slice would keep the whole of a long prefill's inputs alive
+        j.inputs, j.masks = (None if t is None else t.clone() for t in _cut(inputs, masks, fold, n + T))
         j.applied = True
         return y
 

@@ -130,6 +130,21 @@ def test_crop_says_what_it_cannot_do(student):
     assert cache.get_seq_length() == 8 + 3 + limit  # a refused crop changes nothing
 
 
+def test_a_long_prompt_leaves_only_the_last_tokens_in_the_journals(student):
+    """A prompt of 40 tokens fed while recording keeps the last `depth` tokens' inputs, in storage of their own size
+    (not views of the whole prompt's)."""
+    cache = InfiniteVLCache(student.config)
+    cache.activate_past_recording(recurrent_states_to_keep=2)
+    with torch.no_grad():
+        student(input_ids=_prompt(40)[0], cache=cache, use_cache=True)
+    for layer in cache.layers:
+        if cache.is_linear[cache.layers.index(layer)]:
+            held = layer.journal.inputs
+            assert held.shape[1] == 2 and held.untyped_storage().nbytes() == held.numel() * held.element_size()
+        else:
+            assert len(layer.journal) == journal_limit(2)
+
+
 # -- transformers' generate ---------------------------------------------------------------------------------------
 
 def test_assisted_decoding_with_a_two_layer_draft_equals_greedy(student, two_layer_draft, monkeypatch, one_thread):
