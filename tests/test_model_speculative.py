@@ -215,3 +215,22 @@ def test_rollback_memory_does_not_grow_with_the_number_of_tokens(student, two_la
         _greedy(student, ids, mask, n, assistant_model=two_layer_draft, num_assistant_tokens=DRAFT)
         peak_bytes.append(sorted(max(v) for v in peaks.values()))
     assert max(excess) <= 0 and peak_bytes[0] == peak_bytes[1]
+
+
+@pytest.mark.gpu
+def test_speculative_decoding_on_the_gpu_kernels_equals_greedy():
+    """flash-linear-attention's kernels (head dims of 64: the fused recurrent step, the chunk kernel, in-kernel
+    gates) under rollback: assisted decoding and prompt lookup give greedy's tokens, fp32."""
+    teacher, _ = build_tiny_teacher(seed=0, hidden=256, heads=4, kv_heads=2, intermediate=512)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in teacher.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0.0, 0.05)
+    model = convert_from_qwen2_5_vl(teacher, sliding_window=8, init="random").cuda().eval()
+    ids, mask = (t.cuda() for t in _prompt(40))
+    expected = _greedy(model, ids, mask, 24)
+    draft = layer_skip_draft(model, num_layers=4, num_assistant_tokens=DRAFT)
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    assert torch.equal(_greedy(model, ids, mask, 24, assistant_model=draft), expected)
+    assert torch.equal(_greedy(model, ids, mask, 24, prompt_lookup_num_tokens=DRAFT), expected)
