@@ -60,16 +60,21 @@ def find() -> tuple[Tree | None, str]:
         tests = root / "tests" if (root / "tests" / "test_modeling_common.py").exists() else root
         if not (tests / "test_modeling_common.py").exists():
             return None, f"{ENV}={given} holds no test_modeling_common.py (give a transformers checkout or its tests/)"
-        return Tree(tests, f"{ENV}={given}", ()), ""
+        return Tree(tests, f"{ENV}={given}", _stood_in(tests)), ""
     cache = Path(os.environ.get("INFINITEVL_CACHE", Path.home() / ".cache" / "infinitevl")) / "transformers-tests" / \
         version()
     if not (cache / "test_modeling_common.py").exists():
         why = _fill(cache)
         if why:
             return None, why
-    missing = tuple(p for p in NEEDED if (cache / p).read_text().startswith(STAND_IN.split(":")[0]))
     return Tree(cache, f"transformers {version()} source release (+ its repository's tag where reachable), "
-                       f"cached in {cache}", missing), ""
+                       f"cached in {cache}", _stood_in(cache)), ""
+
+
+def _stood_in(tests: Path) -> tuple[str, ...]:
+    """The NEEDED files of a tree that are our stand-ins (a filled cache copied elsewhere keeps them)."""
+    marker = STAND_IN.split(":")[0]
+    return tuple(p for p in NEEDED if (tests / p).exists() and (tests / p).read_text().startswith(marker))
 
 
 def _fill(cache: Path) -> str:
