@@ -3,6 +3,7 @@ SDPA) against its converted InfiniteVL student, both with random weights in bf16
 
     python -m bench.inference            # one H100: 5-8 minutes; writes bench/results/inference.{json,png}
     python -m bench.inference --tiny     # CPU smoke test in seconds (results go to a temporary folder)
+    python -m bench.inference --speculative   # only speculative decoding, batch 1 at 128K: inference_speculative.json
 
 What is measured (one model in memory at a time, so peak memory is that model's):
 - prefill: the latency of one prompt of N text tokens (first-token logits only), building the cache. The
@@ -74,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "one-pass prefill breakdown, and of a streamed frame (where the time goes: launches, idle "
                         "share, top kernels)")
     p.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: a temp folder)")
+    add_speculative_args(p)
     args = p.parse_args(argv)
     defaults = TINY if args.tiny else FULL
     for k, v in defaults.items():
@@ -719,6 +721,8 @@ def plot(rows, path: str) -> str | None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.speculative:
+        return speculative_main(args)
     out = args.out or (tempfile.mkdtemp(prefix="bench-inference-") if args.tiny else None)
     t0 = time.perf_counter()
     where = {"out_dir": out} if out else {}
@@ -734,6 +738,121 @@ def main(argv=None) -> dict:
     show(rows, summary)
     print(f"wrote {path} in {config['wall_s']} s")
     return {"path": path, "summary": summary, "rows": rows}
+
+
+# -- speculative decoding ----------------------------------------------------------------------------------------
+
+def add_speculative_args(p) -> None:
+    p.add_argument("--speculative", action="store_true",
+                   help="only speculative decoding (transformers' generate, batch 1): plain greedy against a draft of "
+                        "the model's own first layers and against prompt lookup; writes inference_speculative.json")
+    p.add_argument("--spec-context", type=_tokens, default=None, help="prompt length (default 128k; --tiny 256)")
+    p.add_argument("--spec-new-tokens", type=int, default=None, help="tokens generated (default 256; --tiny 12)")
+    p.add_argument("--spec-draft-layers", type=int, default=4, help="decoder layers of the layer-skip draft")
+    p.add_argument("--spec-draft-tokens", type=int, default=5, help="tokens the draft proposes per round")
+    p.add_argument("--spec-lookup-tokens", type=int, default=10, help="prompt lookup: tokens proposed per match")
+    p.add_argument("--checkpoint", default=None,
+                   help="a student checkpoint directory to measure (default: random weights, whose drafts and "
+                        "lookups are accepted at rates no trained model would show)")
+
+
+def speculative_main(args) -> dict:
+    """Speculative decoding against plain greedy decoding, both through transformers' generate() at batch 1 after a
+    prompt of --spec-context tokens. A draft proposes tokens, the model checks them in one forward and keeps the
+    longest agreeing prefix plus its own next token, so the output is the model's greedy output (checked: matches_greedy)
+    and only its speed changes. Per mode: the decode time (the generate() time less a 1-token generate(), i.e. less
+    the prefill), tokens/s, the share of proposed tokens accepted, tokens per verifying forward, peak memory."""
+    from model.draft import layer_skip_draft
+    from model.tiny import build_processor
+
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    context = args.spec_context or (256 if args.tiny else 128 * K)
+    new_tokens = args.spec_new_tokens or (12 if args.tiny else 256)
+    torch.manual_seed(0)
+    if args.checkpoint:
+        from model.checkpoint import load_pretrained
+        from model.packed import pack_projections
+
+        student, _ = load_pretrained(args.checkpoint, dtype=dtype)
+        student = student.to(device)
+        pack_projections(student)
+    else:
+        student = build_student(build_models_config(args.tiny, build_processor()), device, dtype,
+                                32 if args.tiny else 8192)
+    draft = layer_skip_draft(student, args.spec_draft_layers, num_assistant_tokens=args.spec_draft_tokens)
+    draft.generation_config.assistant_confidence_threshold = 0.0  # always propose --spec-draft-tokens
+    modes = {"greedy": {}, f"layer-skip draft ({args.spec_draft_layers} layers)": {"assistant_model": draft},
+             "prompt lookup": {"prompt_lookup_num_tokens": args.spec_lookup_tokens}}
+    meter = Meter(device)
+    ids = random_ids(student.config.text_config.vocab_size, 1, context, device)
+    config = {"device": device, "dtype": str(dtype).replace("torch.", ""), "context": context,
+              "new_tokens": new_tokens, "draft_layers": args.spec_draft_layers, "draft_tokens": args.spec_draft_tokens,
+              "lookup_tokens": args.spec_lookup_tokens, "weights": args.checkpoint or "random",
+              "window": student.config.text_config.sliding_window,
+              "notes": ["batch 1, transformers generate() with do_sample=False in every mode",
+                        "decode_s excludes the model's prefill: a 1-token generate() of the same prompt is subtracted; "
+                        "with the draft it includes the draft's own prefill of the prompt (its first layers)",
+                        "acceptance = accepted proposals / proposed tokens; tokens_per_forward = new tokens / "
+                        "forwards of the model after the prefill's"]}
+    rows: list[dict] = []
+    short = ids[:, :min(context, 256)]
+    for kwargs in modes.values():  # warm-up: kernels compiled and autotuned at these shapes before timing
+        guarded({}, lambda: speculative_run(student, short, 4, kwargs, meter))
+    prefill = guarded({"bench": "speculative", "mode": "prefill only"},
+                      lambda: speculative_run(student, ids, 1, {}, meter))
+    rows.append(prefill)
+    greedy = None
+    for mode, kwargs in modes.items():
+        row = guarded({"bench": "speculative", "mode": mode, "batch": 1, "context": context},
+                      lambda: speculative_run(student, ids, new_tokens, kwargs, meter))
+        if "error" not in row and "error" not in prefill:
+            row["decode_s"] = round(row["seconds"] - prefill["seconds"], 3)
+            row["tokens_per_s"] = round((row["new_tokens"] - 1) / max(row["decode_s"], 1e-9), 2)
+            sequence = row.pop("sequence")
+            greedy = sequence if greedy is None else greedy
+            row["matches_greedy"] = sequence == greedy
+        row.pop("sequence", None)
+        rows.append(row)
+    base = _find(rows, mode="greedy")
+    summary = {"speculative_context": context}
+    for r in rows:
+        if r["mode"] not in ("greedy", "prefill only") and "error" not in r and base and "decode_s" in base:
+            key = "lookup" if r["mode"] == "prompt lookup" else "draft"
+            summary[f"{key}_speedup_vs_greedy"] = round(base["decode_s"] / max(r["decode_s"], 1e-9), 2)
+            summary[f"{key}_acceptance"] = r["acceptance"]
+            summary[f"{key}_matches_greedy"] = r["matches_greedy"]
+    out = args.out or (tempfile.mkdtemp(prefix="bench-inference-") if args.tiny else None)
+    path = write_result("inference_speculative", config, rows, summary, **({"out_dir": out} if out else {}))
+    for r in rows:
+        print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
+    print("\nsummary:", summary, f"\nwrote {path}")
+    return {"path": path, "summary": summary, "rows": rows}
+
+
+def speculative_run(student, ids, new_tokens: int, kwargs: dict, meter) -> dict:
+    """One generate() of `new_tokens` after `ids`, timed, with the model's forwards counted: (tokens fed, per
+    forward) tells how many proposals each verifying forward checked."""
+    fed = []
+    hook = student.register_forward_pre_hook(
+        lambda module, args, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    t0 = meter.start()
+    try:
+        with torch.no_grad():
+            out = student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, **kwargs)
+        seconds = meter.seconds_since(t0)
+    finally:
+        hook.remove()
+    made = out.shape[1] - ids.shape[1]
+    # the first forward holds the prompt (and, speculating, the first proposals); each later one holds the last
+    # accepted token and the proposals; every forward yields one token of the model's own past the accepted ones
+    proposed = fed[0] - ids.shape[1] + sum(n - 1 for n in fed[1:])
+    accepted = made - len(fed)
+    row = {"seconds": round(seconds, 3), "new_tokens": made, "forwards": len(fed), "peak_gb": meter.peak_gb(),
+           "tokens_per_forward": round(made / len(fed), 2), "proposed": proposed,
+           "acceptance": round(accepted / proposed, 3) if proposed else None, "sequence": out[0, ids.shape[1]:].tolist()}
+    return row
 
 
 def show(rows, summary) -> None:

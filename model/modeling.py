@@ -12,6 +12,12 @@ first decoder layers at the visual positions) is kept exactly.
 
 Inputs beyond the teachers': `cu_seqlens` (1-D document boundaries of a packed batch of size 1), with
 `position_ids` [3, 1, T] computed per document (or left out: the model computes them per document).
+
+Outputs as transformers gives them: `output_hidden_states=True` returns the embeddings and every decoder layer's
+output (num_hidden_layers + 1 tensors, the last one after the final norm; an int or list selects some of them, the
+others are None); `output_attentions=True` returns one entry per decoder layer: a sliding layer's attention
+weights [B, heads, T, keys] (its keys in position order: the cached window, then the new tokens), and None for a
+linear layer, which has no attention matrix. `return_dict=False` returns the same outputs as a tuple.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, MultimodalBaseModelOutputWithPast, \
     MultimodalCausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import selected_hidden_states
 
 from .cache import InfiniteVLCache
 from .layers import LinearMixer, SlidingWindowAttention, mixer_class
@@ -60,13 +68,20 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=config.norm_offset)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cu_seqlens=None,
-                cache=None, offset: int = 0):
+                cache=None, offset: int = 0, output_attentions: bool = False):
+        """(the layer's output, its attention weights: None unless asked for, and always None for a linear layer)."""
         h = self.input_layernorm(hidden_states)
+        weights = None
         if self.layer_type == "sliding_attention":
-            h = self.self_attn(h, position_embeddings, attention_mask, cu_seqlens, cache, offset)
-        else:
-            h = self.self_attn(h, attention_mask, cu_seqlens, cache)
-        return self.feed_forward(h, hidden_states)
+            h = self.self_attn(h, position_embeddings, attention_mask, cu_seqlens, cache, offset,
+                               output_attentions=output_attentions)
+            if output_attentions:
+                h, weights = h
+        elif cache is None:
+            h = self.self_attn(h, attention_mask, cu_seqlens, None)
+        else:  # the cache runs the mixer, so that it can keep a way back while recording (speculative decoding)
+            h = cache.run(lambda x, mask, state: self.self_attn(x, mask, cu_seqlens, state), h, attention_mask)
+        return self.feed_forward(h, hidden_states), weights
 
     def feed_forward(self, mixed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The mixer's residual add, the post-mixer norm and the MLP with its residual (the add and the norm
@@ -104,8 +119,10 @@ class HybridTextModel:
         self.gradient_checkpointing = False
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: InfiniteVLCache | None = None,
-                inputs_embeds=None, use_cache=None, cu_seqlens=None, deepstack=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cu_seqlens=None, deepstack=None, output_hidden_states=None,
+                output_attentions=None, **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -127,13 +144,44 @@ class HybridTextModel:
         mask = _new_token_mask(attention_mask, T)
         if cu_seqlens is not None and B != 1:
             raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {B}")
+        hidden_flag = _flag(output_hidden_states, self.config, "output_hidden_states")
+        want_attentions = bool(_flag(output_attentions, self.config, "output_attentions"))
+        hidden = [inputs_embeds] if hidden_flag else None
+        attentions = [] if want_attentions else None
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
-            h = layer(h, position_embeddings, mask, cu_seqlens, cache.layers[i] if cache is not None else None, offset)
+            h, weights = layer(h, position_embeddings, mask, cu_seqlens, cache.layers[i] if cache is not None else None,
+                               offset, want_attentions)
+            if hidden is not None:  # the layer's own output: DeepStack features join the next layer's input
+                hidden.append(h)
+            if attentions is not None:
+                attentions.append(weights)
             h = add_deepstack(h, deepstack, i)
         if cache is not None:
             cache.advance(T)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
+        h = self.norm(h)
+        return BaseModelOutputWithPast(last_hidden_state=h, cache=cache,
+                                       hidden_states=_hidden_outputs(hidden, hidden_flag, h),
+                                       attentions=None if attentions is None else tuple(attentions))
+
+
+def _flag(value, config, name):
+    """An output_* argument, or the config's default where it was not given."""
+    return value if value is not None else getattr(config, name, False)
+
+
+def _hidden_outputs(hidden, flag, last):
+    """transformers' hidden_states: the embeddings and each layer's output, the last one replaced by the normed
+    final output; an int or list in `flag` keeps those indices (negative ones count from the end), None elsewhere."""
+    if hidden is None:
+        return None
+    hidden[-1] = last
+    selected = selected_hidden_states(flag)
+    if selected is None:
+        return tuple(hidden)
+    n = len(hidden)
+    keep = {i % n for i in selected if -n <= i < n}
+    return tuple(h if i in keep else None for i, h in enumerate(hidden))
 
 
 def _new_token_mask(attention_mask, T):
@@ -176,6 +224,9 @@ class HybridModel:
 
     vision_class: type
     text_class: type
+    # the teacher's Model class names the teacher's decoder layer; post_init collects the vision tower's and the
+    # student text model's lists instead (device_map="auto" never splits a HybridDecoderLayer)
+    _no_split_modules = None
 
     def __init__(self, config):
         PreTrainedModel.__init__(self, config)
@@ -185,10 +236,11 @@ class HybridModel:
         self.rope_deltas = None
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
                 video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None, cu_seqlens=None,
-                mm_encoder_outputs=None, **kwargs):
+                mm_encoder_outputs=None, output_hidden_states=None, output_attentions=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         # generate() encodes images/videos once itself and passes them as mm_encoder_outputs
@@ -216,8 +268,11 @@ class HybridModel:
                                            video_grid_thw, second_per_grid_ts)
         out = self.language_model(position_ids=position_ids, attention_mask=attention_mask, cache=cache,
                                   inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
-                                  deepstack=deepstack)
+                                  deepstack=deepstack, return_dict=True,
+                                  output_hidden_states=_flag(output_hidden_states, self.config, "output_hidden_states"),
+                                  output_attentions=_flag(output_attentions, self.config, "output_attentions"))
         return MultimodalBaseModelOutputWithPast(last_hidden_state=out.last_hidden_state, cache=out.cache,
+                                                 hidden_states=out.hidden_states, attentions=out.attentions,
                                                  image_outputs=image_outputs, video_outputs=video_outputs)
 
     def _positions(self, input_ids, attention_mask, cache, cu_seqlens, image_grid_thw, video_grid_thw,
@@ -250,27 +305,51 @@ class HybridForConditionalGeneration:
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
                 video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None, logits_to_keep=0,
-                cu_seqlens=None, mm_encoder_outputs=None, **kwargs):
+                cu_seqlens=None, mm_encoder_outputs=None, output_hidden_states=None, output_attentions=None,
+                **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, pixel_values=pixel_values,
                          pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
                          video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
                          second_per_grid_ts=second_per_grid_ts, cu_seqlens=cu_seqlens,
-                         mm_encoder_outputs=mm_encoder_outputs)
+                         mm_encoder_outputs=mm_encoder_outputs, return_dict=True,
+                         output_hidden_states=_flag(output_hidden_states, self.config, "output_hidden_states"),
+                         output_attentions=_flag(output_attentions, self.config, "output_attentions"))
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       **kwargs)
         return MultimodalCausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
+                                                hidden_states=out.hidden_states, attentions=out.attentions,
                                                 image_outputs=out.image_outputs, video_outputs=out.video_outputs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
-            model_kwargs["cache"] = InfiniteVLCache(self.config)
+        """generate()'s cache: the constant-size one. As the draft model of assisted decoding it records its past
+        from the start, so that its rejected drafts can be taken back."""
+        if model_kwargs.get("cache") is not None:
+            model_kwargs["cache"]._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        cache = InfiniteVLCache(self.config)
+        if generation_config.is_assistant:
+            cache.activate_past_recording(recurrent_states_to_keep=generation_config.num_assistant_tokens)
+        model_kwargs["cache"] = cache
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        """As the draft model of assisted decoding, each round's generate() gets the whole sequence and should feed
+        only what its cache has not seen. transformers 5.25 tells the two apart by the attention mask's length, and
+        when the caller gave no mask it has none to read: the draft then re-fed every token into its cache each
+        round (its own models do the same). The draft's input_ids are always the whole sequence, so their length
+        is the mask's."""
+        if generation_config.is_assistant and model_kwargs.get("attention_mask") is None:
+            generation_config._mask_length = input_ids.shape[1]
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def new_cache(self) -> InfiniteVLCache:
         return InfiniteVLCache(self.config)

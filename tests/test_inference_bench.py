@@ -70,3 +70,20 @@ def test_profile_rows_say_where_a_decode_step_and_a_frame_spend_their_time(tmp_p
         assert p["busy_ms_per_call"] <= p["wall_ms_per_call"] * 1.05
     ops = {k["name"] for r in profiled if r["bench"] == "decode" for k in r["profile"]["top"]}
     assert any("mm" in name or "linear" in name for name in ops), ops  # the projections are where a step goes
+
+
+def test_speculative_part_reports_acceptance_and_speed_against_greedy(tmp_path, one_thread):
+    result = inference.main(["--speculative", "--tiny", "--out", str(tmp_path), "--spec-context", "24",
+                             "--spec-new-tokens", "6", "--spec-draft-layers", "2", "--spec-draft-tokens", "3",
+                             "--spec-lookup-tokens", "3"])
+    record = json.load(open(tmp_path / "inference_speculative.json"))
+    rows = {r["mode"]: r for r in record["rows"]}
+    assert set(rows) == {"prefill only", "greedy", "layer-skip draft (2 layers)", "prompt lookup"}
+    assert not [r for r in rows.values() if "error" in r]
+    assert rows["greedy"]["forwards"] == 6 and rows["greedy"]["tokens_per_forward"] == 1.0
+    draft = rows["layer-skip draft (2 layers)"]
+    assert draft["matches_greedy"] and draft["new_tokens"] == 6 and 0 <= draft["acceptance"] <= 1
+    assert draft["proposed"] >= 3 and draft["forwards"] <= 6
+    summary = record["summary"]
+    assert summary == result["summary"] and summary["draft_matches_greedy"] and summary["lookup_matches_greedy"]
+    assert summary["draft_speedup_vs_greedy"] > 0

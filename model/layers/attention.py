@@ -8,7 +8,9 @@ head_dim, partial rotary (Qwen3.5 rotates the first quarter of each head), and a
 also yields a per-channel gate, the output is o_proj(attention · sigmoid(gate))).
 
 Backends: flash-attn varlen with a window when it is installed; torch flex_attention on CUDA; SDPA with an
-explicit boolean mask otherwise (the CPU path, and cached decoding everywhere).
+explicit boolean mask otherwise (the CPU path, and cached decoding everywhere). Asked for its attention weights
+(`output_attentions=True`), the layer computes softmax(q·kᵀ/√d) explicitly under the same mask and returns them
+with its output.
 """
 
 from __future__ import annotations
@@ -74,22 +76,30 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, position_embeddings, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: SlidingWindowCache | None = None,
-                offset: int = 0) -> torch.Tensor:
+                offset: int = 0, output_attentions: bool = False):
+        """The attention output [B, T, hidden]; with `output_attentions`, (output, weights [B, heads, T, keys]),
+        the keys in position order (the cached window, then the new tokens)."""
         B, T, _ = x.shape
         q, k, v, gate = self.project(x, position_embeddings)
         pos = torch.arange(T, device=x.device) + offset  # offset may be a device tensor (CUDA graphs)
         valid = attention_mask.bool() if attention_mask is not None else \
             torch.ones(B, T, dtype=torch.bool, device=x.device)
-        backend = self._pick_backend(x, cache)
+        backend = "sdpa" if output_attentions else self._pick_backend(x, cache)
         if backend in ("flash", "flex"):  # a fresh window over the new tokens alone
             o = (_flash if backend == "flash" else _flex)(q, k, v, self.window, attention_mask, cu_seqlens)
             if cache is not None:
                 cache.extend(k, v, pos, valid)
-        else:
-            k_ctx, v_ctx, kpos, kvalid = (k, v, pos, valid) if cache is None else cache.extend(k, v, pos, valid)
-            mask = window_mask(pos, kpos, self.window, kvalid, _doc_ids(cu_seqlens, T, x.device))
-            o = F.scaled_dot_product_attention(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), attn_mask=mask,
-                                               enable_gqa=self.num_kv_heads != self.num_heads)
+            return self.output(o, gate)
+        k_ctx, v_ctx, kpos, kvalid = (k, v, pos, valid) if cache is None else cache.extend(k, v, pos, valid)
+        mask = window_mask(pos, kpos, self.window, kvalid, _doc_ids(cu_seqlens, T, x.device))
+        if output_attentions:  # keys by position, never-written ring slots left out
+            order = (kpos >= 0).nonzero().squeeze(-1)
+            order = order[kpos[order].argsort()]
+            o, weights = attention_with_weights(q, k_ctx[:, :, order].to(q.dtype), v_ctx[:, :, order].to(q.dtype),
+                                                mask[..., order])
+            return self.output(o, gate), weights
+        o = F.scaled_dot_product_attention(q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), attn_mask=mask,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
         return self.output(o, gate)
 
     def project(self, x: torch.Tensor, position_embeddings):
@@ -131,6 +141,16 @@ class SlidingWindowAttention(nn.Module):
         if not x.is_cuda or x.shape[1] == 1 or self.head_dim < 32:  # tiny heads: flex needs ≥ 16, 16 crashed
             return "sdpa"
         return "flash" if flash_attn_available() else "flex"
+
+
+def attention_with_weights(q, k, v, mask):
+    """Attention with its weights, as SDPA computes it under a boolean mask: q [B, H, T, D], k and v [B, Hkv, K, D]
+    (grouped heads shared), mask [B, 1, T, K]. Returns (output [B, H, T, D], weights [B, H, T, K])."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).to(q.dtype)
+    return weights @ v, weights
 
 
 def window_mask(qpos, kpos, window: int, kvalid, doc_ids=None) -> torch.Tensor:

@@ -93,12 +93,18 @@ class GatedRMSNorm(nn.Module):
         return gated_rms_norm(x, gate, self.weight, self.eps, self.activation, fused)
 
 
-def conv_silu(h: torch.Tensor, conv: nn.Conv1d, state, seq_idx_, cu_seqlens, fused: bool, keep_state: bool):
-    """A mixer's short conv: fla's Triton kernel where `fused` (the torch taps cost ~50 GB of memory traffic
-    per layer at 128K: fla's is one pass), else `short_conv`. Returns (y, new state or None)."""
-    if fused:
-        return fla_short_conv(h, conv.weight, state, cu_seqlens, output_final_state=keep_state, bias=conv.bias)
-    return short_conv(h, conv.weight, seq_idx_, state, bias=conv.bias)
+class ShortConv(nn.Conv1d):
+    """A mixer's short causal depthwise conv + SiLU (a Conv1d's parameters and init, fla's names). Its forward is
+    the mixer's conv, so that whatever hooks modules (accelerate's offloading loads a module's weights when its
+    forward runs) sees it used."""
+
+    def forward(self, h: torch.Tensor, state=None, seq_idx_=None, cu_seqlens=None, fused: bool = False,
+                keep_state: bool = False):
+        """fla's Triton kernel where `fused` (the torch taps cost ~50 GB of memory traffic per layer at 128K: fla's
+        is one pass), else `short_conv`. Returns (y, new state or None)."""
+        if fused:
+            return fla_short_conv(h, self.weight, state, cu_seqlens, output_final_state=keep_state, bias=self.bias)
+        return short_conv(h, self.weight, seq_idx_, state, bias=self.bias)
 
 
 def prepare_inputs(x: torch.Tensor, attention_mask, cu_seqlens, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -162,9 +168,9 @@ class ShortConvMixer(LinearMixer):
         self.v_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
 
     def add_convs(self) -> None:
-        self.q_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
-        self.k_conv1d = nn.Conv1d(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
-        self.v_conv1d = nn.Conv1d(self.value_dim, self.value_dim, self.conv_size, groups=self.value_dim, bias=False)
+        self.q_conv1d = ShortConv(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
+        self.k_conv1d = ShortConv(self.key_dim, self.key_dim, self.conv_size, groups=self.key_dim, bias=False)
+        self.v_conv1d = ShortConv(self.value_dim, self.value_dim, self.conv_size, groups=self.value_dim, bias=False)
 
     def qkv(self, projected, seq_idx_, cu_seqlens, cache, fused: bool):
         """q, k [B, T, H, K] and v [B, T, HV, V] after their convs (from the q/k/v projections), and the
@@ -172,9 +178,9 @@ class ShortConvMixer(LinearMixer):
         q, k, v = projected
         B, T, _ = q.shape
         conv, keep = (cache.conv, True) if cache is not None else ({}, False)
-        q, conv_q = conv_silu(q, self.q_conv1d, conv.get("q"), seq_idx_, cu_seqlens, fused, keep)
-        k, conv_k = conv_silu(k, self.k_conv1d, conv.get("k"), seq_idx_, cu_seqlens, fused, keep)
-        v, conv_v = conv_silu(v, self.v_conv1d, conv.get("v"), seq_idx_, cu_seqlens, fused, keep)
+        q, conv_q = self.q_conv1d(q, conv.get("q"), seq_idx_, cu_seqlens, fused, keep)
+        k, conv_k = self.k_conv1d(k, conv.get("k"), seq_idx_, cu_seqlens, fused, keep)
+        v, conv_v = self.v_conv1d(v, conv.get("v"), seq_idx_, cu_seqlens, fused, keep)
         return (q.view(B, T, self.num_heads, self.head_k_dim), k.view(B, T, self.num_heads, self.head_k_dim),
                 v.view(B, T, self.num_v_heads, self.head_v_dim), {"q": conv_q, "k": conv_k, "v": conv_v})
 

@@ -28,7 +28,7 @@ from torch import nn
 from ..cache import RecurrentStateCache
 from ..ops.common import use_fla
 from ..ops.gla import simple_gla
-from .base import AttentionWeights, LinearMixer, conv_silu, decay_spread, identity_conv_, inverse_softplus, \
+from .base import AttentionWeights, LinearMixer, ShortConv, decay_spread, identity_conv_, inverse_softplus, \
     mamba_dt, prepare_inputs, same_heads_only
 
 
@@ -67,8 +67,8 @@ class Mamba2Mixer(LinearMixer):
         self.backend = config.linear_backend
 
         self.in_proj = nn.Linear(self.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_size, groups=self.conv_dim,
-                                padding=self.conv_size - 1, bias=True)
+        self.conv1d = ShortConv(self.conv_dim, self.conv_dim, self.conv_size, groups=self.conv_dim,
+                                 padding=self.conv_size - 1, bias=True)
         self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
@@ -114,8 +114,8 @@ class Mamba2Mixer(LinearMixer):
         x, seq_idx = prepare_inputs(x, attention_mask, cu_seqlens, cache)
         fused = use_fla(x, self.backend, self.ssm_state_size)
         z, xbc, dt = self.in_proj(x).split([self.intermediate_size, self.conv_dim, H], dim=-1)
-        xbc, conv_state = conv_silu(xbc.contiguous(), self.conv1d, cache.conv.get("xBC") if cache is not None else None,
-                                    seq_idx, cu_seqlens, fused, cache is not None)
+        xbc, conv_state = self.conv1d(xbc.contiguous(), cache.conv.get("xBC") if cache is not None else None,
+                                      seq_idx, cu_seqlens, fused, cache is not None)
         xs, b, c = xbc.split([self.intermediate_size, self.n_groups * N, self.n_groups * N], dim=-1)
         acc = torch.promote_types(x.dtype, torch.float32)
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
