@@ -215,6 +215,10 @@ def test_the_data_stage_writes_videos_and_positions_as_the_family_does(family, s
         record = read_record(source, index)
         samples.append(tokenize_record(record, source, corpus, processor, f"{source.name}:{index}"))
         sample = samples[-1]
+        # the answers alone are supervised (Qwen3.5: not the empty thinking block its template opens them with)
+        supervised = [t for t, label in zip(sample.input_ids, sample.labels) if label != -100]
+        answers = [text for role, text in check_turns(record.turns) if role == "assistant"]
+        assert processor.tokenizer.decode(supervised) == "".join(a + "<|im_end|>" for a in answers)
         clip_frames = [Image.open(io.BytesIO(f)) for v in sample.videos for f in v]
         if clip_frames:
             messages = _messages(check_turns(record.turns), n_images=0, has_video=True, n_pages=0)
