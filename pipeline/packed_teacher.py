@@ -25,8 +25,8 @@ VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video
 
 class PackedTeacher:
     """`model`: the module that runs packed rows (the teacher itself, or its exact student); `takes_boundaries`:
-    whether it is given cu_seqlens. Build it on the CPU and move `model` where it runs: the exact student is a
-    copy of the teacher's weights, and the teacher can be dropped once it is built."""
+    whether it is given cu_seqlens. The exact student is a copy of the teacher's weights: build it where both fit
+    (the stages build it on the CPU, then move `model`), and drop the teacher once it is built."""
 
     def __init__(self, teacher):
         from model import exact_student, family_of

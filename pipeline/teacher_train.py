@@ -1,7 +1,7 @@
 """Training the tiny teacher on the synthetic picture questions (the run config's `teacher.train`).
 
-A distillation run only proves something if the teacher knows something. This trains the in-code tiny
-teacher of a family (Qwen2.5-VL by default; the real transformers code path, small dimensions) on the sample-data
+A distillation run only proves something if the teacher knows something. This trains the in-code tiny teacher
+of a family (Qwen2.5-VL by default; the real transformers code path, small dimensions) on the sample-data
 generator's pictures: count the shapes and name their color, the highest and lowest bar, the line's trend and
 last value, the text line and its first word. It then scores the teacher on the held-out `pictures` eval suite,
 the same suite (same prompts, same greedy decoding, same exact-match scoring) the eval stage scores students on.

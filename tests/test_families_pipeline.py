@@ -128,6 +128,44 @@ def test_stored_teacher_logits_read_the_teachers_distribution_of_each_document(f
     assert torch.equal(idx[:, 0], reference.argmax(-1))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_packed_rows_and_stage1a_on_the_gpu_in_bf16(family):
+    """As on the CPU, with the kernels a GPU run uses (fla's chunked recurrences, flash or flex attention): the
+    packed row within bf16 of each document alone through the teacher's own forward, and Stage I-a's step
+    (forward and backward) finite, a layer the teacher had linear starting at loss 0."""
+    import inspect
+
+    from pipeline.config import StudentSection
+    from pipeline.train.objectives import LayerwiseAligner, student_config
+
+    dims = {"hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 512, "head_dim": 64, "linear_head_dim": 64}
+    accepted = inspect.signature(FAMILIES[family].tiny_config).parameters
+    teacher, processor = build_tiny_teacher(seed=0, family=family, **{k: v for k, v in dims.items() if k in accepted})
+    teacher = teacher.to("cuda", torch.bfloat16)
+    docs = [{k: v.to("cuda") if torch.is_tensor(v) else v for k, v in d.items()} for d in documents(processor)]
+    docs = [{k: v.to(torch.bfloat16) if torch.is_floating_point(v) and "pixel" in k else v for k, v in d.items()}
+            for d in docs]
+    row = packed_row(teacher.config, docs)
+    reference = alone(teacher, docs).float()
+    with torch.no_grad():
+        hidden = PackedTeacher(teacher).hidden_states(row).float()
+    assert ((hidden - reference).norm() / reference.norm()).item() < 2e-2
+    n = teacher.config.text_config.num_hidden_layers
+    config = student_config(teacher.config, StudentSection(sliding_window=64, layer_types=["linear_attention"] * n))
+    aligner = LayerwiseAligner(teacher, config, loss_scale=1.0).cuda()
+    loss, metrics = aligner(row)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all()
+                                        for p in aligner.mixers.parameters() if p.requires_grad)
+    kinds = [FAMILIES[family].teacher_layer_kind(teacher.config.text_config, i) for i in range(n)]
+    losses = {kinds[i]: [] for i in aligner.linear_layers}
+    for i, layer_loss in zip(aligner.linear_layers, aligner._losses):
+        losses[kinds[i]].append(float(layer_loss.detach()))
+    assert min(losses["attention"]) > 0
+    assert max(losses.get("linear_attention", [0.0])) <= 1e-3 * min(losses["attention"]), losses
+
+
 # -- Stage I-a ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -228,6 +266,15 @@ def test_the_data_stage_writes_videos_and_positions_as_the_family_does(family, s
             assert int((runs == 1).sum()) == FAMILIES[family].video_runs(sample.video_grid_thw[0]) >= 1
     example = example_from_row(pack_row(samples), processor)
     assert ("second_per_grid_ts" in example) == (processor.video_layout == "qwen2_5_vl")
+    # the loader's patches are the family's image processor's (its patch size, its normalisation)
+    (image,), (grid,) = samples[1].images, samples[1].image_grid_thw
+    area = grid[1] * grid[2] * processor.patch_size ** 2
+    ours = processor.preprocess_images([Image.open(io.BytesIO(image))], min_pixels=area, max_pixels=area)
+    assert ours["image_grid_thw"][0].tolist() == grid
+    torch.testing.assert_close(example["pixel_values"], ours["pixel_values"], atol=1e-5, rtol=0)
+    videos = [processor.preprocess_video([Image.open(io.BytesIO(f)) for f in s.videos[0]], fps=2.0)
+              for s in (samples[0], samples[2])]
+    torch.testing.assert_close(example["pixel_values_videos"], torch.cat([v["pixel_values_videos"] for v in videos]))
     reference = []
     for s in samples:
         ids = torch.tensor([s.input_ids])

@@ -201,10 +201,10 @@ def example_from_row(row: dict, processor: InfiniteVLProcessor, tokens_per_secon
 
 
 def image_patches(images: list[bytes], grids: list[list[int]], processor: InfiniteVLProcessor) -> torch.Tensor:
-    """The images' patches as Qwen2.5-VL's image processor makes them: each image (stored as published) to
-    RGB, resized bicubic to its tokenized grid, scaled to [0, 1] and normalised, cut into patches of
-    (channel, time, row, column) with the picture repeated over the temporal patch, merged patches
-    adjacent. Bytes are rearranged while they are bytes, then scaled in one float pass and written into
+    """The images' patches as the family's Qwen-VL image processor makes them (its patch size and normalisation):
+    each image (stored as published) to RGB, resized bicubic to its tokenized grid, scaled to [0, 1] and
+    normalised, cut into patches of (channel, time, row, column) with the picture repeated over the temporal
+    patch, merged patches adjacent. Bytes are rearranged while they are bytes, then scaled in one float pass and written into
     one array for all images (the processor's own path copies each image's floats several times)."""
     ip, p, m, tp = processor.image_processor, processor.patch_size, processor.merge_size, processor.temporal_patch_size
     std, mean = np.asarray(ip.image_std, np.float32)[:, None], np.asarray(ip.image_mean, np.float32)[:, None]

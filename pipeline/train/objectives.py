@@ -49,7 +49,7 @@ def student_overrides(student, num_layers: int) -> dict:
     return out
 
 
-def student_config(teacher_config, student) -> object:
+def student_config(teacher_config, student):
     """The student's config for a teacher config of any family and the run config's `student` section."""
     from model import family_of
 
