@@ -198,6 +198,38 @@ def test_stage1a_regresses_each_linear_layer_onto_its_teacher_layers_output(fami
         assert (float(loss.detach()) < 1e-10) == (kinds[i] == "linear_attention"), (i, kinds[i], float(loss.detach()))
 
 
+@pytest.mark.parametrize("mixer", ["gla", "mamba2", "kda"])
+def test_stage1a_trains_every_mixer_of_the_table(mixer, one_thread):
+    """`student.linear_mixer` takes any of model.mixer_names(): Stage I-a builds that mixer, its step reaches every
+    mixer parameter, and the export is a student of that mixer with the trained weights."""
+    import tempfile
+
+    from pipeline.config import StudentSection
+    from pipeline.train.objectives import LayerwiseAligner, student_config
+
+    from model import MIXERS
+    from model.checkpoint import load_pretrained
+
+    teacher, processor = tiny("qwen2_5_vl")
+    config = student_config(teacher.config, StudentSection(sliding_window=64, linear_mixer=mixer))
+    aligner = LayerwiseAligner(teacher, config, loss_scale=1.0)
+    assert all(type(m) is MIXERS[mixer] for m in aligner.mixers.values())
+    loss, _ = aligner(packed_row(teacher.config, documents(processor)))
+    loss.backward()
+    # every parameter in the graph (a low-rank gate's first factor may start at zero gradient: its second is 0)
+    assert all(p.grad is not None for p in aligner.mixers.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in aligner.mixers.parameters()) > 0
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher.save_pretrained(f"{tmp}/teacher")
+        aligner.export(aligner.state_dict(), f"{tmp}/teacher", f"{tmp}/export", processor)
+        student, _ = load_pretrained(f"{tmp}/export")
+    i = aligner.linear_layers[0]
+    exported = student.model.language_model.layers[i].self_attn
+    assert type(exported) is MIXERS[mixer]
+    for name, p in aligner.mixers[str(i)].named_parameters():
+        assert torch.equal(exported.get_parameter(name), p.detach()), name
+
+
 def record(outputs: dict, i: int):
     """A forward hook keeping a module's output under `i` (and leaving it as it is)."""
     def hook(module, args, output):
