@@ -9,6 +9,7 @@ path for the same conversation.
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import json
@@ -188,7 +189,7 @@ def test_stage1a_regresses_each_linear_layer_onto_its_teacher_layers_output(fami
     alone(teacher, docs)
     for h in handles:
         h.remove()
-    aligner = LayerwiseAligner(teacher, config, loss_scale=1.0)
+    aligner = LayerwiseAligner(copy.deepcopy(teacher), config, loss_scale=1.0)  # it hooks the teacher it is given
     for i in aligner.linear_layers:
         aligner.packed.mixer(i).register_forward_hook(record(ours, i))
     aligner(row)
@@ -212,7 +213,7 @@ def test_stage1a_trains_every_mixer_of_the_table(mixer, one_thread):
 
     teacher, processor = tiny("qwen2_5_vl")
     config = student_config(teacher.config, StudentSection(sliding_window=64, linear_mixer=mixer))
-    aligner = LayerwiseAligner(teacher, config, loss_scale=1.0)
+    aligner = LayerwiseAligner(copy.deepcopy(teacher), config, loss_scale=1.0)  # it hooks the teacher it is given
     assert all(type(m) is MIXERS[mixer] for m in aligner.mixers.values())
     loss, _ = aligner(packed_row(teacher.config, documents(processor)))
     loss.backward()
