@@ -38,6 +38,30 @@ def write_result(bench: str, config: dict, rows: list[dict], summary: dict, out_
     return path
 
 
+def add_result(key: str, bench: str, config: dict, rows: list[dict], summary: dict, out_dir: str = RESULTS,
+               device: str | None = None) -> str:
+    """Adds one run's rows to bench/results/<bench>.json beside those of other runs (`key` names the run, e.g. a
+    teacher family and size): its rows, tagged with `run` = key and the device that measured them, replace the
+    file's earlier rows of that key; its config (with device, date and commit) and summary go under `families`
+    in the file's config and summary. The file's own device, date and commit stay those of its first run."""
+    path = os.path.join(out_dir, f"{bench}.json")
+    if not os.path.exists(path):
+        write_result(bench, {}, [], {}, out_dir, device)
+    with open(path) as f:
+        record = json.load(f)
+    device = device or device_name()
+    record["rows"] = [r for r in record["rows"] if r.get("run") != key] + [
+        {"run": key, "device": device, **r} for r in rows]
+    record["config"].setdefault("families", {})[key] = {**config, "device": device,
+                                                        "date": datetime.date.today().isoformat(),
+                                                        "commit": git_commit()}
+    record["summary"].setdefault("families", {})[key] = summary
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -1,9 +1,16 @@
-"""Inference speed and memory at full size, in one run on one GPU: the Qwen2.5-VL-3B teacher (transformers,
-SDPA) against its converted InfiniteVL student, both with random weights in bf16.
+"""Inference speed and memory at full size, in one run on one GPU: a teacher of published shapes (Qwen2.5-VL-3B
+by default; `--family`/`--size` for any family and size model/families/ lists) in transformers with SDPA, against
+its converted InfiniteVL student, both with random weights in bf16.
 
     python -m bench.inference            # one H100: 5-8 minutes; writes bench/results/inference.{json,png}
     python -m bench.inference --tiny     # CPU smoke test in seconds (results go to a temporary folder)
     python -m bench.inference --speculative   # only speculative decoding, batch 1 at 128K: inference_speculative.json
+    python -m bench.inference --family qwen3_vl --size 4B --add   # adds its rows to bench/results/inference.json
+    python -m bench.inference --family qwen3_5 --tiny             # the family's tiny teacher on CPU
+
+`--add` keeps the results file's rows of other teachers and adds this run's, each tagged with `run` (the teacher's
+family and size) and the device that measured it; its config and summary go under `families` in the file's config
+and summary (bench.common.add_result).
 
 What is measured (one model in memory at a time, so peak memory is that model's):
 - prefill: the latency of one prompt of N text tokens (first-token logits only), building the cache. The
@@ -25,6 +32,7 @@ What is measured (one model in memory at a time, so peak memory is that model's)
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -35,7 +43,7 @@ import traceback
 import numpy as np
 import torch
 
-from bench.common import print_table, write_result
+from bench.common import add_result, print_table, write_result
 from bench.profiling import kernel_profile, show_profile
 
 K = 1024
@@ -49,6 +57,7 @@ def _tokens(x: str) -> int:
 FULL = dict(prefill=[8 * K, 32 * K, 128 * K, 256 * K], contexts=[8 * K, 32 * K, 64 * K, 128 * K, 256 * K, 512 * K],
             batches=[1, 8], decode_steps=32, single_max=256 * K, prefill_chunk=8 * K, stream_frames=2000,
             stream_eager_frames=100, frame_size=448, breakdown_at=128 * K)
+DEFAULT_FAMILY, DEFAULT_SIZE = "qwen2_5_vl", "3B"
 TINY = dict(prefill=[64, 256], contexts=[64, 256, 1024], batches=[1, 2], decode_steps=4, single_max=64,
             prefill_chunk=64, stream_frames=24, stream_eager_frames=6, frame_size=56, breakdown_at=256)
 
@@ -57,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda s: [_tokens(x) for x in s.split(",") if x.strip()]  # noqa: E731
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU: a smoke test of every code path")
+    p.add_argument("--family", default=DEFAULT_FAMILY, help="the teacher family (model/families/): "
+                   "qwen2_5_vl, qwen3_vl, qwen3_5")
+    p.add_argument("--size", default=None, help="the teacher's published size in that family, e.g. 4B (default: "
+                   f"{DEFAULT_SIZE} for {DEFAULT_FAMILY}; with --tiny the family's tiny teacher)")
+    p.add_argument("--add", action="store_true", help="add this run's rows to the results file's rows of other "
+                   "teachers instead of replacing the file")
     p.add_argument("--prefill", type=ints, default=None, help="prompt lengths, e.g. 8k,32k,128k,256k")
     p.add_argument("--contexts", type=ints, default=None, help="decode contexts, e.g. 8k,32k,128k,256k,512k")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
@@ -77,6 +92,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: a temp folder)")
     add_speculative_args(p)
     args = p.parse_args(argv)
+    from model import FAMILIES
+
+    if args.family not in FAMILIES:
+        p.error(f"--family {args.family!r}: families are {', '.join(FAMILIES)}")
+    sizes = FAMILIES[args.family].published
+    if args.tiny:
+        if args.size is not None:
+            p.error("--tiny builds the family's tiny teacher: leave --size out")
+    elif args.size is None and args.family == DEFAULT_FAMILY:
+        args.size = DEFAULT_SIZE
+    elif args.size not in sizes:
+        p.error(f"--size {args.size!r}: {args.family} is published as {', '.join(sizes)}")
     defaults = TINY if args.tiny else FULL
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -86,16 +113,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # -- models ----------------------------------------------------------------------------------------------------
 
-def build_models_config(tiny: bool, processor):
-    """The teacher's config (3B shapes, or the tiny test shapes), with the special-token ids of our
-    processor's tokenizer so streamed frames are laid out by the real M-RoPE code."""
+def build_models_config(tiny: bool, processor, family: str = DEFAULT_FAMILY, size: str | None = DEFAULT_SIZE):
+    """The teacher's config (the family's published shapes at `size`, or its tiny test shapes), with the
+    special-token ids of our processor's tokenizer so streamed frames are laid out by the real M-RoPE code."""
+    from model import FAMILIES
+    from model.tiny import tiny_teacher_config
+
     if tiny:
-        from model.tiny import tiny_teacher_config
-
-        return tiny_teacher_config(processor.tokenizer)
-    from bench.param_count import qwen2_5_vl_3b_config
-
-    cfg = qwen2_5_vl_3b_config()
+        return tiny_teacher_config(processor.tokenizer, family)
+    cfg = FAMILIES[family].published[size]()
     for name, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
         setattr(cfg, name, processor.tokenizer.convert_tokens_to_ids(token))
@@ -103,23 +129,36 @@ def build_models_config(tiny: bool, processor):
 
 
 def build_teacher(cfg, device, dtype):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from model import family_of
 
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+        model = family_of(cfg).teacher_class._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     return model.eval()
 
 
-def build_student(cfg, device, dtype, window: int):
+def student_config(cfg, window: int):
+    """The student's config: the family's default layout (1 sliding : 3 linear; Qwen3.5 its own), `window`."""
+    from model import family_of
+
+    return family_of(cfg).config_class.from_teacher(cfg, sliding_window=window)
+
+
+def build_student(config, device, dtype):
     """The student as generation and streaming run it: input projections packed (model/packed.py)."""
-    from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
+    from model import family_of
     from model.packed import pack_projections
 
-    config = InfiniteVLConfig.from_teacher(cfg, sliding_window=window)
     with torch.device(device):
-        model = InfiniteVLForConditionalGeneration._from_config(config, dtype=dtype)
+        model = family_of(config).model_class._from_config(config, dtype=dtype)
     pack_projections(model)
     return model.eval()
+
+
+def layout(config) -> str:
+    """"1 SWA : 3 gated_deltanet" style: the student's sliding and linear layers."""
+    types = config.text_config.layer_types
+    swa, linear = types.count("sliding_attention"), types.count("linear_attention")
+    return f"{swa} SWA : {linear} {config.text_config.linear_mixer} layers"
 
 
 def weights_gb(model) -> float:
@@ -232,13 +271,19 @@ class Spans:
 
 
 def layer_parts(model) -> dict:
-    """The decoder's token mixers by kind, and its MLPs (teacher or student)."""
+    """The decoder's token mixers by kind, and its MLPs (teacher or student, any family)."""
+    from model import MIXERS, family_of
+
+    names = {cls.__name__: name.replace("_", " ") for name, cls in MIXERS.items()}
+    names["SlidingWindowAttention"] = "sliding attention"
+    family = family_of(model.config)
     layers = model.model.language_model.layers
     parts: dict = {"mlp": [layer.mlp for layer in layers]}
     for layer in layers:
-        kind = {"SlidingWindowAttention": "sliding attention", "GatedDeltaNet": "gated deltanet"}.get(
-            type(layer.self_attn).__name__, "attention")
-        parts.setdefault(kind, []).append(layer.self_attn)
+        mixer = family.teacher_mixer(layer)
+        kind = type(mixer).__name__
+        kind = names.get(kind) or ("gated deltanet" if kind.endswith("GatedDeltaNet") else "attention")
+        parts.setdefault(kind, []).append(mixer)
     return parts
 
 
@@ -301,10 +346,13 @@ def student_prefill(student, n, meter, device, chunk: int | None):
 # -- decode ----------------------------------------------------------------------------------------------------
 
 def preallocated_kv_cache(teacher, batch: int, context: int, room: int, device, dtype):
-    """A transformers DynamicCache holding `context` random keys/values per layer in storage allocated once
-    for `context + room` tokens; new tokens are written in place."""
+    """A transformers DynamicCache holding `context` random keys/values per attention layer in storage allocated
+    once for `context + room` tokens; new tokens are written in place. A teacher's own linear layers (Qwen3.5)
+    keep transformers' state layer, which the first step fills: its cost does not depend on the context."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+
+    from model import family_of
 
     class PreallocatedLayer(DynamicLayer):
         def __init__(self, keys, values, length):
@@ -322,20 +370,27 @@ def preallocated_kv_cache(teacher, batch: int, context: int, room: int, device, 
             return self.keys, self.values
 
     text = teacher.config.text_config
-    head_dim = text.hidden_size // text.num_attention_heads
+    family = family_of(teacher.config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     shape = (batch, text.num_key_value_heads, context + room, head_dim)
     cache = DynamicCache()
     cache.layers = [PreallocatedLayer(torch.empty(shape, device=device, dtype=dtype).normal_(),
                                       torch.empty(shape, device=device, dtype=dtype).normal_(), context)
-                    for _ in range(text.num_hidden_layers)]
+                    if family.teacher_layer_kind(text, i) == "attention" else LinearAttentionLayer()
+                    for i in range(text.num_hidden_layers)]
     return cache
+
+
+def kv_layers(cache) -> list:
+    """The preallocated key/value layers of a teacher cache (not the linear layers' states)."""
+    return [layer for layer in cache.layers if hasattr(layer, "_k")]
 
 
 def teacher_decode(teacher, batch, context, steps, warmup, meter, device, dtype, profile=False):
     meter.start()
     extra_steps = steps + 1 if profile else 0  # the profile's warm-up and calls write into the cache too
     cache = preallocated_kv_cache(teacher, batch, context, warmup + steps + extra_steps + 1, device, dtype)
-    kv_gb = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer._k, layer._v)) / 1e9
+    kv_gb = sum(t.numel() * t.element_size() for layer in kv_layers(cache) for t in (layer._k, layer._v)) / 1e9
     key = forward_kwargs(teacher)
     ids = random_ids(teacher.config.text_config.vocab_size, batch, warmup + steps, device)
 
@@ -362,12 +417,12 @@ def teacher_decode_graphed(teacher, batch, context, steps, warmup, meter, device
     text = teacher.model.language_model
     meter.start()
     cache = preallocated_kv_cache(teacher, batch, context, 1, device, dtype)
-    kv_gb = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer._k, layer._v)) / 1e9
+    kv_gb = sum(t.numel() * t.element_size() for layer in kv_layers(cache) for t in (layer._k, layer._v)) / 1e9
     embeds = torch.randn(batch, 1, text.config.hidden_size, device=device, dtype=dtype)
     position_ids = torch.full((3, batch, 1), context, device=device, dtype=torch.long)
 
     def body():
-        for layer in cache.layers:  # back to `context` keys: the step rewrites slot `context`
+        for layer in kv_layers(cache):  # back to `context` keys: the step rewrites slot `context`
             layer._n = context
         h = text(inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache, use_cache=True).last_hidden_state
         return teacher.lm_head(h[:, -1:])
@@ -518,13 +573,16 @@ def run(args, save=lambda config, rows: None) -> tuple[dict, list[dict], dict]:
         torch.set_num_threads(1)  # tiny matrices: threads cost more than they give
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
-    processor = build_processor(min_pixels=args.frame_size ** 2, max_pixels=args.frame_size ** 2)
-    cfg = build_models_config(args.tiny, processor)
+    processor = build_processor(min_pixels=args.frame_size ** 2, max_pixels=args.frame_size ** 2,
+                                family=args.family)
+    cfg = build_models_config(args.tiny, processor, args.family, args.size)
     window = 32 if args.tiny else 8192
+    student_cfg = student_config(cfg, window)
     meter = Meter(device)
-    config = {"device": device, "dtype": str(dtype).replace("torch.", ""), "teacher": "tiny" if args.tiny else
-              "Qwen2.5-VL-3B shapes, random weights, transformers SDPA", "student": f"converted, 1 SWA : 3 GDN, "
-              f"window {window}", **{k: getattr(args, k) for k in FULL}}
+    teacher = f"{args.family} tiny" if args.tiny else f"{args.family} {args.size} shapes"
+    config = {"device": device, "dtype": str(dtype).replace("torch.", ""),
+              "teacher": f"{teacher}, random weights, transformers SDPA", "family": args.family, "size": args.size,
+              "student": f"converted, {layout(student_cfg)}, window {window}", **{k: getattr(args, k) for k in FULL}}
     config["notes"] = [
         "decode contexts are not prefilled: the teacher's KV cache holds random keys/values of the right shape "
         "(allocated once at full length, written in place), the student's ring buffers and recurrent states "
@@ -568,7 +626,7 @@ def run(args, save=lambda config, rows: None) -> tuple[dict, list[dict], dict]:
         save(config, rows)
 
     print("student: building", flush=True)
-    student = build_student(cfg, device, dtype, window)
+    student = build_student(student_cfg, device, dtype)
     config["student_weights_gb"] = round(weights_gb(student), 2)
     guarded({}, lambda: student_prefill(student, min(args.prefill), meter, device, None))  # warm-up / compile
     # chunks after the first start from a state: other kernel variants, autotuned on first use (56 s at 32K on
@@ -726,15 +784,17 @@ def main(argv=None) -> dict:
     out = args.out or (tempfile.mkdtemp(prefix="bench-inference-") if args.tiny else None)
     t0 = time.perf_counter()
     where = {"out_dir": out} if out else {}
+    write = functools.partial(add_result, f"{args.family} {args.size or 'tiny'}") if args.add else write_result
 
     def save(config, rows):
-        write_result("inference", {**config, "partial": True, "wall_s": round(time.perf_counter() - t0, 1)}, rows,
-                     summarize(rows), **where)
+        write("inference", {**config, "partial": True, "wall_s": round(time.perf_counter() - t0, 1)}, rows,
+              summarize(rows), **where)
 
     config, rows, summary = run(args, save)
     config["wall_s"] = round(time.perf_counter() - t0, 1)
-    path = write_result("inference", config, rows, summary, **where)
-    plot(rows, os.path.join(os.path.dirname(path), "inference.png"))
+    path = write("inference", config, rows, summary, **where)
+    name = f"inference_{args.family}_{args.size or 'tiny'}.png" if args.add else "inference.png"
+    plot(rows, os.path.join(os.path.dirname(path), name))
     show(rows, summary)
     print(f"wrote {path} in {config['wall_s']} s")
     return {"path": path, "summary": summary, "rows": rows}

@@ -67,12 +67,24 @@ class TeacherTrainSection(Section):
 
 
 class TeacherSection(Section):
-    # "tiny" builds the in-code tiny Qwen2.5-VL (model/tiny.py); anything else is a local directory,
-    # an fsspec URL or a Hugging Face Hub id of a Qwen2.5-VL checkpoint, copied into the run root so a
-    # run keeps working when the source moves.
+    # "tiny" builds the in-code tiny teacher of `family` (model/tiny.py); anything else is a local directory, an
+    # fsspec URL or a Hugging Face Hub id of a checkpoint of any supported family (its config.json says which),
+    # copied into the run root so a run keeps working when the source moves.
     source: str = Field(min_length=1)
+    family: str = Field("qwen2_5_vl", description="the teacher family (model.family_names()) of the in-code tiny "
+                                                  "teacher; a checkpoint's family is read from its config.json")
     seed: int = 0
     train: TeacherTrainSection | None = Field(None, description="train the tiny teacher (source: tiny only)")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        # model/families/ is the one list of families (importing model takes seconds: a default is not checked)
+        from model import family_names
+
+        if family not in family_names():
+            raise ValueError(f"unknown teacher family {family!r}; families: {', '.join(family_names())}")
+        return family
 
     @model_validator(mode="after")
     def _train_only_tiny(self) -> "TeacherSection":
@@ -85,18 +97,32 @@ class TeacherSection(Section):
 
 
 class StudentSection(Section):
-    """The hybrid decoder built from the teacher; names follow model/config.py."""
+    """The hybrid decoder built from the teacher; names follow model/config.py. Fields left unset take the teacher
+    family's defaults: 1 sliding-window layer : 3 linear layers with the teacher's attention dims (Qwen3.5: its own
+    layout and its Gated DeltaNet's dims, which its linear layers keep)."""
     sliding_window: int = Field(gt=0)
-    layer_period: int = Field(4, gt=0, description="one sliding-window layer, then layer_period-1 Gated DeltaNet layers")
+    layer_period: int | None = Field(None, gt=0, description="one sliding-window layer, then layer_period-1 linear "
+                                                             "layers (default: the family's layout)")
     num_linear_heads: int | None = Field(None, gt=0)
     linear_head_dim: int | None = Field(None, gt=0)
-    expand_v: float = Field(2.0, gt=0)
-    conv_size: int = Field(4, gt=0)
-    linear_mixer: Literal["gated_deltanet", "gla", "mamba2"] = Field(
-        "gated_deltanet", description="recurrence of the linear layers (gla and mamba2: the paper's ablation)")
+    expand_v: float | None = Field(None, gt=0, description="value dim over key dim of the linear layers (default: 2, "
+                                                           "or the teacher's own linear layers')")
+    conv_size: int | None = Field(None, gt=0, description="short convolution width (default: 4, or the teacher's)")
+    linear_mixer: str = Field("gated_deltanet", description="recurrence of the linear layers, one of "
+                                                            "model.mixer_names() (gla and mamba2: the paper's ablation)")
     layer_types: list[Literal["sliding_attention", "linear_attention"]] | None = Field(
         None, min_length=1, description="one entry per decoder layer, instead of layer_period's pattern (e.g. every "
                                         "layer linear: the sliding share 0 of the paper's ablation)")
+
+    @field_validator("linear_mixer")
+    @classmethod
+    def _known_mixer(cls, mixer: str) -> str:
+        # model.layers.MIXERS is the one list of mixers (importing model takes seconds: a default is not checked)
+        from model import mixer_names
+
+        if mixer not in mixer_names():
+            raise ValueError(f"unknown linear mixer {mixer!r}; mixers: {', '.join(mixer_names())}")
+        return mixer
 
 
 class CorpusSection(Section):

@@ -1,10 +1,10 @@
 """Training the tiny teacher on the synthetic picture questions (the run config's `teacher.train`).
 
-A distillation run only proves something if the teacher knows something. This trains the in-code tiny
-Qwen2.5-VL (the real transformers code path, small dimensions) on the sample-data generator's pictures:
-count the shapes and name their color, the highest and lowest bar, the line's trend and last value, the
-text line and its first word. It then scores the teacher on the held-out `pictures` eval suite, the same
-suite (same prompts, same greedy decoding, same exact-match scoring) the eval stage scores students on.
+A distillation run only proves something if the teacher knows something. This trains the in-code tiny teacher
+of a family (Qwen2.5-VL by default; the real transformers code path, small dimensions) on the sample-data
+generator's pictures: count the shapes and name their color, the highest and lowest bar, the line's trend and
+last value, the text line and its first word. It then scores the teacher on the held-out `pictures` eval suite,
+the same suite (same prompts, same greedy decoding, same exact-match scoring) the eval stage scores students on.
 
 Why the pictures are shown at the processor's own resolution (up to 28·28·64 pixels): at 28·28·16 the
 320×64 text line becomes a 224×28 image, glyphs about 5 pixels tall, and text reading stays at chance
@@ -102,14 +102,16 @@ def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print):
-    """Builds the tiny teacher of `settings` (a `TeacherTrainSection`), trains it, scores it on the held-out
-    pictures. Returns (model on the CPU in fp32, processor, metrics)."""
+def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, family: str = "qwen2_5_vl"):
+    """Builds the tiny teacher of `family` (model/families/) with the dims of `settings` (a
+    `TeacherTrainSection`), trains it, scores it on the held-out pictures. Returns (model on the CPU in fp32,
+    processor, metrics)."""
     from model.tiny import build_processor, build_tiny_teacher
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, processor = build_tiny_teacher(
-        seed, processor=build_processor(max_pixels=settings.max_pixels), hidden=settings.hidden,
+        seed, processor=build_processor(max_pixels=settings.max_pixels, family=family), family=family,
+        hidden=settings.hidden,
         heads=settings.heads, kv_heads=settings.kv_heads, intermediate=settings.intermediate, num_layers=settings.num_layers, vision_hidden=settings.vision_hidden,
         vision_depth=settings.vision_depth)
     n_params = sum(p.numel() for p in model.parameters())
@@ -175,7 +177,7 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print):
                **{f"heldout/{k}": v for k, v in held_out.items()}, "loss_curve": curve}
     # a fresh processor to save: batched calls leave padding settings in the used one's tokenizer, which would
     # change its fingerprint (the data and training stages compare the shards' processor with the teacher's)
-    return model.to("cpu").float(), build_processor(max_pixels=settings.max_pixels), metrics
+    return model.to("cpu").float(), build_processor(max_pixels=settings.max_pixels, family=family), metrics
 
 
 def score_pictures(model, processor, n_pictures: int = 64, out_dir: str | None = None,

@@ -93,8 +93,9 @@ def test_student_layer_types_reach_the_student_config_and_a_wrong_length_is_refu
     cfg = load_config(TINY, ["student.layer_types=[linear_attention, linear_attention, linear_attention, linear_attention]"])
     fields = student_overrides(cfg.student, 4)
     assert fields["layer_types"] == ["linear_attention"] * 4
-    assert student_overrides(load_config(TINY).student, 4)["layer_types"] == \
-        ["sliding_attention", "linear_attention", "linear_attention", "linear_attention"]
+    assert "layer_types" not in student_overrides(load_config(TINY).student, 4)  # the teacher family's layout
+    assert student_overrides(load_config(TINY, ["student.layer_period=2"]).student, 4)["layer_types"] == \
+        ["sliding_attention", "linear_attention", "sliding_attention", "linear_attention"]
     common = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, vocab_size=64)
     assert InfiniteVLTextConfig(num_hidden_layers=4, **common, **fields).layer_types == ["linear_attention"] * 4
     with pytest.raises(ModelConfigError, match="layer_types has 4 entries but num_hidden_layers is 6"):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from bench import inference
+from model import FAMILIES, family_names
+from model.tiny import build_processor
 
 
 def test_tiny_bench_writes_every_section_and_the_summary(tmp_path):
@@ -36,22 +39,79 @@ def test_tiny_bench_writes_every_section_and_the_summary(tmp_path):
     assert result["summary"] == summary
 
 
-def test_preallocated_teacher_cache_gives_the_logits_of_a_dynamic_cache(tiny_teacher):
+@pytest.mark.parametrize("family", family_names())
+def test_preallocated_teacher_cache_gives_the_logits_of_a_dynamic_cache(family):
+    """Every family's teacher: its attention layers' keys/values preallocated, its own linear layers (Qwen3.5)
+    in transformers' state layers, the same logits step by step as transformers' DynamicCache for that config."""
     from transformers import DynamicCache
 
-    teacher = tiny_teacher[0]
+    from model.tiny import build_tiny_teacher
+
+    teacher = build_tiny_teacher(seed=0, family=family)[0]
     torch.manual_seed(0)
     ours = inference.preallocated_kv_cache(teacher, batch=2, context=40, room=3, device="cpu", dtype=torch.float32)
-    theirs = DynamicCache()
+    theirs = DynamicCache(config=teacher.config)
     for i, layer in enumerate(ours.layers):
-        theirs.update(layer.keys.clone(), layer.values.clone(), i)
+        if hasattr(layer, "_k"):
+            theirs.layers[i].update(layer.keys.clone(), layer.values.clone())
+    assert len(inference.kv_layers(ours)) == sum(FAMILIES[family].teacher_layer_kind(teacher.config.text_config, i)
+                                                 == "attention" for i in range(len(ours.layers)))
     ids = torch.randint(0, 200, (2, 3))
     with torch.no_grad():
         for i in range(3):  # steps write into the preallocated room
             a = teacher(input_ids=ids[:, i:i + 1], cache=ours, use_cache=True).logits
             b = teacher(input_ids=ids[:, i:i + 1], cache=theirs, use_cache=True).logits
             torch.testing.assert_close(a, b)
-    assert ours.get_seq_length() == 43
+    assert inference.kv_layers(ours)[0].keys.shape[-2] == 43
+
+
+def test_another_family_runs_on_cpu_and_its_rows_join_the_results_of_others(tmp_path):
+    """`--family qwen3_5 --tiny --add` on a results file that holds another run: that run's rows stay, this run's
+    come tagged with its teacher and device, its config and summary under `families`."""
+    base = {"bench": "inference", "device": "NVIDIA H200", "date": "2026-11-30", "commit": "abc", "config": {"a": 1},
+            "rows": [{"bench": "prefill", "model": "teacher", "mode": "one pass", "batch": 1, "context": 8},
+                     {"run": "qwen3_5 tiny", "bench": "decode", "model": "teacher", "mode": "eager", "batch": 1,
+                      "context": 64, "error": "an earlier run of the same teacher"}],
+            "summary": {"prefill_speedup_128k": 3.0}}
+    (tmp_path / "inference.json").write_text(json.dumps(base))
+    args = ["--tiny", "--family", "qwen3_5", "--add", "--out", str(tmp_path), "--prefill", "32", "--contexts", "64",
+            "--batches", "1", "--decode-steps", "2", "--stream-frames", "0", "--stream-eager-frames", "2",
+            "--single-max", "32", "--prefill-chunk", "32", "--breakdown-at", "32"]
+    inference.main(args)  # its rows replace its own earlier ones
+    record = json.load(open(tmp_path / "inference.json"))
+    assert {k: record[k] for k in ("device", "date", "commit")} == {"device": "NVIDIA H200", "date": "2026-11-30",
+                                                                     "commit": "abc"}
+    assert record["rows"][0] == base["rows"][0]
+    added = record["rows"][1:]
+    assert added and not [r for r in added if "error" in r]
+    assert {(r["run"], r["device"].split(":")[0]) for r in added} == {("qwen3_5 tiny", "cpu")}
+    assert len([r for r in added if r["bench"] == "decode" and r["model"] == "teacher"]) == 1
+    parts = {r["model"]: r for r in added if r["bench"] == "breakdown"}
+    assert parts["teacher"]["gated deltanet_ms"] > 0 and parts["teacher"]["attention_ms"] > 0  # its own 3 : 1
+    assert parts["student"]["gated deltanet_ms"] > 0 and parts["student"]["sliding attention_ms"] > 0
+    run = record["config"]["families"]["qwen3_5 tiny"]
+    assert run["family"] == "qwen3_5" and "6 gated_deltanet" in run["student"] and run["device"].startswith("cpu")
+    assert record["summary"]["prefill_speedup_128k"] == 3.0
+    assert isinstance(record["summary"]["families"]["qwen3_5 tiny"]["prefill_speedup_128k"], float)
+
+
+def test_family_and_size_are_checked_against_the_published_shapes(capsys):
+    for argv, message in ((["--family", "qwen3_vl"], "qwen3_vl is published as 2B, 4B, 8B, 32B"),
+                          (["--family", "qwen3_vl", "--size", "3B"], "--size '3B'"),
+                          (["--family", "llama", "--size", "7B"], "families are qwen2_5_vl, qwen3_5, qwen3_vl"),
+                          (["--tiny", "--size", "4B"], "leave --size out")):
+        with pytest.raises(SystemExit):
+            inference.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert inference.parse_args([]).size == "3B"  # the default teacher: Qwen2.5-VL-3B, as before
+    args = inference.parse_args(["--family", "qwen3_vl", "--size", "4B"])
+    processor = build_processor(family="qwen3_vl")
+    cfg = inference.build_models_config(False, processor, args.family, args.size)
+    assert type(cfg) is FAMILIES["qwen3_vl"].teacher_class.config_class
+    t = cfg.text_config  # Qwen3-VL-4B-Instruct's config.json
+    assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+            t.head_dim, t.vocab_size) == (2560, 9728, 36, 32, 8, 128, 151936)
+    assert cfg.video_token_id == processor.video_token_id
 
 
 def test_profile_rows_say_where_a_decode_step_and_a_frame_spend_their_time(tmp_path):

@@ -203,9 +203,10 @@ def test_layer_mse_ignores_masked_tokens():
 
 def test_packed_teacher_forward_keeps_documents_apart(tiny_teacher):
     """Stage I-a's targets come from the teacher's forward over a packed row: it must equal each document
-    run alone (a shared KV cache would let documents see each other)."""
+    run alone (a shared KV cache would let documents see each other). Other families:
+    tests/test_families_pipeline.py."""
     from model.positions import rope_index
-    from pipeline.train.objectives import teacher_forward_packed
+    from pipeline.packed_teacher import PackedTeacher
 
     teacher, processor = tiny_teacher
     docs = [processor([processor.apply_chat_template([{"role": "user", "content": q}], True)])["input_ids"]
@@ -213,10 +214,12 @@ def test_packed_teacher_forward_keeps_documents_apart(tiny_teacher):
     ids = torch.cat(docs, 1)
     cu = torch.tensor([0, docs[0].shape[1], ids.shape[1]], dtype=torch.int32)
     pos = torch.cat([rope_index(teacher.config, d)[0] for d in docs], -1)
+    packed = PackedTeacher(teacher)
+    assert packed.model is teacher and not packed.takes_boundaries  # Qwen2.5-VL runs packed rows itself
     with torch.no_grad():
-        packed = teacher_forward_packed(teacher, {"input_ids": ids, "cu_seqlens": cu, "position_ids": pos})
+        hidden = packed.hidden_states({"input_ids": ids, "cu_seqlens": cu, "position_ids": pos})
         alone = torch.cat([teacher.model(input_ids=d).last_hidden_state for d in docs], 1)
-    torch.testing.assert_close(packed.last_hidden_state, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(hidden, alone, atol=1e-5, rtol=1e-4)
 
 
 # -- trainable groups ------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ teacher's transformers classes, under a model_type of its own) and one `Family` 
 - its processor: chat template, special tokens, image processor settings, video placeholder layout;
 - which of its layers are attention and how each becomes a student layer (`teacher_layer_kind`,
   `teacher_mixer`, `attention_weights`, `shared_state`, `carry_linear`);
-- its tiny in-code teacher (`tiny_config`) and its published sizes (`published`, shapes only).
+- its tiny in-code teacher (`tiny_config`) and its published sizes (`published`, shapes only);
+- whether its own forward keeps the documents of a packed row apart (`packs_rows`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class Family:
     image_processor: dict = field(default_factory=dict)  # Qwen2VLImageProcessorPil settings beyond the pixel bounds
     extra_special_tokens: tuple[str, ...] = ()
     published: dict[str, Callable] = field(default_factory=dict)  # size -> () -> teacher config
+    # Whether the teacher's own transformers forward keeps the documents of a packed row apart, given text
+    # positions that restart in every document (position_ids row 0) and no KV cache. Where it does not (Qwen3.5:
+    # transformers restarts its linear layers only where the caller passes flash-attention's `cu_seq_lens_q`),
+    # packed rows run through `exact_student`, which takes the documents' boundaries.
+    packs_rows: bool = True
 
     @property
     def student_model_type(self) -> str:

@@ -31,10 +31,15 @@ from ..processing import SPECIAL_TOKENS
 from .base import Family
 from .qwen3_vl import CHAT_TEMPLATE as QWEN3_VL_TEMPLATE
 
-# Qwen3-VL's template, the assistant turn opened with an empty thinking block (Qwen3.5 answering directly)
+# Qwen3-VL's template, every assistant turn opened with an empty thinking block (Qwen3.5 answering directly): the
+# generation prompt ends where a written answer starts, so a conversation renders as a prefix of itself with one
+# more turn (the data stage finds the answers that way) and training sees what generation does
+_THINK = "<think>\n\n</think>\n\n"
 CHAT_TEMPLATE = QWEN3_VL_TEMPLATE.replace(
+    "<|im_start|>{{ message['role'] }}\n",
+    "<|im_start|>{{ message['role'] }}\n{% if message['role'] == 'assistant' %}" + _THINK + "{% endif %}").replace(
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n" + _THINK + "{% endif %}")
 
 
 @strict
@@ -205,6 +210,7 @@ FAMILY = Qwen3_5Family(
     image_processor=dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5],
                          image_std=[0.5, 0.5, 0.5]),
     extra_special_tokens=("<think>", "</think>"),
+    packs_rows=False,
     published={
         "0.8B": lambda: published(1024, 3584, 24, 8, 2, 16, (12, 768, 3072, 12), True),
         "9B": lambda: published(4096, 12288, 32, 16, 4, 32, (27, 1152, 4304, 16), False),

@@ -113,7 +113,8 @@ class CorpusConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     output: str = Field(min_length=1, description="fsspec URL of the build: s3://bucket/prefix or a local path")
     sources: list[SourceConfig] = Field(min_length=1)
-    processor: str = Field("tiny", description="'tiny' (model.tiny.build_processor) or a saved processor folder")
+    processor: str = Field("tiny", description="'tiny' (model.tiny.build_processor; 'tiny:<family>' another "
+                                               "family's) or a saved processor folder")
     chat_template: str | None = Field(None, description="a Jinja chat template file (path or URL; .json: its "
                                                         "`chat_template`), for a processor folder that has none")
     max_len: int = Field(8192, ge=16)

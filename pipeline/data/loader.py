@@ -17,7 +17,8 @@ after it: no sequence (hence no sample) is repeated or skipped.
 A batch is one packed sequence (batch size 1, no padding) as a dict of tensors:
     input_ids [1, T], labels [1, T] (-100 off the assistant turns), mm_token_type_ids [1, T] (0/1/2),
     position_ids [3, 1, T] (M-RoPE, restarting at 0 in every document), cu_seqlens [n_docs + 1] int32,
-    pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw / second_per_grid_ts (when present),
+    pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw (when present), second_per_grid_ts (with
+    videos in the processor's "qwen2_5_vl" layout: the other has the time in the text),
 and, for bookkeeping, sample_ids (list of str) and position (int).
 Decoding images (stored as published), resizing them to their grid and patchifying happen in the
 DataLoader's worker processes.
@@ -37,7 +38,7 @@ from model.processing import InfiniteVLProcessor
 from pipeline import storage
 
 from .engines import worker_context
-from .rope import mrope_position_ids
+from .rope import mrope_position_ids, video_runs
 from .shards import ShardReader
 
 
@@ -189,19 +190,21 @@ def example_from_row(row: dict, processor: InfiniteVLProcessor, tokens_per_secon
         videos = [_video_patches(frames, s, processor) for frames, s in zip(row["videos"], seconds.tolist())]
         out["pixel_values_videos"] = torch.cat([p for p, _ in videos])
         out["video_grid_thw"] = torch.cat([g for _, g in videos])
-        out["second_per_grid_ts"] = seconds
+        if processor.video_layout == "qwen2_5_vl":  # the "qwen3_vl" layout has the time in the text instead
+            out["second_per_grid_ts"] = seconds
         _check_grids(out["video_grid_thw"], video_grid, "video")
     out["position_ids"] = _document_positions(mm, out["cu_seqlens"], image_grid, video_grid, seconds,
-                                              processor.merge_size, tokens_per_second)[:, None]
+                                              processor.merge_size, tokens_per_second,
+                                              processor.video_layout)[:, None]
     out["sample_ids"] = list(row["sample_ids"])
     return out
 
 
 def image_patches(images: list[bytes], grids: list[list[int]], processor: InfiniteVLProcessor) -> torch.Tensor:
-    """The images' patches as Qwen2.5-VL's image processor makes them: each image (stored as published) to
-    RGB, resized bicubic to its tokenized grid, scaled to [0, 1] and normalised, cut into patches of
-    (channel, time, row, column) with the picture repeated over the temporal patch, merged patches
-    adjacent. Bytes are rearranged while they are bytes, then scaled in one float pass and written into
+    """The images' patches as the family's Qwen-VL image processor makes them (its patch size and normalisation):
+    each image (stored as published) to RGB, resized bicubic to its tokenized grid, scaled to [0, 1] and
+    normalised, cut into patches of (channel, time, row, column) with the picture repeated over the temporal
+    patch, merged patches adjacent. Bytes are rearranged while they are bytes, then scaled in one float pass and written into
     one array for all images (the processor's own path copies each image's floats several times)."""
     ip, p, m, tp = processor.image_processor, processor.patch_size, processor.merge_size, processor.temporal_patch_size
     std, mean = np.asarray(ip.image_std, np.float32)[:, None], np.asarray(ip.image_mean, np.float32)[:, None]
@@ -239,15 +242,20 @@ def _check_grids(got: torch.Tensor, stored: torch.Tensor, what: str) -> None:
 
 
 def _document_positions(mm: torch.Tensor, cu_seqlens: torch.Tensor, image_grid: torch.Tensor,
-                        video_grid: torch.Tensor, seconds: torch.Tensor, merge: int, tps: float) -> torch.Tensor:
+                        video_grid: torch.Tensor, seconds: torch.Tensor, merge: int, tps: float,
+                        video_layout: str = "qwen2_5_vl") -> torch.Tensor:
     """M-RoPE positions per document, each starting from 0, concatenated: [3, T]."""
     pieces, n_img, n_vid = [], 0, 0
     bounds = cu_seqlens.tolist()
+    # the number of video token runs in the text up to and including each video
+    runs_through = video_runs(video_grid, video_layout).cumsum(0).tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         types = mm[a:b]
         runs = torch.unique_consecutive(types)
-        k_img, k_vid = int((runs == 1).sum()), int((runs == 2).sum())
+        k_img = int((runs == 1).sum())
+        seen = (runs_through[n_vid - 1] if n_vid else 0) + int((runs == 2).sum())
+        k_vid = sum(1 for r in runs_through[n_vid:] if r <= seen)
         pieces.append(mrope_position_ids(types, image_grid[n_img:n_img + k_img], video_grid[n_vid:n_vid + k_vid],
-                                         seconds[n_vid:n_vid + k_vid], merge, tps))
+                                         seconds[n_vid:n_vid + k_vid], merge, tps, video_layout))
         n_img, n_vid = n_img + k_img, n_vid + k_vid
     return torch.cat(pieces, dim=1)

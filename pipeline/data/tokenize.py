@@ -1,9 +1,10 @@
 """One raw record → one training sample: checked turns, media at model resolution, tokens and labels.
 
 The text is the teacher's chat template; each image or video is one pad token in it, expanded to one
-token per merged patch of its grid, exactly as `InfiniteVLProcessor.__call__` does. Labels keep the
-assistant turns (their text and the end-of-turn token, so the model learns to stop) and are -100
-everywhere else.
+token per merged patch of its grid, exactly as `InfiniteVLProcessor.__call__` does (in the "qwen3_vl" video
+layout, Qwen3-VL's and Qwen3.5's, a video is one such run per temporal patch, each after its time in text).
+Labels keep the assistant turns (their text and the end-of-turn token, so the model learns to stop) and are
+-100 everywhere else.
 
 An image's grid comes from its header (its size), and the image is stored as published, after one
 check that it decodes; the loader's worker processes resize it to the grid, normalise and patchify it.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from model.processing import IMAGE_TOKEN, VIDEO_TOKEN, InfiniteVLProcessor
+from model.processing import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, InfiniteVLProcessor
 
 from . import media
 from .config import CorpusConfig, SourceConfig
@@ -56,23 +57,24 @@ _processors: dict[tuple[str, str | None], InfiniteVLProcessor] = {}
 
 def load_processor(name: str, chat_template: str | None = None,
                    storage_options: dict | None = None) -> InfiniteVLProcessor:
-    """'tiny' builds the offline tiny processor; anything else is a saved processor folder, with the chat
-    template found where its library saved it (`pipeline.data.templates`), or else the one in the
-    `chat_template` file. Cached."""
+    """'tiny' builds the offline tiny processor (Qwen2.5-VL's; 'tiny:<family>' another family's, e.g.
+    'tiny:qwen3_vl'); anything else is a saved processor folder, with the chat template found where its library
+    saved it (`pipeline.data.templates`), or else the one in the `chat_template` file. Cached."""
     key = (name, chat_template)
     if key not in _processors:
-        if name == "tiny":
+        if name == "tiny" or name.startswith("tiny:"):
             from model.tiny import build_processor
 
             if chat_template is not None:
-                raise ChatTemplateError("processor 'tiny' has its own chat template; chat_template is for "
+                raise ChatTemplateError(f"processor {name!r} has its own chat template; chat_template is for "
                                         "checkpoints that have none")
-            _processors[key] = build_processor()
+            _processors[key] = build_processor(family=name.partition(":")[2] or "qwen2_5_vl")
         else:
             configured = read_template_file(chat_template, storage_options) if chat_template else None
             template = choose_template(name, configured, chat_template)
             loaded = InfiniteVLProcessor.from_pretrained(name)
-            _processors[key] = InfiniteVLProcessor(loaded.tokenizer, loaded.image_processor, chat_template=template)
+            _processors[key] = InfiniteVLProcessor(loaded.tokenizer, loaded.image_processor, chat_template=template,
+                                                   video_layout=loaded.video_layout)
     return _processors[key]
 
 
@@ -85,6 +87,8 @@ def processor_fingerprint(processor: InfiniteVLProcessor) -> str:
     ip = processor.image_processor
     parts = [processor.tokenizer.backend_tokenizer.to_str(), processor.chat_template,
              repr((ip.patch_size, ip.merge_size, ip.temporal_patch_size, list(ip.image_mean), list(ip.image_std)))]
+    if processor.video_layout != "qwen2_5_vl":  # videos tokenize otherwise; the default adds nothing, so the
+        parts.append(processor.video_layout)   # fingerprints of corpora built before layouts existed still hold
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -108,12 +112,16 @@ def tokenize_record(record: RawRecord, source: SourceConfig, config: CorpusConfi
         sample.videos.append(frames)
         sample.video_grid_thw.append(grid)
         sample.second_per_grid_ts.append(seconds)
-    ids, labels = tokenize_messages(messages, processor)
     merge = processor.merge_size ** 2
+    video_counts = [t * h * w // merge for t, h, w in sample.video_grid_thw]
+    video_texts = None
+    if processor.video_layout == "qwen3_vl":  # each temporal patch its own pad run, after its time in text
+        video_texts = ["".join(processor.frame_placeholder(t, 1) for t in processor.frame_times(len(frames), clip.fps))
+                       for frames, clip in zip(sample.videos, videos)]
+        video_counts = [h * w // merge for t, h, w in sample.video_grid_thw for _ in range(t)]
+    ids, labels = tokenize_messages(messages, processor, video_texts)
     sample.input_ids, sample.labels = expand_media_tokens(
-        ids, labels, processor,
-        [t * h * w // merge for t, h, w in sample.image_grid_thw],
-        [t * h * w // merge for t, h, w in sample.video_grid_thw])
+        ids, labels, processor, [t * h * w // merge for t, h, w in sample.image_grid_thw], video_counts)
     if len(sample) > config.max_len:
         raise BadRecord(f"sample overflows max_len: {len(sample)} tokens > {config.max_len}")
     return sample
@@ -245,20 +253,26 @@ def _png(image: Image.Image) -> bytes:
 
 
 # -- tokens -----------------------------------------------------------------------------------------------------
-def tokenize_messages(messages: list[dict], processor: InfiniteVLProcessor) -> tuple[list[int], list[int]]:
+def tokenize_messages(messages: list[dict], processor: InfiniteVLProcessor,
+                      video_texts: list[str] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the chat-templated conversation and labels that keep only the assistant turns.
 
     Each assistant turn's characters are found by rendering the conversation up to it (with the
     generation prompt, so the span starts at its first answer character) and through it; tokens whose
-    characters lie inside a span are supervised.
+    characters lie inside a span are supervised. `video_texts`: what each video's vision-start, pad, vision-end
+    becomes in the text, in order (the "qwen3_vl" layout: one timed run per temporal patch); None keeps it.
     """
-    text = processor.apply_chat_template(messages)
+    def render(part, generation_prompt=False):
+        return _lay_out_videos(processor.apply_chat_template(part, add_generation_prompt=generation_prompt),
+                               video_texts)
+
+    text = render(messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(processor.apply_chat_template(messages[:i], add_generation_prompt=True))
-        through = processor.apply_chat_template(messages[:i + 1])
+        start = len(render(messages[:i], generation_prompt=True))
+        through = render(messages[:i + 1])
         if not text.startswith(through) or start > len(through):
             raise BadRecord("chat template is not prefix-stable; cannot locate assistant turns")
         spans.append((start, len(through.rstrip())))
@@ -267,6 +281,17 @@ def tokenize_messages(messages: list[dict], processor: InfiniteVLProcessor) -> t
     labels = [tok if any(s <= a and b <= e for s, e in spans) and b > a else IGNORE_INDEX
               for tok, (a, b) in zip(ids, enc["offset_mapping"])]
     return ids, labels
+
+
+def _lay_out_videos(text: str, video_texts: list[str] | None) -> str:
+    """The i-th video placeholder (vision start, pad, vision end) of `text` replaced by video_texts[i]."""
+    if video_texts is None:
+        return text
+    pieces = text.split(VISION_START + VIDEO_TOKEN + VISION_END)
+    if len(pieces) - 1 > len(video_texts):
+        raise BadRecord(f"placeholder mismatch: the chat template wrote {len(pieces) - 1} videos for "
+                        f"{len(video_texts)} given")
+    return pieces[0] + "".join(v + p for v, p in zip(video_texts, pieces[1:]))
 
 
 def expand_media_tokens(ids: list[int], labels: list[int], processor: InfiniteVLProcessor,

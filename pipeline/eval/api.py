@@ -13,7 +13,6 @@ Reports go to `<out_dir>/<suite>/` (see runner.py) plus `<out_dir>/summary.json`
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import fields
@@ -130,13 +129,13 @@ def _write_summary(results: dict[str, dict], out_dir: str) -> None:
 # -- loading ---------------------------------------------------------------------------------------------------
 
 def load_checkpoint(checkpoint: str, device: str | None = None, dtype: str | None = None):
-    """(model, processor) from a Hugging Face-format directory, local or at an fsspec URL.
-
-    A Qwen2.5-VL checkpoint (the teacher) loads with its transformers class; anything else goes through
-    AutoModelForImageTextToText after importing `model`, which registers InfiniteVL with the Auto classes.
+    """(model, processor) from a Hugging Face-format directory, local or at an fsspec URL: a teacher of any
+    supported family (its transformers class) or any family's student (through AutoModelForImageTextToText;
+    importing `model` registers them); config.json's model_type says which.
     """
-    from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
+    import model as models
     from model.processing import InfiniteVLProcessor
 
     # Under torchrun each process evaluates on its own GPU.
@@ -148,25 +147,13 @@ def load_checkpoint(checkpoint: str, device: str | None = None, dtype: str | Non
         raise FileNotFoundError(f"{checkpoint} has no config.json: not a Hugging Face-format checkpoint")
     with open(config_path) as f:
         model_type = json.load(f).get("model_type")
-    if model_type == "qwen2_5_vl":
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(local, dtype=torch_dtype)
+    try:
+        family = models.family_of(str(model_type))
+    except ValueError as e:
+        raise RuntimeError(f"{checkpoint}: {e}") from None
+    if model_type == family.teacher_model_type:
+        model = models.load_teacher(local, dtype=torch_dtype)
     else:
-        _register_student(model_type)
         model = AutoModelForImageTextToText.from_pretrained(local, dtype=torch_dtype)
     processor = InfiniteVLProcessor.from_pretrained(local)
     return model.to(device).eval(), processor
-
-
-def _register_student(model_type: str | None) -> None:
-    from transformers import AutoConfig
-
-    try:
-        importlib.import_module("model")
-    except ImportError as e:
-        raise RuntimeError(f"checkpoint has model_type {model_type!r}, but the `model` package that registers "
-                           f"InfiniteVL with transformers failed to import: {e}") from e
-    try:
-        AutoConfig.for_model(model_type)
-    except ValueError:
-        raise RuntimeError(f"checkpoint has model_type {model_type!r}, which no transformers Auto class knows; "
-                           "this build's `model` package does not register it") from None

@@ -1,9 +1,10 @@
-"""Stage I-a: layer-wise alignment. Each linear mixer (Gated DeltaNet, GLA or Mamba2) learns, by MSE on the
-teacher's own per-layer inputs and attention outputs, to replace the attention of its layer.
+"""Stage I-a: layer-wise alignment. Each linear mixer (`student.linear_mixer`) learns, by MSE on the teacher's own
+per-layer inputs and token-mixer outputs, to replace its layer's mixer (attention, or the teacher's own linear
+layer), whatever the teacher's family.
 
 Steps, parent side: check the job against its inputs, launch the workers, report what they committed
 (pipeline/train/job.py). Worker side (`build`): the frozen teacher loaded once, with one new mixer per linear
-layer fed by hooks on the teacher's attentions (online: nothing is precomputed), trained alone; the export is
+layer fed by hooks on the teacher's token mixers (online: nothing is precomputed), trained alone; the export is
 the converted student with the trained mixers.
 
 Recipe version 1. Bump VERSION when a change makes this stage write other bytes for the same inputs.
@@ -40,23 +41,23 @@ def check(config) -> list[str]:
 
 
 def build(job, dtype, device, log=None):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from model import InfiniteVLConfig
+    from model import load_teacher
     from pipeline.train.build import TrainSetup, log_trainable
     from pipeline.train.job import load_processor, materialize
-    from pipeline.train.objectives import LayerwiseAligner, student_overrides
+    from pipeline.train.objectives import LayerwiseAligner, student_config
 
     processor = load_processor(job.teacher)
     teacher_dir = materialize(job.teacher)
-    teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher_dir, dtype=dtype,
-                                                                 use_safetensors=True).to(device)
-    n_layers = teacher.config.text_config.num_hidden_layers
-    config = InfiniteVLConfig.from_teacher(teacher.config, **student_overrides(job.student, n_layers))
-    module = LayerwiseAligner(teacher, config, loss_scale=job.section.loss_scale).to(device)
+    # built on the CPU, then moved: where the teacher runs packed rows as its exact student (Qwen3.5), the
+    # teacher itself is dropped once that copy is made, and never sits on the device beside it
+    teacher = load_teacher(teacher_dir, dtype=dtype)
+    config = student_config(teacher.config, job.student)
+    module = LayerwiseAligner(teacher, config, loss_scale=job.section.loss_scale)
+    del teacher
+    module.to(device)
     counts = {"linear_attn": sum(p.numel() for p in module.mixers.parameters())}
     if log:
         log_trainable(job, counts, log)
-    flops = 6 * counts["linear_attn"] + 2 * sum(p.numel() for p in teacher.parameters())
+    flops = 6 * counts["linear_attn"] + 2 * sum(p.numel() for p in module.teacher.parameters())
     return TrainSetup(job, module, processor, dtype,
                       lambda state, out, checkpoint=False: module.export(state, teacher_dir, out, processor), flops)

@@ -1,9 +1,10 @@
 """The teacher stage: put the teacher and its processor into the run root.
 
-Every later stage reads the teacher from this stage's committed output, not from wherever it came from, so a
-run keeps working (and stays reproducible) when the source moves or a Hub revision changes. With
-`teacher.train`, the in-code tiny teacher is trained on the synthetic picture questions first and its held-out
-accuracy reported (pipeline/teacher_train.py).
+`teacher.source: tiny` builds the in-code tiny teacher of `teacher.family`; a checkpoint's family is read from its
+config.json (the stage's result names it). Every later stage reads the teacher from this stage's committed output,
+not from wherever it came from, so a run keeps working (and stays reproducible) when the source moves or a Hub
+revision changes. With `teacher.train`, the in-code tiny teacher is trained on the synthetic picture questions
+first and its held-out accuracy reported (pipeline/teacher_train.py).
 
 Recipe version 1. Bump VERSION when a change makes this stage write other bytes for the same config.
 """
@@ -33,10 +34,11 @@ def run(ctx: StageContext) -> dict:
     metrics: dict = {"source": source}
     with tempfile.TemporaryDirectory() as tmp:
         if train is not None:
-            metrics.update(_train_tiny(train, ctx.config.teacher.seed, tmp, ctx.log))
+            metrics.update(_train_tiny(ctx.config.teacher, tmp, ctx.log))
             local = tmp
         else:
-            local = _materialise(source, ctx.config.teacher.seed, tmp)
+            local = _materialise(ctx.config.teacher, tmp)
+        metrics["family"] = _family(local).name
         files = storage.file_digests(local, keep=lambda rel: not rel.startswith(".cache/"))
         storage.upload_dir(local, ctx.output)
     storage.write_files_marker(ctx.output, files, source=source)
@@ -50,19 +52,30 @@ def outputs(folder: str) -> dict[str, dict]:
 
 
 def check(config) -> list[str]:
-    """The teacher source is there: a local folder or URL holding config.json, or a Hub id in the local cache
-    (or answered by the Hub, when online)."""
+    """The teacher source is there: a local folder or URL holding the config.json of a supported family, or a Hub
+    id in the local cache (or answered by the Hub, when online)."""
     source = config.teacher.source
     if source == TINY:
         return []
     if "://" in source or source.startswith(("/", ".", "~")) or os.path.isdir(source):
         try:
-            if storage.exists(storage.join(source, "config.json")):
-                return []
+            config_json = storage.join(source, "config.json")
+            if storage.exists(config_json):
+                return _family_problems(source, storage.read_json(config_json))
             return [f"teacher.source: {source!r} has no config.json (not a Hugging Face model folder)"]
         except (OSError, ValueError) as exc:
             return [f"teacher.source: cannot read {source!r}: {exc}"]
     return _hub_problems(source)
+
+
+def _family_problems(source: str, config_json: dict) -> list[str]:
+    from model import family_of
+
+    try:
+        family_of(str(config_json.get("model_type")))
+    except ValueError as exc:
+        return [f"teacher.source: {source!r}: {exc}"]
+    return []
 
 
 def _hub_problems(repo_id: str) -> list[str]:
@@ -84,10 +97,19 @@ def _hub_problems(repo_id: str) -> list[str]:
     return []
 
 
-def _train_tiny(settings, seed: int, tmp: str, log) -> dict:
+def _family(local: str):
+    from model import family_of_checkpoint
+
+    family = family_of_checkpoint(local)
+    if family is None:
+        raise FileNotFoundError(f"the teacher in {local} has no config.json")
+    return family
+
+
+def _train_tiny(section, tmp: str, log) -> dict:
     from pipeline.teacher_train import train_teacher
 
-    teacher, processor, metrics = train_teacher(settings, seed=seed, log=log.info)
+    teacher, processor, metrics = train_teacher(section.train, seed=section.seed, log=log.info, family=section.family)
     teacher.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, REPORT), "w") as f:
@@ -96,11 +118,12 @@ def _train_tiny(settings, seed: int, tmp: str, log) -> dict:
     return {"trained": True, **metrics}
 
 
-def _materialise(source: str, seed: int, tmp: str) -> str:
+def _materialise(section, tmp: str) -> str:
+    source = section.source
     if source == TINY:
         from model.tiny import build_tiny_teacher
 
-        teacher, processor = build_tiny_teacher(seed=seed)
+        teacher, processor = build_tiny_teacher(seed=section.seed, family=section.family)
         teacher.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         return tmp

@@ -35,7 +35,7 @@ from .encoding import SparseEncoding
 from .fidelity import fidelity_report
 from .shards import encode_rows, logit_row
 from .stream import encoded_stream
-from .teacher import Teacher, check_vocabulary, packed_inputs
+from .teacher import Teacher, check_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _compute_shard(teacher: Teacher, url: str, entry: dict, encoding: SparseEnco
 
 def _batches(reader: ShardReader, teacher: Teacher, settings: StoreSettings):
     """(row ids, loader examples, covered masks, teacher inputs, covered positions) per teacher forward."""
-    processor, device = teacher.processor, teacher.device
+    processor = teacher.processor
     media = (processor.image_token_id, processor.video_token_id)
     for start in range(0, len(reader), settings.batch_size):
         row_ids = list(range(start, min(start + settings.batch_size, len(reader))))
@@ -156,7 +156,7 @@ def _batches(reader: ShardReader, teacher: Teacher, settings: StoreSettings):
                  for e in examples]
         offsets = np.cumsum([0] + [m.numel() for m in masks])
         positions = torch.cat([m.nonzero()[:, 0] + int(o) for m, o in zip(masks, offsets)])
-        yield (row_ids, examples, masks), packed_inputs(examples, device), positions
+        yield (row_ids, examples, masks), teacher.inputs(examples), positions
 
 
 def _commit_shard(output: str, data_file: str, rows: list[dict], marker: dict, storage_options: dict | None) -> None:

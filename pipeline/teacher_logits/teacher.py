@@ -1,11 +1,9 @@
 """The teacher as this stage uses it: loaded once, checked against the corpus vocabulary, run on packed
 rows, and reduced to top-k log-probs without ever holding a full [T, vocab] logit tensor.
 
-Packed rows. HF Qwen2.5-VL takes no cu_seqlens; a packed row is given as position_ids of shape [4, 1, T]:
-row 0 the text positions restarting at 0 in every document (transformers builds the block-diagonal
-causal mask from where they restart), rows 1-3 the M-RoPE positions. The mask is only built from them
-when there is no KV cache, so the forward runs with use_cache=False; with a cache, documents would
-attend to each other silently. tests/test_teacher_logits_packed.py holds this to each document run alone.
+Packed rows, documents kept apart, for a teacher of any family: pipeline/packed_teacher.py says how (the
+teacher's own forward given text positions that restart in every document, or its exact student given the
+documents' boundaries). tests/test_teacher_logits_packed.py holds this to each document run alone.
 """
 
 from __future__ import annotations
@@ -32,10 +30,11 @@ class VocabularyMismatch(ValueError):
 
 @dataclass
 class Teacher:
-    model: torch.nn.Module
+    model: torch.nn.Module  # what runs the packed rows: the teacher, or its exact student (PackedTeacher)
     processor: "InfiniteVLProcessor"
     source: str
     local_dir: str
+    takes_boundaries: bool = False  # `model` is given the documents' boundaries (cu_seqlens)
 
     @property
     def vocab_size(self) -> int:
@@ -45,6 +44,10 @@ class Teacher:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def inputs(self, examples: list[dict]) -> dict:
+        """The model's inputs for loader examples (one packed row each), as one packed row on its device."""
+        return packed_inputs(examples, self.device, self.takes_boundaries)
+
     def identity(self) -> dict:
         return {"path": self.source, "weights_sha256": weights_hash(self.local_dir),
                 "vocab_size": self.vocab_size, "dtype": str(self.model.dtype).removeprefix("torch.")}
@@ -52,20 +55,19 @@ class Teacher:
 
 def load_teacher(source: str, *, device: str | torch.device | None = None, storage_options: dict | None = None,
                  attn_implementation: str = "sdpa") -> Teacher:
-    """A Qwen2.5-VL checkpoint from a local folder or a remote prefix (a verified local copy:
-    pipeline.storage.local_dir): bf16 on a GPU, fp32 on the CPU."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    """A teacher checkpoint of any family (its config.json says which) from a local folder or a remote prefix (a
+    verified local copy: pipeline.storage.local_dir), set up to run packed rows: bf16 on a GPU, fp32 on the CPU."""
+    import model as models
     from model.processing import InfiniteVLProcessor
     from pipeline import storage
+    from pipeline.packed_teacher import PackedTeacher
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     local = storage.local_dir(source, storage_options)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(local, dtype=dtype,
-                                                               attn_implementation=attn_implementation)
+    packed = PackedTeacher(models.load_teacher(local, dtype=dtype, attn_implementation=attn_implementation))
     processor = InfiniteVLProcessor.from_pretrained(local)
-    return Teacher(model.to(device).eval(), processor, source, local)
+    return Teacher(packed.model.to(device).eval(), processor, source, local, packed.takes_boundaries)
 
 
 def weights_hash(local_dir: str) -> str:
@@ -115,18 +117,22 @@ def check_vocabulary(teacher: Teacher, data_manifest: dict) -> None:
             f"{differing}. Rebuild the data with the teacher's processor or point teacher.source at the right model")
 
 
-def packed_inputs(examples: list[dict], device: torch.device) -> dict:
-    """Loader examples (one packed row each) → the teacher's inputs for one packed sequence of them all."""
-    doc_lens = torch.cat([e["cu_seqlens"].long().diff() for e in examples])
-    text_positions = torch.cat([torch.arange(int(n)) for n in doc_lens])
-    mrope = torch.cat([e["position_ids"] for e in examples], dim=-1)
-    inputs = {"input_ids": torch.cat([e["input_ids"] for e in examples], dim=1),
-              "position_ids": torch.cat([text_positions.view(1, 1, -1), mrope], dim=0)}
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+def packed_inputs(examples: list[dict], device: torch.device, takes_boundaries: bool = False) -> dict:
+    """Loader examples (one packed row each) → the teacher's inputs for one packed sequence of them all
+    (pipeline/packed_teacher.py: position_ids [4, 1, T], and cu_seqlens where the model takes them)."""
+    from pipeline.packed_teacher import VISION_INPUTS, packed_model_inputs
+
+    starts = [0] + [int(e["input_ids"].shape[1]) for e in examples][:-1]
+    row = {"input_ids": torch.cat([e["input_ids"] for e in examples], dim=1),
+           "position_ids": torch.cat([e["position_ids"] for e in examples], dim=-1),
+           "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int32)] +
+                                   [e["cu_seqlens"][1:].to(torch.int32) + int(start)
+                                    for e, start in zip(examples, torch.tensor(starts).cumsum(0))])}
+    for key in VISION_INPUTS:
         parts = [e[key] for e in examples if key in e]
         if parts:
-            inputs[key] = torch.cat(parts)
-    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+            row[key] = torch.cat(parts)
+    return {k: v.to(device, non_blocking=True) for k, v in packed_model_inputs(row, takes_boundaries).items()}
 
 
 @torch.no_grad()

@@ -100,15 +100,17 @@ def build_student(job: TrainJob, dtype: torch.dtype, device):
         return load_student(materialize(job.init), dtype).to(device)
     if job.init_weights != "random":
         raise ValueError(f"init_weights {job.init_weights!r}: use load or random")
-    from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration
+    from transformers import AutoConfig
 
-    config = InfiniteVLConfig.from_pretrained(materialize(job.init))
+    from model import family_of
+
+    config = AutoConfig.from_pretrained(materialize(job.init))  # any family's student (`import model` registers them)
     torch.manual_seed(job.seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            student = InfiniteVLForConditionalGeneration(config)
+            student = family_of(config).model_class(config)
     finally:
         torch.set_default_dtype(previous)
     return student.train()

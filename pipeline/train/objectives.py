@@ -1,10 +1,11 @@
 """What the training stages optimise and how they score a batch: the modules DeepSpeed wraps (their forward
-takes a packed batch and returns the loss and metrics) and the exports of the trained model.
+takes a packed batch and returns the loss and metrics) and the exports of the trained model, for a teacher of any
+family (model/families/).
 
-Stage I-a keeps one model in memory: the frozen teacher plus the new linear mixers (Gated DeltaNet, or GLA /
-Mamba2 per `student.linear_mixer`); each mixer is fed the teacher's input to that layer's attention (hooked
-during the teacher's forward) and regressed onto that attention's output. The other stages train the student
-itself.
+Stage I-a keeps one model in memory: the frozen teacher (run on packed rows as pipeline/packed_teacher.py says)
+plus the new linear mixers (`student.linear_mixer`, one of model.layers.MIXERS); each mixer is fed the teacher's
+input to its layer's token mixer (hooked during the teacher's forward: attention, or the teacher's own linear
+layer) and regressed onto that mixer's output. The other stages train the student itself.
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ import os
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration
 
-from model import InfiniteVLConfig, InfiniteVLForConditionalGeneration, default_layer_types
 from model.checkpoint import save_pretrained
-from model.convert import convert_from_qwen2_5_vl, init_mixer_from_attention
-from model.modeling import LINEAR_MIXER_CLASSES
 
 from .losses import HEAD_CHUNK_ELEMENTS, answer_cross_entropy, answer_positions, chunked_head_loss, layer_mse, topk_kl
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                 "second_per_grid_ts", "mm_token_type_ids")
+LINEAR_FIELDS = ("expand_v", "conv_size", "num_linear_heads", "num_linear_key_value_heads", "num_linear_value_heads",
+                 "linear_head_dim")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -31,38 +30,59 @@ def model_inputs(batch: dict) -> dict:
 
 
 def student_overrides(student, num_layers: int) -> dict:
-    """InfiniteVLTextConfig fields from the run config's `student` section (pipeline.config.StudentSection)."""
-    out = {"sliding_window": student.sliding_window, "expand_v": student.expand_v,
-           "conv_size": student.conv_size, "linear_mixer": student.linear_mixer}
+    """Hybrid text config fields from the run config's `student` section (pipeline.config.StudentSection): only
+    those it sets, so the rest take the teacher family's defaults (Qwen3.5 keeps its own layout and its linear
+    layers' dims). `layer_types` is given by the section's list or its `layer_period` pattern, or not at all."""
+    out = {"sliding_window": student.sliding_window, "linear_mixer": student.linear_mixer}
+    for field in ("expand_v", "conv_size", "linear_head_dim"):
+        if getattr(student, field) is not None:
+            out[field] = getattr(student, field)
     if student.num_linear_heads:
         out["num_linear_heads"] = out["num_linear_key_value_heads"] = student.num_linear_heads
-    if student.linear_head_dim:
-        out["linear_head_dim"] = student.linear_head_dim
-    # a wrong length fails in InfiniteVLTextConfig, before the first step, naming layer_types
-    out["layer_types"] = list(student.layer_types or default_layer_types(num_layers, student.layer_period))
+    # a wrong length fails in the student's text config, before the first step, naming layer_types
+    if student.layer_types:
+        out["layer_types"] = list(student.layer_types)
+    elif student.layer_period:
+        from model import default_layer_types
+
+        out["layer_types"] = default_layer_types(num_layers, student.layer_period)
     return out
 
 
-class LayerwiseAligner(nn.Module):
-    """Stage I-a: frozen teacher + one linear mixer per linear layer, trained on the teacher's own
-    per-layer inputs and attention outputs (online: nothing is precomputed)."""
+def student_config(teacher_config, student):
+    """The student's config for a teacher config of any family and the run config's `student` section."""
+    from model import family_of
 
-    def __init__(self, teacher: Qwen2_5_VLForConditionalGeneration, student_config: InfiniteVLConfig,
-                 loss_scale: float):
+    overrides = student_overrides(student, teacher_config.text_config.num_hidden_layers)
+    return family_of(teacher_config).config_class.from_teacher(teacher_config, **overrides)
+
+
+class LayerwiseAligner(nn.Module):
+    """Stage I-a: frozen teacher + one linear mixer per linear layer of the student, trained on the teacher's own
+    per-layer mixer inputs and outputs (online: nothing is precomputed). Each mixer starts as the conversion
+    starts it (`model.init_mixer_from_teacher`: from the teacher's attention, or carried over from the teacher's
+    own linear layer)."""
+
+    def __init__(self, teacher, student_config, loss_scale: float):
+        from model import init_mixer_from_teacher
+        from model.layers import MIXERS
+        from pipeline.packed_teacher import PackedTeacher
+
         super().__init__()
-        self.teacher = teacher.requires_grad_(False)
         self.student_config = student_config
         self.loss_scale = loss_scale
-        types = student_config.text_config.layer_types
-        self.linear_layers = [i for i, t in enumerate(types) if t == "linear_attention"]
+        text = student_config.text_config
+        self.linear_layers = [i for i, t in enumerate(text.layer_types) if t == "linear_attention"]
         self.mixers = nn.ModuleDict()
+        dtype = next(teacher.parameters()).dtype
         for i in self.linear_layers:
-            text = student_config.text_config
-            mixer = LINEAR_MIXER_CLASSES[text.linear_mixer](text, i)
-            mixer.to(next(teacher.parameters()).dtype)
-            init_mixer_from_attention(mixer, teacher.model.language_model.layers[i].self_attn, text)
+            mixer = MIXERS[text.linear_mixer](text, i).to(dtype)
+            init_mixer_from_teacher(mixer, teacher, i)
             self.mixers[str(i)] = mixer
-            teacher.model.language_model.layers[i].self_attn.register_forward_hook(self._hook(i), with_kwargs=True)
+        self.packed = PackedTeacher(teacher)
+        self.teacher = self.packed.model  # registered, so it moves with the module
+        for i in self.linear_layers:
+            self.packed.mixer(i).register_forward_hook(self._hook(i), with_kwargs=True)
         self._losses: list[torch.Tensor] = []
         self._cu_seqlens = None
 
@@ -78,13 +98,14 @@ class LayerwiseAligner(nn.Module):
     def forward(self, batch: dict):
         self._losses, self._cu_seqlens = [], batch["cu_seqlens"]
         with torch.no_grad():
-            teacher_forward_packed(self.teacher, batch)
+            self.packed.hidden_states(batch)
         mse = torch.stack(self._losses).mean()
         return mse * self.loss_scale, {"mse": float(mse.detach()), "tokens": int(batch["input_ids"].numel())}
 
     def export(self, state: dict, teacher_dir: str, out_dir: str, processor) -> None:
-        teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher_dir, use_safetensors=True)
-        student = convert_from_qwen2_5_vl(teacher, init="random", **_config_overrides(self.student_config))
+        from model import convert_teacher, load_teacher
+
+        student = convert_teacher(load_teacher(teacher_dir), init="random", **_config_overrides(self.student_config))
         mixers = {f"model.language_model.layers.{k[len('mixers.'):].split('.', 1)[0]}.self_attn."
                   f"{k[len('mixers.'):].split('.', 1)[1]}": v for k, v in state.items() if k.startswith("mixers.")}
         missing = student.load_state_dict(mixers, strict=False)
@@ -93,27 +114,11 @@ class LayerwiseAligner(nn.Module):
         save_pretrained(student, processor, out_dir)
 
 
-def _config_overrides(config: InfiniteVLConfig) -> dict:
+def _config_overrides(config) -> dict:
+    """The hybrid fields of a student config, as `convert_teacher` takes them."""
     t = config.text_config
-    return {"layer_types": list(t.layer_types), "sliding_window": t.sliding_window, "expand_v": t.expand_v,
-            "conv_size": t.conv_size, "num_linear_heads": t.num_linear_heads,
-            "num_linear_key_value_heads": t.num_linear_key_value_heads, "linear_head_dim": t.linear_head_dim,
-            "linear_mixer": t.linear_mixer}
-
-
-def teacher_forward_packed(teacher, batch: dict):
-    """The teacher's decoder over a packed row, documents kept apart. transformers builds the
-    block-diagonal mask from the text-position row only when no KV cache is made, hence use_cache=False."""
-    return teacher.model(**model_inputs(batch), position_ids=packed_teacher_positions(batch), use_cache=False)
-
-
-def packed_teacher_positions(batch: dict) -> torch.Tensor:
-    """[4, 1, T]: transformers' packed form for Qwen2.5-VL: text positions restarting per document (from
-    which it builds a block-diagonal causal mask) followed by the three M-RoPE rows."""
-    cu = batch["cu_seqlens"].long()
-    lengths = (cu[1:] - cu[:-1]).tolist()
-    text = torch.cat([torch.arange(n) for n in lengths]).view(1, 1, -1).to(batch["input_ids"].device)
-    return torch.cat([text, batch["position_ids"].to(text.device)], 0)
+    return {"layer_types": list(t.layer_types), "sliding_window": t.sliding_window, "linear_mixer": t.linear_mixer,
+            **{k: getattr(t, k) for k in LINEAR_FIELDS}}
 
 
 class StudentObjective(nn.Module):
@@ -156,27 +161,34 @@ class StudentObjective(nn.Module):
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The decoder (vision tower included; it returns hidden states) and the LM head of a Qwen2.5-VL-shaped model,
+    """The decoder (vision tower included; it returns hidden states) and the LM head of a student of any family,
     through a peft wrapper if there is one (the adapters live inside the modules themselves)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model, base.lm_head
 
 
-def load_student(path: str, dtype: torch.dtype) -> InfiniteVLForConditionalGeneration:
-    model = InfiniteVLForConditionalGeneration.from_pretrained(path, use_safetensors=True, dtype=dtype)
-    return model.train()
+def load_student(path: str, dtype: torch.dtype):
+    """A student checkpoint of any family (its config.json's model_type says which), for training."""
+    from model import family_of_checkpoint
+
+    family = family_of_checkpoint(path)
+    if family is None:
+        raise FileNotFoundError(f"no config.json in {path}: not a student checkpoint")
+    return family.model_class.from_pretrained(path, use_safetensors=True, dtype=dtype).train()
 
 
-def export_student(config: InfiniteVLConfig, state: dict, out_dir: str, processor, lora=None) -> None:
+def export_student(config, state: dict, out_dir: str, processor, lora=None) -> None:
     """Writes the trained student in HF format from a full state dict, into a fresh model (so the live,
     possibly ZeRO-3-partitioned module is never touched). LoRA adapters (`lora`: the stage's LoraSection) are
     merged into the weights, or, with `lora.merge` false, saved beside the base weights under `adapter/`."""
     from transformers.initialization import no_init_weights
 
+    from model import family_of
+
     weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     dtype = next(iter(weights.values())).dtype
     with no_init_weights():
-        student = InfiniteVLForConditionalGeneration(config).to(dtype)
+        student = family_of(config).model_class(config).to(dtype)
     if lora is not None:
         from peft import get_peft_model
 
