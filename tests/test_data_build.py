@@ -180,3 +180,19 @@ def test_prefect_dask_task_runner_gives_the_same_bytes(s3, sources, base, prefec
                    cwd=ROOT, env=env, check=True, timeout=240)
     flow = storage.read_json(f"{cfg.output}/manifest.json", s3.storage_options)
     assert [s["sha256"] for s in flow["shards"]] == [s["sha256"] for s in base["shards"]]
+
+
+def test_the_processor_fingerprint_ignores_padding_state_and_sees_the_vocabulary():
+    """A padded batch enables padding on a shared tokenizer; that changes no token of a corpus, so the check that
+    shards and teacher share a processor must not fail on it. A changed vocabulary or template still shows."""
+    from model.tiny import build_processor, build_tokenizer
+    from model.processing import InfiniteVLProcessor
+    from pipeline.data.tokenize import processor_fingerprint
+
+    processor = build_processor()
+    before = processor_fingerprint(processor)
+    processor.tokenizer.backend_tokenizer.enable_padding(pad_id=0, direction="left")
+    processor.tokenizer.backend_tokenizer.enable_truncation(128)
+    assert processor_fingerprint(processor) == before
+    other = InfiniteVLProcessor(build_tokenizer(vocab_size=400), processor.image_processor)
+    assert processor_fingerprint(other) != before

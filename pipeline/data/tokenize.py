@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -85,7 +86,12 @@ def install_processor(name: str, chat_template: str | None, processor: InfiniteV
 
 def processor_fingerprint(processor: InfiniteVLProcessor) -> str:
     ip = processor.image_processor
-    parts = [processor.tokenizer.backend_tokenizer.to_str(), processor.chat_template,
+    # the tokenizer as it maps text to ids: its padding and truncation settings are state a caller may have set
+    # (a padded batch enables padding on the shared tokenizer) and change no token of a corpus
+    tokenizer = json.loads(processor.tokenizer.backend_tokenizer.to_str())
+    tokenizer.pop("padding", None)
+    tokenizer.pop("truncation", None)
+    parts = [json.dumps(tokenizer, sort_keys=True), processor.chat_template,
              repr((ip.patch_size, ip.merge_size, ip.temporal_patch_size, list(ip.image_mean), list(ip.image_std)))]
     if processor.video_layout != "qwen2_5_vl":  # videos tokenize otherwise; the default adds nothing, so the
         parts.append(processor.video_layout)   # fingerprints of corpora built before layouts existed still hold
