@@ -840,8 +840,8 @@ def speculative_main(args) -> dict:
         student = student.to(device)
         pack_projections(student)
     else:
-        student = build_student(build_models_config(args.tiny, build_processor()), device, dtype,
-                                32 if args.tiny else 8192)
+        student = build_student(student_config(build_models_config(args.tiny, build_processor()),
+                                               32 if args.tiny else 8192), device, dtype)
     draft = layer_skip_draft(student, args.spec_draft_layers, num_assistant_tokens=args.spec_draft_tokens)
     draft.generation_config.assistant_confidence_threshold = 0.0  # always propose --spec-draft-tokens
     modes = {"greedy": {}, f"layer-skip draft ({args.spec_draft_layers} layers)": {"assistant_model": draft},
