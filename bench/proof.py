@@ -500,11 +500,14 @@ def _partial_results(jobs: list[dict], jobs_dir: Path) -> dict:
     return results
 
 
-def _spawn(job: dict, jobs_dir: Path, gpu: str | None) -> dict:
-    """Runs one job in a child process (on `gpu` when given); returns its result or raises with its log."""
+def _spawn(job: dict, jobs_dir: Path, gpu: str | None, workers: int = 1) -> dict:
+    """Runs one job in a child process (on `gpu` when given; its CPU threads a `workers`-th of the cores, as many
+    jobs run at once); returns its result or raises with its log."""
+    from pipeline.launch import thread_env
+
     path = jobs_dir / f"{slug(job['name'])}.json"
     path.write_text(json.dumps(job))
-    env = dict(os.environ)
+    env = {**os.environ, **thread_env(workers)}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     log_path = jobs_dir / f"{slug(job['name'])}.log"
@@ -536,7 +539,7 @@ def _run_parallel(jobs: list[dict], jobs_dir: Path, gpus: list, started: float) 
                 return
             t0 = time.time()
             try:
-                result = _spawn(job, jobs_dir, gpu)
+                result = _spawn(job, jobs_dir, gpu, workers=len(gpus))
                 with lock:
                     results[job["name"]] = result
             except RuntimeError as e:

@@ -119,23 +119,33 @@ def eval_(checkpoint: str = typer.Argument(..., help="a checkpoint directory or 
 
 
 @app.command()
-def generate(checkpoint: str = typer.Argument(..., help="a local checkpoint directory (model + processor), or a stage "
-                                              "folder of a run (runs/tiny/stage3: its committed export)"),
+def generate(checkpoints: List[str] = typer.Argument(..., help="checkpoint directories (model + processor) or stage "
+                                                     "folders of a run (runs/tiny/stage3: its committed export); "
+                                                     "several answer in turn, e.g. teacher and student"),
              prompt: str = typer.Option(..., "--prompt", "-p", help="the question"),
+             system: Optional[str] = typer.Option(None, "--system", help="a system prompt"),
              image: List[str] = typer.Option([], "--image", help="an image path or URL (repeatable)"),
              video: Optional[str] = typer.Option(None, "--video", help="a video path or URL"),
              max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
              fps: float = typer.Option(2.0, "--fps", help="video frames sampled per second"),
-             max_frames: int = typer.Option(64, "--max-frames", help="most video frames (spread evenly)")) -> None:
-    """Answer a prompt about images and/or a video with a checkpoint; prints the answer."""
+             max_frames: int = typer.Option(64, "--max-frames", help="most video frames (spread evenly)"),
+             stream: bool = typer.Option(True, "--stream/--no-stream", help="print the answer as it is generated")
+             ) -> None:
+    """Answer a prompt about images and/or a video with each checkpoint (a teacher of any family or a student), in
+    its own chat template, stopping at its end of turn."""
     from pipeline.data.quarantine import BadRecord
     from pipeline.serve.chat import answer_from_checkpoint
 
-    try:
-        answer = answer_from_checkpoint(model_folder(checkpoint), prompt, image, video, max_new_tokens, fps, max_frames)
-    except (FileNotFoundError, ValueError, BadRecord) as e:
-        _fail(str(e))
-    typer.echo(answer)
+    for checkpoint in checkpoints:
+        if len(checkpoints) > 1:
+            typer.echo(f"== {checkpoint}")
+        try:
+            answer = answer_from_checkpoint(model_folder(checkpoint), prompt, image, video, max_new_tokens, fps,
+                                            max_frames, system=system, stream=stream)
+        except (FileNotFoundError, ValueError, RuntimeError, BadRecord) as e:
+            _fail(f"{checkpoint}: {e}")
+        if not stream:
+            typer.echo(answer)
 
 
 def print_status(cfg: RunConfig) -> None:

@@ -52,9 +52,10 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 @torch.no_grad()
 def generate(model, inputs: dict, max_new_tokens: int = 128, eos_token_id=None, pad_token_id: int | None = None,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             cuda_graphs: bool = False) -> torch.Tensor:
+             cuda_graphs: bool = False, streamer=None) -> torch.Tensor:
     """New tokens [B, n ≤ max_new_tokens] for a processed prompt (the processor's output: input_ids,
-    attention_mask, and pixel values with their grids). Rows that finish early are padded."""
+    attention_mask, and pixel values with their grids). Rows that finish early are padded. `streamer` (batch 1;
+    transformers' streamer protocol, e.g. TextStreamer) gets each new token as it is chosen."""
     eos = _as_set(eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (model.generation_config.pad_token_id or 0)
     generator = None
@@ -74,12 +75,16 @@ def generate(model, inputs: dict, max_new_tokens: int = 128, eos_token_id=None, 
         token = sample(logits, temperature, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad), token)
         out.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
         if eos_ids is not None:
             done |= torch.isin(token, eos_ids)
             if bool(done.all()):
                 break
         if i + 1 < max_new_tokens:
             logits = step(token)
+    if streamer is not None:
+        streamer.end()
     return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)
 
 

@@ -26,6 +26,7 @@ TAIL_LINES = 40
 # Every stage is its own process: without Triton's disk cache of autotuning results each one would
 # re-benchmark fla's kernels (minutes on a fresh node). The user's environment overrides these.
 CHILD_DEFAULTS = {"TRITON_CACHE_AUTOTUNING": "1"}
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def parent_death_signal(sig: int = signal.SIGTERM):
     """Linux: a function for Popen's preexec_fn that asks the kernel to send `sig` to the child when the process
@@ -105,12 +106,22 @@ def launch_command(launcher: str, module: str, args: Sequence[str] = (), nproc_p
     raise ValueError(f"unknown launcher {launcher!r}; use python, torchrun or deepspeed")
 
 
+def thread_env(processes: int = 1) -> dict[str, str]:
+    """CPU threads for each of `processes` torch processes started together: their share of the cores this
+    process may use (two processes that each take every core run many times slower than either alone). Values
+    the user set are kept."""
+    share = str(max(1, len(os.sched_getaffinity(0)) // max(1, processes)))
+    return {k: os.environ.get(k, share) for k in THREAD_VARIABLES}
+
+
 def launch(cmd: Sequence[str], log: logging.Logger, env: Mapping[str, str] | None = None, cwd: str | None = None,
            grace_s: float = 10.0, tail_lines: int = TAIL_LINES,
-           on_start: Callable[[subprocess.Popen], None] | None = None) -> None:
+           on_start: Callable[[subprocess.Popen], None] | None = None, processes: int = 1) -> None:
     """Runs `cmd` to completion, streaming its output to `log`; raises LaunchError on a non-zero exit.
-    `on_start(proc)` is told the child as soon as it runs (to stop it from another thread: kill_group)."""
-    full_env = {**CHILD_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    `processes`: how many torch processes `cmd` starts on this node (torchrun's nproc_per_node), which share its
+    cores (thread_env). `on_start(proc)` is told the child as soon as it runs (to stop it from another thread:
+    kill_group)."""
+    full_env = {**CHILD_DEFAULTS, **os.environ, **thread_env(processes), "PYTHONUNBUFFERED": "1", **(env or {})}
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
                             start_new_session=True, preexec_fn=_PDEATHSIG, text=True, errors="replace",

@@ -128,7 +128,7 @@ def launch_stage(ctx, module: str, args: Sequence[str], nproc_per_node: int, lau
     if settings.nnodes == 1:
         with _written(files) as folder:
             cmd = launch_command(launcher, module, _placed(args, folder), nproc_per_node, rendezvous)
-            launch(cmd, ctx.log, env=env)
+            launch(cmd, ctx.log, env=env, processes=nproc_per_node)
         return
     board = Board.connect(endpoint_of(ctx.config), wait_s=60)
     try:
@@ -160,8 +160,9 @@ def run_record(record: dict, logger: logging.Logger, on_start=None) -> None:
     with _written(record["files"]) as folder:
         argv = [sys.executable, *_placed(record["argv"][1:], folder)]
         cwd = record.get("cwd")
+        processes = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--nproc-per-node=")), 1)
         launch(argv, logger, env=record.get("env"), cwd=cwd if cwd and os.path.isdir(cwd) else None,
-               on_start=on_start)
+               on_start=on_start, processes=processes)
 
 
 @contextlib.contextmanager

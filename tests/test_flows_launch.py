@@ -170,3 +170,32 @@ def test_children_keep_autotuning_on_disk_unless_the_user_says_otherwise(log, mo
     launch([sys.executable, "-c", code], logger)
     printed = [m for _, m in handler.lines if m.startswith("autotune=")]
     assert printed == ["autotune=1", "autotune=0"]
+
+
+def test_launched_processes_share_the_cores_and_keep_what_the_user_set(monkeypatch):
+    """Two torch processes that each take every core run many times slower than either alone: a launch gives each
+    of its processes its share, unless the user set the thread count."""
+    import logging
+    import sys
+
+    from pipeline.launch import launch
+
+    cores = len(os.sched_getaffinity(0))
+    lines = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("test.threads")
+    log.addHandler(Capture())
+    log.setLevel(logging.INFO)
+    probe = [sys.executable, "-c", "import os, torch; print('threads', os.environ['OMP_NUM_THREADS'], "
+                                   "torch.get_num_threads())"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    launch(probe, log, processes=2)
+    share = max(1, cores // 2)
+    assert f"threads {share} {share}" in lines
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    launch(probe, log, processes=2)
+    assert any(line.startswith("threads 3 ") for line in lines), lines

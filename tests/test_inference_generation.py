@@ -125,19 +125,82 @@ def test_chat_reads_a_video_file_at_the_asked_rate_and_frame_cap(student, proces
     assert seen[-1] == (4, 2.0)  # 10 frames at 5 fps thinned to 4 spread over the same 2 s
 
 
-def test_generate_command_prints_the_answer_of_a_saved_checkpoint(student, processor, tmp_path):
+class EndsTurnAt:
+    """The student, except that its `n`-th forward picks the end-of-turn token (a large logit added there): an
+    answer that ends its turn after n - 1 tokens, as a trained model's does."""
+
+    def __init__(self, model, n: int, token: int):
+        self.model, self.n, self.token, self.calls = model, n, token, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        out = self.model(*args, **kwargs)
+        if self.calls == self.n:
+            out.logits[..., self.token] += 1e4
+        return out
+
+
+def test_chat_stops_at_the_end_of_turn_and_streams_what_it_says(student, processor, monkeypatch):
+    from transformers import TextStreamer
+
+    from pipeline.serve.chat import stop_ids
+
+    end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # a checkpoint whose generation config names only <|endoftext|> still stops where its turn ends
+    monkeypatch.setattr(student.generation_config, "eos_token_id",
+                        processor.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    assert end_of_turn in stop_ids(student, processor)
+    text = processor.apply_chat_template([user_turn("what color is it?", 1)], add_generation_prompt=True)
+    inputs = processor(text, images=[_image(0)])
+    free = generate(student, inputs, max_new_tokens=6, eos_token_id=[])[0].tolist()
+    wrapped = EndsTurnAt(student, 3, end_of_turn)
+    printed = []
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
+    monkeypatch.setattr(streamer, "on_finalized_text", lambda t, stream_end=False: printed.append(t))
+    answer = chat(wrapped, processor, "what color is it?", images=[_image(0)], max_new_tokens=50, streamer=streamer)
+    assert wrapped.calls == 3, "generation ended with the end-of-turn token, not at max_new_tokens"
+    said = processor.decode(free[:2], skip_special_tokens=True).strip()
+    assert said, (free, "the random student starts with blank text here: pick inputs it answers")
+    assert answer == said
+    assert "".join(printed).strip() == answer
+
+
+def test_generate_command_answers_with_a_student_and_a_teacher_with_a_system_prompt(student, processor,
+                                                                                   tiny_teacher, tmp_path):
     from typer.testing import CliRunner
 
     from flows.cli import app
+    from pipeline.serve.chat import stop_ids
 
-    save_pretrained(student, processor, tmp_path / "ckpt")
+    teacher, _ = tiny_teacher
+    save_pretrained(student, processor, tmp_path / "student")
+    teacher.save_pretrained(tmp_path / "teacher")
+    processor.save_pretrained(tmp_path / "teacher")
     image = tmp_path / "shapes.png"
     _image(5).save(image)
-    expected = chat(student, processor, "how many circles?", images=[_image(5)], max_new_tokens=8)
-    done = CliRunner().invoke(app, ["generate", str(tmp_path / "ckpt"), "--image", str(image),
-                                    "--prompt", "how many circles?", "--max-new-tokens", "8"])
-    assert done.exit_code == 0, done.output
-    assert done.stdout.strip() == expected  # stderr carries the loading progress
+    args = ["--image", str(image), "--prompt", "how many circles?", "--system", "Answer in one word.",
+            "--max-new-tokens", "8"]
+    expected = chat(student, processor, "how many circles?", images=[_image(5)], max_new_tokens=8,
+                    system="Answer in one word.")
+    streamed = CliRunner().invoke(app, ["generate", str(tmp_path / "student"), *args])
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.stdout.strip() == expected  # stderr carries the loading progress
+
+    # the teacher answers through transformers' own generate, in the same template, with the same stop
+    messages = [{"role": "system", "content": "Answer in one word."}, user_turn("how many circles?", 1)]
+    inputs = processor(processor.apply_chat_template(messages, add_generation_prompt=True), images=[_image(5)])
+    stop = stop_ids(teacher, processor)
+    with torch.no_grad():
+        out = teacher.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
+    reference = processor.decode(out[0, inputs["input_ids"].shape[1]:].tolist(), skip_special_tokens=True).strip()
+    both = CliRunner().invoke(app, ["generate", str(tmp_path / "teacher"), str(tmp_path / "student"), "--no-stream",
+                                    *args])
+    assert both.exit_code == 0, both.output
+    assert both.stdout.splitlines() == [f"== {tmp_path / 'teacher'}", reference,
+                                        f"== {tmp_path / 'student'}", expected]
 
     missing = CliRunner().invoke(app, ["generate", str(tmp_path / "nope"), "--prompt", "hi"])
     assert missing.exit_code == 2 and "no checkpoint directory" in missing.output
