@@ -97,8 +97,10 @@ class InfiniteVLProcessor:
         from .families import family_of_checkpoint
 
         family = family_of_checkpoint(path)
-        template = None if getattr(tokenizer, "chat_template", None) else _template_file(path)
-        if template is None and family is not None and not getattr(tokenizer, "chat_template", None):
+        # the processor's own template (the multimodal one) before the tokenizer's, as transformers' processors
+        # read them, and as the data stage does (pipeline/data/templates.py): both must tokenize alike
+        template = _template_file(path) or getattr(tokenizer, "chat_template", None)
+        if template is None and family is not None:
             template = family.chat_template
         return cls(tokenizer, image_processor, chat_template=template,
                    video_layout=family.video_layout if family else "qwen2_5_vl")

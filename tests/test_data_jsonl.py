@@ -232,3 +232,20 @@ def test_no_template_stops_the_build_unless_the_config_names_one(bare_checkpoint
     (tmp_path / "other.jinja").write_text(ONE_WORD.replace("<|im_start|>assistant", "<|im_start|>bot"))
     with pytest.raises(ChatTemplateError, match="differs from the checkpoint's own"):
         load_processor(str(bare_checkpoint), str(tmp_path / "other.jinja"))
+
+
+def test_the_data_stage_and_the_model_read_the_same_template_where_a_checkpoint_has_two(bare_checkpoint):
+    """A transformers-4 checkpoint may keep the processor's template in chat_template.json and another in
+    tokenizer_config.json: the processor's is the one, for the corpus and for every later stage alike (else the
+    training stage would refuse the corpus as built by another processor)."""
+    from model.processing import InfiniteVLProcessor
+    from pipeline.data.tokenize import processor_fingerprint
+
+    (bare_checkpoint / "chat_template.json").write_text(json.dumps({"chat_template": ONE_WORD}))
+    config = json.loads((bare_checkpoint / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for message in messages %}{{ message['role'] }}{% endfor %}"
+    (bare_checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    corpus_side = load_processor(str(bare_checkpoint))
+    model_side = InfiniteVLProcessor.from_pretrained(str(bare_checkpoint))
+    assert corpus_side.chat_template == model_side.chat_template == ONE_WORD
+    assert processor_fingerprint(corpus_side) == processor_fingerprint(model_side)
