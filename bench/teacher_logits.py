@@ -81,7 +81,7 @@ def check_packed_masking() -> None:
     alone = model(input_ids=b, use_cache=False).logits
     if not torch.allclose(packed[0, 40:], alone[0], atol=1e-4):
         raise SystemExit(f"transformers {__import__('transformers').__version__} does not mask packed documents "
-                         "from [4, 1, T] position ids: install 5.24 (infra/wheelhouse.sh) before timing")
+                         "from [4, 1, T] position ids: install 5.25 (infra/wheelhouse.sh) before timing")
 
 
 def synthetic_rows(n: int, tokens: int, vocab: int, doc_range: tuple[int, int], seed: int = 0) -> list[dict]:

@@ -8,7 +8,9 @@
 # it needs is JIT-built on the node, whose image has nvcc and ninja), by a Python that has torch (PYTHON, default
 # .venv/bin/python), at the version that Python has installed. Its runtime needs that the GPU image lacks:
 # hjson (einops, msgpack, ninja, numpy, packaging, psutil, py-cpuinfo, tqdm are on the image; pydantic is below).
-# peft is carried at our tested version: the image's may predate transformers 5.24.
+# peft is carried at our tested version: the image's may predate transformers 5.25. transformers 5.25 (whose
+# assisted decoding tells the cache its draft length) needs huggingface-hub 2.x, which needs httpx2: the image's
+# hub is 1.x.
 # WITH_MEDIA=1 adds PyAV and pypdfium2 (40 MB, at the versions PYTHON has) for nodes that read or write videos
 # and PDFs: the `sample` corpus (e.g. configs/proof.yaml's long corpus), video eval suites.
 # WITH_PREFECT=1 adds Prefect and what it needs that a CUDA PyTorch image lacks (34 MB for Python 3.12; the list was
@@ -22,7 +24,8 @@ python=${PYTHON:-.venv/bin/python}
 mkdir -p "$dest"
 pkgs=(
   "flash-linear-attention==0.6.0" "fla-core==0.6.0" "einops==0.8.2"
-  "transformers==5.24.0" "peft==0.21.2"
+  "transformers==5.25.0" "peft==0.21.2"
+  "huggingface-hub==2.4.0" "httpx2==2.17.0" "httpcore2==2.17.0" "truststore==0.10.5"
   "hjson==3.1.0"
   "pytest==9.2.0" "pluggy==1.7.0" "iniconfig==2.3.1" "pytest-timeout==2.4.0"
   "rich==15.0.0" "markdown-it-py==4.3.0" "mdurl==0.1.2" "pygments==2.21.0"

@@ -241,7 +241,11 @@ def _flex(q, k, v, window, attention_mask, cu_seqlens):
             _vary_lengths(q, k, v, block)
     else:  # padding is per row: let torch classify the blocks (compiled: no dense T×T mask, 137 GB at 128K)
         block = create_block_mask(mask_mod, B, None, T, T, device=q.device, _compile=True)
-    return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=k.shape[1] != H)
+    # the main Triton kernel always: for a row under 128 tokens AUTO picks flex's decoding kernel, which has no
+    # configuration for a dynamic-length, head-strided key (a 93-token packed Qwen3.5 row on the H100 failed to
+    # compile with NoValidChoicesError); decode steps never come here (they attend over the ring with SDPA)
+    options = {"BACKEND": "TRITON"} if q.is_cuda else None
+    return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=k.shape[1] != H, kernel_options=options)
 
 
 def _vary_lengths(q, k, v, block) -> None:
