@@ -68,8 +68,16 @@ def arms(cfg: RunConfig) -> list[dict]:
     rows = []
     for share in SHARES:
         row = {"name": f"share={share}", "linear_mixer": "gated_deltanet", "share": str(share)}
-        types = (["sliding_attention"] * num_layers if share == 1 else proof.layer_types(share, num_layers))
+        try:
+            types = (["sliding_attention"] * num_layers if share == 1 else proof.layer_types(share, num_layers))
+        except ValueError as e:  # a share the teacher's depth cannot take: reported, not run
+            rows.append({**row, "error": str(e)})
+            continue
         rows.append({**row, "student": {"linear_mixer": "gated_deltanet", "layer_types": types}})
+        if share == 1:
+            rows[-1]["error"] = ("not run: Stage I-a aligns linear mixers and an all-sliding student has none; "
+                                 "the trainer refuses a stage with no trainable parameter, and I-b and II start "
+                                 "from I-a's export")
     for mixer in MIXERS:
         if mixer in mixer_names():
             rows.append({"name": f"mixer={mixer}", "linear_mixer": mixer, "share": str(DEFAULT_SHARE),
@@ -116,6 +124,11 @@ def run(args: argparse.Namespace) -> dict:
     main_cfg = config_from_dict(cfg.model_dump(mode="json"),
                                 [f"run.stages={json.dumps([s for s in STAGE_ORDER if s != 'eval'])}"])
     rows = arms(cfg) if args.variants else []
+    if args.arms:
+        unknown = set(args.arms.split(",")) - {r["name"] for r in rows}
+        if unknown:
+            raise SystemExit(f"--arms: unknown {sorted(unknown)}; known: {', '.join(r['name'] for r in rows)}")
+        rows = [r for r in rows if r["name"] in args.arms.split(",")]
     jobs_dir = Path(root) / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else [None]
@@ -127,6 +140,8 @@ def run(args: argparse.Namespace) -> dict:
              "score_stages": ["teacher", "stage2", "stage3"], "frames_sweep": ["teacher", "stage2", "stage3"],
              **common}]
     for row in rows:
+        if "error" in row:
+            continue
         vcfg = proof.variant_config(main_cfg, row, root)
         proof.link_shared(main_cfg.run.root, vcfg.run.root)
         jobs.append({"name": row["name"], "config": proof.write_config(vcfg), "stages": list(proof.ABLATION_STAGES),
@@ -162,8 +177,8 @@ def build_report(args, cfg: RunConfig, runner: str, sweep: dict, rows: list[dict
                  "share": str(DEFAULT_SHARE), **_scored(main, "stage3")}]
     for row in rows:
         out = {"name": row["name"], "stage": "stage2", "linear_mixer": row["linear_mixer"], "share": row["share"]}
-        if row["name"] in failures:
-            out["error"] = failures[row["name"]]
+        if row["name"] in failures or "error" in row:
+            out["error"] = row.get("error") or failures[row["name"]]
         arms_out.append({**out, **_scored(results.get(row["name"], {}).get("stages", {}), "stage2")})
     for a in arms_out:
         a["recall_beyond_window"] = beyond_window(a.get("scores"), window)
@@ -204,6 +219,7 @@ def build_report(args, cfg: RunConfig, runner: str, sweep: dict, rows: list[dict
     return {"bench": "mechanisms", "device": device,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": proof._commit(),
             "config": {"config": args.config, "tiny": args.tiny, "overrides": args.set, "runner": runner,
+                       "arms": args.arms or "all",
                        "gpus": args.gpus, "sliding_window": window, "sweep": sweep, "run": cfg.model_dump(mode="json")},
             "rows": arms_out, "failures": failures, "seconds": round(seconds, 1), "summary": summary}
 
@@ -233,6 +249,10 @@ def write_report(report: dict, out: str, name: str = "mechanisms") -> None:
 
 def _f(v) -> str:
     return "–" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def _r(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
 
 
 def markdown(report: dict) -> str:
@@ -323,9 +343,9 @@ def readme_block(report: dict) -> str:
         "exactly;",
         f"- past the {window}-token window the all-sliding student recalls {_f(s['swa_only_recall_beyond_window'])}%, "
         f"the default hybrid (1/4 Gated DeltaNet) {_f(s['hybrid_recall_beyond_window'])}% "
-        f"(teacher {_f(s['teacher_recall_beyond_window'])}%, retention {_f(s['hybrid_recall_retention'])});",
+        f"(teacher {_f(s['teacher_recall_beyond_window'])}%, retention {_r(s['hybrid_recall_retention'])});",
         f"- the all-linear student reads {_f(s['linear_only_text'])}% of the strings exactly, the hybrid "
-        f"{_f(s['hybrid_text'])}% (retention {_f(s['hybrid_text_retention'])}; the goal is "
+        f"{_f(s['hybrid_text'])}% (retention {_r(s['hybrid_text_retention'])}; the goal is "
         f"{s['goal_retention']} on both tasks);",
         f"- Stage III changes recall at {frames} frames by {_f(s['stage3_gain_1024_frames'])} points.",
         "Per-arm tables (every mixer and share): `bench/results/mechanisms.md`; plots: `mechanisms.png`.",
@@ -354,6 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runner", choices=("auto", "flows", "direct"), default="auto",
                    help="flows: the Prefect flow; direct: the same stage calls without Prefect; auto: flows if installed")
     p.add_argument("--no-variants", dest="variants", action="store_false", help="the main run only")
+    p.add_argument("--arms", default="", help="only these variants, comma-separated (e.g. share=0,mixer=gla)")
     p.add_argument("--readme", metavar="REPORT_JSON", help="fill README.md's mechanisms block from a report "
                                                           "(e.g. bench/results/mechanisms.json) and exit")
     return p.parse_args(argv)

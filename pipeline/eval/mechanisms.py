@@ -183,7 +183,7 @@ def text_scores(samples_jsonl: str) -> dict:
 @dataclass
 class MechanismsConfig:
     """What bench/mechanisms.py scores each checkpoint on."""
-    distances: list[int] = field(default_factory=lambda: [8, 24, 56, 120, 248, 504])  # distractor frames
+    distances: list[int] = field(default_factory=lambda: [2, 8, 24, 56, 120, 248, 504])  # distractor frames
     frame_counts: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024])
     recall_samples: int = 32     # per distance and per frame count
     text_samples: int = 128
