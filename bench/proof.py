@@ -114,10 +114,13 @@ def variant_config(cfg: RunConfig, variant: dict, root: str) -> RunConfig:
     raw["student"].update(variant["student"])
     raw["run"]["root"] = f"{root}/{slug(variant['name'])}"
     raw["run"]["stages"] = list(ABLATION_STAGES)
-    if "sliding_attention" not in variant["student"].get("layer_types", ["sliding_attention"]):
-        # a student without sliding layers (share 0) has nothing in that group, which a stage rightly refuses
-        for stage in ABLATION_STAGES:
-            raw["train"][stage]["trainable"] = [g for g in raw["train"][stage]["trainable"] if g != "sliding_attn"]
+    types = variant["student"].get("layer_types", ["sliding_attention", "linear_attention"])
+    # a student without sliding layers (share 0) or without linear ones (share 1) has nothing in that group,
+    # which a stage rightly refuses; a stage left with no group trains the attention the student has
+    absent = {g for g, t in (("sliding_attn", "sliding_attention"), ("linear_attn", "linear_attention")) if t not in types}
+    for stage in ABLATION_STAGES[1:]:  # Stage I-a aligns the linear mixers, whatever the student has
+        kept = [g for g in raw["train"][stage]["trainable"] if g not in absent]
+        raw["train"][stage]["trainable"] = kept or [{"sliding_attention": "sliding_attn"}.get(types[0], "linear_attn")]
     return config_from_dict(raw, origin=variant["name"])
 
 
@@ -188,7 +191,7 @@ def link_shared(main_root: str, variant_root: str) -> None:
 
 
 # -- scoring ----------------------------------------------------------------------------------------------------
-def score(checkpoint: str, n_pictures: int, out_dir: str, kinds=None) -> dict:
+def score(checkpoint: str, n_pictures: int, out_dir: str, kinds=None, max_frames: int = 64) -> dict:
     """Held-out accuracy (percent, overall and per kind) of a Hugging Face-format checkpoint."""
     import torch
 
@@ -196,11 +199,19 @@ def score(checkpoint: str, n_pictures: int, out_dir: str, kinds=None) -> dict:
     from pipeline.teacher_train import score_pictures
 
     model, processor = load_checkpoint(checkpoint)
-    scores = score_pictures(model, processor, n_pictures, out_dir, kinds=kinds)
+    scores = score_pictures(model, processor, n_pictures, out_dir, kinds=kinds, max_frames=max_frames)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return scores
+
+
+def score_checkpoint(checkpoint: str, job: dict, out_dir: str, cfg: RunConfig) -> dict:
+    """A job's score of one checkpoint: `accuracy` (the headline, percent) and the details. Each bench that runs
+    jobs names its own in the job's `scorer` (a module with this function); this is the proof's."""
+    frames = cfg.teacher.train.max_frames if cfg.teacher.train else 64
+    acc = score(checkpoint, job["eval_pictures"], out_dir, cfg.picture_kinds, frames)
+    return {"accuracy": acc["pictures"], "by_kind": acc}
 
 
 def stage_tokens(stage_dir: str) -> int | None:
@@ -216,11 +227,16 @@ def stage_tokens(stage_dir: str) -> int | None:
 
 
 def run_job(job: dict, result_path: Path | None = None) -> dict:
-    """One worker's job: the teacher's score (main job), then each stage followed by the score of its export.
-    The result is rewritten after every score, so a run cut short (a time limit, a kill) keeps what it measured."""
+    """One worker's job: each stage, and the score of each stage in `score_stages` (default: the teacher in the
+    main job, every student stage) by the job's `scorer` module. The result is rewritten after every score, so
+    a run cut short (a time limit, a kill) keeps what it measured."""
+    import importlib
+
     start = time.time()
     cfg = load_config(job["config"])
     result = {"name": job["name"], "stages": {}, "seconds": None}
+    scorer = importlib.import_module(job.get("scorer", "bench.proof")).score_checkpoint
+    scored = job.get("score_stages") or [*(["teacher"] if job["name"] == "main" else []), *STUDENT_STAGES]
 
     def score_stage(stage: str) -> None:
         t0 = time.time()
@@ -229,14 +245,14 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
         checkpoint = out if stage == "teacher" else os.path.join(out, "export")
         metrics = marker.get("metrics", {})
         tokens = metrics.get("train_tokens") if stage == "teacher" else stage_tokens(out)
-        acc = score(checkpoint, job["eval_pictures"], os.path.join(cfg.run.root, "proof-eval", stage), cfg.picture_kinds)
-        result["stages"][stage] = {"accuracy": acc["pictures"], "by_kind": acc, "tokens": tokens,
-                                   "seconds": round(marker.get("duration_s", 0.0), 1), "loss": metrics.get("loss")}
+        scores = scorer(checkpoint, job, os.path.join(cfg.run.root, "proof-eval", stage), cfg)
+        result["stages"][stage] = {**scores, "tokens": tokens, "seconds": round(marker.get("duration_s", 0.0), 1),
+                                   "loss": metrics.get("loss")}
         result["seconds"] = round(time.time() - start, 1)
         if result_path is not None:
             storage.write_json(str(result_path), result)
-        print(f"[{job['name']}] {stage}: held-out accuracy {acc['pictures']:.1f}% (scored in {time.time() - t0:.0f} s)",
-              flush=True)
+        print(f"[{job['name']}] {stage}: held-out accuracy {scores['accuracy']:.1f}% (scored in "
+              f"{time.time() - t0:.0f} s)", flush=True)
 
     # the scorer thread and this one would otherwise import transformers' lazy modules at once, which can fail
     # ("cannot import name 'AutoConfig'"): everything both use is imported here, before the thread starts
@@ -245,12 +261,12 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
     import pipeline.eval.api  # noqa: F401
     import pipeline.teacher_train  # noqa: F401
 
-    scorer = InOrder()  # a stage's score runs while the next stage trains: the GPU has room for both
+    scoring = InOrder()  # a stage's score runs while the next stage trains: the GPU has room for both
     for stage in job["stages"]:
         run_stages(job["config"], [stage], job["runner"])  # committed stages (the shared ones) are skipped
-        if stage == "teacher" and job["name"] == "main" or stage in STUDENT_STAGES:
-            scorer.submit(lambda stage=stage: score_stage(stage))
-    scorer.wait()
+        if stage in scored:
+            scoring.submit(lambda stage=stage: score_stage(stage))
+    scoring.wait()
     result["seconds"] = round(time.time() - start, 1)
     return result
 
@@ -285,6 +301,32 @@ class InOrder:
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------
+def run_jobs(main_path: str, jobs: list[dict], runner: str, jobs_dir: Path, gpus: list,
+             started: float) -> tuple[dict, dict, str | None]:
+    """The shared stages (teacher, data, teacher logits of `main_path`) on the first GPU, then `jobs` on one
+    worker per entry of `gpus`. Returns (results, failures, why it was cut short or None): cut short by SIGTERM
+    or ^C, the results are what the jobs had scored."""
+    for job in jobs:  # a result left by an earlier run of this root is not this run's
+        (jobs_dir / f"{slug(job['name'])}.result.json").unlink(missing_ok=True)
+    interrupted = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # `timeout`, a scheduler's kill
+    try:
+        _log_phase(started, "teacher, data and teacher logits")
+        _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner, "score": False},
+               jobs_dir, gpus[0])
+        _log_phase(started, f"{len(jobs)} student runs on {len(gpus)} worker(s)")
+        results, failures = _run_parallel(jobs, jobs_dir, gpus, started)
+    except (Interrupted, KeyboardInterrupt) as e:
+        interrupted = (f"cut short after {time.time() - started:.0f} s ({type(e).__name__}): "
+                       "stages not scored are missing")
+        _stop_children()
+        results, failures = _partial_results(jobs, jobs_dir), {}
+        print(f"{interrupted}; reporting what was scored", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return results, failures, interrupted
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.time()
     runner = pick_runner(args.runner)
@@ -311,27 +353,7 @@ def run(args: argparse.Namespace) -> dict:
         link_shared(main_cfg.run.root, vcfg.run.root)
         jobs.append({"name": row["name"], "config": write_config(vcfg), "stages": list(ABLATION_STAGES),
                      "runner": runner, "eval_pictures": eval_pictures})
-    for job in jobs:  # a result left by an earlier run of this root is not this run's
-        (jobs_dir / f"{slug(job['name'])}.result.json").unlink(missing_ok=True)
-
-    interrupted = None
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # `timeout`, a scheduler's kill
-    try:
-        # 1. the shared stages (teacher training, data, teacher logits) on the first GPU
-        _log_phase(started, "teacher, data and teacher logits")
-        _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner,
-                "eval_pictures": eval_pictures, "score": False}, jobs_dir, gpus[0])
-        # 2. the main student (I-a → III) and the ablation variants (I-a → II), one worker per GPU
-        _log_phase(started, f"{len(jobs)} student runs on {len(gpus)} worker(s)")
-        results, failures = _run_parallel(jobs, jobs_dir, gpus, started)
-    except (Interrupted, KeyboardInterrupt) as e:
-        interrupted = (f"cut short after {time.time() - started:.0f} s ({type(e).__name__}): "
-                       "stages not scored are missing")
-        _stop_children()
-        results, failures = _partial_results(jobs, jobs_dir), {}
-        print(f"proof {interrupted}; reporting what was scored", flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    results, failures, interrupted = run_jobs(main_path, jobs, runner, jobs_dir, gpus, started)
 
     report = build_report(args, cfg, runner, rows, results, failures, time.time() - started)
     if interrupted:

@@ -59,9 +59,11 @@ class TeacherTrainSection(Section):
     device: str | None = Field(None, description="cuda or cpu; default: cuda when available")
     loader_workers: int = Field(0, ge=0, description="processes drawing and encoding training pictures")
     max_seconds: float | None = Field(None, gt=0, description="stop training after this long, whatever the step")
-    pictures: list[Literal["shapes", "bar_chart", "line_chart", "text_line"]] | None = Field(
+    pictures: list[Literal["shapes", "bar_chart", "line_chart", "text_line", "recall", "dense_text"]] | None = Field(
         None, min_length=1, description="the kinds of picture the teacher learns, and so the ones the run's "
-                                        "sample-pictures corpora and held-out pictures suite use (default: all)")
+                                        "sample-pictures corpora and held-out pictures suite use (default: the four "
+                                        "sample-data kinds; recall and dense_text are the mechanisms suite's)")
+    max_frames: int = Field(64, ge=4, description="the longest frame stream of the `recall` kind (2 tokens a frame)")
     max_pixels: int = Field(28 * 28 * 64, gt=0, description="image size cap of the teacher's processor, saved "
                                                             "with it (28·28·16: at most 16 image tokens)")
 

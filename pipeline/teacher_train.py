@@ -48,7 +48,10 @@ def training_batch(processor, samples: list[dict]) -> dict:
     """
     eos = processor.tokenizer.eos_token
     texts = [prompt_text(processor, s) + s["answers"][0] + eos for s in samples]
-    batch = processor(text=texts, images=[s["image"] for s in samples], padding_side="right")
+    images = [s["image"] for s in samples if s.get("image") is not None]
+    videos = [s["frames"] for s in samples if s.get("frames")]  # the recall kind's frame streams
+    batch = processor(text=texts, images=images or None, videos=videos or None,
+                      video_fps=[s["video_fps"] for s in samples if s.get("frames")] or 2.0, padding_side="right")
     labels = torch.full_like(batch["input_ids"], IGNORE)
     for row, s in enumerate(samples):
         answer_ids = processor.tokenizer(s["answers"][0] + eos, add_special_tokens=False)["input_ids"]
@@ -69,8 +72,9 @@ class PictureBatches(torch.utils.data.IterableDataset):
     """Endless training batches of fresh pictures (`batch_size` questions, both questions of each picture);
     loader process w of W makes batches w, w+W, ..., which the DataLoader hands out in index order."""
 
-    def __init__(self, processor, batch_size: int, seed: int, start: int = 0, kinds=None):
+    def __init__(self, processor, batch_size: int, seed: int, start: int = 0, kinds=None, max_frames: int = 64):
         self.processor, self.batch_size, self.seed, self.start, self.kinds = processor, batch_size, seed, start, kinds
+        self.max_frames = max_frames
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -78,7 +82,7 @@ class PictureBatches(torch.utils.data.IterableDataset):
         index = self.start + worker
         while True:
             samples = picture_samples(math.ceil(self.batch_size / 2), batch_seed(self.seed, index), images_as="pil",
-                                      kinds=self.kinds)
+                                      kinds=self.kinds, max_frames=self.max_frames)
             yield training_batch(self.processor, samples[:self.batch_size])
             index += workers
 
@@ -121,12 +125,13 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup_steps))
     kinds = settings.pictures
-    loader = torch.utils.data.DataLoader(PictureBatches(processor, settings.batch_size, seed, kinds=kinds),
+    loader = torch.utils.data.DataLoader(PictureBatches(processor, settings.batch_size, seed, kinds=kinds,
+                                                        max_frames=settings.max_frames),
                                          batch_size=None,
                                          num_workers=settings.loader_workers,
                                          prefetch_factor=4 if settings.loader_workers else None)
-    validation = _to(training_batch(processor, picture_samples(VALIDATION_PICTURES, VALIDATION_SEED, "pil", kinds)),
-                     device)
+    validation = _to(training_batch(processor, picture_samples(VALIDATION_PICTURES, VALIDATION_SEED, "pil", kinds,
+                                                               settings.max_frames)), device)
     check_every = max(25, settings.steps // 20)
     log(f"teacher: {n_params / 1e6:.2f}M parameters, training {settings.steps} steps of {settings.batch_size} "
         f"questions on {device} ({settings.precision})")
@@ -168,7 +173,7 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
     train_seconds = time.time() - start
     model.eval()
     with autocast:
-        held_out = score_pictures(model, processor, settings.eval_pictures, kinds=kinds)
+        held_out = score_pictures(model, processor, settings.eval_pictures, kinds=kinds, max_frames=settings.max_frames)
     log(f"teacher held-out accuracy {held_out['pictures']:.1f}% on {2 * settings.eval_pictures} questions: "
         + ", ".join(f"{k} {v:.0f}" for k, v in held_out.items() if k != "pictures"))
     metrics = {"parameters": n_params, "steps": step, "train_seconds": round(train_seconds, 1),
@@ -181,11 +186,12 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
 
 
 def score_pictures(model, processor, n_pictures: int = 64, out_dir: str | None = None,
-                   batch_size: int = 32, kinds=None) -> dict[str, float]:
+                   batch_size: int = 32, kinds=None, max_frames: int = 64) -> dict[str, float]:
     """Held-out accuracy in percent, overall (`pictures`) and per kind of question, through the eval runner."""
     config = EvalConfig(batch_size=batch_size, max_new_tokens=16)
     with tempfile.TemporaryDirectory(prefix="infinitevl-pictures-") as tmp:
-        results = run_suite(model, processor, picture_samples(n_pictures, kinds=kinds), "pictures", out_dir or tmp,
+        results = run_suite(model, processor, picture_samples(n_pictures, kinds=kinds, max_frames=max_frames),
+                            "pictures", out_dir or tmp,
                             config)
     return {"pictures": results["score"], **{k: v["score"] for k, v in results.get("categories", {}).items()}}
 

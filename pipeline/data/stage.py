@@ -27,7 +27,9 @@ from pipeline import storage
 from . import CORPORA, SAMPLE, SAMPLE_PICTURES
 from .build import build_corpus
 from .config import CorpusConfig, SourceConfig
-from .synthetic import write_picture_questions, write_sample_corpora
+from pipeline.eval.mechanisms import frames_that_fit
+
+from .synthetic import VIDEO_FPS, write_picture_questions, write_sample_corpora
 
 PICTURE_QUESTIONS = 1024
 # the shards of a build are cut by sample count before anything is tokenized; the run config gives a
@@ -72,9 +74,12 @@ def _own_sources(ctx) -> dict[str, list[dict]]:
                 samples = samples or _sample_sources(ctx.path("sample-data"), ctx.config.run.seed)
                 sources += [samples[kind] for kind in SAMPLE_KINDS[name]]
             elif ref == SAMPLE_PICTURES:
+                train = ctx.config.teacher.train
+                # recall streams as long as the teacher's, but no longer than the corpus's samples hold
+                frames = min(train.max_frames if train else 64, frames_that_fit(section.seq_len))
                 sources.append(_picture_source(ctx.path(f"sample-pictures/{name}"), section.max_samples,
                                                ctx.config.run.seed + 101 * (1 + CORPORA.index(name)),
-                                               ctx.config.picture_kinds))
+                                               ctx.config.picture_kinds, frames))
             else:
                 sources.append(source_for_entry(ref))
         out[name] = sources
@@ -111,19 +116,20 @@ def source_for_url(url: str) -> dict:
     return SourceConfig(path=url).model_dump(include={"name", "format", "path"})
 
 
-def _picture_source(root: str, max_samples: int | None, seed: int, kinds=None) -> dict:
+def _picture_source(root: str, max_samples: int | None, seed: int, kinds=None, max_frames: int = 64) -> dict:
     """Single-turn questions on fresh sample pictures of `kinds` (the run's: those the teacher learned),
     worded as the held-out `pictures` eval suite asks them; one picture per two samples of the corpus
-    (PICTURE_QUESTIONS questions when it sets no limit)."""
+    (PICTURE_QUESTIONS questions when it sets no limit). Frame streams are read back frame for frame."""
     n_pictures = -(-(max_samples or PICTURE_QUESTIONS) // 2)
+    video = {"fps": VIDEO_FPS, "max_frames": max(1, max_frames)}
     if storage.is_local(root):
-        path = write_picture_questions(root, n_pictures, seed, kinds)
-        return {"name": "sample-pictures", "format": "llava", "path": str(path)}
+        path = write_picture_questions(root, n_pictures, seed, kinds, max_frames)
+        return {"name": "sample-pictures", "format": "llava", "path": str(path), **video}
     with tempfile.TemporaryDirectory() as tmp:
-        write_picture_questions(tmp, n_pictures, seed, kinds)
+        write_picture_questions(tmp, n_pictures, seed, kinds, max_frames)
         fs, path = storage.filesystem(root)
         fs.put(tmp.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
-    return {"name": "sample-pictures", "format": "llava", "path": root.rstrip("/") + "/questions.jsonl"}
+    return {"name": "sample-pictures", "format": "llava", "path": root.rstrip("/") + "/questions.jsonl", **video}
 
 
 def _sample_sources(root: str, seed: int) -> dict[str, dict]:

@@ -89,6 +89,7 @@ def page(rng: random.Random, number: int, size: tuple[int, int] = (224, 288)) ->
 
 
 PICTURES = [shapes, bar_chart, line_chart, text_line]
+VIDEO_FPS = 2  # the rate frame streams are written at, and read back at (pipeline/data/stage.py)
 
 
 def moving_object_frames(rng: random.Random, n_frames: int, size: tuple[int, int] = (112, 112)):
@@ -162,10 +163,11 @@ def write_llava(root: str | Path, n: int, seed: int = 0, fmt: str = "jsonl",
     return path
 
 
-def write_picture_questions(root: str | Path, n_pictures: int, seed: int = 0, kinds=None) -> Path:
+def write_picture_questions(root: str | Path, n_pictures: int, seed: int = 0, kinds=None, max_frames: int = 64) -> Path:
     """One single-turn LLaVA record per question on `n_pictures` pictures, worded exactly as the held-out
     `pictures` eval suite asks them (pipeline/eval/synthetic.py: the question plus the eval prompt's
-    instruction), so distilling and fine-tuning on them trains the format the suite scores."""
+    instruction), so distilling and fine-tuning on them trains the format the suite scores. A frame stream
+    (the `recall` kind, at most `max_frames` frames) is written losslessly (FFV1) at its own rate, VIDEO_FPS."""
     from pipeline.eval.runner import build_prompt
     from pipeline.eval.synthetic import HELD_OUT_SEED, picture_samples
 
@@ -174,12 +176,18 @@ def write_picture_questions(root: str | Path, n_pictures: int, seed: int = 0, ki
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     records = []
-    for i, sample in enumerate(picture_samples(n_pictures, seed, images_as="pil", kinds=kinds)):
-        name = f"images/{i // 2:05d}.png"
-        if i % 2 == 0:  # the two questions of a picture share its file
-            sample["image"].save(root / name)
-        records.append({"id": sample["id"], "image": name, "conversations": [
-            {"from": "human", "value": "<image>" + build_prompt(sample)}, {"from": "gpt", "value": sample["answers"][0]}]})
+    for i, sample in enumerate(picture_samples(n_pictures, seed, images_as="pil", kinds=kinds, max_frames=max_frames)):
+        if sample.get("frames"):
+            name, media, tag = f"videos/{i // 2:05d}.mkv", "video", "<video>"
+            if i % 2 == 0:  # the two questions of a picture share its file
+                (root / "videos").mkdir(exist_ok=True)
+                write_video(root / name, sample["frames"], fps=VIDEO_FPS, codec="ffv1")
+        else:
+            name, media, tag = f"images/{i // 2:05d}.png", "image", "<image>"
+            if i % 2 == 0:
+                sample["image"].save(root / name)
+        records.append({"id": sample["id"], media: name, "conversations": [
+            {"from": "human", "value": tag + build_prompt(sample)}, {"from": "gpt", "value": sample["answers"][0]}]})
     path = root / "questions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

@@ -103,29 +103,38 @@ PICTURE_KINDS = {
     "bar_chart": ("bar_chart/highest", "bar_chart/lowest"),
     "line_chart": ("line_chart/trend", "line_chart/last_value"),
     "text_line": ("text_line/read", "text_line/first_word"),
+    # the mechanisms suite's (pipeline/eval/mechanisms.py): asked for by name, never part of the default
+    "recall": ("recall/what", "recall/detail"),
+    "dense_text": ("dense_text/line", "dense_text/other_line"),
 }
+DEFAULT_KINDS = ("shapes", "bar_chart", "line_chart", "text_line")
 # Held-out pictures are drawn from this seed on; training draws from seeds below it, so none is shared.
 HELD_OUT_SEED = 1_000_000
 
 
 def picture_samples(n_pictures: int = 64, seed: int = HELD_OUT_SEED, images_as: str = "png",
-                    kinds: list[str] | tuple[str, ...] | None = None) -> list[dict]:
+                    kinds: list[str] | tuple[str, ...] | None = None, max_frames: int = 64) -> list[dict]:
     """Two questions per picture, the makers taking turns, scored by exact match after the VQA normalisation
     (metric "vqa" with the answer given ten times). `images_as="pil"` keeps the PIL images (for training);
-    `kinds` keeps only those makers (names of PICTURE_KINDS; None: all)."""
+    `kinds` keeps only those makers (names of PICTURE_KINDS; None: DEFAULT_KINDS). A `recall` picture is a frame
+    stream of at most `max_frames` frames, carried as in-memory `frames` (PIL whatever `images_as`)."""
     from pipeline.data.synthetic import PICTURES
+
+    from .mechanisms import FPS, dense_text, recall
 
     unknown = sorted(set(kinds or ()) - set(PICTURE_KINDS))
     if unknown:
         raise ValueError(f"unknown picture kinds {unknown}; known: {', '.join(PICTURE_KINDS)}")
-    makers = [m for m in PICTURES if kinds is None or m.__name__ in kinds]
+    makers = [m for m in [*PICTURES, recall, dense_text] if m.__name__ in (kinds or DEFAULT_KINDS)]
     rng = random.Random(seed)
     samples = []
     for i in range(n_pictures):
         maker = makers[i % len(makers)]
-        image, qa = maker(rng)
-        stored = image if images_as == "pil" else encode_image(image)
+        image, qa = maker(rng, max_frames) if maker is recall else maker(rng)
+        frames = image if isinstance(image, list) else None
+        stored = None if frames else image if images_as == "pil" else encode_image(image)
         for kind, (question, answer) in zip(PICTURE_KINDS[maker.__name__], qa):
-            samples.append(make_sample(id=f"{kind}/{i}", suite="pictures", image=stored, question=question,
-                                       answers=[answer] * 10, metric="vqa", category=kind, source="synthetic"))
+            sample = make_sample(id=f"{kind}/{i}", suite="pictures", image=stored, question=question,
+                                 answers=[answer] * 10, metric="vqa", category=kind, source="synthetic")
+            samples.append({**sample, "frames": frames, "video_fps": FPS} if frames else sample)
     return samples

@@ -20,7 +20,7 @@ from pipeline.stages import StageContext
 
 NAME = "data"
 # the seed draws the sample data and the mix; the picture kinds are those the trained tiny teacher learned
-SECTIONS = ("data", "run.seed", "teacher.train.pictures")
+SECTIONS = ("data", "run.seed", "teacher.train.pictures", "teacher.train.max_frames")
 VERSION = 1
 MANIFEST = "manifest.json"
 

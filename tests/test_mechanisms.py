@@ -1,0 +1,186 @@
+"""The mechanisms suite: answers determined by the frames and pictures, distances and frame counts where
+configured (counted with the real processor), character accuracy by hand, the kinds reaching teacher, data and
+eval, and bench.mechanisms --tiny end to end."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.eval import mechanisms as mech
+from pipeline.eval.synthetic import COLORS, picture_samples
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _colour_of(frame) -> str | None:
+    """The named colour a frame shows (the key's shape), read off its pixels; None for grey and white only."""
+    pixels = {tuple(p) for p in np.asarray(frame).reshape(-1, 3)}
+    found = [name for name, rgb in COLORS.items() if rgb in pixels]
+    return found[0] if found else None
+
+
+def test_recall_stream_key_sits_where_asked_and_determines_the_answer():
+    for seed in range(12):
+        frames, qa = mech.recall_stream(random.Random(seed), 20, 6)
+        assert len(frames) == 20
+        white = [t for t, f in enumerate(frames) if f.getpixel((0, 0)) == (255, 255, 255)]
+        assert white == [6, 7]  # the key is one temporal patch, exactly where asked
+        assert all(_colour_of(f) is None for t, f in enumerate(frames) if t not in (6, 7))  # distractors are grey
+        (q1, answer), (q2, detail) = qa
+        colour = _colour_of(frames[6])
+        if colour is not None:  # a coloured shape: the answer names the colour drawn, the detail is that colour
+            assert answer.split()[0] == colour == detail and answer.split()[1] in mech.SHAPES
+        else:  # a word: black text on white, the answer a word of the list
+            assert answer == detail and answer in mech.WORDS
+            assert (np.asarray(frames[6]) < 100).all(axis=2).any()
+    with pytest.raises(ValueError, match="even number of frames"):
+        mech.recall_stream(random.Random(0), 7, 0)
+    with pytest.raises(ValueError, match="temporal patch"):
+        mech.recall_stream(random.Random(0), 8, 3)
+
+
+def test_distances_and_frame_counts_land_where_configured(processor):
+    """Counted with the real processor: 2 tokens a frame, and the key's distance grows by exactly that."""
+    from model.tiny import build_processor
+
+    proc = build_processor(max_pixels=12544)
+    grid = proc(text="<|vision_start|><|video_pad|><|vision_end|>", videos=[mech.recall_sample(8, 0)["frames"]])
+    assert grid["video_grid_thw"].tolist() == [[5, 4, 4]]  # 10 frames: 5 temporal patches of 4x4 patches
+    assert int((grid["input_ids"] == proc.video_token_id).sum()) == 10 * mech.TOKENS_PER_FRAME
+    d2, d8, d24, d504 = (mech.key_distance(proc, mech.recall_sample(d, 0)) for d in (2, 8, 24, 504))
+    assert d8 - d2 == 6 * mech.TOKENS_PER_FRAME and d504 - d2 == 502 * mech.TOKENS_PER_FRAME
+    prompt = d2 - 2 * mech.TOKENS_PER_FRAME  # the tokens after the last frame
+    # the default sweep with a 64-token window: two distances inside it, one just past, the last 16x past
+    assert mech.MechanismsConfig().distances[:3] == [2, 8, 24] and mech.MechanismsConfig().distances[-1] == 504
+    assert 0 < prompt < d2 < d8 < 64 < d24 < 2 * 64 and d504 > 16 * 64
+    assert mech.frames_that_fit(1280) == 592 and mech.PROMPT_TOKENS > prompt
+    for n in (32, 1024):
+        assert len(mech.recall_sample(0, 3, n_frames=n)["frames"]) == n
+    drawn = picture_samples(40, seed=3, images_as="pil", kinds=["recall"], max_frames=64)
+    lengths = [len(s["frames"]) for s in drawn]
+    assert min(lengths) >= mech.MIN_FRAMES and max(lengths) <= 64 and len(set(lengths)) > 5
+
+
+def test_dense_text_answers_are_the_strings_drawn_on_their_lines():
+    for seed in range(10):
+        rng = random.Random(seed)
+        image, qa = mech.dense_text(random.Random(seed))
+        assert image.size == mech.TEXT_SIZE
+        for question, answer in qa:
+            assert 6 <= len(answer) <= 12 and set(answer) <= set(mech.TEXT_ALPHABET)
+        # redraw from the same draws: the question's line holds exactly that string
+        n = rng.choice((1, 2, 2, 3, 3))
+        lines = ["".join(rng.choice(mech.TEXT_ALPHABET) for _ in range(rng.randint(6, 12))) for _ in range(n)]
+        named = {"first": 0, "second": 1, "third": 2}
+        for question, answer in qa:
+            row = next((i for word, i in named.items() if word in question), 0)
+            assert answer == lines[row]
+        ink_rows = {y // 28 for y in range(image.size[1]) if (np.asarray(image)[y] < 128).any()}
+        assert ink_rows == set(range(n))
+
+
+def test_character_accuracy_by_hand():
+    assert mech.char_accuracy("abc123", "abc123") == 1.0
+    assert mech.char_accuracy("abd123", "abc123") == pytest.approx(5 / 6)  # one substitution
+    assert mech.char_accuracy("abc12", "abc123") == pytest.approx(5 / 6)   # one deletion
+    assert mech.char_accuracy("xabc123", "abc123") == pytest.approx(5 / 6)  # one insertion
+    assert mech.char_accuracy("", "abcdef") == 0.0
+    assert mech.char_accuracy("zzzzzzzzzzzzzzzz", "abcdef") == 0.0  # floored at zero
+    assert mech.char_accuracy(" ABC123. ", "abc123") == 1.0  # the VQA normalisation: case, spaces, full stop
+
+
+def test_text_scores_from_a_suites_samples(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    rows = [{"prediction": "abc123", "answers": ["abc123"] * 10, "score": 1.0},
+            {"prediction": "abd12", "answers": ["abc123"] * 10, "score": 0.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = mech.text_scores(str(path))
+    assert s["n"] == 2 and s["exact"] == 50.0
+    assert s["char_accuracy"] == pytest.approx(100 * (1 + 4 / 6) / 2)  # abd12 vs abc123: 1 sub + 1 del
+
+
+def test_kinds_reach_teacher_batches_and_the_data_stage_corpus(tmp_path, processor):
+    from pipeline.data.media import decode_video
+    from pipeline.data.synthetic import write_picture_questions
+    from pipeline.teacher_train import IGNORE, training_batch
+
+    samples = picture_samples(2, seed=7, images_as="pil", kinds=["recall", "dense_text"], max_frames=16)
+    assert [s["category"] for s in samples] == ["recall/what", "recall/detail", "dense_text/line",
+                                                "dense_text/other_line"]
+    batch = training_batch(processor, samples)
+    assert batch["video_grid_thw"].shape[0] == 2 and batch["image_grid_thw"].shape[0] == 2
+    answer = [t for t in batch["labels"][0].tolist() if t != IGNORE]
+    assert processor.tokenizer.decode(answer[:-1]) == samples[0]["answers"][0]
+
+    records = [json.loads(line) for line in write_picture_questions(tmp_path, 2, seed=7, kinds=["recall"],
+                                                                    max_frames=16).open()]
+    assert [r["conversations"][0]["value"].startswith("<video>") for r in records] == [True] * 4
+    drawn = picture_samples(2, seed=7, images_as="pil", kinds=["recall"], max_frames=16)
+    clip = decode_video(str(tmp_path / records[0]["video"]), 2.0, 10_000)
+    assert len(clip.frames) == len(drawn[0]["frames"])  # every frame comes back, at the rate written
+    diff = max(np.abs(np.asarray(a, int) - np.asarray(b, int)).max() for a, b in zip(clip.frames, drawn[0]["frames"]))
+    assert diff <= 2  # lossless but for the colour conversion's rounding
+    assert records[0]["conversations"][1]["value"] == drawn[0]["answers"][0]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.slow
+def test_tiny_mechanisms_bench_end_to_end(tmp_path):
+    """The tiny recipe (main run through Stage III, the all-linear arm through II) on two CPU workers: every
+    scored row has the configured distances and frame counts, the summary is computed from the rows."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    sweep = json.dumps({"distances": [2, 18], "frame_counts": [8], "recall_samples": 1, "text_samples": 1})
+    cmd = [sys.executable, "-m", "bench.mechanisms", "--tiny", "--runner", "direct", "--root", str(runs),
+           "--out", str(out), "--gpus", "0,0", "--sweep", sweep, "--arms", "share=0,share=1",
+           "--set", "teacher.train.num_layers=4", "--set", "teacher.train.steps=2"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "mechanisms.json").read_text())
+    assert {"bench", "device", "date", "commit", "config", "rows", "summary"} <= set(report)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["teacher", "share=1/4", "share=1/4 + Stage III", "share=1", "share=0"]
+    assert not report["failures"], report["failures"]
+    assert "all-sliding student has none" in rows["share=1"]["error"] and rows["share=1"]["scores"] is None
+    for name in ("teacher", "share=1/4", "share=1/4 + Stage III", "share=0"):
+        assert [d["distractor_frames"] for d in rows[name]["scores"]["recall_by_distance"]] == [2, 18]
+    window = report["config"]["sliding_window"]
+    teacher = rows["teacher"]
+    tokens = [d["tokens"] for d in teacher["scores"]["recall_by_distance"]]
+    assert tokens[1] - tokens[0] == 16 * mech.TOKENS_PER_FRAME and tokens[1] > window
+    assert teacher["recall_beyond_window"] == pytest.approx(
+        sum(d["accuracy"] for d in teacher["scores"]["recall_by_distance"] if d["tokens"] > window)
+        / sum(d["tokens"] > window for d in teacher["scores"]["recall_by_distance"]))
+    s = report["summary"]
+    assert set(s) >= {"teacher_recall", "teacher_text", "hybrid_recall_beyond_window", "hybrid_text",
+                      "swa_only_recall_beyond_window", "linear_only_text", "stage3_gain_1024_frames"}
+    assert s["linear_only_text"] == rows["share=0"]["scores"]["text"]["exact"]
+    frames = {n: rows[n]["scores"]["frames"] for n in ("share=1/4", "share=1/4 + Stage III")}
+    assert [r["frames"] for r in frames["share=1/4"]] == [8] and rows["share=0"]["scores"]["frames"] == []
+    assert s["stage3_gain_1024_frames"] == frames["share=1/4 + Stage III"][0]["accuracy"] - frames["share=1/4"][0]["accuracy"]
+    assert (out / "mechanisms.png").stat().st_size > 0 and "| teacher |" in (out / "mechanisms.md").read_text()
+
+
+def test_readme_block_is_filled_from_the_report(tmp_path):
+    from bench import mechanisms as bench
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench.README_BEGIN}\nold\n{bench.README_END}\noutro\n")
+    summary = {"teacher_recall": 91.25, "teacher_text": 80.0, "teacher_recall_beyond_window": 90.0,
+               "hybrid_recall_beyond_window": 85.5, "hybrid_text": 70.0, "swa_only_recall_beyond_window": 30.0,
+               "linear_only_text": 12.5, "stage3_gain_1024_frames": 6.25, "stage3_gain_frames": 1024,
+               "hybrid_recall_retention": 0.95, "hybrid_text_retention": 0.875, "goal_retention": 0.9}
+    report = {"summary": summary, "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06T12:00:00+00:00",
+              "commit": "abc1234", "config": {"sliding_window": 64, "tiny": False}}
+    bench.update_readme(report, str(readme))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text
+    for figure in ("H100", "abc1234", "recalls 91.2%", "all-sliding student recalls 30.0%", "hybrid (1/4 Gated "
+                   "DeltaNet) 85.5%", "reads 12.5%", "retention 0.875", "at 1024 frames by 6.2 points"):
+        assert figure in text, figure
