@@ -132,8 +132,9 @@ def test_kinds_reach_teacher_batches_and_the_data_stage_corpus(tmp_path, process
 @pytest.mark.timeout(600)
 @pytest.mark.slow
 def test_tiny_mechanisms_bench_end_to_end(tmp_path):
-    """The tiny recipe (main run through Stage III, the all-linear arm through II) on two CPU workers: every
-    scored row has the configured distances and frame counts, the summary is computed from the rows."""
+    """The tiny recipe (main run through Stage III, the all-linear and all-sliding arms through II) on two CPU
+    workers: every scored row has the configured distances and frame counts, the summary is computed from the rows;
+    the all-sliding student (no linear layer: Stages I-a and I-b hand on the converted teacher) is scored too."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     sweep = json.dumps({"distances": [2, 18], "frame_counts": [8], "recall_samples": 1, "text_samples": 1})
     cmd = [sys.executable, "-m", "bench.mechanisms", "--tiny", "--runner", "direct", "--root", str(runs),
@@ -147,8 +148,7 @@ def test_tiny_mechanisms_bench_end_to_end(tmp_path):
     rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == ["teacher", "share=1/4", "share=1/4 + Stage III", "share=1", "share=0"]
     assert not report["failures"], report["failures"]
-    assert "all-sliding student has none" in rows["share=1"]["error"] and rows["share=1"]["scores"] is None
-    for name in ("teacher", "share=1/4", "share=1/4 + Stage III", "share=0"):
+    for name in ("teacher", "share=1/4", "share=1/4 + Stage III", "share=1", "share=0"):
         assert [d["distractor_frames"] for d in rows[name]["scores"]["recall_by_distance"]] == [2, 18]
     window = report["config"]["sliding_window"]
     teacher = rows["teacher"]
@@ -161,6 +161,7 @@ def test_tiny_mechanisms_bench_end_to_end(tmp_path):
     assert set(s) >= {"teacher_recall", "teacher_text", "hybrid_recall_beyond_window", "hybrid_text",
                       "swa_only_recall_beyond_window", "linear_only_text", "stage3_gain_1024_frames"}
     assert s["linear_only_text"] == rows["share=0"]["scores"]["text"]["exact"]
+    assert s["swa_only_recall_beyond_window"] == rows["share=1"]["recall_beyond_window"]
     frames = {n: rows[n]["scores"]["frames"] for n in ("share=1/4", "share=1/4 + Stage III")}
     assert [r["frames"] for r in frames["share=1/4"]] == [8] and rows["share=0"]["scores"]["frames"] == []
     assert s["stage3_gain_1024_frames"] == frames["share=1/4 + Stage III"][0]["accuracy"] - frames["share=1/4"][0]["accuracy"]

@@ -539,3 +539,44 @@ def test_worker_prints_its_stacks_on_sigusr1_and_goes_on():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "still running"
     assert "waiting_for_the_first_batch" in done.stderr and "Current thread" in done.stderr
+
+
+def test_an_all_sliding_student_passes_stages_1a_and_1b_on_as_the_converted_teacher(workspace, tmp_path):
+    """Stages I-a and I-b train only linear mixers; a student with none (every layer sliding attention) has nothing
+    to learn there: I-a commits the teacher converted as the student section says, I-b commits I-a's export again,
+    byte for byte, both with their file lists. A student with linear layers is not taken for one."""
+    import logging
+    import types
+
+    from safetensors.torch import load_file
+
+    from model import convert_teacher, load_teacher
+    from pipeline import storage
+    from pipeline.train.job import export_untrained, linear_layers
+
+    n = load_teacher(str(workspace / "teacher")).config.text_config.num_hidden_layers
+    student = {**STUDENT, "layer_types": ["sliding_attention"] * n}
+    assert linear_layers(_job(workspace, "stage1a", tmp_path / "x")) != []  # the default layout has them
+    outputs = {}
+    for stage, init in (("stage1a", None), ("stage1b", "stage1a")):
+        job = _job(workspace, stage, tmp_path / stage, trainable=["linear_attn"])
+        job.student = type(job.student)(**student)
+        if init:
+            job.init = outputs[init]
+        assert linear_layers(job) == []
+        ctx = types.SimpleNamespace(name=stage, output=str(tmp_path / stage), log=logging.getLogger("test"))
+        result = export_untrained(ctx, job)
+        assert result["steps"] == 0 and result["export"] == str(tmp_path / stage / "export")
+        outputs[stage] = result["export"]
+    expected = convert_teacher(load_teacher(str(workspace / "teacher")), layer_types=["sliding_attention"] * n,
+                               sliding_window=STUDENT["sliding_window"]).state_dict()
+    weights = {}
+    for stage, export in outputs.items():
+        files = storage.committed_files(export)
+        assert files and all(os.path.exists(os.path.join(export, rel)) for rel in files)
+        weights[stage] = {k: v for f in files if f.endswith(".safetensors")
+                          for k, v in load_file(os.path.join(export, f)).items()}
+    assert set(expected) - set(weights["stage1a"]) <= {"lm_head.weight"}  # tied to the embeddings, saved once
+    for k, v in weights["stage1a"].items():
+        assert torch.equal(v, expected[k]), k
+    assert storage.committed_files(outputs["stage1b"]) == storage.committed_files(outputs["stage1a"])

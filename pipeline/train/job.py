@@ -75,6 +75,8 @@ def run_training(ctx: StageContext, init: str) -> dict:
     job = make_job(ctx, init)
     check_job(job)
     section = job.section
+    if set(section.trainable) == {"linear_attn"} and not linear_layers(job):
+        return export_untrained(ctx, job)
     with CheckpointWatcher(ctx):
         launch_stage(ctx, "pipeline.train.worker", [f"{FILES}/job.json"],
                      processes_per_node(ctx.config, section.nproc_per_node), section.launcher,
@@ -86,6 +88,44 @@ def run_training(ctx: StageContext, init: str) -> dict:
     metrics = checkpoint_metrics(committed[-1][1])["metrics"] if committed else {}
     return {"loss": metrics.get("loss"), "steps": job.section.steps, "export": export,
             "tokens_per_s": metrics.get("tokens_per_s")}
+
+
+def linear_layers(job: TrainJob) -> list[int]:
+    """The student's linear layers, resolved from the teacher's config.json and the run's `student` section."""
+    from model import family_of_checkpoint
+
+    from .objectives import student_config
+
+    teacher_dir = storage.local_dir(job.teacher, only=lambda rel: rel == "config.json")
+    teacher_config = family_of_checkpoint(teacher_dir).teacher_class.config_class.from_pretrained(teacher_dir)
+    layer_types = student_config(teacher_config, job.student).text_config.layer_types
+    return [i for i, t in enumerate(layer_types) if t == "linear_attention"]
+
+
+def export_untrained(ctx: StageContext, job: TrainJob) -> dict:
+    """A stage that trains only the linear mixers, for a student that has none (all sliding attention: the
+    mechanisms bench's share-1 arm), has nothing to learn: it commits the model it starts from as its export
+    (Stage I-a: the converted teacher; Stage I-b: Stage I-a's export), so the stages after it run as usual."""
+    import tempfile
+
+    from model.checkpoint import save_pretrained
+
+    from .objectives import converted_student
+
+    export = join(ctx.output, EXPORT)
+    ctx.log.info("%s: the student has no linear layers, so %s (trainable: linear_attn) has nothing to train; its "
+                 "export is the model it starts from", ctx.name, ctx.name)
+    with tempfile.TemporaryDirectory(prefix=f"infinitevl-{ctx.name}-") as work:
+        if job.init == job.teacher:
+            teacher_dir = materialize(job.teacher)
+            save_pretrained(converted_student(teacher_dir, job.student), load_processor(job.teacher), work)
+        else:
+            work = materialize(job.init)
+        files = storage.file_digests(work)
+        storage.upload_dir(work, export)
+    storage.write_files_marker(export, files, stage=ctx.name, step=0)
+    return {"loss": None, "steps": 0, "export": export, "tokens_per_s": None,
+            "trained": "no: the student has no linear layers"}
 
 
 def export_files(folder: str) -> dict[str, dict]:

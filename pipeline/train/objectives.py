@@ -114,6 +114,14 @@ class LayerwiseAligner(nn.Module):
         save_pretrained(student, processor, out_dir)
 
 
+def converted_student(teacher_dir: str, student):
+    """The teacher converted to the student the run's `student` section describes, untrained."""
+    from model import convert_teacher, load_teacher
+
+    teacher = load_teacher(teacher_dir)
+    return convert_teacher(teacher, **_config_overrides(student_config(teacher.config, student)))
+
+
 def _config_overrides(config) -> dict:
     """The hybrid fields of a student config, as `convert_teacher` takes them."""
     t = config.text_config
