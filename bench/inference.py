@@ -858,11 +858,26 @@ def speculative_main(args) -> dict:
                         "acceptance = accepted proposals / proposed tokens; tokens_per_forward = new tokens / "
                         "forwards of the model after the prefill's"]}
     rows: list[dict] = []
+    out = args.out or (tempfile.mkdtemp(prefix="bench-inference-") if args.tiny else None)
+
+    def publish() -> tuple[str, dict]:
+        """The results so far, written after every mode: a run cut short (a device call's limit) keeps them."""
+        base = _find(rows, mode="greedy")
+        summary = {"speculative_context": context}
+        for r in rows:
+            if r["mode"] not in ("greedy", "prefill only") and "error" not in r and base and "decode_s" in base:
+                key = "lookup" if r["mode"] == "prompt lookup" else "draft"
+                summary[f"{key}_speedup_vs_greedy"] = round(base["decode_s"] / max(r["decode_s"], 1e-9), 2)
+                summary[f"{key}_acceptance"] = r["acceptance"]
+                summary[f"{key}_matches_greedy"] = r["matches_greedy"]
+        return write_result("inference_speculative", config, rows, summary, **({"out_dir": out} if out else {})), summary
+
     short = ids[:, :min(context, 256)]
     for kwargs in modes.values():  # warm-up: kernels compiled and autotuned at these shapes before timing
         guarded({}, lambda: speculative_run(student, short, 4, kwargs, meter))
     prefill = guarded({"bench": "speculative", "mode": "prefill only"},
                       lambda: speculative_run(student, ids, 1, {}, meter))
+    prefill.pop("sequence", None)
     rows.append(prefill)
     greedy = None
     for mode, kwargs in modes.items():
@@ -876,18 +891,8 @@ def speculative_main(args) -> dict:
             row["matches_greedy"] = sequence == greedy
         row.pop("sequence", None)
         rows.append(row)
-    base = _find(rows, mode="greedy")
-    summary = {"speculative_context": context}
-    for r in rows:
-        if r["mode"] not in ("greedy", "prefill only") and "error" not in r and base and "decode_s" in base:
-            key = "lookup" if r["mode"] == "prompt lookup" else "draft"
-            summary[f"{key}_speedup_vs_greedy"] = round(base["decode_s"] / max(r["decode_s"], 1e-9), 2)
-            summary[f"{key}_acceptance"] = r["acceptance"]
-            summary[f"{key}_matches_greedy"] = r["matches_greedy"]
-    out = args.out or (tempfile.mkdtemp(prefix="bench-inference-") if args.tiny else None)
-    path = write_result("inference_speculative", config, rows, summary, **({"out_dir": out} if out else {}))
-    for r in rows:
-        print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
+        print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        path, summary = publish()
     print("\nsummary:", summary, f"\nwrote {path}")
     return {"path": path, "summary": summary, "rows": rows}
 

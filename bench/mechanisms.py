@@ -231,17 +231,7 @@ def _scored(stages: dict, stage: str) -> dict:
 
 # -- the report -------------------------------------------------------------------------------------------------
 def write_report(report: dict, out: str, name: str = "mechanisms") -> None:
-    os.makedirs(out, exist_ok=True)
-    base = os.path.join(out, name)
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(report))
-    try:
-        plot(report, base + ".png")
-    except ImportError as e:
-        print(f"no plot: {e}")
-    print(f"report: {base}.json, {name}.md, {name}.png")
+    proof.write_report(report, out, name, markdown, plot)
 
 
 def _f(v) -> str:
@@ -276,10 +266,7 @@ def markdown(report: dict) -> str:
                   "| arm | " + " | ".join(f"{n} frames" for n in counts) + " |", "|---" * (len(counts) + 1) + "|"]
         for a in framed:
             lines.append(f"| {a['name']} | " + " | ".join(_f(r["accuracy"]) for r in a["scores"]["frames"]) + " |")
-    if report.get("interrupted"):
-        lines += ["", f"**Incomplete:** {report['interrupted']}."]
-    lines += ["", "Summary: " + ", ".join(f"{k} {_f(v)}" for k, v in report["summary"].items()), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + proof.closing_lines(report, _f))
 
 
 def plot(report: dict, path: str) -> None:
@@ -296,12 +283,7 @@ def plot(report: dict, path: str) -> None:
         style = {"color": "k", "lw": 2.5} if a["name"] == "teacher" else {}
         left.plot([r["tokens"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=a["name"], **style)
     left.axvline(window, color="grey", ls="--", lw=1, label=f"window ({window} tokens)")
-    left.set_xscale("log", base=2)
-    left.set_xlabel("key's distance from the answer (tokens)")
-    left.set_ylabel("recall accuracy (%)")
-    left.set_ylim(-2, 102)
-    left.set_title("recall against distance")
-    left.legend(fontsize=7)
+    _recall_axes(left, "key's distance from the answer (tokens)", "recall against distance")
     names = [a["name"] for a in scored]
     x = range(len(names))
     mid.bar([i - 0.2 for i in x], [a["scores"]["text"]["exact"] for a in scored], 0.4, label="exact match")
@@ -314,15 +296,19 @@ def plot(report: dict, path: str) -> None:
         if a["scores"].get("frames"):
             rows = a["scores"]["frames"]
             right.plot([r["frames"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=a["name"])
-    right.set_xscale("log", base=2)
-    right.set_xlabel("frames")
-    right.set_ylabel("recall accuracy (%)")
-    right.set_ylim(-2, 102)
-    right.set_title("accuracy against frames, with and without Stage III")
-    right.legend(fontsize=7)
+    _recall_axes(right, "frames", "accuracy against frames, with and without Stage III")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _recall_axes(ax, xlabel: str, title: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("recall accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
 
 
 README_BEGIN, README_END = "<!-- mechanisms results: begin -->", "<!-- mechanisms results: end -->"

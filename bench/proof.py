@@ -414,15 +414,16 @@ def report_name(config: str) -> str:
     return Path(config).stem
 
 
-def write_report(report: dict, out: str, name: str = "proof") -> None:
+def write_report(report: dict, out: str, name: str = "proof", to_markdown=None, to_plot=None) -> None:
+    """<out>/<name>.json, .md (`to_markdown`, default this bench's table) and .png (`to_plot`)."""
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, name)
     with open(base + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(base + ".md", "w") as f:
-        f.write(markdown(report))
+        f.write((to_markdown or markdown)(report))
     try:
-        plot(report, base + ".png")
+        (to_plot or plot)(report, base + ".png")
     except ImportError as e:  # matplotlib absent: the JSON and the table still stand
         print(f"no plot: {e}")
     print(f"report: {base}.json, {name}.md, {name}.png")
@@ -449,10 +450,13 @@ def markdown(report: dict) -> str:
         else:
             lines.append(f"| {a['ablation']} | {a['linear_mixer']} | {a['share']} | {_fmt(a['accuracy_stage2'], True)} "
                          f"| {_fmt(a['retention_stage2'])} |")
-    if report.get("interrupted"):
-        lines += ["", f"**Incomplete:** {report['interrupted']}."]
-    lines += ["", "Summary: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["summary"].items()), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + closing_lines(report, _fmt))
+
+
+def closing_lines(report: dict, fmt) -> list[str]:
+    """A report's last lines in markdown: what cut it short, if anything, and its summary."""
+    lines = ["", f"**Incomplete:** {report['interrupted']}."] if report.get("interrupted") else []
+    return lines + ["", "Summary: " + ", ".join(f"{k} {fmt(v)}" for k, v in report["summary"].items()), ""]
 
 
 def plot(report: dict, path: str) -> None:

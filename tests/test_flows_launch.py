@@ -88,6 +88,8 @@ LAUNCHER = textwrap.dedent("""
         raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C as a terminal delivers it: a shell's background job (CI run with `&`) starts with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     child = "import subprocess, sys, time; p = subprocess.Popen(['sleep', '300']); print('grandchild', p.pid, flush=True); time.sleep(300)"
     launch([sys.executable, "-c", child], logging.getLogger("x"), grace_s=2)
