@@ -14,7 +14,6 @@ import functools
 import io
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -402,21 +401,10 @@ def check_student_answers_and_streams(export: Path, family: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_embedded_default_runs_with_a_qwen3_vl_teacher_through_the_cli(tmp_path):
-    root = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(COLUMNS="200", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "configs/tiny.yaml", f"--set=run.root={root}",
-                           "--set=teacher.family=qwen3_vl", *[f"--set={o}" for o in FAST]], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    export = check_run(root, "qwen3_vl")
-    check_student_answers_and_streams(export, "qwen3_vl")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f not in ("qwen2_5_vl", "qwen3_vl")])
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f != "qwen2_5_vl"])
 def test_the_embedded_default_runs_with_every_other_teacher_family(family, tmp_path):
+    """The tiny run's stages (as `infinitevl run` plans and runs them, without the Prefect server the CLI tests
+    already start) with another family's teacher: every stage commits, the student answers and streams."""
     from pipeline.config import load_config
     from pipeline.plan import check_plan, preflight, run_stage
 
