@@ -336,8 +336,8 @@ def test_eval_loads_each_familys_teacher_and_student(family, tmp_path):
 
 
 # -- the tiny pipeline, once per family --------------------------------------------------------------------------
-# The default family (qwen2_5_vl) runs the same chain through the CLI in tests/test_flows_cli.py; Qwen3-VL runs
-# here through the CLI (the command the README gives), every other family through the direct runner.
+# The default family (qwen2_5_vl) runs the same chain through the CLI in tests/test_flows_cli.py; every other
+# family runs it here through the stages as the CLI plans them (pipeline.plan), without a Prefect server.
 
 FAST = ["train.stage1a.steps=2", "train.stage1a.checkpoint_every=2",
         *[f"train.{s}.{f}=1" for s in ("stage1b", "stage2", "stage3") for f in ("steps", "checkpoint_every")],
