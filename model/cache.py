@@ -34,13 +34,40 @@ def journal_limit(depth: int) -> int:
     return 2 * depth + 2
 
 
-class RingJournal:
+class _Journal:
+    """A layer's record of its recent tokens, kept for a guaranteed rollback of `depth` (raised, never lowered,
+    as drafts lengthen) within `limit` tokens."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+
+    @property
+    def limit(self) -> int:
+        return journal_limit(self.depth)
+
+
+class _Recording:
+    """What a layer cache answers while generate() speculates: it journals its tokens (`journal_type`) once
+    recording, and says how many of the last tokens it can take back."""
+
+    journal_type: type[_Journal]
+    journal: _Journal | None
+
+    def record(self, depth: int) -> None:
+        if self.journal is None:
+            self.journal = self.journal_type(depth)
+        self.journal.depth = max(self.journal.depth, depth)
+
+    def undoable(self) -> int:
+        return len(self.journal) if self.journal is not None else 0
+
+
+class RingJournal(_Journal):
     """What each recent write into a ring replaced: per token, its slot and the slot's key, value, position
     and validity before the write, oldest first; the last `limit` tokens are kept."""
 
     def __init__(self, depth: int):
-        self.depth = depth
-        self.limit = journal_limit(depth)
+        super().__init__(depth)
         self.records: list[tuple] = []  # (slots [n], keys [B,H,n,D], values, pos [n], valid [B,n])
 
     def __len__(self) -> int:
@@ -86,10 +113,12 @@ def _slice_record(rec, a: int, b: int) -> tuple:
     return slots[a:b], k[:, :, a:b], v[:, :, a:b], pos[a:b], valid[:, a:b]
 
 
-class SlidingWindowCache:
+class SlidingWindowCache(_Recording):
     """The last W keys/values: W slots, so that a single new token can be written first and then attend
     to the ring alone (the whole window, itself included, with no copy); a chunk of several tokens attends
     to the ring as it was followed by the chunk."""
+
+    journal_type = RingJournal
 
     def __init__(self, window: int):
         self.window = window
@@ -146,15 +175,6 @@ class SlidingWindowCache:
                 torch.where(inside.view(1, -1), valid[:, src], self.valid[:, slots]))
 
     # -- speculative decoding ------------------------------------------------------------------------------------
-    def record(self, depth: int) -> None:
-        if self.journal is None:
-            self.journal = RingJournal(depth)
-        elif depth > self.journal.depth:
-            self.journal.depth, self.journal.limit = depth, journal_limit(depth)
-
-    def undoable(self) -> int:
-        return len(self.journal) if self.journal is not None else 0
-
     def rollback(self, r: int) -> None:
         """Undoes the last `r` writes. Undone oldest first, a slot takes what it held before the earliest undone
         write into it: among the undone tokens only the first W (distinct slots) decide."""
@@ -181,14 +201,13 @@ class SlidingWindowCache:
             self.journal.map_batch(fn)
 
 
-class LinearJournal:
+class LinearJournal(_Journal):
     """A linear layer's way back: a checkpoint of its state and the layer inputs of the (at most `limit`) tokens
     after it. `applied` says whether the live state is after those tokens (True) or still at the checkpoint
     (False, after a rollback: they are fed again before the next new tokens)."""
 
     def __init__(self, depth: int):
-        self.depth = depth
-        self.limit = journal_limit(depth)
+        super().__init__(depth)
         self.checkpoint: RecurrentStateCache | None = None
         self.inputs: torch.Tensor | None = None  # [B, n, hidden]
         self.masks: torch.Tensor | None = None  # [B, n] bool, None while every token is real
@@ -219,8 +238,10 @@ def _cut(x, mask, a: int, b: int):
     return x[:, a:b], (None if mask is None else mask[:, a:b])
 
 
-class RecurrentStateCache:
+class RecurrentStateCache(_Recording):
     """A linear mixer's state: its conv inputs by name and one recurrent state tensor (fp32)."""
+
+    journal_type = LinearJournal
 
     def __init__(self):
         self.conv: dict[str, torch.Tensor] = {}
@@ -291,15 +312,6 @@ class RecurrentStateCache:
         return y
 
     # -- speculative decoding ------------------------------------------------------------------------------------
-    def record(self, depth: int) -> None:
-        if self.journal is None:
-            self.journal = LinearJournal(depth)
-        elif depth > self.journal.depth:
-            self.journal.depth, self.journal.limit = depth, journal_limit(depth)
-
-    def undoable(self) -> int:
-        return len(self.journal) if self.journal is not None else 0
-
     def rollback(self, r: int) -> None:
         j = self.journal
         keep = len(j) - r
