@@ -278,6 +278,17 @@ def write_files_marker(url: str, files: dict[str, dict], storage_options: dict |
     write_json(join(url, FILES), {**extra, "files": files, "digest": tree_digest(files)}, storage_options)
 
 
+def publish_dir(local: str, url: str, storage_options: dict | None = None,
+                keep: Callable[[str], bool] = lambda rel: True, **extra) -> dict[str, dict]:
+    """Commits a local folder at `url`: its files hashed (those `keep` accepts are listed), copied there unless
+    `local` already is that place, then `_FILES.json` last. Returns the listed files."""
+    files = file_digests(local, keep)
+    if not (is_local(url) and os.path.realpath(local) == os.path.realpath(url.removeprefix("file://"))):
+        upload_dir(local, url, storage_options)
+    write_files_marker(url, files, storage_options, **extra)
+    return files
+
+
 def committed_files(url: str, storage_options: dict | None = None) -> dict[str, dict] | None:
     """The file list a directory was committed with (its `_FILES.json`), or None where it has none."""
     marker = read_json_or_none(join(url, FILES), storage_options)

@@ -39,9 +39,7 @@ def run(ctx: StageContext) -> dict:
         else:
             local = _materialise(ctx.config.teacher, tmp)
         metrics["family"] = _family(local).name
-        files = storage.file_digests(local, keep=lambda rel: not rel.startswith(".cache/"))
-        storage.upload_dir(local, ctx.output)
-    storage.write_files_marker(ctx.output, files, source=source)
+        storage.publish_dir(local, ctx.output, keep=lambda rel: not rel.startswith(".cache/"), source=source)
     ctx.log.info("teacher %s%s saved to %s", source, " (trained)" if train else "", ctx.output)
     return metrics
 

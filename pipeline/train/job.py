@@ -115,15 +115,13 @@ def export_untrained(ctx: StageContext, job: TrainJob) -> dict:
     export = join(ctx.output, EXPORT)
     ctx.log.info("%s: the student has no linear layers, so %s (trainable: linear_attn) has nothing to train; its "
                  "export is the model it starts from", ctx.name, ctx.name)
-    with tempfile.TemporaryDirectory(prefix=f"infinitevl-{ctx.name}-") as work:
-        if job.init == job.teacher:
-            teacher_dir = materialize(job.teacher)
-            save_pretrained(converted_student(teacher_dir, job.student), load_processor(job.teacher), work)
-        else:
-            work = materialize(job.init)
-        files = storage.file_digests(work)
-        storage.upload_dir(work, export)
-    storage.write_files_marker(export, files, stage=ctx.name, step=0)
+    if job.init == job.teacher:
+        with tempfile.TemporaryDirectory(prefix=f"infinitevl-{ctx.name}-") as work:
+            student = converted_student(materialize(job.teacher), job.student)
+            save_pretrained(student, load_processor(job.teacher), work)
+            storage.publish_dir(work, export, stage=ctx.name, step=0)
+    else:
+        storage.publish_dir(materialize(job.init), export, stage=ctx.name, step=0)
     return {"loss": None, "steps": 0, "export": export, "tokens_per_s": None,
             "trained": "no: the student has no linear layers"}
 

@@ -230,10 +230,7 @@ def export(engine, recipe, job: TrainJob, rank: int, local_rank: int, staging: s
         out = join(job.output, EXPORT)
         work = st.local_path(out) if st.is_local(out) else os.path.join(staging, EXPORT)
         recipe.export(full, work)
-        files = storage.file_digests(work)
-        if not st.is_local(out):
-            storage.upload_dir(work, out)
-        storage.write_files_marker(out, files, stage=job.stage, step=job.section.steps)
+        storage.publish_dir(work, out, stage=job.stage, step=job.section.steps)
         _log(f"{job.stage} exported to {out}")
     st.barrier()
 
