@@ -1,7 +1,7 @@
 """CUDA graphs for decode steps and per-frame prefill.
 
 A decode step of the 3B student is 36 layers of ~15 small kernels each: at batch 1 the GPU mostly waits
-for the CPU to launch them (DESIGN.md: a Gated DeltaNet step is ~0.09 ms, mostly launch overhead). A CUDA
+for the CPU to launch them (a Gated DeltaNet step measured ~0.09 ms, mostly launch overhead). A CUDA
 graph records the launches once and replays them with one call. A replay reads and writes the addresses
 it was captured with, so everything a step touches lives in buffers allocated once:
 
