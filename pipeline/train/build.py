@@ -38,13 +38,20 @@ class TrainSetup:
         """One micro-batch's packed rows from the loader's workers."""
         return [next(batches) for _ in range(self.job.section.micro_batch_size)]
 
-    def collate(self, rows: list[dict], device) -> dict:
-        """The rows as one packed row on `device`, with their stored teacher logits where the stage reads them."""
+    def prepare(self, rows: list[dict]) -> dict:
+        """The rows as one packed row with their stored teacher logits where the stage reads them, on the host
+        (pipeline/train/prefetch.py runs this ahead in a thread); on CUDA pinned, so that copies need not wait."""
         batch = concat_packed(rows)
         if self.logits is not None:
             batch.update(self.logits.for_rows(rows))
-        return {k: (v.to(device, self.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v)
-                for k, v in batch.items()}
+        if torch.cuda.is_available():
+            batch = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return batch
+
+    def to_device(self, batch: dict, device) -> dict:
+        """The copies to `device`, in the step's dtype; from pinned memory they do not block this thread."""
+        return {k: (v.to(device, self.dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+                    if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def mfu(self, tokens_per_s: float) -> float:
         """6·N·tokens/s over the card's peak (N: the decoder layers' parameters; attention, the LM head at the

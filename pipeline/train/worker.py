@@ -60,19 +60,21 @@ def main(job_path: str) -> None:
 
     steps, accum = job.section.steps, job.section.grad_accum
     writer = MetricsWriter(job, rank, staging, resume_step=step)
-    batches = iter(loader)
+    from .prefetch import Prefetcher
+
+    feed = Prefetcher(recipe, loader, count=(steps - step) * accum)
     # Rates and the ETA count from the end of this process's first step, which pays kernel compilation and
     # autotuning (140 s against 0.3 s for the next steps on a fresh H200); until then, that step's own rate.
     warm_from, warm_tokens, warm_steps = None, 0, 0
     every = job.section.checkpoint_every if job.checkpoints else 0  # benchmarks take no checkpoints
     while step < steps:
-        metrics, step_started = {"loss": 0.0, "tokens": 0, "data_s": 0.0, "loader_s": 0.0}, time.monotonic()
+        metrics, step_started = {"loss": 0.0, "tokens": 0, "data_s": 0.0, "prepare_s": 0.0}, time.monotonic()
         for _ in range(accum):
-            fetch_started = time.monotonic()
-            rows = recipe.next_rows(batches)
-            metrics["loader_s"] += time.monotonic() - fetch_started  # the loader's workers were behind
-            batch = recipe.collate(rows, device)
-            metrics["data_s"] += time.monotonic() - fetch_started
+            # data_s: what the step waited for its batch; prepare_s: the thread's work on it, hidden behind the
+            # previous steps unless data_s grows too
+            batch, waited, prepared = feed.next(device)
+            metrics["data_s"] += waited
+            metrics["prepare_s"] += prepared
             loss, extra = engine(batch)
             engine.backward(loss)
             engine.step()
@@ -86,6 +88,12 @@ def main(job_path: str) -> None:
         now = time.monotonic()
         if warm_from is None:
             warm_from, rate, step_time = now, metrics["tokens"] / metrics["step_s"], metrics["step_s"]
+            # the stage's start-up as a fresh node pays it (bench/stage_startup.py reads this record)
+            metrics["first_step_after_start_s"] = time.time() - _process_started()
+            metrics["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            if rank == 0:
+                _log(f"{job.stage}: first step done {metrics['first_step_after_start_s']:.0f} s after the process "
+                     f"started (its own step {metrics['step_s']:.1f} s: compiles and autotuning)")
         else:
             warm_tokens, warm_steps = warm_tokens + metrics["tokens"], warm_steps + 1
             rate, step_time = warm_tokens / (now - warm_from), (now - warm_from) / warm_steps
@@ -97,12 +105,13 @@ def main(job_path: str) -> None:
             _log(f"{job.stage} step {step}/{steps} loss {metrics['loss']:.6g} lr {metrics['lr']:.3g} "
                  f"grad_norm {metrics['grad_norm']:.3g} tok/s {metrics['tokens_per_s']:.0f} "
                  f"waiting for data {100 * metrics['data_s'] / metrics['step_s']:.0f}% "
-                 f"(loader {100 * metrics['loader_s'] / metrics['step_s']:.0f}%) eta {eta:.0f}s")
+                 f"(preparing it {100 * metrics['prepare_s'] / metrics['step_s']:.0f}%, ahead) eta {eta:.0f}s")
         if every > 0 and (step % every == 0 or step == steps):
             writer.flush()
-            state.save(engine, job.stage, job.output, step, loader.state_dict(), _summary(metrics),
+            state.save(engine, job.stage, job.output, step, feed.state_dict(), _summary(metrics),
                        job.section.keep_last, rank, local_rank, staging,
                        export=lambda work: export_to(engine, recipe, job, rank, work))
+    feed.close()
     if job.export:
         export(engine, recipe, job, rank, local_rank, staging)
     writer.close()
@@ -242,6 +251,13 @@ def _grad_norm(engine) -> float:
 
 def _summary(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _process_started() -> float:
+    """This process's start, in seconds since the epoch (psutil comes with DeepSpeed)."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _log(message: str) -> None:

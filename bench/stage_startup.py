@@ -1,0 +1,78 @@
+"""How long each training stage of a finished run took from its process's start to its first optimizer step.
+
+    python -m bench.stage_startup runs/proof/main [--out bench/results]
+
+Every training process records, on its first step, the seconds since the process started (model built, DeepSpeed
+set up, checkpoint restored, the first step's kernel compilation and autotuning) and the card it ran on, in its
+stage's `logs/steps.jsonl`. This reads them from a run root's committed stages (each stage's newest attempt when
+none is committed) and writes `<out>/stage_startup.json` (the results contract of docs/benchmarks.md), with the
+goal of 60 s a stage. Run it on a run made on a fresh node, where no compile or autotuning cache was warm yet but
+the one the project ships (infra/autotune).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from bench.common import print_table, write_result
+
+TRAINING_STAGES = ("stage1a", "stage1b", "stage2", "stage3")
+GOAL_S = 60.0
+
+
+def stage_logs(root: str, stage: str) -> str | None:
+    """The steps.jsonl of the stage's committed attempt, else of the newest attempt; None if it never trained."""
+    from pipeline import stages, storage
+
+    folder = stages.stage_dir(root, stage)
+    marker = stages.committed(folder)
+    attempt = marker["output"] if marker else stages.current_attempt(folder)
+    if attempt is None:
+        return None
+    path = stages.join(attempt, "logs", "steps.jsonl")
+    return path if storage.exists(path) else None
+
+
+def first_steps(root: str) -> list[dict]:
+    from pipeline import storage
+
+    rows = []
+    for stage in TRAINING_STAGES:
+        path = stage_logs(root, stage)
+        if path is None:
+            continue
+        records = [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+        first = next((r for r in records if "first_step_after_start_s" in r), None)
+        if first is None:
+            rows.append({"stage": stage, "error": f"{path} records no first step's start-up (an older run)"})
+            continue
+        rows.append({"stage": stage, "step": first["step"], "seconds": round(first["first_step_after_start_s"], 1),
+                     "first_step_s": round(first["step_s"], 1), "device": first.get("device", "unknown"),
+                     "within_goal": first["first_step_after_start_s"] <= GOAL_S})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("root", help="a run root whose training stages ran (e.g. runs/proof/main)")
+    p.add_argument("--out", default="bench/results", help="where stage_startup.json goes")
+    args = p.parse_args(argv)
+    rows = first_steps(args.root)
+    if not rows:
+        raise SystemExit(f"{args.root}: no training stage has logs/steps.jsonl")
+    timed = [r for r in rows if "seconds" in r]
+    summary = {f"{r['stage']}_s": r["seconds"] for r in timed}
+    summary.update(max_s=max((r["seconds"] for r in timed), default=None), goal_s=GOAL_S,
+                   goal_met=bool(timed) and all(r["within_goal"] for r in timed) and len(timed) == len(rows))
+    devices = sorted({r["device"] for r in timed})
+    path = write_result("stage_startup", {"root": os.path.abspath(args.root)}, rows, summary, args.out,
+                        device=", ".join(devices) or None)
+    print_table(rows)
+    print("summary:", summary, f"\nwrote {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
