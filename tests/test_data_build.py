@@ -155,6 +155,14 @@ def test_killed_build_resumes_at_the_first_unfinished_shard(s3, sources, tmp_pat
         assert storage.read_json(url, s3.storage_options) == marker
 
 
+def test_a_build_with_fewer_shards_than_workers_says_how_many_stay_idle(s3, sources, caplog):
+    caplog.set_level("WARNING", logger="pipeline.data.build")
+    manifest = build_corpus(make(sources, s3.fresh("idle"), workers=8, samples_per_shard=25), s3.storage_options,
+                            progress=False)
+    assert len(manifest["shards"]) == 2
+    assert "2 shards to build for 8 workers, so 6 stay idle; fewer samples a shard (now 25" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def base(s3, sources):
     """The default engine's build, to compare the others with."""
