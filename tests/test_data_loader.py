@@ -151,3 +151,32 @@ def test_locating_a_whole_epoch_draws_its_order_once():
     order = np.random.default_rng([3, 0]).permutation(1000)
     assert located[:3] == [(0, int(o)) if o < 600 else (1, int(o) - 600) for o in order[:3]]
     assert sorted(located[:1000]) == [(0, r) for r in range(600)] + [(1, r) for r in range(400)]
+
+
+def test_the_trainers_prefetch_thread_over_loader_processes_gives_the_same_batches_and_resumes_exactly(corpus, s3):
+    """The trainer draws through pipeline/train/prefetch.py: a thread iterating the loader, whose worker
+    processes are started from that thread. Same rows as drawing directly, and a resume from the position it
+    recorded (behind the loader, which ran ahead) continues with the very next row."""
+    from pipeline.train.prefetch import Prefetcher
+
+    class Rows:  # TrainSetup's interface: one row a micro-batch, nothing to pack
+        def next_rows(self, batches):
+            return [next(batches)]
+
+        def prepare(self, rows):
+            return {"sample_ids": rows[0]["sample_ids"], "input_ids": rows[0]["input_ids"]}
+
+        def to_device(self, batch, device):
+            return batch
+
+    reference = take(loader(corpus, s3), 9)
+    feed = Prefetcher(Rows(), loader(corpus, s3, num_workers=2), count=6)
+    got = [feed.next("cpu")[0] for _ in range(4)]
+    state = feed.state_dict()
+    feed.close()
+    assert state["consumed"] == 4
+    assert [b["sample_ids"] for b in got] == [b["sample_ids"] for b in reference[:4]]
+    assert all(torch.equal(b["input_ids"], r["input_ids"]) for b, r in zip(got, reference))
+    resumed = loader(corpus, s3)
+    resumed.load_state_dict(state)
+    assert [b["sample_ids"] for b in take(resumed, 5)] == [b["sample_ids"] for b in reference[4:]]
