@@ -279,11 +279,33 @@ def varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dr
         out = F.scaled_dot_product_attention(windows(query), windows(key), windows(value), dropout_p=dropout,
                                              scale=scaling)  # [count, heads, length, dim]
         return out.permute(0, 2, 1, 3).reshape(1, n, heads, out.shape[-1]), None
+    if n > MASKED_MAX_TOKENS:
+        return _by_segment_length(query, key, value, cu_seq_lens_q, scaling, dropout), None
     bounds = cu_seq_lens_q[1:].to(query.device)
     segment = torch.searchsorted(bounds, torch.arange(n, device=query.device, dtype=bounds.dtype), right=True)
     mask = segment[:, None] == segment[None, :]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+# Above this many patches a block-diagonal mask (tokens² bools) costs more than it saves: a training batch of
+# 64 recall streams holds ~250K patches. There the segments are grouped by length instead (a host read of the
+# lengths: training and evaluation only; a captured frame is far below it).
+MASKED_MAX_TOKENS = 4096
+
+
+def _by_segment_length(query, key, value, cu_seqlens, scaling, dropout):
+    """One unmasked SDPA per distinct segment length, the segments of that length as its batch: a video's frames
+    and a picture's windows come in a few lengths, so a batch of thousands of segments takes a few calls."""
+    heads, n, dim = query.shape[1], query.shape[2], value.shape[-1]
+    starts, lengths = cu_seqlens[:-1].to(query.device), (cu_seqlens[1:] - cu_seqlens[:-1]).to(query.device)
+    out = query.new_empty(heads, n, dim)
+    for length in torch.unique(lengths).tolist():
+        index = (starts[lengths == length][:, None] + torch.arange(length, device=query.device)).reshape(-1)
+        pick = lambda t: t[0][:, index].view(heads, -1, length, t.shape[-1]).transpose(0, 1)  # noqa: E731
+        part = F.scaled_dot_product_attention(pick(query), pick(key), pick(value), dropout_p=dropout, scale=scaling)
+        out[:, index] = part.transpose(0, 1).reshape(heads, -1, dim)
+    return out.transpose(0, 1).unsqueeze(0)  # [1, tokens, heads, dim]
 
 
 AttentionInterface.register(VISION_ATTENTION, varlen_sdpa)

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from model.cuda_graphs import vision_attention
 from pipeline.eval.runner import EvalConfig, build_messages, build_prompt, run_suite
 from pipeline.eval.synthetic import HELD_OUT_SEED, picture_samples
 
@@ -92,7 +93,8 @@ class PictureBatches(torch.utils.data.IterableDataset):
 def teacher_forced_exact(model, batch: dict) -> torch.Tensor:
     """Per row: 1 when every answer token (and the end of turn) is the argmax given the tokens before it,
     which is exactly when greedy decoding generates the answer."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    with vision_attention(model.model.visual):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     labels = batch["labels"][:, 1:]
     right = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE)
     return right.all(dim=1).float()
@@ -143,7 +145,9 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
         waited += time.time() - ready  # time the step stood waiting for its batch: the loader is the bottleneck
         batch = _to(batch, device)
         tokens += int(batch["attention_mask"].sum())
-        with autocast:
+        # the vision tower's windows in a few SDPA calls, one per window size: transformers launches one per
+        # window, with a host sync per block, and a batch of long recall streams has tens of thousands
+        with autocast, vision_attention(model.model.visual):
             loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -112,6 +112,41 @@ def test_vision_tower_without_host_syncs_equals_transformers_window_attention(ti
     assert model.config.vision_config._attn_implementation != cuda_graphs.VISION_ATTENTION
 
 
+def test_vision_attention_over_a_training_sized_batch_equals_transformers_with_gradients(tiny_teacher, processor,
+                                                                                        monkeypatch):
+    """A training batch holds thousands of windows of a few sizes (the mechanisms teacher's 64 recall streams:
+    ~250K patches), far past where a block-diagonal mask fits: the segments are grouped by length, one SDPA a
+    length. Forward and gradients (pixels, a vision weight) equal transformers' own per-window attention."""
+    from model import cuda_graphs
+    from model.cuda_graphs import vision_attention
+
+    teacher = tiny_teacher[0]
+    # a 40-frame 112² video (4 windows of 16 patches a frame pair), a 140² picture (windows of 3 sizes) and a 224²
+    # one; the mask's limit lowered so that this CPU-sized batch takes the grouped path as a training batch does
+    monkeypatch.setattr(cuda_graphs, "MASKED_MAX_TOKENS", 1024)
+    video = processor.preprocess_video([_image(s, 112, 112) for s in range(40)], fps=2.0)
+    images = processor.image_processor([_image(7, 140, 140), _image(8, 224, 224)], return_tensors="pt")
+    visual = teacher.model.visual
+    grids = torch.cat([video["video_grid_thw"], images["image_grid_thw"]])
+    pixels = torch.cat([video["pixel_values_videos"], images["pixel_values"]]).requires_grad_()
+    assert int(grids.prod(-1).sum()) > cuda_graphs.MASKED_MAX_TOKENS
+    grouped = []
+    by_length = cuda_graphs._by_segment_length
+    monkeypatch.setattr(cuda_graphs, "_by_segment_length", lambda *a: grouped.append(1) or by_length(*a))
+    weight = visual.blocks[0].attn.qkv.weight
+    results = []
+    for ours in (False, True):
+        visual.zero_grad()
+        pixels.grad = None
+        with vision_attention(visual) if ours else torch.enable_grad():
+            out = visual(pixels, grid_thw=grids).pooler_output
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), pixels.grad.clone(), weight.grad.clone()))
+    assert grouped, "the grouped path did not run"
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
 def test_stream_through_static_buffers_equals_the_plain_stream(tiny_teacher, processor):
     from model.streaming import StreamingSession
 

@@ -93,7 +93,7 @@ def main(job_path: str) -> None:
             metrics["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             if rank == 0:
                 _log(f"{job.stage}: first step done {metrics['first_step_after_start_s']:.0f} s after the process "
-                     f"started (its own step {metrics['step_s']:.1f} s: compiles and autotuning)")
+                     f"started (the step itself {metrics['step_s']:.1f} s, with its compiles and autotuning)")
         else:
             warm_tokens, warm_steps = warm_tokens + metrics["tokens"], warm_steps + 1
             rate, step_time = warm_tokens / (now - warm_from), (now - warm_from) / warm_steps
