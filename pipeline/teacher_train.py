@@ -93,8 +93,7 @@ class PictureBatches(torch.utils.data.IterableDataset):
 def teacher_forced_exact(model, batch: dict) -> torch.Tensor:
     """Per row: 1 when every answer token (and the end of turn) is the argmax given the tokens before it,
     which is exactly when greedy decoding generates the answer."""
-    with vision_attention(model.model.visual):
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     labels = batch["labels"][:, 1:]
     right = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE)
     return right.all(dim=1).float()
@@ -158,7 +157,7 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
         last = step == settings.steps or (settings.max_seconds and time.time() - start > settings.max_seconds)
         if step % check_every == 0 or last:
             model.eval()
-            with autocast:
+            with autocast, vision_attention(model.model.visual):
                 validation_acc = float(teacher_forced_exact(model, validation).mean())
             model.train()
             elapsed = time.time() - start
