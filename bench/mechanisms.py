@@ -36,7 +36,7 @@ from bench import proof
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.eval.mechanisms import MechanismsConfig
 from pipeline.eval.metrics import retention
-from pipeline.stages import STAGE_ORDER
+from pipeline.stages import STAGE_ORDER, TRAINING_STAGES
 
 DEFAULT_SHARE = Fraction(1, 4)
 SHARES = (Fraction(1), Fraction(0), Fraction(1, 8), Fraction(1, 2))  # besides the main run's 1/4
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
 
     common = {"runner": runner, "scorer": "bench.mechanisms", "mechanisms": sweep}
     main_path = proof.write_config(main_cfg)
-    jobs = [{"name": "main", "config": main_path, "stages": ["teacher", *proof.STUDENT_STAGES],
+    jobs = [{"name": "main", "config": main_path, "stages": ["teacher", *TRAINING_STAGES],
              "score_stages": ["teacher", "stage2", "stage3"], "frames_sweep": ["teacher", "stage2", "stage3"],
              **common}]
     for row in rows:

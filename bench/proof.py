@@ -42,10 +42,9 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.config import RunConfig, config_from_dict, load_config, to_yaml
 from pipeline.eval.metrics import retention
-from pipeline.stages import STAGE_ORDER, committed, stage_dir
+from pipeline.stages import STAGE_ORDER, TRAINING_STAGES, committed, stage_dir
 
 SHARED = ("teacher", "data", "teacher-logits")
-STUDENT_STAGES = ("stage1a", "stage1b", "stage2", "stage3")
 ABLATION_STAGES = ("stage1a", "stage1b", "stage2")
 MIXERS = ("gated_deltanet", "gla", "mamba2")  # the paper's mixer ablation (model.mixer_names() has more)
 SHARES = (Fraction(0), Fraction(1, 8), Fraction(1, 4), Fraction(1, 2))
@@ -236,7 +235,7 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
     cfg = load_config(job["config"])
     result = {"name": job["name"], "stages": {}, "seconds": None}
     scorer = importlib.import_module(job.get("scorer", "bench.proof")).score_checkpoint
-    scored = job.get("score_stages") or [*(["teacher"] if job["name"] == "main" else []), *STUDENT_STAGES]
+    scored = job.get("score_stages") or [*(["teacher"] if job["name"] == "main" else []), *TRAINING_STAGES]
 
     def score_stage(stage: str) -> None:
         t0 = time.time()
@@ -344,7 +343,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"proof: runner {runner}, run root {root}, {len(gpus)} worker(s), {len(rows)} ablation rows", flush=True)
 
     main_path = write_config(main_cfg)
-    jobs = [{"name": "main", "config": main_path, "stages": ["teacher", *STUDENT_STAGES], "runner": runner,
+    jobs = [{"name": "main", "config": main_path, "stages": ["teacher", *TRAINING_STAGES], "runner": runner,
              "eval_pictures": eval_pictures}]
     for row in rows:
         if "error" in row or is_main_variant(row, main_cfg):
@@ -370,7 +369,7 @@ def build_report(args, cfg: RunConfig, runner: str, rows: list[dict], results: d
     main = results.get("main", {}).get("stages", {})
     teacher = main.get("teacher", {}).get("accuracy")
     stages = []
-    for stage in ("teacher", *STUDENT_STAGES):
+    for stage in ("teacher", *TRAINING_STAGES):
         if stage in main:
             s = main[stage]
             stages.append({"stage": stage, "accuracy": s["accuracy"], "retention": retention(s["accuracy"], teacher)

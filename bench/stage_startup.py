@@ -13,37 +13,31 @@ the one the project ships (infra/autotune).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from bench.common import print_table, write_result
+from pipeline import stages, storage
 
-TRAINING_STAGES = ("stage1a", "stage1b", "stage2", "stage3")
 GOAL_S = 60.0
 
 
-def stage_logs(root: str, stage: str) -> str | None:
-    """The steps.jsonl of the stage's committed attempt, else of the newest attempt; None if it never trained."""
-    from pipeline import stages, storage
-
+def stage_records(root: str, stage: str) -> tuple[str, list[dict]]:
+    """The logged steps of the stage's committed attempt, else of its newest attempt ([] if it never trained)."""
     folder = stages.stage_dir(root, stage)
     marker = stages.committed(folder)
     attempt = marker["output"] if marker else stages.current_attempt(folder)
     if attempt is None:
-        return None
+        return "", []
     path = stages.join(attempt, "logs", "steps.jsonl")
-    return path if storage.exists(path) else None
+    return path, storage.read_jsonl(path)
 
 
 def first_steps(root: str) -> list[dict]:
-    from pipeline import storage
-
     rows = []
-    for stage in TRAINING_STAGES:
-        path = stage_logs(root, stage)
-        if path is None:
+    for stage in stages.TRAINING_STAGES:
+        path, records = stage_records(root, stage)
+        if not records:
             continue
-        records = [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
         first = next((r for r in records if "first_step_after_start_s" in r), None)
         if first is None:
             rows.append({"stage": stage, "error": f"{path} records no first step's start-up (an older run)"})

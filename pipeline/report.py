@@ -9,17 +9,15 @@ the flow publishes the same markdown as an artifact.
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import dataclass, field
 
 from . import storage
 from .config import RunConfig
-from .stages import STAGE_ORDER, StageOutcome, join
+from .stages import STAGE_ORDER, TRAINING_STAGES, StageOutcome, join
 
 REPORT = "report.md"
 PLOTS = "report"  # <run root>/report/<stage>-loss.png
-TRAINING = ("stage1a", "stage1b", "stage2", "stage3")
 CORPORA = ("distill", "instruct", "long")
 
 
@@ -131,8 +129,8 @@ def line_plot_png(series: dict[str, list[tuple[float, float]]], title: str = "")
 
 
 def _loss_curve(name: str, output: str) -> list[tuple[float, float]]:
-    if name in TRAINING:
-        records = _jsonl(join(output, "logs", "steps.jsonl"))
+    if name in TRAINING_STAGES:
+        records = storage.read_jsonl(join(output, "logs", "steps.jsonl"))
         return [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
     if name == "teacher":
         report = storage.read_json_or_none(join(output, "training_report.json")) or {}
@@ -143,8 +141,8 @@ def _loss_curve(name: str, output: str) -> list[tuple[float, float]]:
 def _tokens(name: str, metrics: dict, marker: dict | None) -> str:
     if marker is None:
         return "-"
-    if name in TRAINING:
-        total = sum(r.get("tokens", 0) for r in _jsonl(join(marker["output"], "logs", "steps.jsonl")))
+    if name in TRAINING_STAGES:
+        total = sum(r.get("tokens", 0) for r in storage.read_jsonl(join(marker["output"], "logs", "steps.jsonl")))
         return f"{total:,}" if total else "-"
     if name == "data":
         return f"{sum(metrics.get(f'{c}_tokens', 0) for c in CORPORA):,}"
@@ -153,14 +151,6 @@ def _tokens(name: str, metrics: dict, marker: dict | None) -> str:
     if name == "teacher-logits" and metrics.get("tokens") is not None:
         return f"{metrics['tokens']:,}"
     return "-"
-
-
-def _jsonl(url: str) -> list[dict]:
-    try:
-        text = storage.read_bytes(url).decode()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _seconds(value) -> str:

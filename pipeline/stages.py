@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .config import RunConfig
 
 STAGE_ORDER = ("teacher", "data", "teacher-logits", "stage1a", "stage1b", "stage2", "stage3", "eval")
+TRAINING_STAGES = ("stage1a", "stage1b", "stage2", "stage3")  # the stages pipeline/train/worker.py runs
 COMPLETE = "_COMPLETE.json"
 STARTED = "_STARTED.json"
 ATTEMPT = "attempt-"

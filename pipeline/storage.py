@@ -111,6 +111,15 @@ def read_json_or_none(url: str, storage_options: dict | None = None) -> Any:
         return None
 
 
+def read_jsonl(url: str, storage_options: dict | None = None) -> list[dict]:
+    """A JSON-lines file's records (a training stage's `logs/steps.jsonl`); [] where there is none."""
+    try:
+        text = read_bytes(url, storage_options).decode()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
     write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), storage_options)
 
