@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 
 import torch
@@ -195,8 +196,9 @@ def main() -> None:
             if "profile" in rows[-1]:
                 show_profile(f"{kind} {stage} {seq}: one training step", rows[-1]["profile"])
             if not args.tiny:  # after every row: a run cut short still leaves what it measured
-                write_result("train_throughput", config, rows, summarize(rows, short, long),
-                             **({"out_dir": args.out} if args.out else {}))
+                path = write_result("train_throughput", config, rows, summarize(rows, short, long),
+                                    **({"out_dir": args.out} if args.out else {}))
+                plot(rows, os.path.join(os.path.dirname(path), "train_throughput.png"))
     print_table([{k: v for k, v in r.items() if k != "profile"} for r in rows])
     print(summarize(rows, short, long))
 
@@ -211,7 +213,45 @@ def summarize(rows: list[dict], short: int, long: int) -> dict:
 
     return {"speedup_8k": speedup(short), "speedup_32k": speedup(long),
             "mfu_student_8k": by.get(("student", short), {}).get("mfu"),
-            "mfu_student_32k": by.get(("student", long), {}).get("mfu")}
+            "mfu_student_32k": by.get(("student", long), {}).get("mfu"),
+            # 0 none, n every n-th block recomputed, 1 every block: the issue's goal is Stage III without 1
+            "student_32k_checkpointing": by.get(("student", long), {}).get("checkpointing"),
+            "teacher_32k_checkpointing": by.get(("teacher", long), {}).get("checkpointing")}
+
+
+def plot(rows: list[dict], path: str) -> str | None:
+    """Tokens/s and MFU of teacher and student at each length, bars side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the JSON has every number)", flush=True)
+        return None
+    lengths = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, kind in enumerate(("teacher", "student")):
+        got = {r["seq_len"]: r for r in rows if r["model"] == kind}
+        xs = [j + (i - 0.5) * 0.38 for j in range(len(lengths))]
+        for ax, key in zip(axes, ("tokens_per_s", "mfu")):
+            vals = [(got[n].get(key) or 0) if n in got else 0 for n in lengths]
+            bars = ax.bar(xs, vals, width=0.38, label=kind)
+            for b, n in zip(bars, lengths):
+                if n in got:
+                    ck = got[n]["checkpointing"]
+                    ax.annotate("no recompute" if not ck else ("every block recomputed" if ck == 1 else f"1 block in {ck} recomputed"),
+                                (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+    for ax, title in zip(axes, ("tokens / s", "MFU (dense bf16 peak)")):
+        ax.set_xticks(range(len(lengths)), [f"{'Stage II' if n == lengths[0] else 'Stage III'} {n // 1024}K"
+                                            for n in lengths])
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
