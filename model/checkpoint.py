@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from .families import family_of_checkpoint
+from .families.base import LOAD_KWARGS
 from .processing import InfiniteVLProcessor
 
 
@@ -23,6 +24,6 @@ def load_pretrained(path, **kwargs):
     family = family_of_checkpoint(path)
     if family is None:
         raise FileNotFoundError(f"no config.json in {path}: not a checkpoint directory")
-    model = family.model_class.from_pretrained(path, use_safetensors=True, **kwargs)
+    model = family.model_class.from_pretrained(path, **{**LOAD_KWARGS, **kwargs})
     has_processor = os.path.exists(os.path.join(path, "tokenizer_config.json"))
     return model.eval(), (InfiniteVLProcessor.from_pretrained(path) if has_processor else None)

@@ -203,3 +203,26 @@ def test_hybrid_on_gpu_matches_cpu_reference_and_trains():
     print(f"hybrid bf16 GPU vs fp32 CPU: max rel err {err:.3e}, loss {out.loss.item():.4f}")
     assert err < 5e-2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu.parameters() if p.requires_grad)
+
+
+def test_every_loader_works_without_the_kernels_package_and_never_swaps_in_hub_kernels(tiny_teacher, tmp_path,
+                                                                                       monkeypatch):
+    """transformers 5 loads with use_kernels on by default: it refuses to load where `kernels` is missing (the GPU
+    image) and kernelizes layers with Hub downloads where it is present. Our loaders turn it off."""
+    import transformers.modeling_utils as modeling_utils
+
+    import model as models
+    from pipeline.eval.api import load_checkpoint
+    from pipeline.train.objectives import load_student
+
+    teacher, processor = tiny_teacher
+    teacher.save_pretrained(tmp_path / "teacher")
+    processor.save_pretrained(tmp_path / "teacher")
+    save_pretrained(_hybrid(teacher), processor, tmp_path / "student")
+    monkeypatch.setattr(modeling_utils, "is_kernels_available", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="Kernels are not available"):  # what a default load does on such a node
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "student")
+    loaded = [models.load_teacher(tmp_path / "teacher"), load_pretrained(tmp_path / "student")[0],
+              load_student(str(tmp_path / "student"), torch.float32),
+              load_checkpoint(str(tmp_path / "student"))[0], load_checkpoint(str(tmp_path / "teacher"))[0]]
+    assert [m.use_kernels for m in loaded] == [False] * 5

@@ -28,6 +28,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from ..layers.base import AttentionWeights
 
+# How every checkpoint is loaded. use_kernels=False: transformers 5 otherwise swaps layers for kernels downloaded
+# from the Hub whenever the `kernels` package is installed (air-gapped nodes have no Hub; our numerics are tested
+# against our own kernels), and refuses to load at all where that package is missing, as on GPU images.
+LOAD_KWARGS = {"use_safetensors": True, "use_kernels": False}
+
 
 @dataclass
 class Family:
@@ -127,4 +132,4 @@ class Family:
     # -- checkpoints ------------------------------------------------------------------------------------------
     def load_teacher(self, path, dtype: torch.dtype | None = None, **kwargs):
         kw = {"dtype": dtype} if dtype is not None else {}
-        return self.teacher_class.from_pretrained(path, use_safetensors=True, **kw, **kwargs)
+        return self.teacher_class.from_pretrained(path, **LOAD_KWARGS, **kw, **kwargs)

@@ -136,6 +136,7 @@ def load_checkpoint(checkpoint: str, device: str | None = None, dtype: str | Non
     from transformers import AutoModelForImageTextToText
 
     import model as models
+    from model.families.base import LOAD_KWARGS
     from model.processing import InfiniteVLProcessor
 
     # Under torchrun each process evaluates on its own GPU.
@@ -154,6 +155,6 @@ def load_checkpoint(checkpoint: str, device: str | None = None, dtype: str | Non
     if model_type == family.teacher_model_type:
         model = models.load_teacher(local, dtype=torch_dtype)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(local, dtype=torch_dtype)
+        model = AutoModelForImageTextToText.from_pretrained(local, dtype=torch_dtype, **LOAD_KWARGS)
     processor = InfiniteVLProcessor.from_pretrained(local)
     return model.to(device).eval(), processor

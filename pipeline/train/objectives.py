@@ -178,11 +178,12 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def load_student(path: str, dtype: torch.dtype):
     """A student checkpoint of any family (its config.json's model_type says which), for training."""
     from model import family_of_checkpoint
+    from model.families.base import LOAD_KWARGS
 
     family = family_of_checkpoint(path)
     if family is None:
         raise FileNotFoundError(f"no config.json in {path}: not a student checkpoint")
-    return family.model_class.from_pretrained(path, use_safetensors=True, dtype=dtype).train()
+    return family.model_class.from_pretrained(path, **LOAD_KWARGS, dtype=dtype).train()
 
 
 def export_student(config, state: dict, out_dir: str, processor, lora=None) -> None:
