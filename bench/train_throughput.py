@@ -21,7 +21,8 @@ FLOPs are counted analytically per token (MFU excludes the recomputation of grad
 The LM head here is a plain linear, so its chunks take their gradients in the forward pass: nothing recomputed.
 MFU = FLOPs/token × tokens/s ÷ peak (H100/H200 SXM dense bf16: 989 TFLOP/s).
 Gradient checkpointing (`--checkpointing auto`) is used only as far as a model's activations overflow the card
-(none, every fourth, third or second block, every block); each row says which (0 none, n every n-th block).
+(no block recomputed, then a quarter, a third, half, two thirds, three quarters of them, then every block); each
+row's `checkpointing` is the share of blocks it recomputed.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def flops_per_token(config, kind: str, seq: int, mixers_trained: bool, adapter_p
     return total + 6 * adapter_params
 
 
-def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: int, checkpointing: int,
+def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: int, checkpointing: float,
              profile: bool = False) -> dict:
-    """`checkpointing`: 0 none, n > 0 every n-th block (1: all)."""
+    """`checkpointing`: the share of blocks recomputed (0 none, 1 every block; pipeline.train.build)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from bench.param_count import qwen2_5_vl_3b_config
@@ -131,7 +132,7 @@ def run_case(kind: str, stage: str, seq: int, tiny: bool, steps: int, warmup: in
     fpt = flops_per_token(config, kind, seq, mixers_trained=stage != "stage3", adapter_params=adapters)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK.items() if k in name), None)
-    row = {"model": kind, "stage": stage, "seq_len": seq, "checkpointing": checkpointing, "tokens_per_s": round(tps, 1),
+    row = {"model": kind, "stage": stage, "seq_len": seq, "checkpointing": round(checkpointing, 3), "tokens_per_s": round(tps, 1),
            "gflops_per_token": round(fpt / 1e9, 4), "mfu": round(fpt * tps / peak, 4) if peak else None,
            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
     if profile:
@@ -147,28 +148,37 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+SHARES = (0.0, 0.25, 1 / 3, 0.5, 2 / 3, 0.75)  # "auto" tries these in turn, then every block
+
+
 def run_case_fitting(kind, stage, seq, tiny, steps, warmup, checkpointing: str, profile: bool = False) -> dict:
-    """`checkpointing` "auto": the least recomputation whose activations fit the card: none, then every fourth,
-    third, second block, then every block (the student's Gated DeltaNet activations overflowed an 80 GB H100
-    at 8K without it: 67.6 GB before the loss). Otherwise "off", "on" (every block) or n (every n-th block)."""
+    """`checkpointing` "auto": the least recomputation whose activations fit the card: no block recomputed, then a
+    quarter, a third, half, two thirds, three quarters of them, then every block (the student's Gated DeltaNet
+    activations overflowed an 80 GB H100 at 8K without any: 67.6 GB before the loss; at 32K half did not fit).
+    Otherwise "off", "on" (every block) or a share of blocks."""
     if checkpointing != "auto":
-        n = {"off": 0, "on": 1}.get(checkpointing)
-        return run_case(kind, stage, seq, tiny, steps, warmup, int(checkpointing) if n is None else n, profile)
-    for n in (0, 4, 3, 2):
+        share = {"off": 0.0, "on": 1.0}.get(checkpointing)
+        return run_case(kind, stage, seq, tiny, steps, warmup, float(checkpointing) if share is None else share,
+                        profile)
+    for share in SHARES:
         try:
-            return run_case(kind, stage, seq, tiny, steps, warmup, n, profile)
+            return run_case(kind, stage, seq, tiny, steps, warmup, share, profile)
         except torch.cuda.OutOfMemoryError:
             pass  # the retry runs after the except block: inside it the traceback still holds the model
-        print(f"{kind} {stage} {seq}: out of memory " + ("without gradient checkpointing" if n == 0 else
-              f"checkpointing every {n} blocks") + ", retrying with more of it", flush=True)
+        print(f"{kind} {stage} {seq}: out of memory " + ("without gradient checkpointing" if not share else
+              f"recomputing {share:.2f} of the blocks") + ", retrying with more of it", flush=True)
         release_memory()
-    return run_case(kind, stage, seq, tiny, steps, warmup, 1, profile)
+    return run_case(kind, stage, seq, tiny, steps, warmup, 1.0, profile)
 
 
 def _checkpointing(value: str) -> str:
-    if value in ("auto", "on", "off") or (value.isdigit() and int(value) > 0):
+    try:
+        ok = value in ("auto", "on", "off") or 0 < float(value) <= 1
+    except ValueError:
+        ok = False
+    if ok:
         return value
-    raise argparse.ArgumentTypeError(f"--checkpointing takes auto, on, off or a block interval N > 0, got {value!r}")
+    raise argparse.ArgumentTypeError(f"--checkpointing takes auto, on, off or a share of blocks in (0, 1], got {value!r}")
 
 
 def main() -> None:
@@ -177,7 +187,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpointing", default="auto", type=_checkpointing,
-                    help="gradient checkpointing: auto (the least that fits), on, off, or N (every N-th block)")
+                    help="gradient checkpointing: auto (the least that fits), on, off, or the share of blocks "
+                         "recomputed, e.g. 0.67")
     ap.add_argument("--cases", nargs="+", choices=["stage2", "stage3"], default=["stage2", "stage3"],
                     help="which rows to run (the summary needs both)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
@@ -214,7 +225,7 @@ def summarize(rows: list[dict], short: int, long: int) -> dict:
     return {"speedup_8k": speedup(short), "speedup_32k": speedup(long),
             "mfu_student_8k": by.get(("student", short), {}).get("mfu"),
             "mfu_student_32k": by.get(("student", long), {}).get("mfu"),
-            # 0 none, n every n-th block recomputed, 1 every block: the issue's goal is Stage III without 1
+            # the share of blocks recomputed (0 none, 1 every block): the issue's goal is Stage III below 1
             "student_32k_checkpointing": by.get(("student", long), {}).get("checkpointing"),
             "teacher_32k_checkpointing": by.get(("teacher", long), {}).get("checkpointing")}
 
@@ -240,7 +251,8 @@ def plot(rows: list[dict], path: str) -> str | None:
             for b, n in zip(bars, lengths):
                 if n in got:
                     ck = got[n]["checkpointing"]
-                    ax.annotate("no recompute" if not ck else ("every block recomputed" if ck == 1 else f"1 block in {ck} recomputed"),
+                    ax.annotate("no recompute" if not ck else ("every block recomputed" if ck == 1 else
+                                                               f"{ck:.2f} of blocks recomputed"),
                                 (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
     for ax, title in zip(axes, ("tokens / s", "MFU (dense bf16 peak)")):
         ax.set_xticks(range(len(lengths)), [f"{'Stage II' if n == lengths[0] else 'Stage III'} {n // 1024}K"

@@ -194,8 +194,8 @@ class TeacherLogitsSection(Section):
 
 
 class TrainStageSection(Section):
-    # checkpoint_every_n_layers trades memory for time and leaves the trained weights as they are
-    RUN_ONLY: ClassVar[tuple[str, ...]] = ("launcher", "loader_workers", "keep_last", "checkpoint_every_n_layers")
+    # recompute_share trades memory for time and leaves the trained weights as they are
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("launcher", "loader_workers", "keep_last", "recompute_share")
     steps: int = Field(gt=0)
     lr: float = Field(gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -213,9 +213,10 @@ class TrainStageSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule floor, as a fraction of lr")
     gradient_checkpointing: bool = False
-    checkpoint_every_n_layers: int = Field(1, ge=1, description=(
-        "with gradient_checkpointing: recompute the activations of every n-th layer only; the others keep theirs "
-        "(more memory, less recomputation: 2 recomputes half the layers)"))
+    recompute_share: float = Field(1.0, gt=0, le=1, description=(
+        "with gradient_checkpointing: the share of blocks that recompute their activations, spread evenly over "
+        "each stack; the others keep theirs (more memory, less recomputation: 0.5 every second block, 0.67 two "
+        "in three)"))
     keep_last: int = Field(3, gt=0, description="committed checkpoints kept; older ones are deleted")
     loader_workers: int = Field(2, ge=0)
     loss_scale: float = Field(1000.0, gt=0, description="stage1a: factor on the layer-wise MSE (the authors used 1000)")

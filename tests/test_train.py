@@ -224,20 +224,22 @@ def test_packed_teacher_forward_keeps_documents_apart(tiny_teacher):
 
 # -- trainable groups ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_checkpointing_every_nth_block_recomputes_those_blocks_and_leaves_gradients_alone(tiny_teacher, every):
-    """Blocks counted vision tower first, then decoder: with n=2 every second one runs its forward again in
-    the backward, the others once; the gradients equal a run without checkpointing."""
+@pytest.mark.parametrize("share,decoder_recomputed", [(1.0, [1] * 8), (0.5, [0, 1] * 4), (2 / 3, [0, 1, 0, 1, 1, 0, 1, 1])])
+def test_checkpointing_a_share_of_blocks_recomputes_those_blocks_and_leaves_gradients_alone(tiny_teacher, share,
+                                                                                          decoder_recomputed):
+    """The share is spread over each stack (8 decoder blocks: half is every second one, two thirds rounds to 5 of
+    them): those run their forward again in the backward, the others once; the gradients equal a run without
+    checkpointing."""
     from model import convert_from_qwen2_5_vl
     from pipeline.train.build import enable_checkpointing
 
     ids = torch.randint(0, 200, (1, 20), generator=torch.Generator().manual_seed(0))
 
-    def grads_and_calls(n):
+    def grads_and_calls(share):
         torch.manual_seed(0)
         student = convert_from_qwen2_5_vl(tiny_teacher[0], sliding_window=8).float().train()
-        if n:
-            enable_checkpointing(student, n)
+        if share:
+            enable_checkpointing(student, share)
         layers = student.model.language_model.layers
         calls = [0] * len(layers)
         for i, layer in enumerate(layers):  # a module inside the block (a recompute reruns it; it may stop early,
@@ -247,25 +249,37 @@ def test_checkpointing_every_nth_block_recomputes_those_blocks_and_leaves_gradie
         return {k: p.grad for k, p in student.named_parameters() if p.grad is not None}, calls
 
     plain, plain_calls = grads_and_calls(None)
-    got, calls = grads_and_calls(every)
-    n_vision = len(tiny_teacher[0].model.visual.blocks)
-    assert plain_calls == [1] * len(calls)
-    assert calls == [2 if (n_vision + i) % every == 0 else 1 for i in range(len(calls))]
+    got, calls = grads_and_calls(share)
+    assert len(calls) == 8 and plain_calls == [1] * 8
+    assert calls == [1 + r for r in decoder_recomputed]
     assert got.keys() == plain.keys()
     for k in plain:
         torch.testing.assert_close(got[k], plain[k], atol=1e-6, rtol=1e-5)
 
 
-def test_checkpoint_every_n_layers_is_checked_and_leaves_the_stage_fingerprint_alone():
+def test_recomputed_blocks_are_spread_evenly():
+    from pipeline.train.build import recomputed_blocks
+
+    assert recomputed_blocks(36, 1.0) == set(range(36))
+    assert recomputed_blocks(36, 0.5) == set(range(1, 36, 2))
+    two_in_three = recomputed_blocks(36, 2 / 3)  # 24 blocks: the 2nd and 3rd of every three
+    assert two_in_three == {i for i in range(36) if i % 3} and len(two_in_three) == 24
+    assert recomputed_blocks(36, 0.01) == set()
+
+
+def test_recompute_share_is_checked_and_leaves_the_stage_fingerprint_alone():
     from pydantic import ValidationError
 
     from pipeline.config import TrainStageSection
     from pipeline.stages import identity
 
-    with pytest.raises(ValidationError, match="checkpoint_every_n_layers"):
-        TrainStageSection(**{**SECTION, "gradient_checkpointing": True, "checkpoint_every_n_layers": 0})
+    for bad in (0, 1.5):
+        with pytest.raises(ValidationError, match="recompute_share"):
+            TrainStageSection(**{**SECTION, "gradient_checkpointing": True, "recompute_share": bad})
+    with pytest.raises(ValidationError, match="checkpoint_every_n_layers"):  # the field this one replaced
+        TrainStageSection(**{**SECTION, "gradient_checkpointing": True, "checkpoint_every_n_layers": 2})
     a = TrainStageSection(**{**SECTION, "gradient_checkpointing": True})
-    b = TrainStageSection(**{**SECTION, "gradient_checkpointing": True, "checkpoint_every_n_layers": 3})
+    b = TrainStageSection(**{**SECTION, "gradient_checkpointing": True, "recompute_share": 0.5})
     assert identity(a) == identity(b)
 
 
