@@ -10,7 +10,9 @@
 # hjson (einops, msgpack, ninja, numpy, packaging, psutil, py-cpuinfo, tqdm are on the image; pydantic is below).
 # peft is carried at our tested version: the image's may predate transformers 5.25. transformers 5.25 (whose
 # assisted decoding tells the cache its draft length) needs huggingface-hub 2.x, which needs httpx2: the image's
-# hub is 1.x.
+# hub is 1.x. transformers 5.25 also declares `kernels` (Hub-downloaded layer kernels; 9 MB installed): it is
+# left out, and every loader of ours passes use_kernels=False, without which transformers refuses to load a
+# checkpoint where that package is missing.
 # WITH_MEDIA=1 adds PyAV and pypdfium2 (40 MB, at the versions PYTHON has) for nodes that read or write videos
 # and PDFs: the `sample` corpus (e.g. configs/proof.yaml's long corpus), video eval suites.
 # WITH_PREFECT=1 adds Prefect and what it needs that a CUDA PyTorch image lacks (34 MB for Python 3.12; the list was
