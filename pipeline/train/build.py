@@ -137,8 +137,9 @@ def enable_checkpointing(model, share: float = 1.0) -> None:
         if not isinstance(stack, nn.ModuleList):
             continue
         blocks = [m for m in stack if isinstance(m, GradientCheckpointingLayer)]
+        chosen = recomputed_blocks(len(blocks), share)
         for i, block in enumerate(blocks):
-            block.gradient_checkpointing = i in recomputed_blocks(len(blocks), share)
+            block.gradient_checkpointing = i in chosen
 
 
 def recomputed_blocks(n: int, share: float) -> set[int]:
