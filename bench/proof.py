@@ -214,15 +214,11 @@ def score_checkpoint(checkpoint: str, job: dict, out_dir: str, cfg: RunConfig) -
 
 
 def stage_tokens(stage_dir: str) -> int | None:
-    """Tokens the stage trained on: the sum over its logged steps (`logs/steps.jsonl`)."""
+    """Tokens the stage trained on: the sum over its logged steps (`logs/steps.jsonl`); None where it logged none."""
     path = os.path.join(stage_dir, "logs", "steps.jsonl")
     if not os.path.exists(path):
         return None
-    total = 0
-    with open(path) as f:
-        for line in f:
-            total += int(json.loads(line).get("tokens", 0) or 0)
-    return total
+    return sum(int(r.get("tokens", 0) or 0) for r in storage.read_jsonl(path))
 
 
 def run_job(job: dict, result_path: Path | None = None) -> dict:

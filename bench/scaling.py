@@ -52,6 +52,7 @@ import time
 import numpy as np
 
 from bench.common import RESULTS, print_table, write_result
+from pipeline import storage
 from pipeline.launch import signal_group, torchrun_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,11 +307,7 @@ def launch_plan(work: str, name: str, n: int, tasks: list[dict], env: dict, time
 # -- reading results ---------------------------------------------------------------------------------------------
 
 def read_steps(output: str) -> list[dict]:
-    path = os.path.join(output, "logs", "steps.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    return storage.read_jsonl(os.path.join(output, "logs", "steps.jsonl"))
 
 
 def train_row(stage: str, zero: int, n: int, top: int, seq: int, output: str, result: str, warmup: int) -> dict | None:
