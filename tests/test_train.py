@@ -562,6 +562,25 @@ def test_worker_prints_its_stacks_on_sigusr1_and_goes_on():
     assert "waiting_for_the_first_batch" in done.stderr and "Current thread" in done.stderr
 
 
+def test_a_slow_first_step_prints_every_threads_stack_until_it_is_done():
+    code = ("import os, sys, time\n"
+            "os.environ['INFINITEVL_FIRST_STEP_STACKS_S'] = '0.2'\n"
+            "from pipeline.train.worker import watch_first_step, first_step_done\n"
+            "def compiling_the_first_step():\n"
+            "    time.sleep(1.0)\n"
+            "assert watch_first_step() == 0.2\n"
+            "compiling_the_first_step()\n"
+            "first_step_done()\n"
+            "print('FIRST STEP DONE', file=sys.stderr, flush=True)\n"
+            "time.sleep(0.8)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr
+    before, after = done.stderr.split("FIRST STEP DONE")
+    assert before.count("compiling_the_first_step") >= 2  # every 0.2 s while it lasts, not once
+    assert "Thread" in before and "compiling_the_first_step" not in after and "Thread" not in after
+
+
 def test_an_all_sliding_student_passes_stages_1a_and_1b_on_as_the_converted_teacher(workspace, tmp_path):
     """Stages I-a and I-b train only linear mixers; a student with none (every layer sliding attention) has nothing
     to learn there: I-a commits the teacher converted as the student section says, I-b commits I-a's export again,

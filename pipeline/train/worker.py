@@ -47,10 +47,12 @@ def main(job_path: str) -> None:
 
     staging = state.staging_dir(job.output)
     resumed = state.restore(engine, job.output, rank, local_rank, staging)
+    watch = watch_first_step()
     if rank == 0:  # where a stage's start-up goes, before its first (compiling) step
         _log(f"{job.stage} ready on {world} ranks, {os.environ.get('GROUP_WORLD_SIZE', '1')} nodes: model built "
              f"in {t1 - t0:.1f} s, DeepSpeed and checkpoint restore in "
-             f"{time.monotonic() - t1:.1f} s")
+             f"{time.monotonic() - t1:.1f} s" + (f"; until its first step is done, every thread's stack is "
+                                                   f"printed here every {watch:.0f} s" if watch > 0 else ""))
     step = 0
     if resumed is not None:
         step = resumed["step"]
@@ -87,6 +89,7 @@ def main(job_path: str) -> None:
         metrics.update(_across_ranks(metrics["loss"], device, world))
         now = time.monotonic()
         if warm_from is None:
+            first_step_done()
             warm_from, rate, step_time = now, metrics["tokens"] / metrics["step_s"], metrics["step_s"]
             # the stage's start-up as a fresh node pays it (bench/stage_startup.py reads this record)
             metrics["first_step_after_start_s"] = time.time() - _process_started()
@@ -111,11 +114,30 @@ def main(job_path: str) -> None:
             state.save(engine, job.stage, job.output, step, feed.state_dict(), _summary(metrics),
                        job.section.keep_last, rank, local_rank, staging,
                        export=lambda work: export_to(engine, recipe, job, rank, work))
+    first_step_done()  # also where there was no step left to take (a resumed run at its end)
     feed.close()
     if job.export:
         export(engine, recipe, job, rank, local_rank, staging)
     writer.close()
     engine.destroy()  # frees ZeRO's buffers and hooks: a process may run several jobs (bench/scaling.py)
+
+
+FIRST_STEP_STACKS_ENV = "INFINITEVL_FIRST_STEP_STACKS_S"
+
+
+def watch_first_step() -> float:
+    """Until `first_step_done()`, every thread's Python stack goes to the stage log every N seconds (env
+    INFINITEVL_FIRST_STEP_STACKS_S, default 180; 0: off). A first step that compiles and autotunes for minutes
+    and one that is stuck look alike in a log otherwise (on an H100, the proof's Stage II showed nothing for
+    minutes). Returns N."""
+    seconds = float(os.environ.get(FIRST_STEP_STACKS_ENV, "180"))
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, repeat=True)
+    return seconds
+
+
+def first_step_done() -> None:
+    faulthandler.cancel_dump_traceback_later()
 
 
 def install_stack_dump() -> None:
