@@ -6,6 +6,8 @@ it (get_rope_index from its own image/video grids), no packing involved.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -75,8 +77,19 @@ def test_packed_rows_equal_each_document_alone(tiny_teacher, examples):
     packed = full_log_probs(model, inputs, everywhere)
     assert packed.shape == reference.shape
     assert (packed - reference).abs().max() < 1e-4
-    # and the sparse path reads the same distribution
-    idx, lp, _ = sparse_logits(model, inputs, everywhere, k=5, chunk=64)
+    # and the sparse path (the stage's) reads the same distribution, its vision tower running every window and
+    # frame in a few SDPA calls (model.cuda_graphs) where transformers launches one per window
+    from model.cuda_graphs import VISION_ATTENTION
+
+    used = []
+    block = model.model.visual.blocks[0].attn
+    hook = block.register_forward_pre_hook(lambda m, *_: used.append(m.config._attn_implementation))
+    try:
+        idx, lp, _ = sparse_logits(model, inputs, everywhere, k=5, chunk=64)
+    finally:
+        hook.remove()
+    assert used and set(used) == {VISION_ATTENTION}  # images and videos: one tower call each
+    assert model.model.visual.config._attn_implementation != VISION_ATTENTION
     assert torch.allclose(lp, reference.gather(1, idx), atol=1e-4)
     assert torch.allclose(lp, reference.topk(5).values, atol=1e-4)
 
@@ -92,3 +105,34 @@ def test_without_the_text_position_row_documents_see_each_other(tiny_teacher, ex
     first = int(examples[0]["cu_seqlens"][1])
     assert (leaked[:first] - reference[:first]).abs().max() < 1e-4  # the first document has nothing before it
     assert (leaked[first:] - reference[first:]).abs().max() > 1e-2
+
+
+def test_the_student_objective_runs_the_vision_tower_grouped_and_scores_what_transformers_computes(tiny_student,
+                                                                                                   examples):
+    """Stages I-b to III: a packed row with pictures and videos; the loss and the vision tower's gradients equal
+    those of the student's plain forward, whose vision tower transformers runs one window at a time."""
+    from model.cuda_graphs import VISION_ATTENTION
+    from pipeline.train.objectives import StudentObjective
+
+    student = copy.deepcopy(tiny_student).float().train()
+    row = next(e for e in examples if "pixel_values_videos" in e)
+    keep = ("input_ids", "labels", "position_ids", "cu_seqlens", "mm_token_type_ids", "pixel_values",
+            "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    batch = {k: row[k] for k in keep if row.get(k) is not None}
+    assert (batch["labels"] != -100).any()
+    used = []
+    hook = student.model.visual.blocks[0].attn.register_forward_pre_hook(
+        lambda m, *_: used.append(m.config._attn_implementation))
+    loss, _ = StudentObjective(student, "ce")(batch)
+    hook.remove()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if ".visual." in n and p.grad is not None}
+    student.zero_grad()
+    assert used and set(used) == {VISION_ATTENTION}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = student(**inputs).logits[0]
+    ref = torch.nn.functional.cross_entropy(logits[:-1], batch["labels"][0, 1:], ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    assert grads and all(torch.allclose(g, dict(student.named_parameters())[n].grad, atol=1e-5, rtol=1e-4)
+                         for n, g in grads.items())

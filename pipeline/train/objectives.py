@@ -17,6 +17,8 @@ from torch import nn
 
 from model.checkpoint import save_pretrained
 
+from pipeline.packed_teacher import decoder_forward
+
 from .losses import HEAD_CHUNK_ELEMENTS, answer_cross_entropy, answer_positions, chunked_head_loss, layer_mse, topk_kl
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
@@ -145,8 +147,8 @@ class StudentObjective(nn.Module):
         # its fp32 softmax per token, for a loss on a few percent of them), and in chunks (chunked_head_loss)
         keep = batch["logit_positions"] if self.kind == "kl" else answer_positions(batch["labels"])
         body, head = decoder_and_head(self.student)
-        hidden = body(**model_inputs(batch), position_ids=batch["position_ids"],
-                      cu_seqlens=batch["cu_seqlens"]).last_hidden_state[0]
+        hidden = decoder_forward(body, model_inputs(batch), position_ids=batch["position_ids"],
+                                 cu_seqlens=batch["cu_seqlens"]).last_hidden_state[0]
         hidden = hidden[keep.to(hidden.device)]
         n = int(keep.numel())
         if self.kind == "kl":
