@@ -117,3 +117,30 @@ def test_tiny_suite_answers_match_what_is_drawn():
             shape = s["options"]["ABC".index(s["answers"][0])]
             corners = (image.getpixel((12, 12)) == green, image.getpixel((12, 45)) == green)
             assert corners == {"square": (True, True), "triangle": (False, True), "circle": (False, False)}[shape]
+
+
+def test_generation_runs_the_vision_tower_grouped_and_answers_as_transformers_does(lively_teacher, monkeypatch):
+    """Pictures and frame streams: the answers equal those of transformers' own per-window vision attention, and
+    the tower ran with the grouped one (model.cuda_graphs.vision_attention)."""
+    import contextlib
+
+    import pipeline.eval.runner as runner
+    from model.cuda_graphs import VISION_ATTENTION
+    from pipeline.eval.synthetic import picture_samples
+
+    model, processor = lively_teacher
+    samples = picture_samples(3, kinds=["recall", "shapes"], max_frames=40)
+    assert any(s.get("frames") for s in samples) and any(s.get("image") is not None for s in samples)
+    config = EvalConfig(max_new_tokens=5)
+    used = []
+    hook = model.model.visual.blocks[0].attn.register_forward_pre_hook(
+        lambda m, *_: used.append(m.config._attn_implementation))
+    try:
+        grouped = [runner.generate_batch(model, processor, [s], config)[0] for s in samples]
+        seen, used[:] = list(used), []
+        monkeypatch.setattr(runner, "vision_attention", lambda visual: contextlib.nullcontext())
+        plain = [runner.generate_batch(model, processor, [s], config)[0] for s in samples]
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {VISION_ATTENTION} and set(used) == {"sdpa"}
+    assert grouped == plain and len(set(plain)) > 1

@@ -12,6 +12,7 @@ as the generated long-video task does. For each suite the runner writes, under
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import itertools
 import json
@@ -22,6 +23,8 @@ from typing import Iterable, Iterator
 import fsspec
 import torch
 from PIL import Image
+
+from model.cuda_graphs import vision_attention
 
 from .dataset import decode_image
 from .metrics import LETTERS, aggregate, score_sample
@@ -107,7 +110,11 @@ def generate_batch(model, processor, samples: list[dict], config: EvalConfig) ->
     inputs = processor(text=texts, images=images or None, videos=videos or None, video_fps=fps or config.video_fps,
                        min_pixels=min_pixels, max_pixels=max_pixels, padding_side="left")
     inputs = to_model_inputs(inputs, model)
-    out = model.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False)
+    # the vision tower's windows and frames in a few SDPA calls, not one launch and host sync per window
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    grouped = vision_attention(visual) if visual is not None and (images or videos) else contextlib.nullcontext()
+    with grouped:
+        out = model.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
