@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from model.checkpoint import save_pretrained
-
 from pipeline.packed_teacher import decoder_forward
 
 from .losses import HEAD_CHUNK_ELEMENTS, answer_cross_entropy, answer_positions, chunked_head_loss, layer_mse, topk_kl
