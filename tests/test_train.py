@@ -547,6 +547,14 @@ def test_fused_lora_linears_compute_what_peft_computes(dropout):
     torch.testing.assert_close(fused(x), plain(x))
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a fresh interpreter from the repository root; it must exit 0."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_worker_prints_its_stacks_on_sigusr1_and_goes_on():
     code = ("import os, signal, time\n"
             "from pipeline.train.worker import install_stack_dump\n"
@@ -555,9 +563,7 @@ def test_worker_prints_its_stacks_on_sigusr1_and_goes_on():
             "install_stack_dump()\n"
             "waiting_for_the_first_batch()\n"
             "print('still running')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr
+    done = _python(code)
     assert done.stdout.strip() == "still running"
     assert "waiting_for_the_first_batch" in done.stderr and "Current thread" in done.stderr
 
@@ -573,9 +579,7 @@ def test_a_slow_first_step_prints_every_threads_stack_until_it_is_done():
             "first_step_done()\n"
             "print('FIRST STEP DONE', file=sys.stderr, flush=True)\n"
             "time.sleep(0.8)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr
+    done = _python(code)
     before, after = done.stderr.split("FIRST STEP DONE")
     assert before.count("compiling_the_first_step") >= 2  # every 0.2 s while it lasts, not once
     assert "Thread" in before and "compiling_the_first_step" not in after and "Thread" not in after
