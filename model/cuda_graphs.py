@@ -323,6 +323,16 @@ def vision_attention(visual):
         config._attn_implementation = saved
 
 
+def grouped_vision(model):
+    """vision_attention for the tower of `model` (an inner model's `.visual`, or a model's `.model.visual`): where
+    training, the teacher-logit stage and evaluation run whole packed rows and batches, whose windows and frames
+    transformers would run one launch and one host sync each. A model without a tower: nothing changes."""
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        visual = getattr(getattr(model, "model", None), "visual", None)
+    return vision_attention(visual) if visual is not None else contextlib.nullcontext()
+
+
 def vision_index_tensors(visual, grid_thw: torch.Tensor) -> dict:
     """What the vision forward derives from the grid on the host, computed once for one grid."""
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index

@@ -51,20 +51,10 @@ class PackedTeacher:
 
     def hidden_states(self, row: dict) -> torch.Tensor:
         """The decoder's last hidden states [1, T, hidden] over the row (no LM head)."""
-        return decoder_forward(self.model.model, self.inputs(row), use_cache=False).last_hidden_state
+        from model.cuda_graphs import grouped_vision
 
-
-def decoder_forward(inner, inputs: dict, **kwargs):
-    """`inner(**inputs)` (a teacher's or student's inner model: vision tower, then decoder) with the vision tower's
-    windows and frames run a few SDPA calls at a time (model.cuda_graphs.varlen_sdpa) instead of transformers'
-    one launch and one host sync per window: a packed row of long videos holds thousands of them."""
-    from model.cuda_graphs import vision_attention
-
-    visual = getattr(inner, "visual", None)
-    if visual is None or not any(k in inputs for k in VISION_INPUTS):
-        return inner(**inputs, **kwargs)
-    with vision_attention(visual):
-        return inner(**inputs, **kwargs)
+        with grouped_vision(self.model):
+            return self.model.model(**self.inputs(row), use_cache=False).last_hidden_state
 
 
 def packed_model_inputs(row: dict, takes_boundaries: bool) -> dict:

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from model.cuda_graphs import vision_attention
+from model.cuda_graphs import grouped_vision
 from pipeline.eval.runner import EvalConfig, build_messages, build_prompt, run_suite
 from pipeline.eval.synthetic import HELD_OUT_SEED, picture_samples
 
@@ -146,7 +146,7 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
         tokens += int(batch["attention_mask"].sum())
         # the vision tower's windows in a few SDPA calls, one per window size: transformers launches one per
         # window, with a host sync per block, and a batch of long recall streams has tens of thousands
-        with autocast, vision_attention(model.model.visual):
+        with autocast, grouped_vision(model):
             loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,7 +157,7 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
         last = step == settings.steps or (settings.max_seconds and time.time() - start > settings.max_seconds)
         if step % check_every == 0 or last:
             model.eval()
-            with autocast, vision_attention(model.model.visual):
+            with autocast, grouped_vision(model):
                 validation_acc = float(teacher_forced_exact(model, validation).mean())
             model.train()
             elapsed = time.time() - start

@@ -121,7 +121,7 @@ def test_tiny_suite_answers_match_what_is_drawn():
 
 def test_generation_runs_the_vision_tower_grouped_and_answers_as_transformers_does(lively_teacher, monkeypatch):
     """Pictures and frame streams: the answers equal those of transformers' own per-window vision attention, and
-    the tower ran with the grouped one (model.cuda_graphs.vision_attention)."""
+    the tower ran with the grouped one (model.cuda_graphs.grouped_vision)."""
     import contextlib
 
     import pipeline.eval.runner as runner
@@ -138,7 +138,7 @@ def test_generation_runs_the_vision_tower_grouped_and_answers_as_transformers_do
     try:
         grouped = [runner.generate_batch(model, processor, [s], config)[0] for s in samples]
         seen, used[:] = list(used), []
-        monkeypatch.setattr(runner, "vision_attention", lambda visual: contextlib.nullcontext())
+        monkeypatch.setattr(runner, "grouped_vision", lambda model: contextlib.nullcontext())
         plain = [runner.generate_batch(model, processor, [s], config)[0] for s in samples]
     finally:
         hook.remove()

@@ -12,7 +12,6 @@ as the generated long-video task does. For each suite the runner writes, under
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import itertools
 import json
@@ -24,7 +23,7 @@ import fsspec
 import torch
 from PIL import Image
 
-from model.cuda_graphs import vision_attention
+from model.cuda_graphs import grouped_vision
 
 from .dataset import decode_image
 from .metrics import LETTERS, aggregate, score_sample
@@ -110,10 +109,7 @@ def generate_batch(model, processor, samples: list[dict], config: EvalConfig) ->
     inputs = processor(text=texts, images=images or None, videos=videos or None, video_fps=fps or config.video_fps,
                        min_pixels=min_pixels, max_pixels=max_pixels, padding_side="left")
     inputs = to_model_inputs(inputs, model)
-    # the vision tower's windows and frames in a few SDPA calls, not one launch and host sync per window
-    visual = getattr(getattr(model, "model", None), "visual", None)
-    grouped = vision_attention(visual) if visual is not None and (images or videos) else contextlib.nullcontext()
-    with grouped:
+    with grouped_vision(model):
         out = model.generate(**inputs, max_new_tokens=config.max_new_tokens, do_sample=False)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.packed_teacher import decoder_forward
+from model.cuda_graphs import grouped_vision
 
 if TYPE_CHECKING:
     from model.processing import InfiniteVLProcessor
@@ -148,7 +148,8 @@ def sparse_logits(model, inputs: dict, positions: torch.Tensor, k: int, chunk: i
         dev = positions.device
         return (torch.zeros(0, k, dtype=torch.long, device=dev), torch.zeros(0, k, device=dev),
                 torch.zeros(0, device=dev))
-    hidden = decoder_forward(model.model, inputs, use_cache=False).last_hidden_state[0]
+    with grouped_vision(model):
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state[0]
     hidden = hidden[positions.to(hidden.device)]
     out_idx, out_lp, out_tail = [], [], []
     for h in hidden.split(chunk):

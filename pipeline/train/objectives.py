@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from model.checkpoint import save_pretrained
-from pipeline.packed_teacher import decoder_forward
+from model.cuda_graphs import grouped_vision
 
 from .losses import HEAD_CHUNK_ELEMENTS, answer_cross_entropy, answer_positions, chunked_head_loss, layer_mse, topk_kl
 
@@ -146,8 +146,9 @@ class StudentObjective(nn.Module):
         # its fp32 softmax per token, for a loss on a few percent of them), and in chunks (chunked_head_loss)
         keep = batch["logit_positions"] if self.kind == "kl" else answer_positions(batch["labels"])
         body, head = decoder_and_head(self.student)
-        hidden = decoder_forward(body, model_inputs(batch), position_ids=batch["position_ids"],
-                                 cu_seqlens=batch["cu_seqlens"]).last_hidden_state[0]
+        with grouped_vision(body):
+            hidden = body(**model_inputs(batch), position_ids=batch["position_ids"],
+                          cu_seqlens=batch["cu_seqlens"]).last_hidden_state[0]
         hidden = hidden[keep.to(hidden.device)]
         n = int(keep.numel())
         if self.kind == "kl":
