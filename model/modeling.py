@@ -15,9 +15,11 @@ Inputs beyond the teachers': `cu_seqlens` (1-D document boundaries of a packed b
 
 Outputs as transformers gives them: `output_hidden_states=True` returns the embeddings and every decoder layer's
 output (num_hidden_layers + 1 tensors, the last one after the final norm; an int or list selects some of them, the
-others are None); `output_attentions=True` returns one entry per decoder layer: a sliding layer's attention
-weights [B, heads, T, keys] (its keys in position order: the cached window, then the new tokens), and None for a
-linear layer, which has no attention matrix. `return_dict=False` returns the same outputs as a tuple.
+others are None); `output_attentions=True` returns the attention weights of the sliding layers, in layer order,
+[B, heads, T, keys] each (its keys in position order: the cached window, then the new tokens): a linear layer has
+no attention matrix and no entry, as in transformers' own hybrids (Qwen3-Next, Qwen3.5), so that code walking the
+tuple (assisted decoding splits it per token) meets only tensors. `return_dict=False` returns the same outputs as
+a tuple.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ class HybridTextModel:
                                offset, want_attentions)
             if hidden is not None:  # the layer's own output: DeepStack features join the next layer's input
                 hidden.append(h)
-            if attentions is not None:
+            if attentions is not None and self.config.layer_types[i] != "linear_attention":
                 attentions.append(weights)
             h = add_deepstack(h, deepstack, i)
         if cache is not None:

@@ -11,6 +11,7 @@ reason in NOT_APPLICABLE, the one list of them; every other one must pass."""
 
 from __future__ import annotations
 
+import copy
 import unittest
 
 import pytest
@@ -123,6 +124,69 @@ else:
 
         def tearDown(self):
             torch.set_num_threads(self._threads)
+
+        # The generation mixin checks outputs and caches through these helpers, written for a full-attention
+        # model with transformers' own caches; a model whose outputs or cache differ overrides them (as
+        # transformers' hybrid models do). Ours: an attention entry per sliding layer (a linear one has none), whose
+        # keys are the whole sequence without a cache and the ring (at most W) with one.
+        def _check_attentions_for_generate(self, batch_size, attentions, prompt_length, output_length, config,
+                                           decoder_past_key_values):
+            text = config.get_text_config(decoder=True)
+            self.assertIsInstance(attentions, tuple)
+            self.assertEqual(len(attentions), output_length - prompt_length)
+            cached = decoder_past_key_values is not None
+            for step, layers in enumerate(attentions):
+                self.assertIsInstance(layers, tuple)
+                self.assertEqual(len(layers), text.layer_types.count("sliding_attention"))
+                seen = prompt_length + step
+                for weights in layers:
+                    if cached and step > 0:  # the ring, then the tokens fed with this one (a draft being verified)
+                        self.assertEqual(tuple(weights.shape[:3]), (batch_size, text.num_attention_heads, 1))
+                        self.assertTrue(min(text.sliding_window, seen) <= weights.shape[3] <= seen)
+                    else:
+                        self.assertEqual(tuple(weights.shape), (batch_size, text.num_attention_heads, seen, seen))
+
+        def test_attention_outputs(self):
+            """The mixin's test counts an entry per decoder layer; ours are the sliding layers' (as transformers'
+            own hybrids override it), through the argument and the config, and in tuple outputs."""
+            config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+            text = config.get_text_config(decoder=True)
+            T = self.model_tester.seq_length
+            expected = [(self.model_tester.batch_size, text.num_attention_heads, T, T)] * \
+                text.layer_types.count("sliding_attention")
+            for model_class in self.all_model_classes:
+                model = model_class._from_config(config, attn_implementation="eager").eval()
+                with torch.no_grad():
+                    out = model(**inputs, output_attentions=True)
+                    self.assertEqual([tuple(a.shape) for a in out.attentions], expected)
+                    from_config = model_class._from_config(copy.deepcopy(config), attn_implementation="eager")
+                    from_config.config.output_attentions = True
+                    from_config.load_state_dict(model.state_dict())
+                    self.assertEqual([tuple(a.shape) for a in from_config.eval()(**inputs).attentions], expected)
+                    as_tuple = model(**inputs, output_attentions=True, output_hidden_states=True, return_dict=False)
+                    self.assertEqual(len(as_tuple), len(model(**inputs, output_hidden_states=True,
+                                                             return_dict=False)) + 1)
+                    self.assertIn(expected, [[tuple(a.shape) for a in x] for x in as_tuple if isinstance(x, tuple)
+                                             and all(torch.is_tensor(a) and a.dim() == 4 for a in x)])
+
+        def _check_past_key_values_for_generate(self, batch_size, past_key_values, seq_length, config):
+            from model.cache import InfiniteVLCache, RecurrentStateCache, SlidingWindowCache
+
+            text = config.get_text_config(decoder=True)
+            self.assertIsInstance(past_key_values, InfiniteVLCache)
+            self.assertEqual(past_key_values.get_seq_length(), seq_length)
+            self.assertEqual(len(past_key_values.layers), text.num_hidden_layers)
+            head_dim = text.hidden_size // text.num_attention_heads
+            for kind, layer in zip(text.layer_types, past_key_values.layers):
+                if kind == "linear_attention":
+                    self.assertIsInstance(layer, RecurrentStateCache)
+                    self.assertEqual(layer.state.shape[0], batch_size)
+                    self.assertTrue(all(c.shape[0] == batch_size for c in layer.conv.values()))
+                else:  # the ring: W slots whatever the length, which is the point
+                    self.assertIsInstance(layer, SlidingWindowCache)
+                    ring = (batch_size, text.num_key_value_heads, text.sliding_window, head_dim)
+                    self.assertEqual(tuple(layer.keys.shape), ring)
+                    self.assertEqual(tuple(layer.values.shape), ring)
 
     def _name_tables(cls):
         from transformers.models.auto import modeling_auto

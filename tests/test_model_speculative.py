@@ -156,6 +156,23 @@ def test_assisted_decoding_with_a_two_layer_draft_equals_greedy(student, two_lay
     assert len(taken) == 2, "both the model's and the draft's cache took back rejected drafts"
 
 
+def test_assisted_decoding_returns_scores_hidden_states_and_attentions_as_greedy_does(student, two_layer_draft,
+                                                                                     one_thread):
+    """transformers splits each verification's outputs per accepted token, walking every attention entry."""
+    ids, mask = _prompt(12)
+    kwargs = dict(return_dict_in_generate=True, output_scores=True, output_hidden_states=True,
+                  output_attentions=True)
+    greedy = _greedy(student, ids, mask, 8, **kwargs)
+    assisted = _greedy(student, ids, mask, 8, assistant_model=two_layer_draft, **kwargs)
+    assert torch.equal(assisted.sequences, greedy.sequences)
+    sliding = student.config.text_config.layer_types.count("sliding_attention")
+    layers = student.config.text_config.num_hidden_layers
+    assert len(assisted.scores) == len(assisted.attentions) == len(assisted.hidden_states) == 8
+    for step in range(8):
+        torch.testing.assert_close(assisted.scores[step], greedy.scores[step], atol=1e-4, rtol=1e-4)
+        assert len(assisted.attentions[step]) == sliding and len(assisted.hidden_states[step]) == layers + 1
+
+
 def test_self_speculative_draft_from_the_models_own_layers_equals_greedy(student, monkeypatch, one_thread):
     draft = layer_skip_draft(student, num_layers=2, num_assistant_tokens=DRAFT)
     draft.generation_config.assistant_confidence_threshold = 0.0

@@ -9,7 +9,7 @@ a linear mixer started from it.
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import Qwen2_5_VLConfig
+from transformers import GenerationMixin, Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
@@ -59,7 +59,7 @@ class InfiniteVLModel(HybridModel, Qwen2_5_VLModel, InfiniteVLPreTrainedModel):
 
 
 class InfiniteVLForConditionalGeneration(HybridForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
-                                         InfiniteVLPreTrainedModel):
+                                         InfiniteVLPreTrainedModel, GenerationMixin):
     config_class = InfiniteVLConfig
     model_class = InfiniteVLModel
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers import Qwen3_5Config
+from transformers import GenerationMixin, Qwen3_5Config
 from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig, Qwen3_5VisionConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import (
     Qwen3_5ForConditionalGeneration,
@@ -95,7 +95,7 @@ class InfiniteVLQwen3_5Model(HybridModel, Qwen3_5Model, InfiniteVLQwen3_5PreTrai
 
 
 class InfiniteVLQwen3_5ForConditionalGeneration(HybridForConditionalGeneration, Qwen3_5ForConditionalGeneration,
-                                                InfiniteVLQwen3_5PreTrainedModel):
+                                                InfiniteVLQwen3_5PreTrainedModel, GenerationMixin):
     config_class = InfiniteVLQwen3_5Config
     model_class = InfiniteVLQwen3_5Model
 

@@ -11,7 +11,7 @@ exactly; every teacher layer is attention, kept (sliding window) or replaced by 
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import Qwen3VLConfig
+from transformers import GenerationMixin, Qwen3VLConfig
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLForConditionalGeneration,
@@ -77,7 +77,7 @@ class InfiniteVLQwen3VLModel(HybridModel, Qwen3VLModel, InfiniteVLQwen3VLPreTrai
 
 
 class InfiniteVLQwen3VLForConditionalGeneration(HybridForConditionalGeneration, Qwen3VLForConditionalGeneration,
-                                                InfiniteVLQwen3VLPreTrainedModel):
+                                                InfiniteVLQwen3VLPreTrainedModel, GenerationMixin):
     config_class = InfiniteVLQwen3VLConfig
     model_class = InfiniteVLQwen3VLModel
 
