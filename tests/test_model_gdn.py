@@ -243,3 +243,33 @@ def test_failing_hopper_guard_check_raises_in_the_callers_thread(monkeypatch):
     with pytest.raises(RuntimeError, match="gradient check failed"):
         ops.ensure_fla_backward_ok("cpu", "gated_delta_rule", None)
     assert not ops._guard_checked
+
+
+def test_guarded_backwards_are_checked_before_training_for_the_mixers_the_model_has(monkeypatch):
+    """A training process checks each guarded op its mixers run once, before its first step (the worker calls
+    this after building the model), instead of inside the first forward after torch.compile has started."""
+    from torch import nn
+
+    import model.ops.common as ops
+    from model.layers import MIXERS
+
+    config = InfiniteVLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+                                  intermediate_size=128, vocab_size=100, sliding_window=8,
+                                  layer_types=["sliding_attention", "linear_attention", "linear_attention"])
+    model = nn.ModuleList([MIXERS["gated_deltanet"](config, 1), MIXERS["gated_deltanet"](config, 2),
+                           MIXERS["mamba2"](config, 2), MIXERS["gla"](config, 2)])
+    seen = []
+    monkeypatch.setattr(ops, "_guard_checked", set())
+    monkeypatch.setattr(ops, "hopper_guard_active", lambda device=None: True)
+    monkeypatch.setattr(ops, "lift_hopper_guard_checked",
+                        lambda device, op, check: seen.append((device.type, op, check)) or ops._guard_checked.add(op))
+    monkeypatch.delenv(ops.LIFT_GUARD_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=ops.LIFT_GUARD_ENV):  # not asked for: refused before any step
+        ops.check_guarded_backwards(model, "cuda")
+    monkeypatch.setenv(ops.LIFT_GUARD_ENV, "1")
+    assert ops.check_guarded_backwards(model, "cuda") == ["gated_delta_rule", "simple_gla"]
+    assert seen == [("cuda", "gated_delta_rule", fla_check),
+                    ("cuda", "simple_gla", ops.GUARDED_BACKWARDS["simple_gla"])]
+    assert ops.check_guarded_backwards(model, "cpu") == [] and len(seen) == 2  # the CPU path has no guard
+    ops.check_guarded_backwards(model, "cuda")
+    assert len(seen) == 2  # once per process

@@ -30,6 +30,7 @@ from .base import AttentionWeights, GatedRMSNorm, ShortConvMixer, decay_spread, 
 
 
 class GatedDeltaNet(ShortConvMixer):
+    guarded_backward = "gated_delta_rule"  # checked before training (ops.common)
     PACKABLE = ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")  # one input: see model/packed.py
 
     def __init__(self, config, layer_idx: int):

@@ -51,6 +51,7 @@ class GroupGatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(LinearMixer):
+    guarded_backward = "simple_gla"  # checked before training (ops.common)
     check_config = classmethod(same_heads_only)
 
     def __init__(self, config, layer_idx: int):

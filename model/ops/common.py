@@ -71,6 +71,7 @@ def cu_long(cu_seqlens, device):
 
 LIFT_GUARD_ENV = "INFINITEVL_LIFT_FLA_HOPPER_GUARD"
 _guard_checked: set[str] = set()  # the ops whose gradient check passed in this process
+GUARDED_BACKWARDS: dict = {}  # op -> its gradient check, for the ops whose backward fla's Hopper guard refuses
 
 
 def fla_available() -> bool:
@@ -115,6 +116,21 @@ def ensure_fla_backward_ok(device, op: str, check) -> None:
             f"{LIFT_GUARD_ENV}=1 to lift the guard after an automatic gradient check on this GPU."
         )
     _isolated(lambda: lift_hopper_guard_checked(device, op, check))
+
+
+def check_guarded_backwards(model, device) -> list[str]:
+    """Before a training process's first step: the gradient check of every guarded op that the model's linear
+    mixers run (their `guarded_backward`), where the guard applies. Left to the first backward-enabled call,
+    the check compiled fla's kernels in the middle of the first forward, after torch.compile had started on the
+    layers before it; here it runs before any compilation, once, and a failure stops the stage before it has
+    spent anything. Returns the ops checked."""
+    device = torch.device(device)
+    if device.type != "cuda" or not hopper_guard_active(device):
+        return []
+    ops = sorted({op for m in model.modules() if (op := getattr(m, "guarded_backward", None))})
+    for op in ops:
+        ensure_fla_backward_ok(device, op, GUARDED_BACKWARDS[op])
+    return ops
 
 
 def _isolated(fn) -> None:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (acc_dtype, chunks, cu_long, decoding, ensure_fla_backward_ok, expand_groups, l2norm,
-                     per_document, use_fla)
+from .common import (GUARDED_BACKWARDS, acc_dtype, chunks, cu_long, decoding, ensure_fla_backward_ok, expand_groups,
+                     l2norm, per_document, use_fla)
 from .testing import compare_with_reference
 
 CHUNK = 64
@@ -150,3 +150,6 @@ def fla_check(device, head_dim: int, kernel=None, **shape) -> dict:
     cu = shape.pop("cu_seqlens", None)
     return compare_with_reference(kernel, torch_chunk_gated_delta_rule, random_inputs(**shape), device,
                                   use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+
+
+GUARDED_BACKWARDS["gated_delta_rule"] = fla_check

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import acc_dtype, chunks, cu_long, decoding, ensure_fla_backward_ok, per_document, use_fla
+from .common import (GUARDED_BACKWARDS, acc_dtype, chunks, cu_long, decoding, ensure_fla_backward_ok, per_document,
+                     use_fla)
 from .testing import compare_with_reference
 
 CHUNK_SCALAR = 64
@@ -155,3 +156,6 @@ def simple_gla_check(device, head_dim: int) -> dict:
     from fla.ops.simple_gla import chunk_simple_gla
 
     return fla_check(chunk_simple_gla, device, scalar=True, K=head_dim, V=2 * head_dim)
+
+
+GUARDED_BACKWARDS["simple_gla"] = simple_gla_check

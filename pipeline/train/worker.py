@@ -39,6 +39,11 @@ def main(job_path: str) -> None:
 
     t0 = time.monotonic()
     recipe = RECIPES[job.stage].build(job, dtype, device, log=_log if rank == 0 else None)
+    from model.ops.common import check_guarded_backwards
+
+    checked = check_guarded_backwards(recipe.module, device)  # before anything compiles (its docstring says why)
+    if rank == 0 and checked:
+        _log(f"{job.stage}: fla's Hopper guard lifted for {', '.join(checked)} after a passing gradient check")
     t1 = time.monotonic()
     engine = wrap_in_deepspeed(recipe.module, job, dtype)
     loader = recipe.loader(rank, world)
