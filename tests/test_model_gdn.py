@@ -253,12 +253,14 @@ def test_guarded_backwards_are_checked_before_training_for_the_mixers_the_model_
     import model.ops.common as ops
     from model.layers import MIXERS
 
-    config = InfiniteVLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+    config = InfiniteVLTextConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
                                   intermediate_size=128, vocab_size=100, sliding_window=8,
                                   layer_types=["sliding_attention", "linear_attention", "linear_attention"])
     model = nn.ModuleList([MIXERS["gated_deltanet"](config, 1), MIXERS["gated_deltanet"](config, 2),
                            MIXERS["mamba2"](config, 2), MIXERS["gla"](config, 2)])
+    model.append(MIXERS["gated_deltanet"](InfiniteVLTextConfig(**{**config.to_dict(), "linear_head_dim": 16}), 1))
     seen = []
+    monkeypatch.setattr(ops, "fla_available", lambda: True)  # fla's CUDA path, on this CPU-only machine
     monkeypatch.setattr(ops, "_guard_checked", set())
     monkeypatch.setattr(ops, "hopper_guard_active", lambda device=None: True)
     monkeypatch.setattr(ops, "lift_hopper_guard_checked",
@@ -273,3 +275,8 @@ def test_guarded_backwards_are_checked_before_training_for_the_mixers_the_model_
     assert ops.check_guarded_backwards(model, "cpu") == [] and len(seen) == 2  # the CPU path has no guard
     ops.check_guarded_backwards(model, "cuda")
     assert len(seen) == 2  # once per process
+    # a model whose mixers all take the torch path (head dims under 32: the tiny configs) checks nothing, and
+    # needs no lifted guard
+    monkeypatch.setattr(ops, "_guard_checked", set())
+    monkeypatch.delenv(ops.LIFT_GUARD_ENV)
+    assert ops.check_guarded_backwards(nn.ModuleList([model[-1]]), "cuda") == [] and len(seen) == 2

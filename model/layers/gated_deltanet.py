@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..cache import RecurrentStateCache
-from ..ops.common import use_fla
+from ..ops.common import fla_runs, use_fla
 from ..ops.delta_rule import gated_delta_rule, gdn_gates
 from ..packed import project
 from .base import AttentionWeights, GatedRMSNorm, ShortConvMixer, decay_spread, inverse_softplus, mamba_dt, \
@@ -30,7 +30,6 @@ from .base import AttentionWeights, GatedRMSNorm, ShortConvMixer, decay_spread, 
 
 
 class GatedDeltaNet(ShortConvMixer):
-    guarded_backward = "gated_delta_rule"  # checked before training (ops.common)
     PACKABLE = ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")  # one input: see model/packed.py
 
     def __init__(self, config, layer_idx: int):
@@ -63,6 +62,11 @@ class GatedDeltaNet(ShortConvMixer):
         self.dt_bias.copy_(inverse_softplus(decay_spread(self.num_v_heads)))  # decay exp(-softplus(dt_bias))
         self.identity_convs_()
         self.o_norm.weight.fill_(1.0)
+
+    def guarded_backward(self, device) -> str | None:
+        """The fla op of its recurrence whose backward fla's Hopper guard refuses, where this layer runs it on
+        `device` (model.ops.common.check_guarded_backwards checks it before training)."""
+        return "gated_delta_rule" if fla_runs(device, self.backend, self.head_k_dim) else None
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: RecurrentStateCache | None = None) -> torch.Tensor:

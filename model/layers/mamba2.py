@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import RecurrentStateCache
-from ..ops.common import use_fla
+from ..ops.common import fla_runs, use_fla
 from ..ops.gla import simple_gla
 from .base import AttentionWeights, LinearMixer, ShortConv, decay_spread, identity_conv_, inverse_softplus, \
     mamba_dt, prepare_inputs, same_heads_only
@@ -51,7 +51,6 @@ class GroupGatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(LinearMixer):
-    guarded_backward = "simple_gla"  # checked before training (ops.common)
     check_config = classmethod(same_heads_only)
 
     def __init__(self, config, layer_idx: int):
@@ -107,6 +106,11 @@ class Mamba2Mixer(LinearMixer):
         self.D.zero_()
         identity_conv_(self.conv1d)
         self.norm.weight.fill_(1.0)
+
+    def guarded_backward(self, device) -> str | None:
+        """The fla op of its recurrence whose backward fla's Hopper guard refuses, where this layer runs it on
+        `device` (model.ops.common.check_guarded_backwards checks it before training)."""
+        return "simple_gla" if fla_runs(device, self.backend, self.ssm_state_size) else None
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: RecurrentStateCache | None = None) -> torch.Tensor:

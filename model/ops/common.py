@@ -89,7 +89,13 @@ def use_fla(x: torch.Tensor, backend: str, head_dim: int) -> bool:
     if backend == "fla" and not x.is_cuda:
         raise RuntimeError("linear_backend='fla' needs CUDA tensors: flash-linear-attention's Triton kernels do "
                            "not run on CPU (use linear_backend='auto' or 'torch' there)")
-    return backend == "fla" or (backend == "auto" and x.is_cuda and head_dim >= 32 and fla_available())
+    return fla_runs(x.device, backend, head_dim)
+
+
+def fla_runs(device, backend: str, head_dim: int) -> bool:
+    """`use_fla`'s rule for tensors on `device`."""
+    cuda = torch.device(device).type == "cuda"
+    return (backend == "fla" and cuda) or (backend == "auto" and cuda and head_dim >= 32 and fla_available())
 
 
 def hopper_guard_active(device=None) -> bool:
@@ -120,14 +126,15 @@ def ensure_fla_backward_ok(device, op: str, check) -> None:
 
 def check_guarded_backwards(model, device) -> list[str]:
     """Before a training process's first step: the gradient check of every guarded op that the model's linear
-    mixers run (their `guarded_backward`), where the guard applies. Left to the first backward-enabled call,
+    mixers run through fla on `device` (their `guarded_backward(device)`), where the guard applies. Left to the first backward-enabled call,
     the check compiled fla's kernels in the middle of the first forward, after torch.compile had started on the
     layers before it; here it runs before any compilation, once, and a failure stops the stage before it has
     spent anything. Returns the ops checked."""
     device = torch.device(device)
     if device.type != "cuda" or not hopper_guard_active(device):
         return []
-    ops = sorted({op for m in model.modules() if (op := getattr(m, "guarded_backward", None))})
+    ops = sorted({op for m in model.modules()
+                  if hasattr(m, "guarded_backward") and (op := m.guarded_backward(device))})
     for op in ops:
         ensure_fla_backward_ok(device, op, GUARDED_BACKWARDS[op])
     return ops
