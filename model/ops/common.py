@@ -126,10 +126,10 @@ def ensure_fla_backward_ok(device, op: str, check) -> None:
 
 def check_guarded_backwards(model, device) -> list[str]:
     """Before a training process's first step: the gradient check of every guarded op that the model's linear
-    mixers run through fla on `device` (their `guarded_backward(device)`), where the guard applies. Left to the first backward-enabled call,
-    the check compiled fla's kernels in the middle of the first forward, after torch.compile had started on the
-    layers before it; here it runs before any compilation, once, and a failure stops the stage before it has
-    spent anything. Returns the ops checked."""
+    mixers run through fla on `device` (their `guarded_backward(device)`), where the guard applies. At the first
+    backward-enabled call the check would compile fla's kernels in the middle of the first forward, on a thread of
+    its own, while torch.compile's work on the layers before it is live; here it runs before anything compiles,
+    once, and a failure stops the stage before it has spent anything. Returns the ops checked."""
     device = torch.device(device)
     if device.type != "cuda" or not hopper_guard_active(device):
         return []
