@@ -147,7 +147,7 @@ def test_fla_kernel_matches_torch_reference_on_gpu(K, packed):
 
     from model.ops.common import ensure_fla_backward_ok
 
-    ensure_fla_backward_ok(torch.device("cuda"), "gated_delta_rule", fla_check)
+    ensure_fla_backward_ok(torch.device("cuda"), "gated_delta_rule")
     cu = torch.tensor([0, 100, 357, 600]) if packed else None
     errs = fla_check("cuda", K, chunk_gated_delta_rule, B=1 if packed else 2, T=600, H=4, cu_seqlens=cu)
     print(f"fla vs torch (bf16 vs fp32), K={K}, packed={packed}: {errs}")
@@ -221,7 +221,7 @@ def test_hopper_guard_check_inside_checkpointed_forward_leaves_recomputation_alo
     monkeypatch.setenv(ops.LIFT_GUARD_ENV, "1")
 
     def block(x):
-        ops.ensure_fla_backward_ok(x.device, "gated_delta_rule", None)
+        ops.ensure_fla_backward_ok(x.device, "gated_delta_rule")
         return (x.exp() * x).sum(-1)
 
     x = torch.randn(3, 5, requires_grad=True)
@@ -241,7 +241,7 @@ def test_failing_hopper_guard_check_raises_in_the_callers_thread(monkeypatch):
     monkeypatch.setattr(ops, "lift_hopper_guard_checked", failing_check)
     monkeypatch.setenv(ops.LIFT_GUARD_ENV, "1")
     with pytest.raises(RuntimeError, match="gradient check failed"):
-        ops.ensure_fla_backward_ok("cpu", "gated_delta_rule", None)
+        ops.ensure_fla_backward_ok("cpu", "gated_delta_rule")
     assert not ops._guard_checked
 
 

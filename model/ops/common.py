@@ -108,11 +108,11 @@ def hopper_guard_active(device=None) -> bool:
     return bool(chunk_o.IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
 
 
-def ensure_fla_backward_ok(device, op: str, check) -> None:
+def ensure_fla_backward_ok(device, op: str) -> None:
     """Where fla's guard would refuse the backward of `op`, lift it only if the user asked for it explicitly
     (env INFINITEVL_LIFT_FLA_HOPPER_GUARD=1) and only after a gradient check against the torch reference on
-    this device passes (`check(device, head_dim)` -> relative errors). Otherwise fail with a message that says
-    what to do."""
+    this device passes (`GUARDED_BACKWARDS[op](device, head_dim)` -> relative errors). Otherwise fail with a
+    message that says what to do."""
     if op in _guard_checked or not hopper_guard_active(device):
         return
     if os.environ.get(LIFT_GUARD_ENV) != "1":
@@ -121,7 +121,7 @@ def ensure_fla_backward_ok(device, op: str, check) -> None:
             "[3.4, 3.7.1) (fla issue #640). Install Triton >= 3.7.1, or set "
             f"{LIFT_GUARD_ENV}=1 to lift the guard after an automatic gradient check on this GPU."
         )
-    _isolated(lambda: lift_hopper_guard_checked(device, op, check))
+    _isolated(lambda: lift_hopper_guard_checked(device, op, GUARDED_BACKWARDS[op]))
 
 
 def check_guarded_backwards(model, device) -> list[str]:
@@ -136,7 +136,7 @@ def check_guarded_backwards(model, device) -> list[str]:
     ops = sorted({op for m in model.modules()
                   if hasattr(m, "guarded_backward") and (op := m.guarded_backward(device))})
     for op in ops:
-        ensure_fla_backward_ok(device, op, GUARDED_BACKWARDS[op])
+        ensure_fla_backward_ok(device, op)
     return ops
 
 

@@ -129,7 +129,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
             kwargs.update(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
         return fused_recurrent_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, **kwargs)
     if torch.is_grad_enabled():
-        ensure_fla_backward_ok(q.device, "gated_delta_rule", fla_check)
+        ensure_fla_backward_ok(q.device, "gated_delta_rule")
     return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, **kwargs)
 
 
