@@ -16,6 +16,8 @@ from pipeline.config import StudentSection, TrainSection, TrainStageSection
 from pipeline.multinode import FILES, launch_stage, processes_per_node
 from pipeline.stages import StageContext, join
 
+from .kernel_cache import FOLDER as KERNEL_CACHE
+
 CORPUS_OF_STAGE = {"stage1a": "distill", "stage1b": "distill", "stage2": "instruct", "stage3": "long"}
 EXPORT = "export"  # the model a training stage hands to the next, committed by its _FILES.json
 
@@ -36,6 +38,7 @@ class TrainJob:
     init_weights: str = "load"       # "random": the student built from init's config.json, weights drawn from seed
     checkpoints: bool = True         # benchmarks measure steps alone: no checkpoints, no export
     export: bool = True
+    kernel_cache: str | None = None  # where the run's nodes share kernel tuning (pipeline/train/kernel_cache.py)
 
     def __post_init__(self):
         if isinstance(self.section, dict):
@@ -137,7 +140,8 @@ def make_job(ctx: StageContext, init: str) -> TrainJob:
     corpus = join(data, CORPUS_OF_STAGE[ctx.name], "manifest.json") if data else None
     return TrainJob(stage=ctx.name, section=config.section(f"train.{ctx.name}"), student=config.student, init=init,
                     teacher=ctx.inputs.get("teacher") or _teacher_of(init), corpus=corpus, output=ctx.output,
-                    seed=config.run.seed, logits=ctx.inputs.get("teacher-logits"))
+                    seed=config.run.seed, logits=ctx.inputs.get("teacher-logits"),
+                    kernel_cache=join(config.run.root, KERNEL_CACHE))
 
 
 def _teacher_of(export: str) -> str:

@@ -1,0 +1,159 @@
+"""Kernel tuning shared through the run root, so that a fresh node does not tune again what the run has tuned.
+
+On GPUs, fla's Triton kernels benchmark their candidate configurations the first time they meet a shape: minutes
+on a fresh node (the proof's Stage III spent more than 4 minutes of its first step on it on an H100). Triton keeps
+each winner in its cache as `<key>/<kernel>.autotune.json` (with TRITON_CACHE_AUTOTUNING=1, which stage processes
+get by default, pipeline/launch.py), `<key>` hashing the kernel's source, Triton's version, the GPU target and the
+shapes' tuning key: an entry is right wherever it is found. A node's cache outlives its stages only where the
+node does; a Kubernetes pod per stage, or a new node after a failure, starts empty. So the first process of each
+node (local rank 0):
+- before building anything, `restore()`s every bundle under `<run root>/_kernel_cache/` into its Triton cache
+  (entries already there stay as they are);
+- after its first step and at its end, `publish()`es the entries its cache holds that no bundle holds yet, as
+  one new bundle, written whole or not at all.
+A bundle is JSON: {"entries": {relative path: file text}, "sha256": the digest of the entries}. One whose digest
+does not match, or an entry whose path or text is not a Triton autotune entry, is skipped with a warning naming
+it: tuning is a speed hint, never a reason to stop a stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import uuid
+
+from pipeline import storage
+
+FOLDER = "_kernel_cache"
+ENTRY = re.compile(r"^[A-Za-z0-9_-]+/[A-Za-z0-9_.-]+\.autotune\.json$")  # <key>/<kernel>.autotune.json
+
+
+def triton_cache_dir() -> str:
+    """Where Triton keeps its cache in this process (its own rule: TRITON_CACHE_DIR, else TRITON_HOME's or the
+    home folder's .triton/cache)."""
+    explicit = os.environ.get("TRITON_CACHE_DIR")
+    if explicit:
+        return explicit
+    return os.path.join(os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
+
+
+def local_entries(cache_dir: str) -> dict[str, str]:
+    """The autotune entries of a Triton cache: relative path -> text."""
+    entries = {}
+    if not os.path.isdir(cache_dir):
+        return entries
+    for key in sorted(os.listdir(cache_dir)):
+        folder = os.path.join(cache_dir, key)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            rel = f"{key}/{name}"
+            if ENTRY.match(rel):
+                with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                    entries[rel] = f.read()
+    return entries
+
+
+def digest(entries: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+class KernelCache:
+    """One node's link between its Triton cache and the run root's bundles. `warn` receives a line per skipped
+    bundle or entry."""
+
+    def __init__(self, url: str, cache_dir: str | None = None, name: str = "stage", warn=print):
+        self.url = url
+        self.cache_dir = cache_dir or triton_cache_dir()
+        self.name = re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+        self.warn = warn
+        self.held: set[str] = set()      # entries the run root's bundles hold (those read so far)
+        self.read: set[str] = set()      # bundle URLs read (or skipped) already
+
+    def _bundles(self) -> dict[str, dict[str, str]]:
+        """The bundles not read before: URL -> its valid entries (a damaged bundle gives none)."""
+        found = {}
+        for url in storage.list_files(self.url, suffix=".json"):
+            if url in self.read:
+                continue
+            self.read.add(url)
+            entries = self._load(url)
+            if entries is not None:
+                found[url] = entries
+        return found
+
+    def _load(self, url: str) -> dict[str, str] | None:
+        try:
+            bundle = json.loads(storage.read_bytes(url))
+            entries = bundle["entries"]
+            if not isinstance(entries, dict) or digest(entries) != bundle["sha256"]:
+                raise ValueError(f"its entries do not match its sha256 {str(bundle.get('sha256'))[:12]}")
+        except (ValueError, KeyError, TypeError) as e:
+            self.warn(f"kernel tuning: skipped the bundle {url}: {e}")
+            return None
+        good = {}
+        for rel, text in entries.items():
+            if not isinstance(rel, str) or not ENTRY.match(rel) or not isinstance(text, str):
+                self.warn(f"kernel tuning: skipped the entry {rel!r} of {url}: not a Triton autotune entry")
+                continue
+            try:
+                json.loads(text)
+            except ValueError:
+                self.warn(f"kernel tuning: skipped the entry {rel} of {url}: its text is not JSON")
+                continue
+            good[rel] = text
+        return good
+
+    def restore(self) -> int:
+        """Unpacks the run root's bundles into the local cache; returns how many entries were new here."""
+        added = 0
+        for entries in self._bundles().values():
+            for rel, text in entries.items():
+                self.held.add(rel)
+                path = os.path.join(self.cache_dir, rel)
+                if os.path.exists(path):
+                    continue
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # other processes read this cache while it fills
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+                added += 1
+        return added
+
+    def publish(self) -> tuple[int, str | None]:
+        """Writes the local entries no bundle holds as one new bundle; returns (their count, its URL or None)."""
+        for entries in self._bundles().values():  # what other nodes published since
+            self.held.update(entries)
+        new = {rel: text for rel, text in local_entries(self.cache_dir).items() if rel not in self.held}
+        if not new:
+            return 0, None
+        url = storage.join(self.url, f"{self.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        storage.write_bytes(url, json.dumps({"entries": new, "sha256": digest(new)}, sort_keys=True).encode())
+        self.read.add(url)
+        self.held.update(new)
+        return len(new), url
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.train.kernel_cache RUN_ROOT [--into DIR]`: a run's shared kernel tuning into a Triton
+    cache (this process's by default), e.g. to warm a node before its first stage or to pack it for infra/autotune."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.train.kernel_cache",
+                                description="Copies a run's shared kernel tuning into a Triton cache.")
+    p.add_argument("root", help="the run root (local folder or s3:// URL)")
+    p.add_argument("--into", default=None, help="the Triton cache to fill (default: TRITON_CACHE_DIR, else ~/.triton/cache)")
+    args = p.parse_args(argv)
+    cache = KernelCache(storage.join(args.root, FOLDER), args.into)
+    added = cache.restore()
+    print(f"{added} tuned kernel configurations from {cache.url} added to {cache.cache_dir} "
+          f"({len(cache.held)} in the run root's {len(cache.read)} bundles)")
+    return added
+
+
+if __name__ == "__main__":
+    main()

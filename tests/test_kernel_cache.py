@@ -1,0 +1,132 @@
+"""Kernel tuning shared through the run root (pipeline/train/kernel_cache.py): two nodes' Triton caches, their
+bundles in a local run root and on S3 (SeaweedFS), damaged bundles and entries skipped with their cause."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pipeline import storage
+from pipeline.train.kernel_cache import FOLDER, KernelCache, digest, local_entries, triton_cache_dir
+
+# entries as Triton 3.6 writes them: <key hash>/<kernel>.autotune.json
+A = "2PHMRZ5CQWX7OJ6TGJDZ4BGOM5F6RXQY3E7KAWVH3ZQNAZB4WNHA/chunk_bwd_kernel_dv_local.autotune.json"
+B = "IAUF5Q4ZJ6ZKWUPEHN4QOYT2HUJYD2H6UYTG43TBQU2YOS2SUMMA/chunk_fwd_kernel_o.autotune.json"
+C = "Q3VJ7A2SDVXLLCZBFSP6WHB3WJMSUDXRTFSC6NUAKXMQNEGN7VVQ/causal_conv1d_fwd_kernel.autotune.json"
+
+
+def _entry(block: int) -> str:
+    return json.dumps({"key": [4, 4, 64, 64, 64, "torch.bfloat16"], "configs_timings": [[{"kwargs": {"BV": block},
+                       "num_warps": 4, "num_stages": 2}, [0.012]]]})
+
+
+def _write(cache, rel, text):
+    path = os.path.join(cache, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _bundles(url):
+    return [json.loads(storage.read_bytes(u)) for u in storage.list_files(url, suffix=".json")]
+
+
+def _roundtrip(url, tmp_path):
+    one, two = str(tmp_path / "node1"), str(tmp_path / "node2")
+    _write(one, A, _entry(32))
+    _write(one, B, _entry(64))
+    os.makedirs(os.path.join(one, "OTHERKEY"))
+    _write(one, "OTHERKEY/chunk_fwd_kernel_o.cubin", "binary")  # compiled kernels stay on their node
+    first = KernelCache(url, one, name="stage2")
+    assert first.restore() == 0 and storage.list_files(url) == []
+    count, bundle_url = first.publish()
+    assert count == 2 and bundle_url.startswith(url)
+    (bundle,) = _bundles(url)
+    assert bundle["entries"] == {A: _entry(32), B: _entry(64)} and bundle["sha256"] == digest(bundle["entries"])
+
+    _write(two, A, _entry(128))  # tuned here already: kept as it is
+    second = KernelCache(url, two, name="stage3")
+    assert second.restore() == 1
+    assert local_entries(two) == {A: _entry(128), B: _entry(64)}
+    assert second.publish() == (0, None) and len(_bundles(url)) == 1  # nothing the run root lacks
+    _write(two, C, _entry(16))
+    assert second.publish()[0] == 1
+    assert sorted(len(b["entries"]) for b in _bundles(url)) == [1, 2]
+    assert first.publish() == (0, None)  # the other node's bundle is read before deciding what is new
+    third = KernelCache(url, str(tmp_path / "node3"))
+    assert third.restore() == 3 and local_entries(third.cache_dir) == {A: _entry(32), B: _entry(64), C: _entry(16)}
+
+
+def test_two_nodes_share_their_tuned_kernels_through_a_local_run_root(tmp_path):
+    _roundtrip(str(tmp_path / "run" / FOLDER), tmp_path)
+
+
+def test_two_nodes_share_their_tuned_kernels_through_an_s3_run_root(s3, tmp_path, monkeypatch):
+    for k, v in {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    _roundtrip(s3.fresh("run") + "/" + FOLDER, tmp_path)
+
+
+def test_damaged_bundles_and_entries_are_skipped_naming_them_and_the_rest_restored(tmp_path):
+    url = str(tmp_path / "run" / FOLDER)
+    good = {A: _entry(32)}
+    storage.write_json(storage.join(url, "good.json"), {"entries": good, "sha256": digest(good)})
+    changed = {B: _entry(64)}
+    storage.write_json(storage.join(url, "changed.json"), {"entries": {B: _entry(16)}, "sha256": digest(changed)})
+    storage.write_bytes(storage.join(url, "cut.json"), json.dumps({"entries": good, "sha256": digest(good)})[:40].encode())
+    odd = {"../../outside.autotune.json": _entry(8), C: "not json {", f"{C}.cubin": "x"}
+    storage.write_json(storage.join(url, "odd.json"), {"entries": odd, "sha256": digest(odd)})
+    warnings = []
+    cache = KernelCache(url, str(tmp_path / "cache"), warn=warnings.append)
+    assert cache.restore() == 1
+    assert local_entries(cache.cache_dir) == good and not (tmp_path / "outside.autotune.json").exists()
+    text = "\n".join(warnings)
+    assert f"{url}/changed.json: its entries do not match its sha256" in text
+    assert f"skipped the bundle {url}/cut.json" in text
+    assert f"skipped the entry '../../outside.autotune.json' of {url}/odd.json: not a Triton autotune entry" in text
+    assert f"skipped the entry {C} of {url}/odd.json: its text is not JSON" in text
+    assert f"skipped the entry '{C}.cubin'" in text
+    assert len(warnings) == 5, warnings
+
+
+def test_the_cache_folder_follows_tritons_rule(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path))
+    assert triton_cache_dir() == str(tmp_path / ".triton" / "cache")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert triton_cache_dir() == str(tmp_path / "elsewhere")
+    try:
+        from triton import knobs
+    except ImportError:
+        return
+    assert knobs.cache.dir == str(tmp_path / "elsewhere")
+
+
+def test_a_training_job_shares_tuning_under_its_run_root(tmp_path):
+    import logging
+
+    from pipeline.config import load_config
+    from pipeline.stages import StageContext
+    from pipeline.train.job import make_job
+
+    config = load_config("configs/tiny.yaml", [])
+    ctx = StageContext(name="stage2", config=config, output=f"{config.run.root}/stage2/attempt-0001",
+                       inputs={"data": f"{config.run.root}/data"}, log=logging.getLogger("test"))
+    job = make_job(ctx, f"{config.run.root}/stage1b/attempt-0001/export")
+    assert job.kernel_cache == storage.join(config.run.root, FOLDER)
+    job.dump(str(tmp_path / "job.json"))  # the file the workers read
+    assert type(job).load(str(tmp_path / "job.json")).kernel_cache == job.kernel_cache
+
+
+def test_the_command_fills_a_cache_from_a_run_root(tmp_path, capsys):
+    from pipeline.train.kernel_cache import main
+
+    root = tmp_path / "run"
+    entries = {A: _entry(32), C: _entry(16)}
+    storage.write_json(storage.join(str(root), FOLDER, "stage2-node.json"), {"entries": entries, "sha256": digest(entries)})
+    assert main([str(root), "--into", str(tmp_path / "cache")]) == 2
+    assert local_entries(str(tmp_path / "cache")) == entries
+    assert "2 tuned kernel configurations" in capsys.readouterr().out
