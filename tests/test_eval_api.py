@@ -71,17 +71,25 @@ def test_run_config_gives_suites_limit_and_token_budget(checkpoint, tmp_path):
     assert scores["score"] == results["score"]
 
 
-def test_eval_stage_scores_the_target_output(checkpoint, tmp_path):
+def test_eval_stage_scores_the_target_output(checkpoint, tmp_path, monkeypatch):
+    from pipeline import storage
     from pipeline.config import load_config
+    from pipeline.kernel_cache import FOLDER, digest
     from pipeline.recipes.eval import run as evaluate_run
     from pipeline.stages import StageContext
 
-    config = load_config("configs/tiny.yaml", ["eval.target=teacher", "eval.max_samples=2", "eval.max_new_tokens=2"])
+    config = load_config("configs/tiny.yaml", ["eval.target=teacher", "eval.max_samples=2", "eval.max_new_tokens=2",
+                                               f"run.root={tmp_path / 'run'}"])
+    # the run's shared kernel tuning reaches the evaluating process's Triton cache before it loads the model
+    entry = {"KEY/fused_recurrent_gated_delta_rule_fwd_kernel.autotune.json": json.dumps({"key": [1]})}
+    storage.write_json(f"{tmp_path}/run/{FOLDER}/stage3-node0.json", {"entries": entry, "sha256": digest(entry)})
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     ctx = StageContext(name="eval", config=config, output=str(tmp_path / "eval"), inputs={"teacher": checkpoint},
                        log=logging.getLogger("test"))
     metrics = evaluate_run(ctx)
     assert metrics["checkpoint"] == checkpoint and "score" in metrics
     assert json.loads((tmp_path / "eval/tiny/results.json").read_text())["n"] == 2
+    assert (tmp_path / "triton" / next(iter(entry))).read_text() == next(iter(entry.values()))
 
 
 def test_unregistered_model_type_fails_clearly(tmp_path):

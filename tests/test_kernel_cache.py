@@ -1,4 +1,4 @@
-"""Kernel tuning shared through the run root (pipeline/train/kernel_cache.py): two nodes' Triton caches, their
+"""Kernel tuning shared through the run root (pipeline/kernel_cache.py): two nodes' Triton caches, their
 bundles in a local run root and on S3 (SeaweedFS), damaged bundles and entries skipped with their cause."""
 
 from __future__ import annotations
@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 from pipeline import storage
-from pipeline.train.kernel_cache import FOLDER, KernelCache, digest, local_entries, triton_cache_dir
+from pipeline.kernel_cache import FOLDER, KernelCache, digest, local_entries, triton_cache_dir
 
 # entries as Triton 3.6 writes them: <key hash>/<kernel>.autotune.json
 A = "2PHMRZ5CQWX7OJ6TGJDZ4BGOM5F6RXQY3E7KAWVH3ZQNAZB4WNHA/chunk_bwd_kernel_dv_local.autotune.json"
 B = "IAUF5Q4ZJ6ZKWUPEHN4QOYT2HUJYD2H6UYTG43TBQU2YOS2SUMMA/chunk_fwd_kernel_o.autotune.json"
 C = "Q3VJ7A2SDVXLLCZBFSP6WHB3WJMSUDXRTFSC6NUAKXMQNEGN7VVQ/causal_conv1d_fwd_kernel.autotune.json"
+D = "V7TSXHCZ2CQ6MOLUQ4PZHT4F6ZJ2NNRMZLVOEVX4YVOQT7U3XGUQ/l2norm_fwd_kernel.autotune.json"
 
 
 def _entry(block: int) -> str:
@@ -35,28 +34,31 @@ def _bundles(url):
 
 def _roundtrip(url, tmp_path):
     one, two = str(tmp_path / "node1"), str(tmp_path / "node2")
-    _write(one, A, _entry(32))
+    first = KernelCache(url, one, name="stage2")
+    assert first.restore() == 0 and storage.list_files(url) == []
+    _write(one, A, _entry(32))  # tuned while the stage runs
     _write(one, B, _entry(64))
     os.makedirs(os.path.join(one, "OTHERKEY"))
     _write(one, "OTHERKEY/chunk_fwd_kernel_o.cubin", "binary")  # compiled kernels stay on their node
-    first = KernelCache(url, one, name="stage2")
-    assert first.restore() == 0 and storage.list_files(url) == []
     count, bundle_url = first.publish()
     assert count == 2 and bundle_url.startswith(url)
     (bundle,) = _bundles(url)
     assert bundle["entries"] == {A: _entry(32), B: _entry(64)} and bundle["sha256"] == digest(bundle["entries"])
 
-    _write(two, A, _entry(128))  # tuned here already: kept as it is
+    _write(two, A, _entry(128))  # in this node's cache before the stage: kept as it is
+    _write(two, D, _entry(8))    # and one the run never tuned (another run's, or shipped): it stays local
     second = KernelCache(url, two, name="stage3")
     assert second.restore() == 1
-    assert local_entries(two) == {A: _entry(128), B: _entry(64)}
-    assert second.publish() == (0, None) and len(_bundles(url)) == 1  # nothing the run root lacks
+    assert local_entries(two) == {A: _entry(128), B: _entry(64), D: _entry(8)}
+    assert second.publish() == (0, None) and len(_bundles(url)) == 1  # nothing tuned here the run root lacks
     _write(two, C, _entry(16))
-    assert second.publish()[0] == 1
-    assert sorted(len(b["entries"]) for b in _bundles(url)) == [1, 2]
+    _write(two, D, _entry(4))    # tuned again here: changed, so it goes
+    assert second.publish()[0] == 2
+    assert sorted(sorted(b["entries"]) for b in _bundles(url)) == [sorted([A, B]), sorted([C, D])]
     assert first.publish() == (0, None)  # the other node's bundle is read before deciding what is new
     third = KernelCache(url, str(tmp_path / "node3"))
-    assert third.restore() == 3 and local_entries(third.cache_dir) == {A: _entry(32), B: _entry(64), C: _entry(16)}
+    assert third.restore() == 4
+    assert local_entries(third.cache_dir) == {A: _entry(32), B: _entry(64), C: _entry(16), D: _entry(4)}
 
 
 def test_two_nodes_share_their_tuned_kernels_through_a_local_run_root(tmp_path):
@@ -122,7 +124,7 @@ def test_a_training_job_shares_tuning_under_its_run_root(tmp_path):
 
 
 def test_the_command_fills_a_cache_from_a_run_root(tmp_path, capsys):
-    from pipeline.train.kernel_cache import main
+    from pipeline.kernel_cache import main
 
     root = tmp_path / "run"
     entries = {A: _entry(32), C: _entry(16)}

@@ -16,7 +16,7 @@ from pipeline.config import StudentSection, TrainSection, TrainStageSection
 from pipeline.multinode import FILES, launch_stage, processes_per_node
 from pipeline.stages import StageContext, join
 
-from .kernel_cache import FOLDER as KERNEL_CACHE
+from pipeline.kernel_cache import FOLDER as KERNEL_CACHE
 
 CORPUS_OF_STAGE = {"stage1a": "distill", "stage1b": "distill", "stage2": "instruct", "stage3": "long"}
 EXPORT = "export"  # the model a training stage hands to the next, committed by its _FILES.json
@@ -38,7 +38,7 @@ class TrainJob:
     init_weights: str = "load"       # "random": the student built from init's config.json, weights drawn from seed
     checkpoints: bool = True         # benchmarks measure steps alone: no checkpoints, no export
     export: bool = True
-    kernel_cache: str | None = None  # where the run's nodes share kernel tuning (pipeline/train/kernel_cache.py)
+    kernel_cache: str | None = None  # where the run's nodes share kernel tuning (pipeline/kernel_cache.py)
 
     def __post_init__(self):
         if isinstance(self.section, dict):

@@ -34,7 +34,10 @@ def main(job_path: str) -> None:
              "resumes from the newest committed checkpoint")
     torch.manual_seed(job.seed)
     dtype = torch.bfloat16 if job.section.precision == "bf16" else torch.float32
-    tuning = share_kernel_tuning(job, local_rank, world)  # before anything compiles or autotunes
+    from pipeline.kernel_cache import publish_tuning, restore_tuning
+
+    # before anything compiles or autotunes
+    tuning = restore_tuning(job.kernel_cache, job.stage, local_rank, world, _log)
 
     from pipeline.recipes import RECIPES
 
@@ -103,7 +106,7 @@ def main(job_path: str) -> None:
             if rank == 0:
                 _log(f"{job.stage}: first step done {metrics['first_step_after_start_s']:.0f} s after the process "
                      f"started (the step itself {metrics['step_s']:.1f} s, with its compiles and autotuning)")
-            publish_kernel_tuning(tuning, job)
+            publish_tuning(tuning, _log)
         else:
             warm_tokens, warm_steps = warm_tokens + metrics["tokens"], warm_steps + 1
             rate, step_time = warm_tokens / (now - warm_from), (now - warm_from) / warm_steps
@@ -125,45 +128,9 @@ def main(job_path: str) -> None:
     feed.close()
     if job.export:
         export(engine, recipe, job, rank, local_rank, staging)
-    publish_kernel_tuning(tuning, job)  # what later steps, validation and the export tuned
+    publish_tuning(tuning, _log)  # what later steps, validation and the export tuned
     writer.close()
     engine.destroy()  # frees ZeRO's buffers and hooks: a process may run several jobs (bench/scaling.py)
-
-
-def share_kernel_tuning(job: TrainJob, local_rank: int, world: int):
-    """The node's first process fills its Triton cache from the run root's kernel tuning while the others wait
-    (pipeline/train/kernel_cache.py). Returns its KernelCache, None on the other processes or without a run root.
-    A storage error costs the tuning, never the stage."""
-    tuning = None
-    if job.kernel_cache and local_rank == 0:
-        from .kernel_cache import KernelCache
-
-        tuning = KernelCache(job.kernel_cache, name=job.stage, warn=_log)
-        try:
-            added = tuning.restore()
-            if added:
-                _log(f"{job.stage}: {added} tuned kernel configurations from the run root ({job.kernel_cache}) "
-                     f"in this node's Triton cache ({tuning.cache_dir})")
-        except Exception as e:  # noqa: BLE001 - a speed hint
-            _log(f"{job.stage}: kernel tuning not restored from {job.kernel_cache}: {e}")
-    if job.kernel_cache and world > 1:
-        import torch.distributed as dist
-
-        # without device_ids NCCL's barrier guesses the device from the rank, and warns
-        dist.barrier(**({"device_ids": [local_rank]} if torch.cuda.is_available() else {}))
-    return tuning
-
-
-def publish_kernel_tuning(tuning, job: TrainJob) -> None:
-    if tuning is None:
-        return
-    try:
-        count, url = tuning.publish()
-        if count:
-            _log(f"{job.stage}: {count} tuned kernel configurations of this node that the run root lacked, "
-                 f"published for the run's later stages and nodes: {url}")
-    except Exception as e:  # noqa: BLE001 - a speed hint
-        _log(f"{job.stage}: kernel tuning not published to {job.kernel_cache}: {e}")
 
 
 FIRST_STEP_STACKS_ENV = "INFINITEVL_FIRST_STEP_STACKS_S"

@@ -6,14 +6,16 @@ each winner in its cache as `<key>/<kernel>.autotune.json` (with TRITON_CACHE_AU
 get by default, pipeline/launch.py), `<key>` hashing the kernel's source, Triton's version, the GPU target and the
 shapes' tuning key: an entry is right wherever it is found. A node's cache outlives its stages only where the
 node does; a Kubernetes pod per stage, or a new node after a failure, starts empty. So the first process of each
-node (local rank 0):
+node (local rank 0) of a training stage or of the evaluation:
 - before building anything, `restore()`s every bundle under `<run root>/_kernel_cache/` into its Triton cache
   (entries already there stay as they are);
-- after its first step and at its end, `publish()`es the entries its cache holds that no bundle holds yet, as
-  one new bundle, written whole or not at all.
+- after its first step and at its end (an evaluation: at its end), `publish()`es the entries that appeared or
+  changed in its cache since it started and that no bundle holds yet, as one new bundle, written whole or not at
+  all (what the cache held before, e.g. the configurations infra/autotune ships or another run's, stays local).
 A bundle is JSON: {"entries": {relative path: file text}, "sha256": the digest of the entries}. One whose digest
 does not match, or an entry whose path or text is not a Triton autotune entry, is skipped with a warning naming
-it: tuning is a speed hint, never a reason to stop a stage.
+it: tuning is a speed hint, never a reason to stop a stage. (The teacher-logit stage, whose teachers run fla's kernels
+only for Qwen3.5, tunes on its own.)
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class KernelCache:
         self.warn = warn
         self.held: set[str] = set()      # entries the run root's bundles hold (those read so far)
         self.read: set[str] = set()      # bundle URLs read (or skipped) already
+        self.before = local_entries(self.cache_dir)  # the cache as this process found it (a few KB an entry)
 
     def _bundles(self) -> dict[str, dict[str, str]]:
         """The bundles not read before: URL -> its valid entries (a damaged bundle gives none)."""
@@ -125,10 +128,12 @@ class KernelCache:
         return added
 
     def publish(self) -> tuple[int, str | None]:
-        """Writes the local entries no bundle holds as one new bundle; returns (their count, its URL or None)."""
+        """Writes the entries tuned here since this object was made that no bundle holds, as one new bundle;
+        returns (their count, its URL or None)."""
         for entries in self._bundles().values():  # what other nodes published since
             self.held.update(entries)
-        new = {rel: text for rel, text in local_entries(self.cache_dir).items() if rel not in self.held}
+        new = {rel: text for rel, text in local_entries(self.cache_dir).items()
+               if self.before.get(rel) != text and rel not in self.held}
         if not new:
             return 0, None
         url = storage.join(self.url, f"{self.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
@@ -138,12 +143,48 @@ class KernelCache:
         return len(new), url
 
 
+def restore_tuning(url: str | None, name: str, local_rank: int, world: int, log) -> KernelCache | None:
+    """In a process group (torch.distributed joined when `world` > 1): the node's first process fills its Triton
+    cache from the run's bundles at `url` while the others wait. Returns its KernelCache (None on the other
+    processes, or without a `url`). A storage error costs the tuning, never the stage."""
+    tuning = None
+    if url and local_rank == 0:
+        tuning = KernelCache(url, name=name, warn=log)
+        try:
+            added = tuning.restore()
+            if added:
+                log(f"{name}: {added} tuned kernel configurations from the run root ({url}) in this node's "
+                    f"Triton cache ({tuning.cache_dir})")
+        except Exception as e:  # noqa: BLE001 - a speed hint
+            log(f"{name}: kernel tuning not restored from {url}: {e}")
+    if url and world > 1:
+        import torch
+        import torch.distributed as dist
+
+        # without device_ids NCCL's barrier guesses the device from the rank, and warns
+        dist.barrier(**({"device_ids": [local_rank]} if torch.cuda.is_available() else {}))
+    return tuning
+
+
+def publish_tuning(tuning: KernelCache | None, log) -> None:
+    """The node's new entries into a bundle of their own (on the node's first process; nothing elsewhere)."""
+    if tuning is None:
+        return
+    try:
+        count, url = tuning.publish()
+        if count:
+            log(f"{tuning.name}: {count} tuned kernel configurations of this node that the run root lacked, "
+                f"published for the run's later stages and nodes: {url}")
+    except Exception as e:  # noqa: BLE001 - a speed hint
+        log(f"{tuning.name}: kernel tuning not published to {tuning.url}: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.train.kernel_cache RUN_ROOT [--into DIR]`: a run's shared kernel tuning into a Triton
+    """`python -m pipeline.kernel_cache RUN_ROOT [--into DIR]`: a run's shared kernel tuning into a Triton
     cache (this process's by default), e.g. to warm a node before its first stage or to pack it for infra/autotune."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.train.kernel_cache",
+    p = argparse.ArgumentParser(prog="python -m pipeline.kernel_cache",
                                 description="Copies a run's shared kernel tuning into a Triton cache.")
     p.add_argument("root", help="the run root (local folder or s3:// URL)")
     p.add_argument("--into", default=None, help="the Triton cache to fill (default: TRITON_CACHE_DIR, else ~/.triton/cache)")
