@@ -145,6 +145,7 @@ def eval_checkpoint(checkpoint: str = "latest", step: int | None = None, config:
     that wrote the checkpoint (in the run's name).
     """
     from pipeline.eval import evaluate_checkpoint
+    from pipeline.kernel_cache import shared_tuning
 
     if config is None:
         raise ValueError("evaluating a checkpoint needs the run's config (the event payload's 'config')")
@@ -162,7 +163,8 @@ def eval_checkpoint(checkpoint: str = "latest", step: int | None = None, config:
         return {"checkpoint": checkpoint, "skipped": "already scored"}
     step, checkpoint = chosen
     log.info("scoring %s (step %d)", checkpoint, step)
-    scores = dict(evaluate_checkpoint(checkpoint, cfg))
+    with shared_tuning(cfg.run.root, "eval-checkpoint", log.info):
+        scores = dict(evaluate_checkpoint(checkpoint, cfg))
     report = checkpoints.write_checkpoint_report(checkpoint, step, scores, "pipeline.eval.evaluate_checkpoint")
     publish_checkpoint_artifacts(report)
     return report

@@ -6,7 +6,7 @@ each winner in its cache as `<key>/<kernel>.autotune.json` (with TRITON_CACHE_AU
 get by default, pipeline/launch.py), `<key>` hashing the kernel's source, Triton's version, the GPU target and the
 shapes' tuning key: an entry is right wherever it is found. A node's cache outlives its stages only where the
 node does; a Kubernetes pod per stage, or a new node after a failure, starts empty. So the first process of each
-node (local rank 0) of a training stage or of the evaluation:
+node (local rank 0) of a training stage, of the eval stage and of a checkpoint's evaluation (`shared_tuning`):
 - before building anything, `restore()`s every bundle under `<run root>/_kernel_cache/` into its Triton cache
   (entries already there stay as they are);
 - after its first step and at its end (an evaluation: at its end), `publish()`es the entries that appeared or
@@ -20,6 +20,7 @@ only for Qwen3.5, tunes on its own.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -177,6 +178,17 @@ def publish_tuning(tuning: KernelCache | None, log) -> None:
                 f"published for the run's later stages and nodes: {url}")
     except Exception as e:  # noqa: BLE001 - a speed hint
         log(f"{tuning.name}: kernel tuning not published to {tuning.url}: {e}")
+
+
+@contextlib.contextmanager
+def shared_tuning(root: str, name: str, log, local_rank: int = 0, world: int = 1):
+    """A block of GPU work (an evaluation) that starts from the run's shared tuning under `root` (a run root) and
+    publishes what it tuned when it ends, also when it fails."""
+    tuning = restore_tuning(storage.join(root, FOLDER), name, local_rank, world, log)
+    try:
+        yield tuning
+    finally:
+        publish_tuning(tuning, log)
 
 
 def main(argv: list[str] | None = None) -> int:

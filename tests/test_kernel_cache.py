@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from pipeline import storage
 from pipeline.kernel_cache import FOLDER, KernelCache, digest, local_entries, triton_cache_dir
 
@@ -132,3 +134,22 @@ def test_the_command_fills_a_cache_from_a_run_root(tmp_path, capsys):
     assert main([str(root), "--into", str(tmp_path / "cache")]) == 2
     assert local_entries(str(tmp_path / "cache")) == entries
     assert "2 tuned kernel configurations" in capsys.readouterr().out
+
+
+def test_a_block_of_gpu_work_starts_from_the_shared_tuning_and_publishes_its_own_even_when_it_fails(tmp_path,
+                                                                                                   monkeypatch):
+    from pipeline.kernel_cache import shared_tuning
+
+    root, cache = str(tmp_path / "run"), tmp_path / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    entries = {A: _entry(32)}
+    storage.write_json(storage.join(root, FOLDER, "stage3-node.json"), {"entries": entries, "sha256": digest(entries)})
+    lines = []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with shared_tuning(root, "eval-checkpoint", lines.append):
+            assert local_entries(str(cache)) == entries  # restored before the work
+            _write(str(cache), B, _entry(64))            # tuned by the work
+            raise RuntimeError("CUDA out of memory")
+    assert [sorted(b["entries"]) for b in _bundles(storage.join(root, FOLDER))] in ([[A], [B]], [[B], [A]])
+    assert lines[0].startswith("eval-checkpoint: 1 tuned kernel configurations from the run root")
+    assert lines[1].startswith("eval-checkpoint: 1 tuned kernel configurations of this node that the run root lacked")

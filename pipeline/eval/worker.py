@@ -20,10 +20,9 @@ import torch.distributed as dist
 
 
 def main(job_path: str) -> None:
-    from pipeline import storage
     from pipeline.config import RunConfig
     from pipeline.eval.api import evaluate_checkpoint
-    from pipeline.kernel_cache import FOLDER, publish_tuning, restore_tuning
+    from pipeline.kernel_cache import shared_tuning
 
     with open(job_path) as f:
         job = json.load(f)
@@ -34,15 +33,17 @@ def main(job_path: str) -> None:
     # a rank may wait at the merge while another scores a long video: a generous timeout
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    tuning = restore_tuning(storage.join(config.run.root, FOLDER), "eval", local_rank, dist.get_world_size(),
-                            lambda line: print(line, flush=True))
     try:
-        for run in job["runs"]:
-            evaluate_checkpoint(run["checkpoint"], config, suite=run["suite"], out_dir=run["out_dir"])
-        publish_tuning(tuning, lambda line: print(line, flush=True))
+        with shared_tuning(config.run.root, "eval", _say, local_rank, dist.get_world_size()):
+            for run in job["runs"]:
+                evaluate_checkpoint(run["checkpoint"], config, suite=run["suite"], out_dir=run["out_dir"])
         dist.barrier()  # every rank done talking before any tears the group down
     finally:
         dist.destroy_process_group()
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -60,15 +60,13 @@ def run(ctx: StageContext) -> dict:
 def _evaluate(ctx: StageContext, runs: list[dict]) -> list[dict[str, float]]:
     """Each run's flat scores: in this process, or under torchrun on every process of launch's nodes."""
     from pipeline.eval.api import evaluate_checkpoint
-    from pipeline.kernel_cache import FOLDER, publish_tuning, restore_tuning
+    from pipeline.kernel_cache import shared_tuning
 
     nproc = processes_per_node(ctx.config, None)
     if nproc == 1 and ctx.config.launch.nnodes == 1:
-        tuning = restore_tuning(storage.join(ctx.config.run.root, FOLDER), "eval", 0, 1, ctx.log.info)
-        scores = [evaluate_checkpoint(r["checkpoint"], ctx.config, suite=r["suite"], out_dir=r["out_dir"])
-                  for r in runs]
-        publish_tuning(tuning, ctx.log.info)
-        return scores
+        with shared_tuning(ctx.config.run.root, "eval", ctx.log.info):
+            return [evaluate_checkpoint(r["checkpoint"], ctx.config, suite=r["suite"], out_dir=r["out_dir"])
+                    for r in runs]
     job = {"config": ctx.config.model_dump(mode="json"), "runs": runs}
     launch_stage(ctx, "pipeline.eval.worker", [f"{FILES}/job.json"], nproc, files={"job.json": json.dumps(job)})
     return [storage.read_json(f"{r['out_dir'].rstrip('/')}/summary.json")["scores"] for r in runs]

@@ -13,10 +13,9 @@ import threading
 from pipeline import storage
 from pipeline.checkpoints import checkpoint_metrics, list_checkpoints
 from pipeline.config import StudentSection, TrainSection, TrainStageSection
+from pipeline.kernel_cache import FOLDER as KERNEL_CACHE
 from pipeline.multinode import FILES, launch_stage, processes_per_node
 from pipeline.stages import StageContext, join
-
-from pipeline.kernel_cache import FOLDER as KERNEL_CACHE
 
 CORPUS_OF_STAGE = {"stage1a": "distill", "stage1b": "distill", "stage2": "instruct", "stage3": "long"}
 EXPORT = "export"  # the model a training stage hands to the next, committed by its _FILES.json
