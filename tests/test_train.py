@@ -659,3 +659,22 @@ def test_an_all_sliding_student_passes_stages_1a_and_1b_on_as_the_converted_teac
     for k, v in weights["stage1a"].items():
         assert torch.equal(v, expected[k]), k
     assert storage.committed_files(outputs["stage1b"]) == storage.committed_files(outputs["stage1a"])
+
+
+def test_a_cpu_rank_joins_its_group_past_a_lock_a_killed_run_left_in_torchs_extension_cache(tmp_path):
+    """A run killed while DeepSpeed JIT-built its CPU shared-memory op leaves the build's lock file behind: the next
+    run's ranks must not wait on it (they did, forever: torch's FileBaton polls until the file goes)."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    code = """if True:
+        import os
+        from torch.utils.cpp_extension import _get_build_directory
+        lock = os.path.join(_get_build_directory("deepspeed_shm_comm", False), "lock")
+        open(lock, "w").close()
+        from pipeline.train.worker import join_process_group
+        print("joined", join_process_group()[:3], os.path.exists(lock))
+    """
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the rank waited on the stale lock: {e.stdout!r}") from None
+    assert out.returncode == 0 and "joined (0, 1, 0) True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

@@ -171,6 +171,13 @@ def join_process_group():
     import deepspeed
 
     cuda = torch.cuda.is_available()
+    if not cuda:
+        # On CPU DeepSpeed JIT-builds a shared-memory allreduce under a lock file in ~/.cache/torch_extensions; a
+        # run killed while it builds leaves that file behind and every later run waits on it forever. gloo does
+        # the CPU ranks' collectives (the tiny default, the tests) without it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
