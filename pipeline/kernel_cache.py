@@ -77,16 +77,16 @@ class KernelCache:
         self.read: set[str] = set()      # bundle URLs read (or skipped) already
         self.before = local_entries(self.cache_dir)  # the cache as this process found it (a few KB an entry)
 
-    def _bundles(self) -> dict[str, dict[str, str]]:
-        """The bundles not read before: URL -> its valid entries (a damaged bundle gives none)."""
-        found = {}
+    def _bundles(self) -> list[dict[str, str]]:
+        """The valid entries of each bundle not read before (a damaged bundle gives none)."""
+        found = []
         for url in storage.list_files(self.url, suffix=".json"):
             if url in self.read:
                 continue
             self.read.add(url)
             entries = self._load(url)
             if entries is not None:
-                found[url] = entries
+                found.append(entries)
         return found
 
     def _load(self, url: str) -> dict[str, str] | None:
@@ -114,24 +114,20 @@ class KernelCache:
     def restore(self) -> int:
         """Unpacks the run root's bundles into the local cache; returns how many entries were new here."""
         added = 0
-        for entries in self._bundles().values():
+        for entries in self._bundles():
             for rel, text in entries.items():
                 self.held.add(rel)
                 path = os.path.join(self.cache_dir, rel)
                 if os.path.exists(path):
                     continue
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # other processes read this cache while it fills
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(text)
-                os.replace(tmp, path)
+                storage.write_bytes(path, text.encode())  # whole or not at all: other processes read this cache
                 added += 1
         return added
 
     def publish(self) -> tuple[int, str | None]:
         """Writes the entries tuned here since this object was made that no bundle holds, as one new bundle;
         returns (their count, its URL or None)."""
-        for entries in self._bundles().values():  # what other nodes published since
+        for entries in self._bundles():  # what other nodes published since
             self.held.update(entries)
         new = {rel: text for rel, text in local_entries(self.cache_dir).items()
                if self.before.get(rel) != text and rel not in self.held}
@@ -150,8 +146,8 @@ def restore_tuning(url: str | None, name: str, local_rank: int, world: int, log)
     processes, or without a `url`). A storage error costs the tuning, never the stage."""
     tuning = None
     if url and local_rank == 0:
-        tuning = KernelCache(url, name=name, warn=log)
         try:
+            tuning = KernelCache(url, name=name, warn=log)
             added = tuning.restore()
             if added:
                 log(f"{name}: {added} tuned kernel configurations from the run root ({url}) in this node's "

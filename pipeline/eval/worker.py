@@ -28,11 +28,11 @@ def main(job_path: str) -> None:
         job = json.load(f)
     config = RunConfig.model_validate(job["config"])
     cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_rank)
     # a rank may wait at the merge while another scores a long video: a generous timeout
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     try:
         with shared_tuning(config.run.root, "eval", _say, local_rank, dist.get_world_size()):
             for run in job["runs"]:
