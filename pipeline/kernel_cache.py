@@ -16,6 +16,16 @@ A bundle is JSON: {"entries": {relative path: file text}, "sha256": the digest o
 does not match, or an entry whose path or text is not a Triton autotune entry, is skipped with a warning naming
 it: tuning is a speed hint, never a reason to stop a stage. (The teacher-logit stage, whose teachers run fla's kernels
 only for Qwen3.5, tunes on its own.)
+
+torch.compile's work goes the same way. The compiled sliding-window attention (flex, forward and backward) costs a
+fresh node's first step more than a minute of compiling that a warm node does not pay (the proof's Stage II on an
+H100: first step 128+ s after start cold, 63 s warm). torch serialises what a process compiled (Inductor's graphs
+with their Triton kernels, dynamo's dynamic-shape decisions; `torch.compiler.save_cache_artifacts`) and loads such
+bytes into a fresh process's caches (`load_cache_artifacts`), where they are used only when the graph, torch and
+the device match. Those bundles sit under `<run root>/_kernel_cache/compiled/<torch version>-<device>/` as
+`<name>-<host>-<pid>-<id>.bin`: one JSON header line {"sha256": the payload's digest, "keys": the artifacts it holds}
+then the payload. The node's first process loads every bundle of its own torch and device before building; after
+the first step and at the end it publishes its artifacts when they hold any key no bundle holds yet.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import uuid
 from pipeline import storage
 
 FOLDER = "_kernel_cache"
+COMPILED = "compiled"  # torch.compile's artifacts, one folder per torch version and device
 ENTRY = re.compile(r"^[A-Za-z0-9_-]+/[A-Za-z0-9_.-]+\.autotune\.json$")  # <key>/<kernel>.autotune.json
 
 
@@ -64,6 +75,54 @@ def digest(entries: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
+def compile_tag() -> str:
+    """The torch version and device torch.compile's artifacts were made for: `torch2.11.0+cu130-sm90`, `...-cpu`."""
+    import torch
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        device = f"sm{major}{minor}"
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"torch{torch.__version__}-{device}")
+
+
+def pack_compiled(payload: bytes, keys: set[str]) -> bytes:
+    header = {"sha256": hashlib.sha256(payload).hexdigest(), "keys": sorted(keys)}
+    return json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+
+
+def compiled_header(line: bytes) -> tuple[set[str], str]:
+    """(keys, payload sha256) of a compiled bundle's first line; ValueError when it is not a bundle header."""
+    try:
+        header = json.loads(line)
+        keys, expected = header["keys"], header["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError("its first line is not a bundle header") from None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or not isinstance(expected, str):
+        raise ValueError("its first line is not a bundle header")
+    return set(keys), expected
+
+
+def unpack_compiled(data: bytes) -> tuple[set[str], bytes]:
+    """(keys, payload) of a compiled bundle; ValueError when its header or digest does not check."""
+    head, _, payload = data.partition(b"\n")
+    keys, expected = compiled_header(head)
+    if hashlib.sha256(payload).hexdigest() != expected:
+        raise ValueError(f"its payload does not match its sha256 {expected[:12]}")
+    return keys, payload
+
+
+def compiled_artifacts() -> tuple[bytes, set[str]] | None:
+    """What this process compiled (and loaded) so far, serialised by torch, with its artifact keys; None if nothing."""
+    import torch
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return None
+    payload, info = saved
+    return payload, {f"{kind}:{key}" for kind, keys in info.artifacts.items() for key in keys}
+
+
 class KernelCache:
     """One node's link between its Triton cache and the run root's bundles. `warn` receives a line per skipped
     bundle or entry."""
@@ -76,6 +135,9 @@ class KernelCache:
         self.held: set[str] = set()      # entries the run root's bundles hold (those read so far)
         self.read: set[str] = set()      # bundle URLs read (or skipped) already
         self.before = local_entries(self.cache_dir)  # the cache as this process found it (a few KB an entry)
+        self.compiled_url = storage.join(url, COMPILED, compile_tag())
+        self.compiled_held: set[str] = set()  # torch.compile artifact keys the run root's bundles hold
+        self.compiled_read: set[str] = set()
 
     def _bundles(self) -> list[dict[str, str]]:
         """The valid entries of each bundle not read before (a damaged bundle gives none)."""
@@ -139,10 +201,66 @@ class KernelCache:
         self.held.update(new)
         return len(new), url
 
+    def _compiled_bundles(self, payloads: bool):
+        """(url, keys, payload or None) of each compiled bundle not read before; a damaged one is skipped. Without
+        `payloads` only headers are read (ranged reads on S3)."""
+        for url in storage.list_files(self.compiled_url, suffix=".bin"):
+            if url in self.compiled_read:
+                continue
+            self.compiled_read.add(url)
+            try:
+                if payloads:
+                    keys, payload = unpack_compiled(storage.read_bytes(url))
+                else:  # the header alone: what the bundle holds, not yet the bytes
+                    with storage.open_url(url) as f:
+                        keys, payload = compiled_header(f.readline())[0], None
+            except ValueError as e:
+                self.warn(f"compiled kernels: skipped the bundle {url}: {e}")
+                continue
+            yield url, keys, payload
+
+    def restore_compiled(self) -> int:
+        """Loads the run root's torch.compile bundles for this torch and device into this process's compile caches
+        (call it before anything compiles); returns how many artifacts they held."""
+        import torch
+
+        loaded = 0
+        for url, keys, payload in self._compiled_bundles(payloads=True):
+            try:
+                info = torch.compiler.load_cache_artifacts(payload)
+            except Exception as e:  # noqa: BLE001 - torch's format; a speed hint
+                self.warn(f"compiled kernels: skipped the bundle {url}: torch could not load it: {e}")
+                continue
+            if info is None:
+                self.warn(f"compiled kernels: skipped the bundle {url}: torch could not read it")
+                continue
+            self.compiled_held.update(keys)
+            loaded += len(keys)
+        return loaded
+
+    def publish_compiled(self) -> tuple[int, str | None]:
+        """Writes this process's torch.compile artifacts as one new bundle when they hold a key no bundle holds;
+        returns (the count of such keys, the bundle's URL or None)."""
+        for _, keys, _ in self._compiled_bundles(payloads=False):
+            self.compiled_held.update(keys)
+        made = compiled_artifacts()
+        if made is None:
+            return 0, None
+        payload, keys = made
+        new = keys - self.compiled_held
+        if not new:
+            return 0, None
+        url = storage.join(self.compiled_url,
+                           f"{self.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin")
+        storage.write_bytes(url, pack_compiled(payload, keys))
+        self.compiled_read.add(url)
+        self.compiled_held.update(keys)
+        return len(new), url
+
 
 def restore_tuning(url: str | None, name: str, local_rank: int, world: int, log) -> KernelCache | None:
     """In a process group (torch.distributed joined when `world` > 1): the node's first process fills its Triton
-    cache from the run's bundles at `url` while the others wait. Returns its KernelCache (None on the other
+    cache and torch.compile's caches from the run's bundles at `url` while the others wait. Returns its KernelCache (None on the other
     processes, or without a `url`). A storage error costs the tuning, never the stage."""
     tuning = None
     if url and local_rank == 0:
@@ -152,6 +270,10 @@ def restore_tuning(url: str | None, name: str, local_rank: int, world: int, log)
             if added:
                 log(f"{name}: {added} tuned kernel configurations from the run root ({url}) in this node's "
                     f"Triton cache ({tuning.cache_dir})")
+            loaded = tuning.restore_compiled()
+            if loaded:
+                log(f"{name}: {loaded} compiled artifacts from the run root ({tuning.compiled_url}) in this node's "
+                    "torch.compile caches")
         except Exception as e:  # noqa: BLE001 - a speed hint
             log(f"{name}: kernel tuning not restored from {url}: {e}")
     if url and world > 1:
@@ -174,6 +296,13 @@ def publish_tuning(tuning: KernelCache | None, log) -> None:
                 f"published for the run's later stages and nodes: {url}")
     except Exception as e:  # noqa: BLE001 - a speed hint
         log(f"{tuning.name}: kernel tuning not published to {tuning.url}: {e}")
+    try:
+        count, url = tuning.publish_compiled()
+        if count:
+            log(f"{tuning.name}: {count} compiled artifacts of this process that the run root lacked, published: "
+                f"{url}")
+    except Exception as e:  # noqa: BLE001 - a speed hint
+        log(f"{tuning.name}: compiled artifacts not published to {tuning.compiled_url}: {e}")
 
 
 @contextlib.contextmanager
@@ -188,19 +317,25 @@ def shared_tuning(root: str, name: str, log, local_rank: int = 0, world: int = 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.kernel_cache RUN_ROOT [--into DIR]`: a run's shared kernel tuning into a Triton
-    cache (this process's by default), e.g. to warm a node before its first stage or to pack it for infra/autotune."""
+    """`python -m pipeline.kernel_cache RUN_ROOT [--into DIR] [--compiled]`: a run's shared kernel tuning into a
+    Triton cache (this process's by default), and with --compiled its torch.compile artifacts into this node's compile
+    caches: to warm a node before its first stage, or to pack the tuning for infra/autotune."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m pipeline.kernel_cache",
                                 description="Copies a run's shared kernel tuning into a Triton cache.")
     p.add_argument("root", help="the run root (local folder or s3:// URL)")
     p.add_argument("--into", default=None, help="the Triton cache to fill (default: TRITON_CACHE_DIR, else ~/.triton/cache)")
+    p.add_argument("--compiled", action="store_true", help="also load the run's torch.compile artifacts for this "
+                   "torch and device into this node's compile caches (TORCHINDUCTOR_CACHE_DIR)")
     args = p.parse_args(argv)
     cache = KernelCache(storage.join(args.root, FOLDER), args.into)
     added = cache.restore()
     print(f"{added} tuned kernel configurations from {cache.url} added to {cache.cache_dir} "
           f"({len(cache.held)} in the run root's {len(cache.read)} bundles)")
+    if args.compiled:
+        loaded = cache.restore_compiled()
+        print(f"{loaded} compiled artifacts from {cache.compiled_url} in this node's torch.compile caches")
     return added
 
 

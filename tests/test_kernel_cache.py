@@ -72,6 +72,16 @@ def test_two_nodes_share_their_tuned_kernels_through_an_s3_run_root(s3, tmp_path
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
     _roundtrip(s3.fresh("run") + "/" + FOLDER, tmp_path)
+    # compiled bundles through S3: written whole, loaded with their digest checked, dedup by their headers
+    from pipeline import kernel_cache
+
+    url = s3.fresh("run") + "/" + FOLDER
+    monkeypatch.setattr(kernel_cache, "compiled_artifacts", lambda: (b"\x00graphs\n\xff", {"inductor:a", "pgo:b"}))
+    assert KernelCache(url, str(tmp_path / "n1")).publish_compiled()[0] == 2
+    loads = []
+    monkeypatch.setattr("torch.compiler.load_cache_artifacts", lambda b: loads.append(b) or object())
+    assert KernelCache(url, str(tmp_path / "n2")).restore_compiled() == 2 and loads == [b"\x00graphs\n\xff"]
+    assert KernelCache(url, str(tmp_path / "n3")).publish_compiled() == (0, None)
 
 
 def test_damaged_bundles_and_entries_are_skipped_naming_them_and_the_rest_restored(tmp_path):
@@ -153,3 +163,77 @@ def test_a_block_of_gpu_work_starts_from_the_shared_tuning_and_publishes_its_own
     assert [sorted(b["entries"]) for b in _bundles(storage.join(root, FOLDER))] in ([[A], [B]], [[B], [A]])
     assert lines[0].startswith("eval-checkpoint: 1 tuned kernel configurations from the run root")
     assert lines[1].startswith("eval-checkpoint: 1 tuned kernel configurations of this node that the run root lacked")
+
+
+# -- torch.compile's artifacts ------------------------------------------------------------------------------------
+# one process of a node: loads the run root's compiled bundles, compiles, prints torch's cache counters, publishes
+_NODE = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from pipeline.kernel_cache import KernelCache
+cache = KernelCache(sys.argv[1], name=sys.argv[2], warn=print)
+loaded = cache.restore_compiled()
+torch.compile(lambda x: (x.sin() * 3).cumsum(0))(torch.randn(64))
+if sys.argv[3] == "two":
+    torch.compile(lambda x: x.cos().amax())(torch.randn(64))
+published, url = cache.publish_compiled()
+print(json.dumps({"loaded": loaded, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"], "published": published}))
+"""
+
+
+def _node(url, tmp_path, node, name, graphs):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / node / "inductor"),
+           "TRITON_CACHE_DIR": str(tmp_path / node / "triton")}
+    out = subprocess.run([sys.executable, "-c", _NODE, url, name, graphs], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_fresh_node_loads_what_another_compiled_and_compiles_only_what_is_new(tmp_path):
+    url = str(tmp_path / "run" / FOLDER)
+    first = _node(url, tmp_path, "node1", "stage2", "one")
+    assert first == {"loaded": 0, "hits": 0, "misses": 1, "published": first["published"]} and first["published"] >= 1
+    # a fresh node (empty compile caches): the graph node1 compiled is a hit in torch's own cache, the new one a miss
+    second = _node(url, tmp_path, "node2", "stage3", "two")
+    assert second["loaded"] == first["published"] and second["hits"] == 1 and second["misses"] == 1
+    assert second["published"] >= 1
+    # a third process that compiles nothing new publishes nothing
+    third = _node(url, tmp_path, "node3", "eval", "two")
+    assert third["hits"] == 2 and third["misses"] == 0 and third["published"] == 0
+    bundles = storage.list_files(KernelCache(url, str(tmp_path / "t")).compiled_url, suffix=".bin")
+    assert len(bundles) == 2 and [os.path.basename(b).split("-")[0] for b in bundles].count("stage2") == 1
+
+
+def test_damaged_or_foreign_compiled_bundles_are_skipped_naming_them(tmp_path, monkeypatch):
+    from pipeline import kernel_cache
+
+    url = str(tmp_path / "run" / FOLDER)
+    cache = KernelCache(url, str(tmp_path / "t"))
+    good = kernel_cache.pack_compiled(b"payload bytes", {"inductor:abc"})
+    storage.write_bytes(storage.join(cache.compiled_url, "stage2-a.bin"), good[:-1] + b"X")   # a flipped byte
+    storage.write_bytes(storage.join(cache.compiled_url, "stage2-b.bin"), b"not a header\n" + b"x")
+    other = storage.join(url, kernel_cache.COMPILED, "torch0.0.0-sm00", "stage2-c.bin")    # another torch/device
+    storage.write_bytes(other, good)
+    loads = []
+    monkeypatch.setattr("torch.compiler.load_cache_artifacts", lambda b: loads.append(b) or object())
+    warnings = []
+    cache = KernelCache(url, str(tmp_path / "t"), warn=warnings.append)
+    assert cache.restore_compiled() == 0 and loads == []
+    assert len(warnings) == 2
+    assert "stage2-a.bin" in warnings[0] and "does not match its sha256" in warnings[0]
+    assert "stage2-b.bin" in warnings[1] and "not a bundle header" in warnings[1]
+    # what a node compiled is published only when it holds a key no readable bundle holds
+    storage.write_bytes(storage.join(cache.compiled_url, "stage2-d.bin"), good)
+    publisher = KernelCache(url, str(tmp_path / "t"), warn=warnings.append)
+    monkeypatch.setattr(kernel_cache, "compiled_artifacts", lambda: (b"payload bytes", {"inductor:abc"}))
+    assert publisher.publish_compiled() == (0, None)
+    monkeypatch.setattr(kernel_cache, "compiled_artifacts", lambda: (b"more", {"inductor:abc", "pgo:def"}))
+    count, written = publisher.publish_compiled()
+    assert count == 1 and kernel_cache.unpack_compiled(storage.read_bytes(written)) == ({"inductor:abc", "pgo:def"},
+                                                                                         b"more")
