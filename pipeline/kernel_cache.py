@@ -25,7 +25,8 @@ bytes into a fresh process's caches (`load_cache_artifacts`), where they are use
 the device match. Those bundles sit under `<run root>/_kernel_cache/compiled/<torch version>-<device>/` as
 `<name>-<host>-<pid>-<id>.bin`: one JSON header line {"sha256": the payload's digest, "keys": the artifacts it holds}
 then the payload. The node's first process loads every bundle of its own torch and device before building; after
-the first step and at the end it publishes its artifacts when they hold any key no bundle holds yet.
+the first step and at the end it publishes its artifacts when they hold any key no bundle holds yet (torch gives
+all of a process's artifacts at once, so its second bundle replaces its first).
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class KernelCache:
         self.compiled_url = storage.join(url, COMPILED, compile_tag())
         self.compiled_held: set[str] = set()  # torch.compile artifact keys the run root's bundles hold
         self.compiled_read: set[str] = set()
+        self.compiled_own: str | None = None  # this process's bundle: replaced by a larger one as it compiles more
 
     def _bundles(self) -> list[dict[str, str]]:
         """The valid entries of each bundle not read before (a damaged bundle gives none)."""
@@ -214,7 +216,7 @@ class KernelCache:
                 else:  # the header alone: what the bundle holds, not yet the bytes
                     with storage.open_url(url) as f:
                         keys, payload = compiled_header(f.readline())[0], None
-            except ValueError as e:
+            except (ValueError, OSError) as e:  # damaged, or replaced by its process since it was listed
                 self.warn(f"compiled kernels: skipped the bundle {url}: {e}")
                 continue
             yield url, keys, payload
@@ -255,6 +257,10 @@ class KernelCache:
         storage.write_bytes(url, pack_compiled(payload, keys))
         self.compiled_read.add(url)
         self.compiled_held.update(keys)
+        # torch serialises everything the process compiled so far: the new bundle holds the older one whole
+        if self.compiled_own is not None:
+            storage.delete(self.compiled_own)
+        self.compiled_own = url
         return len(new), url
 
 

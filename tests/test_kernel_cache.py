@@ -237,3 +237,7 @@ def test_damaged_or_foreign_compiled_bundles_are_skipped_naming_them(tmp_path, m
     count, written = publisher.publish_compiled()
     assert count == 1 and kernel_cache.unpack_compiled(storage.read_bytes(written)) == ({"inductor:abc", "pgo:def"},
                                                                                          b"more")
+    # it compiles more: its new bundle holds all of it and replaces its older one
+    monkeypatch.setattr(kernel_cache, "compiled_artifacts", lambda: (b"most", {"inductor:abc", "pgo:def", "pgo:g"}))
+    count, latest = publisher.publish_compiled()
+    assert count == 1 and not storage.exists(written) and storage.exists(latest)
