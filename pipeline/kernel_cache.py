@@ -223,7 +223,7 @@ class KernelCache:
 
     def restore_compiled(self) -> int:
         """Loads the run root's torch.compile bundles for this torch and device into this process's compile caches
-        (call it before anything compiles); returns how many artifacts they held."""
+        (call it before anything compiles); returns how many distinct artifacts they held."""
         import torch
 
         loaded = 0
@@ -236,8 +236,8 @@ class KernelCache:
             if info is None:
                 self.warn(f"compiled kernels: skipped the bundle {url}: torch could not read it")
                 continue
+            loaded += len(keys - self.compiled_held)
             self.compiled_held.update(keys)
-            loaded += len(keys)
         return loaded
 
     def publish_compiled(self) -> tuple[int, str | None]:
@@ -266,8 +266,8 @@ class KernelCache:
 
 def restore_tuning(url: str | None, name: str, local_rank: int, world: int, log) -> KernelCache | None:
     """In a process group (torch.distributed joined when `world` > 1): the node's first process fills its Triton
-    cache and torch.compile's caches from the run's bundles at `url` while the others wait. Returns its KernelCache (None on the other
-    processes, or without a `url`). A storage error costs the tuning, never the stage."""
+    cache and torch.compile's caches from the run's bundles at `url` while the others wait. Returns its KernelCache
+    (None on the other processes, or without a `url`). A storage error costs the tuning, never the stage."""
     tuning = None
     if url and local_rank == 0:
         try:

@@ -146,6 +146,21 @@ def test_the_command_fills_a_cache_from_a_run_root(tmp_path, capsys):
     assert "2 tuned kernel configurations" in capsys.readouterr().out
 
 
+def test_the_command_loads_a_runs_compiled_kernels_when_asked(tmp_path, capsys, monkeypatch):
+    from pipeline import kernel_cache
+
+    root = str(tmp_path / "run")
+    url = KernelCache(storage.join(root, FOLDER), str(tmp_path / "t")).compiled_url
+    storage.write_bytes(storage.join(url, "stage2-a.bin"), kernel_cache.pack_compiled(b"one", {"inductor:x", "pgo:y"}))
+    storage.write_bytes(storage.join(url, "stage3-b.bin"), kernel_cache.pack_compiled(b"two", {"inductor:x", "inductor:z"}))
+    loads = []
+    monkeypatch.setattr("torch.compiler.load_cache_artifacts", lambda b: loads.append(b) or object())
+    kernel_cache.main([root, "--into", str(tmp_path / "cache")])
+    assert loads == [] and "compiled" not in capsys.readouterr().out
+    kernel_cache.main([root, "--into", str(tmp_path / "cache"), "--compiled"])
+    assert loads == [b"one", b"two"] and "3 compiled artifacts" in capsys.readouterr().out  # distinct keys
+
+
 def test_a_block_of_gpu_work_starts_from_the_shared_tuning_and_publishes_its_own_even_when_it_fails(tmp_path,
                                                                                                    monkeypatch):
     from pipeline.kernel_cache import shared_tuning
