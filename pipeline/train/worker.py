@@ -27,6 +27,10 @@ from .job import TrainJob
 def main(job_path: str) -> None:
     install_stack_dump()
     job = TrainJob.load(job_path)
+    if job.section.loader_workers:
+        from pipeline.data.engines import start_worker_server
+
+        start_worker_server()  # the data workers' imports beside the model build, not in the first step
     rank, world, local_rank, device = join_process_group()
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # a rank or a node of the group failed
     if local_rank == 0 and restarts:
