@@ -292,23 +292,19 @@ def restore_tuning(url: str | None, name: str, local_rank: int, world: int, log)
 
 
 def publish_tuning(tuning: KernelCache | None, log) -> None:
-    """The node's new entries into a bundle of their own (on the node's first process; nothing elsewhere)."""
+    """The node's new tuning entries and compiled artifacts into bundles of their own (on the node's first
+    process; nothing elsewhere)."""
     if tuning is None:
         return
-    try:
-        count, url = tuning.publish()
-        if count:
-            log(f"{tuning.name}: {count} tuned kernel configurations of this node that the run root lacked, "
-                f"published for the run's later stages and nodes: {url}")
-    except Exception as e:  # noqa: BLE001 - a speed hint
-        log(f"{tuning.name}: kernel tuning not published to {tuning.url}: {e}")
-    try:
-        count, url = tuning.publish_compiled()
-        if count:
-            log(f"{tuning.name}: {count} compiled artifacts of this process that the run root lacked, published: "
-                f"{url}")
-    except Exception as e:  # noqa: BLE001 - a speed hint
-        log(f"{tuning.name}: compiled artifacts not published to {tuning.compiled_url}: {e}")
+    for publish, what, where in ((tuning.publish, "tuned kernel configurations", tuning.url),
+                                 (tuning.publish_compiled, "compiled artifacts", tuning.compiled_url)):
+        try:
+            count, url = publish()
+            if count:
+                log(f"{tuning.name}: {count} {what} of this node that the run root lacked, published for the run's "
+                    f"later stages and nodes: {url}")
+        except Exception as e:  # noqa: BLE001 - a speed hint
+            log(f"{tuning.name}: {what} not published to {where}: {e}")
 
 
 @contextlib.contextmanager
