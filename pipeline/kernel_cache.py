@@ -26,7 +26,9 @@ the device match. Those bundles sit under `<run root>/_kernel_cache/compiled/<to
 `<name>-<host>-<pid>-<id>.bin`: one JSON header line {"sha256": the payload's digest, "keys": the artifacts it holds}
 then the payload. The node's first process loads every bundle of its own torch and device before building; after
 the first step and at the end it publishes its artifacts when they hold any key no bundle holds yet (torch gives
-all of a process's artifacts at once, so its second bundle replaces its first).
+all of a process's artifacts at once, so its second bundle replaces its first). torch's artifacts are pickles: whoever
+can write the run root can run code on the nodes that load them (Triton's entries are plain JSON). Where the run root
+is writable by people who should not have that, INFINITEVL_SHARE_COMPILED=0 keeps compiled kernels on their node.
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ def unpack_compiled(data: bytes) -> tuple[set[str], bytes]:
     if hashlib.sha256(payload).hexdigest() != expected:
         raise ValueError(f"its payload does not match its sha256 {expected[:12]}")
     return keys, payload
+
+
+def sharing_compiled() -> bool:
+    """Whether torch.compile's artifacts travel through the run root (INFINITEVL_SHARE_COMPILED, default on)."""
+    return os.environ.get("INFINITEVL_SHARE_COMPILED", "1") != "0"
 
 
 def compiled_artifacts() -> tuple[bytes, set[str]] | None:
@@ -227,6 +234,8 @@ class KernelCache:
         import torch
 
         loaded = 0
+        if not sharing_compiled():
+            return loaded
         for url, keys, payload in self._compiled_bundles(payloads=True):
             try:
                 info = torch.compiler.load_cache_artifacts(payload)
@@ -243,6 +252,8 @@ class KernelCache:
     def publish_compiled(self) -> tuple[int, str | None]:
         """Writes this process's torch.compile artifacts as one new bundle when they hold a key no bundle holds;
         returns (the count of such keys, the bundle's URL or None)."""
+        if not sharing_compiled():
+            return 0, None
         for _, keys, _ in self._compiled_bundles(payloads=False):
             self.compiled_held.update(keys)
         made = compiled_artifacts()

@@ -252,6 +252,12 @@ def test_damaged_or_foreign_compiled_bundles_are_skipped_naming_them(tmp_path, m
     count, written = publisher.publish_compiled()
     assert count == 1 and kernel_cache.unpack_compiled(storage.read_bytes(written)) == ({"inductor:abc", "pgo:def"},
                                                                                          b"more")
+    # where the run root's writers are not trusted to run code on the nodes, no pickle is loaded nor written
+    monkeypatch.setenv("INFINITEVL_SHARE_COMPILED", "0")
+    assert KernelCache(url, str(tmp_path / "t")).restore_compiled() == 0 and loads == []
+    monkeypatch.setattr(kernel_cache, "compiled_artifacts", lambda: (b"new", {"inductor:new"}))
+    assert KernelCache(url, str(tmp_path / "t")).publish_compiled() == (0, None)
+    monkeypatch.delenv("INFINITEVL_SHARE_COMPILED")
     # it compiles more: its new bundle holds all of it and replaces its older one
     monkeypatch.setattr(kernel_cache, "compiled_artifacts", lambda: (b"most", {"inductor:abc", "pgo:def", "pgo:g"}))
     count, latest = publisher.publish_compiled()
