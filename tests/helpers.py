@@ -1,5 +1,7 @@
 """Small helpers shared by the test modules."""
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image
@@ -37,3 +39,31 @@ def fake_recipe(name: str, body, version: int = 1, inputs: tuple[str, ...] = (),
     return SimpleNamespace(NAME=name, SECTIONS=RECIPES[name].SECTIONS if sections is None else sections,
                            VERSION=version, inputs=lambda config: inputs, run=body,
                            outputs=storage.remote_file_digests, check=lambda config: [])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), from Linux's /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie is dead, only not yet reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

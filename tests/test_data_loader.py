@@ -182,35 +182,19 @@ def test_the_trainers_prefetch_thread_over_loader_processes_gives_the_same_batch
     assert [b["sample_ids"] for b in take(resumed, 5)] == [b["sample_ids"] for b in reference[4:]]
 
 
-def _children(pid: int) -> set[int]:
-    """Live processes whose parent is `pid` (Linux's /proc)."""
-    import os
-
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.add(int(entry))
-    return found
-
-
 def test_the_fork_server_started_early_is_the_one_the_loaders_workers_come_from(corpus, s3):
     """A training process starts the fork server before it builds its model (pipeline/train/worker.py), so the
     server's imports overlap the build; the loader's worker processes must then be forked by that server."""
     import os
 
     from pipeline.data.engines import start_worker_server
+    from tests.helpers import alive, descendants
 
     server = start_worker_server()
     assert server is not None and start_worker_server() == server  # started once
     os.kill(server, 0)
     batches = iter(loader(corpus, s3, num_workers=2))
     next(batches)  # the workers are up
-    workers = _children(server)
-    assert len(workers) >= 2 and not workers & _children(os.getpid())
+    workers = [p for p in descendants(server) if alive(p)]  # forked by the server, so not by this process
+    assert len(workers) >= 2
     assert all(b["input_ids"].numel() for b in itertools.islice(batches, 3))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from infra.prefect_server import free_port
-from tests.test_flows_cli import _alive, _descendants
+from tests.helpers import alive, descendants
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,13 +56,13 @@ def test_the_dev_prefect_server_keeps_its_state_and_stops_on_sigterm(tmp_path):
     assert f"export PREFECT_API_URL={api}" in shown and "export PREFECT_UI_URL=" in shown
     assert "UI:" not in shown, "the UI is off: no link to it"
     _post(f"{api}/work_pools/", {"name": "kept-across-restarts", "type": "process"})
-    started = _descendants(first.pid)
+    started = descendants(first.pid)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 0
     deadline = time.monotonic() + 30
-    while (alive := [p for p in started if _alive(p)]) and time.monotonic() < deadline:
+    while (left := [p for p in started if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.3)
-    assert not alive, "SIGTERM left the server running"
+    assert not left, "SIGTERM left the server running"
     assert (home / "prefect.db").exists()
 
     second = _start(home, port, tmp_path / "second.log")

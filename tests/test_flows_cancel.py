@@ -19,6 +19,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelling
 
 from pipeline.launch import launch
+from tests.helpers import alive
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_cancelling_a_served_run_kills_the_launched_group(prefect_server, tmp_pa
             _until(lambda: pid_file.exists() and pid_file.read_text(), 90, log)
             grandchild = int(pid_file.read_text())
             client.set_flow_run_state(run.id, Cancelling(), force=True)
-            _until(lambda: not _alive(grandchild), 60, log)
+            _until(lambda: not alive(grandchild), 60, log)
             _until(lambda: client.read_flow_run(run.id).state.is_cancelled(), 60, log)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -70,11 +71,3 @@ def _until(condition, timeout_s: float, log: Path) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"condition not met in {timeout_s} s; serve log:\n{log.read_text()[-4000:]}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False

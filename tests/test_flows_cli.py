@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import alive, descendants
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -51,14 +53,14 @@ def test_embedded_default_killed_inside_training_resumes_there_and_reruns_what_a
         assert first.poll() is None, (tmp_path / "first.log").read_text()
         assert time.monotonic() < deadline, "no Stage I-a checkpoint after 300 s"
         time.sleep(0.5)
-    started = _descendants(first.pid)
+    started = descendants(first.pid)
     assert len(started) >= 2, "the temporary Prefect server and Stage I-a's worker run beside the CLI"
     os.kill(first.pid, signal.SIGKILL)  # the CLI alone, as `kill -9 PID` does
     first.wait()
     deadline = time.monotonic() + 30
-    while (alive := [p for p in started if _alive(p)]) and time.monotonic() < deadline:
+    while (left := [p for p in started if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not alive, f"processes the killed CLI started live on: {[_cmdline(p) for p in alive]}"
+    assert not left, f"processes the killed CLI started live on: {[_cmdline(p) for p in left]}"
     status = infinitevl("status", str(root))
     assert "stage1a" in status.stdout and "unfinished (resumes)" in status.stdout, status.stdout
 
@@ -84,32 +86,6 @@ def test_embedded_default_killed_inside_training_resumes_there_and_reruns_what_a
     rows = _summary_rows(third.stdout)
     assert {rows[s] for s in ("teacher", "data", "teacher-logits", "stage1a", "stage1b")} == {"skipped"}
     assert {rows[s] for s in ("stage2", "stage3", "eval")} == {"done"}
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo += children.get(current, [])
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _cmdline(pid: int) -> str:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from pipeline.launch import LaunchError, launch, launch_command
+from tests.helpers import alive
 
 
 class Lines(logging.Handler):
@@ -109,9 +110,9 @@ def test_cancel_kills_the_whole_process_group(sig):
     proc.send_signal(sig)
     proc.wait(timeout=20)
     deadline = time.monotonic() + 5
-    while _alive(grandchild) and time.monotonic() < deadline:
+    while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(grandchild), "the grandchild outlived the cancelled launch"
+    assert not alive(grandchild), "the grandchild outlived the cancelled launch"
 
 
 # Launched from a worker thread (as a task submitted to a thread pool would): the signal's exception
@@ -131,9 +132,9 @@ def test_a_launch_in_a_worker_thread_dies_with_its_process():
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=20)
     deadline = time.monotonic() + 5
-    while _alive(grandchild) and time.monotonic() < deadline:
+    while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(grandchild), "the grandchild outlived the process that launched it"
+    assert not alive(grandchild), "the grandchild outlived the process that launched it"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
@@ -146,21 +147,13 @@ def test_a_launched_child_dies_when_its_launcher_is_sigkilled():
     proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     child = next(int(line.split()[1]) for line in proc.stdout if line.startswith("child"))
-    assert _alive(child)
+    assert alive(child)
     proc.kill()
     proc.wait(timeout=20)
     deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(child), "the launched process outlived its SIGKILLed launcher"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"  # a zombie is dead, only not yet reaped
-    except FileNotFoundError:
-        return False
+    assert not alive(child), "the launched process outlived its SIGKILLed launcher"
 
 
 def test_children_keep_autotuning_on_disk_unless_the_user_says_otherwise(log, monkeypatch):
