@@ -34,6 +34,7 @@ is writable by people who should not have that, INFINITEVL_SHARE_COMPILED=0 keep
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -143,10 +144,14 @@ class KernelCache:
         self.held: set[str] = set()      # entries the run root's bundles hold (those read so far)
         self.read: set[str] = set()      # bundle URLs read (or skipped) already
         self.before = local_entries(self.cache_dir)  # the cache as this process found it (a few KB an entry)
-        self.compiled_url = storage.join(url, COMPILED, compile_tag())
         self.compiled_held: set[str] = set()  # torch.compile artifact keys the run root's bundles hold
         self.compiled_read: set[str] = set()
         self.compiled_own: str | None = None  # this process's bundle: replaced by a larger one as it compiles more
+
+    @functools.cached_property
+    def compiled_url(self) -> str:
+        """Where this torch and device's compiled bundles sit (asked only where they are used: it imports torch)."""
+        return storage.join(self.url, COMPILED, compile_tag())
 
     def _bundles(self) -> list[dict[str, str]]:
         """The valid entries of each bundle not read before (a damaged bundle gives none)."""
