@@ -393,6 +393,19 @@ TUNED = ("THEIRKEY/chunk_fwd_kernel_o.autotune.json", "OLDKEY/chunk_bwd_kernel_d
          "NEWKEY/chunk_gated_delta_rule_fwd_kernel_h.autotune.json")
 
 
+def test_a_stages_ready_line_says_where_its_start_up_went(stage1a_zero3):
+    """The line before the first step names each part of the start-up with its seconds, and they add up to the
+    total it gives: where a slow start on a fresh node went, without a profiler."""
+    _, log = stage1a_zero3
+    ready = [line for line in log.splitlines() if "stage1a ready on 2 ranks" in line]
+    assert ready, log[-3000:]
+    total, parts = re.search(r"nodes, ([0-9.]+) s after the process started: (.*?)(;|$)", ready[0]).group(1, 2)
+    seconds = {name: float(value) for name, value in re.findall(r"([a-zA-Z' (),]+?) ([0-9.]+) s(?:, |$)", parts)}
+    assert {"python and torch imports", "model built", "DeepSpeed and checkpoint restore"} <= set(seconds), parts
+    assert seconds["python and torch imports"] > 0.5, parts  # torch alone takes longer than that to import
+    assert abs(sum(seconds.values()) - float(total)) < 0.05 * len(seconds) + 0.1, ready[0]
+
+
 def test_the_nodes_first_process_restores_and_publishes_kernel_tuning(workspace, stage1a_zero3):
     """Two processes on one node: the first fills the node's Triton cache from the run root before either builds
     anything, and publishes what was tuned on the node while the stage ran; the other does neither."""

@@ -26,12 +26,15 @@ from .job import TrainJob
 
 def main(job_path: str) -> None:
     install_stack_dump()
+    mark = _Marks({"python and torch imports": time.time() - _process_started()})
     job = TrainJob.load(job_path)
     if job.section.loader_workers:
         from pipeline.data.engines import start_worker_server
 
         start_worker_server()  # the data workers' imports beside the model build, not in the first step
+    mark("job read, data workers' server started")
     rank, world, local_rank, device = join_process_group()
+    mark("process group")
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # a rank or a node of the group failed
     if local_rank == 0 and restarts:
         _log(f"{job.stage}: torchrun's agent restarted this node's ranks (group restart {restarts}); the group "
@@ -42,17 +45,19 @@ def main(job_path: str) -> None:
 
     # before anything compiles or autotunes
     tuning = restore_tuning(job.kernel_cache, job.stage, local_rank, world, _log)
+    mark("shared kernels restored")
 
     from pipeline.recipes import RECIPES
 
-    t0 = time.monotonic()
+    mark("recipe imports (transformers, fla, DeepSpeed)")
     recipe = RECIPES[job.stage].build(job, dtype, device, log=_log if rank == 0 else None)
+    mark("model built")
     from model.ops.common import check_guarded_backwards
 
     checked = check_guarded_backwards(recipe.module, device)  # before anything compiles (its docstring says why)
     if rank == 0 and checked:
         _log(f"{job.stage}: fla's Hopper guard lifted for {', '.join(checked)} after a passing gradient check")
-    t1 = time.monotonic()
+    mark("fla gradient check")
     engine = wrap_in_deepspeed(recipe.module, job, dtype)
     loader = recipe.loader(rank, world)
 
@@ -60,12 +65,13 @@ def main(job_path: str) -> None:
 
     staging = state.staging_dir(job.output)
     resumed = state.restore(engine, job.output, rank, local_rank, staging)
+    mark("DeepSpeed and checkpoint restore")
     watch = watch_first_step()
     if rank == 0:  # where a stage's start-up goes, before its first (compiling) step
-        _log(f"{job.stage} ready on {world} ranks, {os.environ.get('GROUP_WORLD_SIZE', '1')} nodes: model built "
-             f"in {t1 - t0:.1f} s, DeepSpeed and checkpoint restore in "
-             f"{time.monotonic() - t1:.1f} s" + (f"; until its first step is done, every thread's stack is "
-                                                   f"printed here every {watch:.0f} s" if watch > 0 else ""))
+        _log(f"{job.stage} ready on {world} ranks, {os.environ.get('GROUP_WORLD_SIZE', '1')} nodes, "
+             f"{mark.total():.1f} s after the process started: {mark.summary()}"
+             + (f"; until its first step is done, every thread's stack is printed here every {watch:.0f} s"
+                if watch > 0 else ""))
     step = 0
     if resumed is not None:
         step = resumed["step"]
@@ -295,6 +301,24 @@ def _grad_norm(engine) -> float:
 
 def _summary(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+class _Marks:
+    """Seconds spent in each part of a stage's start-up, in order: `mark(part)` closes the part that ends now."""
+
+    def __init__(self, marks: dict[str, float]):
+        self.marks, self.last = marks, time.monotonic()
+
+    def __call__(self, part: str) -> None:
+        now = time.monotonic()
+        self.marks[part] = self.marks.get(part, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return sum(self.marks.values())
+
+    def summary(self) -> str:
+        return ", ".join(f"{part} {seconds:.1f} s" for part, seconds in self.marks.items() if seconds >= 0.05)
 
 
 def _process_started() -> float:
