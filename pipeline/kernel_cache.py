@@ -29,6 +29,18 @@ the first step and at the end it publishes its artifacts when they hold any key 
 all of a process's artifacts at once, so its second bundle replaces its first). torch's artifacts are pickles: whoever
 can write the run root can run code on the nodes that load them (Triton's entries are plain JSON). Where the run root
 is writable by people who should not have that, INFINITEVL_SHARE_COMPILED=0 keeps compiled kernels on their node.
+
+fla's own Triton kernels are compiled outside torch.compile, by Triton, once per node: on a fresh H100 the node's
+first stage spent 24 s compiling them (fla's gradient check, pipeline/train/worker.py) where a warm node spends 1 s.
+Triton keeps each compiled kernel in its cache as a group: `<key>/<kernel>.json` (its metadata), the GPU binary
+(`<kernel>.cubin`), its intermediate forms, and `<key>/__grp__<kernel>.json` naming the group's files, `<key>`
+hashing the source, Triton's version, the target GPU and the options: like an autotune entry, right wherever found.
+Those travel as `<run root>/_kernel_cache/kernels/<triton version>-<device>/<name>-<host>-<pid>-<id>.bin`, one JSON
+header line {"sha256", "keys": the `<key>/<kernel>` it holds} then a gzipped tar of each kernel's metadata and binary
+(what Triton's TRITON_STORE_BINARY_ONLY keeps too). A restored kernel's group file, naming the files where this
+node keeps them, is written last, so Triton sees a kernel whole or not at all. The node's first process restores
+them with the rest and publishes the kernels compiled since it started that no bundle holds. GPU binaries run code
+as much as pickles do: INFINITEVL_SHARE_COMPILED=0 keeps them on their node too.
 """
 
 from __future__ import annotations
@@ -36,17 +48,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
 import re
 import socket
+import tarfile
 import uuid
 
 from pipeline import storage
 
 FOLDER = "_kernel_cache"
 COMPILED = "compiled"  # torch.compile's artifacts, one folder per torch version and device
+KERNELS = "kernels"  # Triton's compiled kernels, one folder per Triton version and device
 ENTRY = re.compile(r"^[A-Za-z0-9_-]+/[A-Za-z0-9_.-]+\.autotune\.json$")  # <key>/<kernel>.autotune.json
+KERNEL_FILE = re.compile(r"^([A-Za-z0-9_-]+)/([A-Za-z0-9_-]+)\.(json|cubin|hsaco)$")  # <key>/<kernel>.<ext>
+BINARIES = ("cubin", "hsaco")  # what a launch loads beside the metadata (CUDA, ROCm)
 
 
 def triton_cache_dir() -> str:
@@ -75,6 +92,81 @@ def local_entries(cache_dir: str) -> dict[str, str]:
     return entries
 
 
+def local_kernels(cache_dir: str) -> dict[str, dict[str, str]]:
+    """Triton's compiled kernels in a cache, those whose group is whole: `<key>/<kernel>` -> {file name: path} of
+    its metadata and its binary (the intermediate forms stay behind: a launch does not read them)."""
+    found = {}
+    if not os.path.isdir(cache_dir):
+        return found
+    for key in sorted(os.listdir(cache_dir)):
+        folder = os.path.join(cache_dir, key)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if not (name.startswith("__grp__") and name.endswith(".json")):
+                continue
+            kernel = name[len("__grp__"):-len(".json")]
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    children = json.load(f)["child_paths"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # Triton writes its group files whole; another tool's file is not ours to share
+            files = {}
+            for child in children:
+                match = KERNEL_FILE.match(f"{key}/{child}")
+                if match and match.group(2) == kernel and os.path.exists(os.path.join(folder, child)):
+                    files[child] = os.path.join(folder, child)
+            if f"{kernel}.json" in files and any(c.endswith(tuple(f".{b}" for b in BINARIES)) for c in files):
+                found[f"{key}/{kernel}"] = files
+    return found
+
+
+def pack_kernels(kernels: dict[str, dict[str, str]]) -> bytes:
+    """A gzipped tar of the kernels' files as `<key>/<file>`."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for kernel, files in sorted(kernels.items()):
+            key = kernel.split("/")[0]
+            for child, path in sorted(files.items()):
+                with open(path, "rb") as f:
+                    data = f.read()
+                info = tarfile.TarInfo(f"{key}/{child}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def unpack_kernels(payload: bytes) -> tuple[dict[str, dict[str, bytes]], list[str]]:
+    """({`<key>/<kernel>`: {file name: bytes}} of the whole kernels a bundle's payload holds, [what was left out
+    and why]). ValueError when the payload is not a gzipped tar."""
+    kernels: dict[str, dict[str, bytes]] = {}
+    skipped = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
+            for member in tar.getmembers():
+                match = KERNEL_FILE.match(member.name)
+                if not match or not member.isfile():
+                    skipped.append(f"{member.name!r}: not a Triton kernel's metadata or binary")
+                    continue
+                kernels.setdefault(f"{match.group(1)}/{match.group(2)}", {})[
+                    member.name.split("/")[1]] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"its payload is not a gzipped tar: {e}") from None
+    whole = {}
+    for kernel, files in kernels.items():
+        name = kernel.split("/")[1]
+        try:
+            json.loads(files.get(f"{name}.json", b""))
+        except ValueError:
+            skipped.append(f"{kernel}: its metadata is missing or not JSON")
+            continue
+        if not any(f"{name}.{b}" in files for b in BINARIES):
+            skipped.append(f"{kernel}: no binary")
+            continue
+        whole[kernel] = files
+    return whole, skipped
+
+
 def digest(entries: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
@@ -88,6 +180,23 @@ def compile_tag() -> str:
         major, minor = torch.cuda.get_device_capability()
         device = f"sm{major}{minor}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"torch{torch.__version__}-{device}")
+
+
+def kernels_tag() -> str:
+    """Triton's version and the device its kernels were compiled for: `triton3.6.0-sm90`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        triton = version("triton")
+    except PackageNotFoundError:
+        triton = "none"
+    device = "cpu"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        device = f"sm{major}{minor}"
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"triton{triton}-{device}")
 
 
 def pack_compiled(payload: bytes, keys: set[str]) -> bytes:
@@ -147,11 +256,19 @@ class KernelCache:
         self.compiled_held: set[str] = set()  # torch.compile artifact keys the run root's bundles hold
         self.compiled_read: set[str] = set()
         self.compiled_own: str | None = None  # this process's bundle: replaced by a larger one as it compiles more
+        self.kernels_before = set(local_kernels(self.cache_dir)) if sharing_compiled() else set()
+        self.kernels_held: set[str] = set()  # Triton kernels the run root's bundles hold
+        self.kernels_read: set[str] = set()
 
     @functools.cached_property
     def compiled_url(self) -> str:
         """Where this torch and device's compiled bundles sit (asked only where they are used: it imports torch)."""
         return storage.join(self.url, COMPILED, compile_tag())
+
+    @functools.cached_property
+    def kernels_url(self) -> str:
+        """Where this Triton and device's compiled kernels sit."""
+        return storage.join(self.url, KERNELS, kernels_tag())
 
     def _bundles(self) -> list[dict[str, str]]:
         """The valid entries of each bundle not read before (a damaged bundle gives none)."""
@@ -215,13 +332,16 @@ class KernelCache:
         self.held.update(new)
         return len(new), url
 
-    def _compiled_bundles(self, payloads: bool):
-        """(url, keys, payload or None) of each compiled bundle not read before; a damaged one is skipped. Without
-        `payloads` only headers are read (ranged reads on S3)."""
-        for url in storage.list_files(self.compiled_url, suffix=".bin"):
-            if url in self.compiled_read:
+    def _compiled_bundles(self, payloads: bool, folder: str | None = None, read: set[str] | None = None,
+                          what: str = "compiled kernels"):
+        """(url, keys, payload or None) of each bundle in `folder` (torch.compile's by default) not in `read`;
+        a damaged one is skipped. Without `payloads` only headers are read (ranged reads on S3)."""
+        folder = self.compiled_url if folder is None else folder
+        read = self.compiled_read if read is None else read
+        for url in storage.list_files(folder, suffix=".bin"):
+            if url in read:
                 continue
-            self.compiled_read.add(url)
+            read.add(url)
             try:
                 if payloads:
                     keys, payload = unpack_compiled(storage.read_bytes(url))
@@ -229,7 +349,7 @@ class KernelCache:
                     with storage.open_url(url) as f:
                         keys, payload = compiled_header(f.readline())[0], None
             except (ValueError, OSError) as e:  # damaged, or replaced by its process since it was listed
-                self.warn(f"compiled kernels: skipped the bundle {url}: {e}")
+                self.warn(f"{what}: skipped the bundle {url}: {e}")
                 continue
             yield url, keys, payload
 
@@ -280,6 +400,57 @@ class KernelCache:
         return len(new), url
 
 
+    def restore_kernels(self) -> int:
+        """Writes the run root's compiled Triton kernels for this Triton and device into the local cache (those it
+        lacks); returns how many were new here."""
+        added = 0
+        if not sharing_compiled():
+            return added
+        have = set(local_kernels(self.cache_dir))
+        for url, _, payload in self._compiled_bundles(True, self.kernels_url, self.kernels_read, "Triton kernels"):
+            try:
+                kernels, skipped = unpack_kernels(payload)
+            except ValueError as e:
+                self.warn(f"Triton kernels: skipped the bundle {url}: {e}")
+                continue
+            for why in skipped:
+                self.warn(f"Triton kernels: skipped {why} in {url}")
+            for kernel, files in kernels.items():
+                self.kernels_held.add(kernel)
+                if kernel in have:
+                    continue
+                key, name = kernel.split("/")
+                folder = os.path.join(self.cache_dir, key)
+                paths = {}
+                for child, data in files.items():
+                    paths[child] = os.path.join(folder, child)
+                    storage.write_bytes(paths[child], data)
+                # last: Triton takes a kernel from its cache only through its group file
+                storage.write_bytes(os.path.join(folder, f"__grp__{name}.json"),
+                                    json.dumps({"child_paths": paths}).encode())
+                have.add(kernel)
+                added += 1
+        return added
+
+    def publish_kernels(self) -> tuple[int, str | None]:
+        """Writes the Triton kernels compiled here since this object was made that no bundle holds, as one new
+        bundle; returns (their count, its URL or None)."""
+        if not sharing_compiled():
+            return 0, None
+        for _, keys, _ in self._compiled_bundles(False, self.kernels_url, self.kernels_read, "Triton kernels"):
+            self.kernels_held.update(keys)
+        new = {kernel: files for kernel, files in local_kernels(self.cache_dir).items()
+               if kernel not in self.kernels_before and kernel not in self.kernels_held}
+        if not new:
+            return 0, None
+        url = storage.join(self.kernels_url,
+                           f"{self.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin")
+        storage.write_bytes(url, pack_compiled(pack_kernels(new), set(new)))
+        self.kernels_read.add(url)
+        self.kernels_held.update(new)
+        return len(new), url
+
+
 def restore_tuning(url: str | None, name: str, local_rank: int, world: int, log) -> KernelCache | None:
     """In a process group (torch.distributed joined when `world` > 1): the node's first process fills its Triton
     cache and torch.compile's caches from the run's bundles at `url` while the others wait. Returns its KernelCache
@@ -292,6 +463,10 @@ def restore_tuning(url: str | None, name: str, local_rank: int, world: int, log)
             if added:
                 log(f"{name}: {added} tuned kernel configurations from the run root ({url}) in this node's "
                     f"Triton cache ({tuning.cache_dir})")
+            kernels = tuning.restore_kernels()
+            if kernels:
+                log(f"{name}: {kernels} compiled Triton kernels from the run root ({tuning.kernels_url}) in this "
+                    f"node's Triton cache")
             loaded = tuning.restore_compiled()
             if loaded:
                 log(f"{name}: {loaded} compiled artifacts from the run root ({tuning.compiled_url}) in this node's "
@@ -313,6 +488,7 @@ def publish_tuning(tuning: KernelCache | None, log) -> None:
     if tuning is None:
         return
     for publish, what, where in ((tuning.publish, "tuned kernel configurations", tuning.url),
+                                 (tuning.publish_kernels, "compiled Triton kernels", tuning.kernels_url),
                                  (tuning.publish_compiled, "compiled artifacts", tuning.compiled_url)):
         try:
             count, url = publish()
@@ -336,22 +512,26 @@ def shared_tuning(root: str, name: str, log, local_rank: int = 0, world: int = 1
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipeline.kernel_cache RUN_ROOT [--into DIR] [--compiled]`: a run's shared kernel tuning into a
-    Triton cache (this process's by default), and with --compiled its torch.compile artifacts into this node's compile
-    caches: to warm a node before its first stage, or to pack the tuning for infra/autotune."""
+    Triton cache (this process's by default), and with --compiled its compiled Triton kernels too and its
+    torch.compile artifacts into this node's compile caches: to warm a node before its first stage, or to pack the
+    tuning for infra/autotune."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m pipeline.kernel_cache",
                                 description="Copies a run's shared kernel tuning into a Triton cache.")
     p.add_argument("root", help="the run root (local folder or s3:// URL)")
     p.add_argument("--into", default=None, help="the Triton cache to fill (default: TRITON_CACHE_DIR, else ~/.triton/cache)")
-    p.add_argument("--compiled", action="store_true", help="also load the run's torch.compile artifacts for this "
-                   "torch and device into this node's compile caches (TORCHINDUCTOR_CACHE_DIR)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also copy the run's compiled Triton kernels into the Triton cache and load its torch.compile "
+                        "artifacts for this torch and device into this node's compile caches (TORCHINDUCTOR_CACHE_DIR)")
     args = p.parse_args(argv)
     cache = KernelCache(storage.join(args.root, FOLDER), args.into)
     added = cache.restore()
     print(f"{added} tuned kernel configurations from {cache.url} added to {cache.cache_dir} "
           f"({len(cache.held)} in the run root's {len(cache.read)} bundles)")
     if args.compiled:
+        kernels = cache.restore_kernels()
+        print(f"{kernels} compiled Triton kernels from {cache.kernels_url} added to {cache.cache_dir}")
         loaded = cache.restore_compiled()
         print(f"{loaded} compiled artifacts from {cache.compiled_url} in this node's torch.compile caches")
     return added

@@ -82,6 +82,14 @@ def test_two_nodes_share_their_tuned_kernels_through_an_s3_run_root(s3, tmp_path
     monkeypatch.setattr("torch.compiler.load_cache_artifacts", lambda b: loads.append(b) or object())
     assert KernelCache(url, str(tmp_path / "n2")).restore_compiled() == 2 and loads == [b"\x00graphs\n\xff"]
     assert KernelCache(url, str(tmp_path / "n3")).publish_compiled() == (0, None)
+    # Triton's compiled kernels through S3 the same way
+    node = KernelCache(url, str(tmp_path / "k1"))
+    _compiled(monkeypatch, tmp_path / "k1", K1, "chunk_fwd_kernel_o", b"\x7fELF\x00o")
+    assert node.publish_kernels()[0] == 1
+    assert KernelCache(url, str(tmp_path / "k2")).restore_kernels() == 1
+    assert _found_by_triton(monkeypatch, tmp_path / "k2", K1, "chunk_fwd_kernel_o")["chunk_fwd_kernel_o.cubin"] == \
+        b"\x7fELF\x00o"
+    assert KernelCache(url, str(tmp_path / "k2")).publish_kernels() == (0, None)
 
 
 def test_damaged_bundles_and_entries_are_skipped_naming_them_and_the_rest_restored(tmp_path):
@@ -155,10 +163,17 @@ def test_the_command_loads_a_runs_compiled_kernels_when_asked(tmp_path, capsys, 
     storage.write_bytes(storage.join(url, "stage3-b.bin"), kernel_cache.pack_compiled(b"two", {"inductor:x", "inductor:z"}))
     loads = []
     monkeypatch.setattr("torch.compiler.load_cache_artifacts", lambda b: loads.append(b) or object())
+    node = KernelCache(storage.join(root, FOLDER), str(tmp_path / "node1"))
+    _compiled(monkeypatch, tmp_path / "node1", K1, "chunk_fwd_kernel_o", b"\x7fELF")
+    assert node.publish_kernels()[0] == 1
     kernel_cache.main([root, "--into", str(tmp_path / "cache")])
     assert loads == [] and "compiled" not in capsys.readouterr().out
+    assert _found_by_triton(monkeypatch, tmp_path / "cache", K1, "chunk_fwd_kernel_o") is None
     kernel_cache.main([root, "--into", str(tmp_path / "cache"), "--compiled"])
-    assert loads == [b"one", b"two"] and "3 compiled artifacts" in capsys.readouterr().out  # distinct keys
+    out = capsys.readouterr().out
+    assert loads == [b"one", b"two"] and "3 compiled artifacts" in out  # distinct keys
+    assert "1 compiled Triton kernels" in out and _found_by_triton(monkeypatch, tmp_path / "cache", K1,
+                                                                   "chunk_fwd_kernel_o") is not None
 
 
 def test_a_block_of_gpu_work_starts_from_the_shared_tuning_and_publishes_its_own_even_when_it_fails(tmp_path,
@@ -262,3 +277,117 @@ def test_damaged_or_foreign_compiled_bundles_are_skipped_naming_them(tmp_path, m
     monkeypatch.setattr(kernel_cache, "compiled_artifacts", lambda: (b"most", {"inductor:abc", "pgo:def", "pgo:g"}))
     count, latest = publisher.publish_compiled()
     assert count == 1 and not storage.exists(written) and storage.exists(latest)
+
+
+# -- Triton's compiled kernels --------------------------------------------------------------------------------------
+# written and read back by Triton's own cache manager, as triton.compile does: the files, then the group naming them
+K1 = "5MDQXFRPGOFDGBG6SJZP4TVGLVXEYRXTYLHGHJRW4Y3IKP5HP6EQ"
+K2 = "ZUMX2GOQWAHN4VWEVJJS2ML7MEH3CYDEPLBJT6RRCP7Z3F45ZVVA"
+K3 = "4CIGMQYZK7XWNYKCOWAYZ6K6TEOHIUEOGDZEY2C6NXEI5JVNMWTQ"
+
+
+def _compiled(monkeypatch, cache, key, kernel, binary: bytes, forms=("ttir", "ptx")):
+    """A kernel in `cache` as triton.compile leaves it (intermediate forms, binary, metadata, then the group)."""
+    from triton.runtime.cache import FileCacheManager
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    manager = FileCacheManager(key)
+    group = {f"{kernel}.{form}": manager.put(f"// {form} of {kernel}", f"{kernel}.{form}") for form in forms}
+    group[f"{kernel}.cubin"] = manager.put(binary, f"{kernel}.cubin")
+    group[f"{kernel}.json"] = manager.put(json.dumps({"name": kernel, "hash": key, "num_warps": 4}), f"{kernel}.json")
+    manager.put_group(f"{kernel}.json", group)
+
+
+def _found_by_triton(monkeypatch, cache, key, kernel) -> dict | None:
+    """{file name: bytes} of the kernel as Triton's cache lookup finds it (None: Triton would compile it again)."""
+    from triton.runtime.cache import FileCacheManager
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    group = FileCacheManager(key).get_group(f"{kernel}.json")
+    if group is None:
+        return None
+    assert all(path.startswith(str(cache)) for path in group.values()), group  # this node's files, not another's
+    return {name: open(path, "rb").read() for name, path in group.items()}
+
+
+def test_a_fresh_node_takes_the_triton_kernels_another_compiled_whole(tmp_path, monkeypatch):
+    from pipeline import kernel_cache
+
+    url = str(tmp_path / "run" / FOLDER)
+    one, two = tmp_path / "node1", tmp_path / "node2"
+    _compiled(monkeypatch, one, K3, "l2norm_fwd_kernel", b"\x7fELF old")  # in the cache before the stage: stays here
+    first = KernelCache(url, str(one), name="stage1a")
+    _compiled(monkeypatch, one, K1, "chunk_fwd_kernel_o", b"\x7fELF\x00o")  # compiled while the stage runs
+    _compiled(monkeypatch, one, K2, "chunk_gated_delta_rule_fwd_kernel_h", b"\x7fELF\x00h")
+    count, written = first.publish_kernels()
+    assert count == 2 and written.startswith(first.kernels_url)
+    keys, payload = kernel_cache.unpack_compiled(storage.read_bytes(written))
+    assert keys == {f"{K1}/chunk_fwd_kernel_o", f"{K2}/chunk_gated_delta_rule_fwd_kernel_h"}
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(payload)) as tar:  # metadata and binary only: a launch reads no more
+        assert sorted(tar.getnames()) == [f"{K1}/chunk_fwd_kernel_o.cubin", f"{K1}/chunk_fwd_kernel_o.json",
+                                          f"{K2}/chunk_gated_delta_rule_fwd_kernel_h.cubin",
+                                          f"{K2}/chunk_gated_delta_rule_fwd_kernel_h.json"]
+    assert first.publish_kernels() == (0, None)
+
+    assert _found_by_triton(monkeypatch, two, K1, "chunk_fwd_kernel_o") is None
+    second = KernelCache(url, str(two), name="stage1b")
+    assert second.restore_kernels() == 2
+    found = _found_by_triton(monkeypatch, two, K1, "chunk_fwd_kernel_o")
+    assert found["chunk_fwd_kernel_o.cubin"] == b"\x7fELF\x00o" and set(found) == {"chunk_fwd_kernel_o.cubin",
+                                                                                 "chunk_fwd_kernel_o.json"}
+    assert _found_by_triton(monkeypatch, two, K2, "chunk_gated_delta_rule_fwd_kernel_h") is not None
+    assert _found_by_triton(monkeypatch, two, K3, "l2norm_fwd_kernel") is None
+    assert second.restore_kernels() == 0 and second.publish_kernels() == (0, None)  # nothing new either way
+    _compiled(monkeypatch, two, K3, "l2norm_fwd_kernel", b"\x7fELF new")  # compiled on node 2: its own bundle
+    assert second.publish_kernels()[0] == 1
+    third = KernelCache(url, str(tmp_path / "node3"))
+    assert third.restore_kernels() == 3
+    assert _found_by_triton(monkeypatch, tmp_path / "node3", K3, "l2norm_fwd_kernel")["l2norm_fwd_kernel.cubin"] == \
+        b"\x7fELF new"
+
+
+def test_damaged_triton_kernel_bundles_are_skipped_naming_them_and_the_rest_restored(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from pipeline import kernel_cache
+
+    url = str(tmp_path / "run" / FOLDER)
+    folder = KernelCache(url, str(tmp_path / "t")).kernels_url
+
+    def tar(files: dict[str, bytes]) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w:gz") as t:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+
+    meta = json.dumps({"name": "k"}).encode()
+    good = {f"{K1}/k.json": meta, f"{K1}/k.cubin": b"\x7fELF"}
+    mixed = {**good, "../../escape.cubin": b"x", f"{K2}/k.json": meta,                       # K2: no binary
+             f"{K3}/k.json": b"{not json", f"{K3}/k.cubin": b"\x7fELF"}                        # K3: bad metadata
+    storage.write_bytes(storage.join(folder, "stage1a-a.bin"), kernel_cache.pack_compiled(tar(mixed), {"x"}))
+    flipped = kernel_cache.pack_compiled(tar(good), {"y"})
+    storage.write_bytes(storage.join(folder, "stage1a-b.bin"), flipped[:-1] + bytes([flipped[-1] ^ 1]))
+    storage.write_bytes(storage.join(folder, "stage1a-c.bin"), kernel_cache.pack_compiled(b"not a tar", {"z"}))
+    warnings = []
+    cache = KernelCache(url, str(tmp_path / "node"), warn=warnings.append)
+    assert cache.restore_kernels() == 1
+    assert _found_by_triton(monkeypatch, tmp_path / "node", K1, "k") == {"k.json": meta, "k.cubin": b"\x7fELF"}
+    assert not (tmp_path / "escape.cubin").exists() and not os.path.exists(tmp_path / "node" / K3)
+    text = "\n".join(warnings)
+    assert "'../../escape.cubin': not a Triton kernel's metadata or binary" in text
+    assert f"{K2}/k: no binary" in text and f"{K3}/k: its metadata is missing or not JSON" in text
+    assert "stage1a-b.bin" in text and "does not match its sha256" in text
+    assert "stage1a-c.bin" in text and "not a gzipped tar" in text
+    # where the run root's writers are not trusted to run code on the nodes, no binary travels
+    monkeypatch.setenv("INFINITEVL_SHARE_COMPILED", "0")
+    assert KernelCache(url, str(tmp_path / "node4")).restore_kernels() == 0
+    off = KernelCache(url, str(tmp_path / "node5"))
+    _compiled(monkeypatch, tmp_path / "node5", K2, "k2", b"\x7fELF")
+    assert off.publish_kernels() == (0, None)
