@@ -75,20 +75,25 @@ def triton_cache_dir() -> str:
     return os.path.join(os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
 
 
+def _cache_files(cache_dir: str):
+    """(key, folder, file name) of each file one level down a Triton cache (`<key>/<file>`), in order."""
+    if not os.path.isdir(cache_dir):
+        return
+    for key in sorted(os.listdir(cache_dir)):
+        folder = os.path.join(cache_dir, key)
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                yield key, folder, name
+
+
 def local_entries(cache_dir: str) -> dict[str, str]:
     """The autotune entries of a Triton cache: relative path -> text."""
     entries = {}
-    if not os.path.isdir(cache_dir):
-        return entries
-    for key in sorted(os.listdir(cache_dir)):
-        folder = os.path.join(cache_dir, key)
-        if not os.path.isdir(folder):
-            continue
-        for name in sorted(os.listdir(folder)):
-            rel = f"{key}/{name}"
-            if ENTRY.match(rel):
-                with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
-                    entries[rel] = f.read()
+    for key, folder, name in _cache_files(cache_dir):
+        rel = f"{key}/{name}"
+        if ENTRY.match(rel):
+            with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                entries[rel] = f.read()
     return entries
 
 
@@ -96,28 +101,22 @@ def local_kernels(cache_dir: str) -> dict[str, dict[str, str]]:
     """Triton's compiled kernels in a cache, those whose group is whole: `<key>/<kernel>` -> {file name: path} of
     its metadata and its binary (the intermediate forms stay behind: a launch does not read them)."""
     found = {}
-    if not os.path.isdir(cache_dir):
-        return found
-    for key in sorted(os.listdir(cache_dir)):
-        folder = os.path.join(cache_dir, key)
-        if not os.path.isdir(folder):
+    for key, folder, name in _cache_files(cache_dir):
+        if not (name.startswith("__grp__") and name.endswith(".json")):
             continue
-        for name in sorted(os.listdir(folder)):
-            if not (name.startswith("__grp__") and name.endswith(".json")):
-                continue
-            kernel = name[len("__grp__"):-len(".json")]
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    children = json.load(f)["child_paths"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # Triton writes its group files whole; another tool's file is not ours to share
-            files = {}
-            for child in children:
-                match = KERNEL_FILE.match(f"{key}/{child}")
-                if match and match.group(2) == kernel and os.path.exists(os.path.join(folder, child)):
-                    files[child] = os.path.join(folder, child)
-            if f"{kernel}.json" in files and any(c.endswith(tuple(f".{b}" for b in BINARIES)) for c in files):
-                found[f"{key}/{kernel}"] = files
+        kernel = name[len("__grp__"):-len(".json")]
+        try:
+            with open(os.path.join(folder, name)) as f:
+                children = json.load(f)["child_paths"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # Triton writes its group files whole; another tool's file is not ours to share
+        files = {}
+        for child in children:
+            match = KERNEL_FILE.match(f"{key}/{child}")
+            if match and match.group(2) == kernel and os.path.exists(os.path.join(folder, child)):
+                files[child] = os.path.join(folder, child)
+        if f"{kernel}.json" in files and any(c.endswith(tuple(f".{b}" for b in BINARIES)) for c in files):
+            found[f"{key}/{kernel}"] = files
     return found
 
 
@@ -171,32 +170,31 @@ def digest(entries: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
+def _device_tag() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
+
+
 def compile_tag() -> str:
     """The torch version and device torch.compile's artifacts were made for: `torch2.11.0+cu130-sm90`, `...-cpu`."""
     import torch
 
-    device = "cpu"
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        device = f"sm{major}{minor}"
-    return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"torch{torch.__version__}-{device}")
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"torch{torch.__version__}-{_device_tag()}")
 
 
 def kernels_tag() -> str:
     """Triton's version and the device its kernels were compiled for: `triton3.6.0-sm90`."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import torch
-
     try:
         triton = version("triton")
     except PackageNotFoundError:
         triton = "none"
-    device = "cpu"
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        device = f"sm{major}{minor}"
-    return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"triton{triton}-{device}")
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"triton{triton}-{_device_tag()}")
 
 
 def pack_compiled(payload: bytes, keys: set[str]) -> bytes:
