@@ -378,11 +378,22 @@ def stage1a_zero3(workspace):
                                                                   "sha256": digest({TUNED[0]: theirs})})
     os.makedirs(cache / TUNED[1].split("/")[0])
     (cache / TUNED[1]).write_text(before)
+    # and a Triton kernel another node compiled (restored), one this node compiles while the stage runs (published)
+    from pipeline import kernel_cache
+
+    theirs_kernel = {f"{KERNELS[0]}.json": b'{"name": "chunk_fwd_kernel_o"}', f"{KERNELS[0]}.cubin": b"\x7fELF o"}
+    tar = kernel_cache.pack_kernels({KERNELS[0]: {name.split("/")[1]: _file(workspace / "k", name, data)
+                                                  for name, data in theirs_kernel.items()}})
+    storage.write_bytes(storage.join(job.kernel_cache, kernel_cache.KERNELS, kernel_cache.kernels_tag(), "n0.bin"),
+                        kernel_cache.pack_compiled(tar, {KERNELS[0]}))
 
     def tune(line):
         if "stage1a ready on" in line:  # the worker is past its restore, before its first step
             os.makedirs(cache / TUNED[2].split("/")[0])
             (cache / TUNED[2]).write_text(tuned)
+            files = {f"{KERNELS[1]}.{ext}": _file(cache, f"{KERNELS[1]}.{ext}", b"...") for ext in ("cubin", "json")}
+            _file(cache, f"{KERNELS[1].split('/')[0]}/__grp__{KERNELS[1].split('/')[1]}.json",
+                  json.dumps({"child_paths": {p.split("/")[-1]: p for p in files.values()}}).encode())
 
     log = _launch(job, workspace / "job1a.json", env={"TRITON_CACHE_DIR": str(cache)}, on_line=tune)
     os.symlink(out / "export", workspace / "stage1a-export")
@@ -391,6 +402,15 @@ def stage1a_zero3(workspace):
 
 TUNED = ("THEIRKEY/chunk_fwd_kernel_o.autotune.json", "OLDKEY/chunk_bwd_kernel_dv_local.autotune.json",
          "NEWKEY/chunk_gated_delta_rule_fwd_kernel_h.autotune.json")
+KERNELS = ("THEIRKEY/chunk_fwd_kernel_o", "NEWKEY/chunk_gated_delta_rule_fwd_kernel_h")  # <key>/<kernel>
+
+
+def _file(root, rel: str, data: bytes) -> str:
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
 
 
 def test_a_stages_ready_line_says_where_its_start_up_went(stage1a_zero3):
@@ -416,6 +436,17 @@ def test_the_nodes_first_process_restores_and_publishes_kernel_tuning(workspace,
     assert sorted(sorted(b["entries"]) for b in bundles) == [[TUNED[2]], [TUNED[0]]], bundles
     assert log.count("1 tuned kernel configurations of this node that the run root lacked") == 1, log[-3000:]
     assert log.index("1 tuned kernel configurations") < log.index("trainable parameters")
+    # Triton's compiled kernels the same way: the other node's in this node's cache (as Triton finds them, through
+    # their group file), the one compiled here in a bundle of its own
+    from pipeline import kernel_cache
+
+    cache = str(workspace / "triton_cache")
+    assert set(kernel_cache.local_kernels(cache)) == set(KERNELS)
+    assert log.count("1 compiled Triton kernels from the run root") == 1, log[-3000:]
+    assert log.count("1 compiled Triton kernels of this node that the run root lacked") == 1, log[-3000:]
+    folder = storage.join(str(workspace / "kernel_cache"), kernel_cache.KERNELS, kernel_cache.kernels_tag())
+    published = [kernel_cache.unpack_compiled(storage.read_bytes(u))[0] for u in storage.list_files(folder)]
+    assert sorted(map(sorted, published)) == [[KERNELS[1]], [KERNELS[0]]], published
 
 
 def test_stage1a_layerwise_mse_on_two_processes_with_zero3(stage1a_zero3):
