@@ -391,3 +391,50 @@ def test_damaged_triton_kernel_bundles_are_skipped_naming_them_and_the_rest_rest
     off = KernelCache(url, str(tmp_path / "node5"))
     _compiled(monkeypatch, tmp_path / "node5", K2, "k2", b"\x7fELF")
     assert off.publish_kernels() == (0, None)
+
+
+# a node's process on a GPU: restores the run root's Triton kernels, launches one (Triton says whether it compiled
+# it or found it in its cache), publishes what it compiled
+_TRITON_NODE = '''
+import json, sys
+import torch, triton
+import triton.language as tl
+from triton import knobs
+from pipeline.kernel_cache import KernelCache
+
+@triton.jit
+def add_one(x_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < n) + 1, mask=i < n)
+
+hits = []
+knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
+cache = KernelCache(sys.argv[1], name=sys.argv[2], warn=print)
+restored = cache.restore_kernels()
+x = torch.zeros(1000, device="cuda")
+add_one[(8,)](x, 1000, BLOCK=128)
+print(json.dumps({"restored": restored, "cache_hits": hits, "sum": float(x.sum()),
+                  "published": cache.publish_kernels()[0]}))
+'''
+
+
+@pytest.mark.gpu
+def test_a_fresh_gpu_node_launches_the_kernel_another_compiled_without_compiling_it(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "node.py"
+    script.write_text(_TRITON_NODE)
+    url = str(tmp_path / "run" / FOLDER)
+
+    def node(name):
+        env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / name / "triton")}
+        out = subprocess.run([sys.executable, str(script), url, name], env=env, capture_output=True, text=True,
+                             timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = node("node1")
+    assert first == {"restored": 0, "cache_hits": [False], "sum": 1000.0, "published": 1}
+    second = node("node2")  # an empty Triton cache: Triton takes the kernel node1 compiled from its cache
+    assert second == {"restored": 1, "cache_hits": [True], "sum": 1000.0, "published": 0}
