@@ -397,7 +397,6 @@ class KernelCache:
         self.compiled_own = url
         return len(new), url
 
-
     def restore_kernels(self) -> int:
         """Writes the run root's compiled Triton kernels for this Triton and device into the local cache (those it
         lacks); returns how many were new here."""
