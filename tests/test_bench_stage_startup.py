@@ -6,11 +6,14 @@ import json
 from bench import stage_startup
 
 
+STARTUP = {"python and torch imports": 9.1, "model built": 1.6, "fla gradient check": 23.8}
+
+
 def _attempt(root, stage, attempt, first_s, step_s=2.0):
     logs = root / stage / attempt / "logs"
     logs.mkdir(parents=True)
     records = [{"step": 1, "loss": 1.0, "step_s": step_s, "first_step_after_start_s": first_s,
-                "device": "NVIDIA H100 80GB HBM3"}, {"step": 2, "loss": 0.5, "step_s": 0.3}]
+                "startup_s": STARTUP, "device": "NVIDIA H100 80GB HBM3"}, {"step": 2, "loss": 0.5, "step_s": 0.3}]
     (logs / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -35,3 +38,4 @@ def test_the_committed_attempt_is_read_and_the_goal_judged(tmp_path):
     rows = {r["stage"]: r for r in record["rows"]}
     assert rows["stage1b"]["within_goal"] is False and rows["stage1a"]["within_goal"] is True
     assert "records no first step" in rows["stage3"]["error"]
+    assert rows["stage1a"]["startup_s"] == STARTUP  # where the seconds before the first step went

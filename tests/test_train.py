@@ -464,6 +464,8 @@ def test_stage1a_layerwise_mse_on_two_processes_with_zero3(stage1a_zero3):
     first = steps[0]
     assert first["step"] == 1 and first["device"] == "cpu", first
     assert first["step_s"] < first["first_step_after_start_s"] < 600, first
+    assert {"python and torch imports", "model built"} <= set(first["startup_s"]), first  # the ready line's parts
+    assert sum(first["startup_s"].values()) < first["first_step_after_start_s"] - first["step_s"] + 0.5, first
     assert all("first_step_after_start_s" not in r for r in steps[1:])
     assert re.search(r"stage1a: first step done \d+ s after the process started", log), log[-2000:]
     from model.checkpoint import load_pretrained

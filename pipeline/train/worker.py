@@ -112,6 +112,7 @@ def main(job_path: str) -> None:
             warm_from, rate, step_time = now, metrics["tokens"] / metrics["step_s"], metrics["step_s"]
             # the stage's start-up as a fresh node pays it (bench/stage_startup.py reads this record)
             metrics["first_step_after_start_s"] = time.time() - _process_started()
+            metrics["startup_s"] = {part: round(seconds, 2) for part, seconds in mark.marks.items()}
             metrics["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             if rank == 0:
                 _log(f"{job.stage}: first step done {metrics['first_step_after_start_s']:.0f} s after the process "
