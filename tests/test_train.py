@@ -724,3 +724,14 @@ def test_a_cpu_rank_joins_its_group_past_a_lock_a_killed_run_left_in_torchs_exte
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"the rank waited on the stale lock: {e.stdout!r}") from None
     assert out.returncode == 0 and "joined (0, 1, 0) True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_the_worker_reads_its_loader_processes_before_checking_the_job(tmp_path, workers):
+    """The fork server starts before the job's check imports the model's code: its count is read from the dumped
+    job as the checked job would give it."""
+    from pipeline.train.worker import _loader_workers
+
+    path = tmp_path / "job.json"
+    _job(tmp_path, "stage2", tmp_path / "out", loader_workers=workers).dump(str(path))
+    assert _loader_workers(str(path)) == TrainJob.load(str(path)).section.loader_workers == workers

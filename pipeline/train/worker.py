@@ -27,12 +27,14 @@ from .job import TrainJob
 def main(job_path: str) -> None:
     install_stack_dump()
     mark = _Marks({"python and torch imports": time.time() - _process_started()})
-    job = TrainJob.load(job_path)
-    if job.section.loader_workers:
+    if _loader_workers(job_path):
         from pipeline.data.engines import start_worker_server
 
-        start_worker_server()  # the data workers' imports beside the model build, not in the first step
-    mark("job read, data workers' server started")
+        # first thing: the data workers' imports run beside this process's, not in the first step
+        start_worker_server()
+        mark("data workers' server started")
+    job = TrainJob.load(job_path)
+    mark("job read (checking its config imports the model's code)")
     rank, world, local_rank, device = join_process_group()
     mark("process group")
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # a rank or a node of the group failed
@@ -302,6 +304,13 @@ def _grad_norm(engine) -> float:
 
 def _summary(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _loader_workers(job_path: str) -> int:
+    """The job's data loader processes, read before the job is checked (its check imports the model's code, seconds
+    the fork server can spend on its own imports meanwhile). A job file as TrainJob.dump writes it holds the field."""
+    with open(job_path) as f:
+        return int(json.load(f).get("section", {}).get("loader_workers") or 0)
 
 
 class _Marks:
