@@ -51,7 +51,7 @@ def main(job_path: str) -> None:
 
     from pipeline.recipes import RECIPES
 
-    mark("recipe imports (transformers, fla, DeepSpeed)")
+    mark("recipe imports")  # transformers and fla came with the job's check
     recipe = RECIPES[job.stage].build(job, dtype, device, log=_log if rank == 0 else None)
     mark("model built")
     from model.ops.common import check_guarded_backwards
