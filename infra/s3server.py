@@ -39,8 +39,12 @@ class S3Server:
     @property
     def storage_options(self) -> dict:
         """fsspec/s3fs options for this server."""
+        from pipeline.storage import S3_RETRIES
+
         return {"key": self.key, "secret": self.secret, "endpoint_url": self.endpoint,
-                "client_kwargs": {"region_name": "us-east-1"}}
+                "client_kwargs": {"region_name": "us-east-1"},
+                # the retry policy pipeline.storage gives every S3 store, for clients made from these options
+                "config_kwargs": {"retries": dict(S3_RETRIES)}}
 
     @property
     def env(self) -> dict:

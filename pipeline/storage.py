@@ -9,12 +9,17 @@ of a model directory); a reader checks what it opens against that record before 
 process (`verify_file`, `verify_dir`), and a mismatch raises `IntegrityError` naming the file, both digests and
 the command that rebuilds it. Remote model directories are read through `local_dir`, a verified local copy.
 
+S3 requests that fail with a server error (500 InternalError, 503 SlowDown, a dropped connection) are retried by
+botocore with exponential backoff, up to `S3_RETRIES` attempts over about two minutes, unless the storage options
+set their own `config_kwargs.retries`: a stage that runs for hours should not die of one slow second at the store.
+
 Storage options may carry credentials; anything this module raises or returns goes through `redact`,
 so the key and secret never reach logs, manifests or error messages.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -41,6 +46,10 @@ FILES = "_FILES.json"  # a committed directory's file list: {"files": {relative 
 # where a stage attempt writes (pipeline.stages): <run root>/<stage>/attempt-NNNN/...
 _ATTEMPT_PATH = re.compile(r"^(?P<root>.+?)/(?P<stage>[^/]+)/attempt-\d+(/|$)")
 _CHUNK = 1 << 23
+# botocore's "standard" mode retries throttling and 5xx answers with jittered backoff (capped at 20 s a wait);
+# the default policy gives up after 5 attempts, within seconds. (botocore rewrites a config's retries dict in place,
+# so each filesystem gets its own copy.)
+S3_RETRIES = {"total_max_attempts": 10, "mode": "standard"}
 
 
 class IntegrityError(StorageError):
@@ -65,9 +74,20 @@ def rebuild_hint(url: str) -> str:
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        return url_to_fs(url, **(storage_options or {}))
+        return url_to_fs(url, **with_retries(url, storage_options))
     except Exception as exc:  # noqa: BLE001 - re-raised without credentials
         raise StorageError(redact(f"cannot open {url}: {exc}", storage_options)) from None
+
+
+def with_retries(url: str, storage_options: dict | None) -> dict:
+    """The storage options, with `S3_RETRIES` added for an S3 URL whose options set no retry policy."""
+    options = dict(storage_options or {})
+    if url.split("://", 1)[0] not in ("s3", "s3a"):
+        return options
+    config = copy.deepcopy(options.get("config_kwargs") or {})
+    config.setdefault("retries", dict(S3_RETRIES))
+    options["config_kwargs"] = config
+    return options
 
 
 def join(url: str, *parts: str) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import os
+import threading
+import urllib.parse
 
 import pytest
 import s3fs
@@ -55,3 +59,101 @@ def test_commit_writes_the_marker_last_and_lists(s3, tmp_path, where, monkeypatc
         storage.read_bytes(storage.join(root, "nope"), opts)
     storage.delete(root, opts)
     assert storage.list_files(root, opts) == []
+
+
+class _FlakyS3(http.server.ThreadingHTTPServer):
+    """A proxy in front of the real S3 server that answers the first `failures` PUTs with S3's 500 InternalError
+    (what the store sends when it cannot take a write for a moment) and forwards everything else unchanged (the
+    Host header too, which the request's signature covers)."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, failures: int):
+        self.upstream, self.failures, self.puts = urllib.parse.urlsplit(upstream), failures, 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _FlakyHandler)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _relay(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        server: _FlakyS3 = self.server
+        if self.command == "PUT":
+            with server.lock:
+                server.puts += 1
+                fail = server.puts <= server.failures
+            if fail:
+                error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+                         b'<Message>We encountered an internal error, please try again.</Message></Error>')
+                self.send_response(500)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(error)))
+                self.end_headers()
+                self.wfile.write(error)
+                return
+        upstream = http.client.HTTPConnection(server.upstream.hostname, server.upstream.port, timeout=30)
+        upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+        for name, value in self.headers.items():
+            upstream.putheader(name, value)
+        upstream.endheaders(body)
+        answer = upstream.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        upstream.close()
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _relay
+
+
+def test_a_store_that_fails_a_write_several_times_in_a_row_does_not_fail_the_write(s3, monkeypatch):
+    # botocore's own retry decision runs; only its waits are zeroed so the test takes no backoff time
+    from aiobotocore.retries import standard as aio_standard
+    from botocore.retries import standard
+
+    for module in (standard, aio_standard):
+        monkeypatch.setattr(module.ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+    proxy = _FlakyS3(s3.endpoint, failures=6)  # past botocore's default of 5 attempts
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        options = {**s3.storage_options, "endpoint_url": proxy.endpoint, "skip_instance_cache": True}
+        options.pop("config_kwargs")  # as a user's options come: no retry policy of their own
+        url = s3.fresh("flaky") + "/shard.bin"
+        storage.write_bytes(url, b"payload", options)
+        assert proxy.puts == 7  # six answered with 500, the seventh forwarded
+        assert storage.read_bytes(url, s3.storage_options) == b"payload"  # read from the server itself
+
+        # a user's own policy is kept: two attempts in all, then the error
+        proxy.puts, proxy.failures = 0, 3
+        with pytest.raises(OSError, match="internal error"):
+            storage.write_bytes(s3.fresh("flaky") + "/other.bin", b"x",
+                                {**options, "config_kwargs": {"retries": {"total_max_attempts": 2, "mode": "standard"}}})
+        assert proxy.puts == 2
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_retries_are_added_to_s3_options_only_where_none_are_set():
+    assert storage.with_retries("s3://b/k", None) == {"config_kwargs": {"retries": storage.S3_RETRIES}}
+    own = {"config_kwargs": {"retries": {"max_attempts": 2}, "read_timeout": 5}, "key": "k"}
+    assert storage.with_retries("s3://b/k", own) == own
+    assert storage.with_retries("s3://b/k", own)["config_kwargs"]["retries"] is not own["config_kwargs"]["retries"]
+    assert storage.with_retries("s3://b/k", {"config_kwargs": {"read_timeout": 5}}) == {
+        "config_kwargs": {"read_timeout": 5, "retries": storage.S3_RETRIES}}
+    assert storage.with_retries("/local/path", {"x": 1}) == {"x": 1}
+    assert storage.with_retries("memory://a", None) == {}
