@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import time
 
-import fsspec
 
 from . import storage
 from .stages import STAGE_ORDER, StageContext, current_attempt, join, stage_dir
@@ -42,7 +41,7 @@ def write_marker(uri: str, stage: str, step: int, metrics: dict, files: dict[str
 
 def list_checkpoints(stage_output: str) -> list[tuple[int, str]]:
     """(step, uri) of every committed checkpoint of a stage, oldest first."""
-    fs, path = fsspec.core.url_to_fs(join(stage_output, "checkpoints"))
+    fs, path = storage.filesystem(join(stage_output, "checkpoints"))
     fs.invalidate_cache(path)  # another process (the training job) writes the checkpoints
     if not fs.exists(path):
         return []

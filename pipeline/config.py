@@ -13,10 +13,10 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, ClassVar, Literal
 
-import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from . import storage
 from .data.config import SourceConfig
 from .stages import STAGE_ORDER
 
@@ -341,8 +341,7 @@ class RunConfig(Section):
 def load_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Reads YAML from a path or fsspec URL, applies `a.b.c=value` overrides, validates."""
     try:
-        with fsspec.open(source, "r") as f:
-            raw = yaml.safe_load(f)
+        raw = yaml.safe_load(storage.read_text(source))
     except FileNotFoundError:
         raise ConfigError(f"config not found: {source}") from None
     except yaml.YAMLError as e:

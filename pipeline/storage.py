@@ -11,7 +11,8 @@ the command that rebuilds it. Remote model directories are read through `local_d
 
 S3 requests that fail with a server error (500 InternalError, 503 SlowDown, a dropped connection) are retried by
 botocore with exponential backoff, up to `S3_RETRIES` attempts over about two minutes, unless the storage options
-set their own `config_kwargs.retries`: a stage that runs for hours should not die of one slow second at the store.
+(`config_kwargs.retries`) or the environment (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE) set a policy: a stage that runs for
+hours should not die of one slow second at the store.
 
 Storage options may carry credentials; anything this module raises or returns goes through `redact`,
 so the key and secret never reach logs, manifests or error messages.
@@ -80,9 +81,10 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
 
 
 def with_retries(url: str, storage_options: dict | None) -> dict:
-    """The storage options, with `S3_RETRIES` added for an S3 URL whose options set no retry policy."""
+    """The storage options, with `S3_RETRIES` added for an S3 URL where neither the options nor the environment
+    (botocore's AWS_MAX_ATTEMPTS, AWS_RETRY_MODE) set a retry policy."""
     options = dict(storage_options or {})
-    if url.split("://", 1)[0] not in ("s3", "s3a"):
+    if url.split("://", 1)[0] not in ("s3", "s3a") or {"AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"} & set(os.environ):
         return options
     config = copy.deepcopy(options.get("config_kwargs") or {})
     config.setdefault("retries", dict(S3_RETRIES))
@@ -164,10 +166,24 @@ def list_files(url: str, storage_options: dict | None = None, suffix: str = "") 
     return [_unstrip(url, path, p) for p in names]
 
 
+def read_text(url: str, storage_options: dict | None = None) -> str:
+    return read_bytes(url, storage_options).decode("utf-8")
+
+
+def write_text(url: str, text: str, storage_options: dict | None = None) -> None:
+    """Writes a text file whole (see `write_bytes`)."""
+    write_bytes(url, text.encode("utf-8"), storage_options)
+
+
 def open_url(url: str, mode: str = "rb", storage_options: dict | None = None, **kwargs):
-    """An open file object; on S3 reads are ranged, so random access to a large file is cheap."""
+    """An open file object (text where `mode` has no "b"); on S3 reads are ranged, so random access to a large
+    file is cheap. A local file opened for writing gets its folder made first. A file written through it is not
+    atomic (S3 makes it visible on close, whatever was written by then): for files written whole use
+    `write_bytes`/`write_text`, and commit what a reader must trust with a marker."""
     fs, path = filesystem(url, storage_options)
     with _errors(f"open {url}", storage_options):
+        if is_local(url) and any(c in mode for c in "wax"):
+            fs.makedirs(fs._parent(path), exist_ok=True)
         return fs.open(path, mode, **kwargs)
 
 

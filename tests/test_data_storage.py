@@ -127,6 +127,8 @@ def test_a_store_that_fails_a_write_several_times_in_a_row_does_not_fail_the_wri
 
     for module in (standard, aio_standard):
         monkeypatch.setattr(module.ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+    for name in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(name, raising=False)
     proxy = _FlakyS3(s3.endpoint, failures=6)  # past botocore's default of 5 attempts
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
@@ -148,7 +150,9 @@ def test_a_store_that_fails_a_write_several_times_in_a_row_does_not_fail_the_wri
         proxy.server_close()
 
 
-def test_retries_are_added_to_s3_options_only_where_none_are_set():
+def test_retries_are_added_to_s3_options_only_where_none_are_set(monkeypatch):
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
     assert storage.with_retries("s3://b/k", None) == {"config_kwargs": {"retries": storage.S3_RETRIES}}
     own = {"config_kwargs": {"retries": {"max_attempts": 2}, "read_timeout": 5}, "key": "k"}
     assert storage.with_retries("s3://b/k", own) == own
@@ -157,3 +161,5 @@ def test_retries_are_added_to_s3_options_only_where_none_are_set():
         "config_kwargs": {"read_timeout": 5, "retries": storage.S3_RETRIES}}
     assert storage.with_retries("/local/path", {"x": 1}) == {"x": 1}
     assert storage.with_retries("memory://a", None) == {}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")  # botocore reads the user's policy from the environment
+    assert storage.with_retries("s3://b/k", None) == {}

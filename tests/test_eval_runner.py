@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import s3fs
 
 from pipeline.eval.dataset import read_samples, write_samples
 from pipeline.eval.runner import EvalConfig, build_prompt, generate_batch, markdown_table, rescore, run_suite
@@ -59,6 +60,34 @@ def test_run_suite_writes_reports_that_rescore_to_the_same_numbers(tiny_teacher,
     assert again["score"] == pytest.approx(results["score"])
     assert again["categories"] == results["categories"]
     assert (suite_dir / "results.md").read_text() == markdown_table([results])
+
+
+def test_a_suite_reads_its_samples_from_and_writes_its_reports_to_s3(tiny_teacher, s3, monkeypatch):
+    # credentials as a user's pipeline has them: from the environment
+    for k, v in {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    model, processor = tiny_teacher
+    root = s3.fresh("eval")
+    data = f"{root}/benchmarks/tiny.arrow"
+    assert write_samples(tiny_samples(per_kind=1), data) == 5
+    results = run_suite(model, processor, read_samples(data), "tiny", f"{root}/out",
+                        EvalConfig(batch_size=5, max_new_tokens=4), "tiny-teacher")
+    fs = s3fs.S3FileSystem(**s3.storage_options)
+    assert json.loads(fs.cat_file(f"{root}/out/tiny/results.json".removeprefix("s3://"))) == results
+    assert rescore(f"{root}/out/tiny/samples.jsonl")["score"] == pytest.approx(results["score"])
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/out/tiny".removeprefix("s3://"))) == [
+        "results.json", "results.md", "samples.jsonl"]
+
+    # a benchmark whose samples fail half-way leaves no file behind that would read as the whole benchmark
+    def broken():
+        yield from tiny_samples(per_kind=1)
+        raise RuntimeError("the source ran out")
+
+    with pytest.raises(RuntimeError, match="ran out"):
+        write_samples(broken(), f"{root}/benchmarks/broken.arrow")
+    assert not fs.exists(f"{root}/benchmarks/broken.arrow".removeprefix("s3://"))
 
 
 def test_batched_left_padded_generation_matches_one_by_one(lively_teacher):

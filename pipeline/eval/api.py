@@ -18,7 +18,6 @@ import os
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-import fsspec
 import torch
 
 from pipeline import storage
@@ -114,16 +113,14 @@ def _settings(config, suite) -> tuple[list[str], EvalConfig]:
 
 def _write_summary(results: dict[str, dict], out_dir: str) -> None:
     root = out_dir.rstrip("/")
-    with fsspec.open(f"{root}/summary.json", "w", auto_mkdir=True) as f:
-        f.write(json.dumps({"scores": flat_scores(results), "suites": results}, indent=2))
+    storage.write_text(f"{root}/summary.json", json.dumps({"scores": flat_scores(results), "suites": results}, indent=2))
     table_rows = [r for r in results.values() if "rows" not in r]
     lines = [markdown_table(table_rows)] if table_rows else []
     for name, r in results.items():
         if "rows" in r:
             lines.append(f"\n{name}: " + ", ".join(f"{row['frames']} frames {row['score']:.1f}" for row in r["rows"])
                          + f" (plot: {r['plot']})\n")
-    with fsspec.open(f"{root}/summary.md", "w", auto_mkdir=True) as f:
-        f.write("".join(lines))
+    storage.write_text(f"{root}/summary.md", "".join(lines))
 
 
 # -- loading ---------------------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from __future__ import annotations
 import io
 from typing import Iterable, Iterator
 
-import fsspec
 import pyarrow as pa
 from PIL import Image
+
+from pipeline import storage
 
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -59,7 +60,7 @@ def write_samples(samples: Iterable[dict], url: str) -> int:
     """
     count = 0
     try:
-        with fsspec.open(url, "wb", auto_mkdir=True) as f, pa.ipc.new_file(f, SCHEMA) as writer:
+        with storage.open_url(url, "wb") as f, pa.ipc.new_file(f, SCHEMA) as writer:
             batch: list[dict] = []
             for sample in samples:
                 batch.append(make_sample(**sample))
@@ -71,9 +72,7 @@ def write_samples(samples: Iterable[dict], url: str) -> int:
                 writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
                 count += len(batch)
     except BaseException:
-        fs, path = fsspec.core.url_to_fs(url)
-        if fs.exists(path):
-            fs.rm(path)
+        storage.delete(url)
         raise
     return count
 
@@ -81,7 +80,7 @@ def write_samples(samples: Iterable[dict], url: str) -> int:
 def read_samples(url: str, limit: int | None = None) -> Iterator[dict]:
     """Samples of an eval file, one record batch in memory at a time."""
     seen = 0
-    with fsspec.open(url, "rb") as f:
+    with storage.open_url(url, "rb") as f:
         reader = pa.ipc.open_file(f)
         for i in range(reader.num_record_batches):
             for row in reader.get_batch(i).to_pylist():

@@ -15,7 +15,7 @@ import posixpath
 import sys
 from typing import Callable, Iterator
 
-import fsspec
+from pipeline import storage
 
 from .dataset import make_sample, write_samples
 from .metrics import LETTERS, METRICS
@@ -165,9 +165,8 @@ def import_ai2d(root: str, suite: str = "ai2d", test_ids_url: str | None = None)
     restricts to the test split the papers report."""
     keep = None
     if test_ids_url:
-        with fsspec.open(test_ids_url, "r") as f:
-            keep = {line.strip() for line in f if line.strip()}
-    fs, base = fsspec.core.url_to_fs(_join(root, "questions"))
+        keep = {line.strip() for line in storage.read_text(test_ids_url).splitlines() if line.strip()}
+    fs, base = storage.filesystem(_join(root, "questions"))
     for path in sorted(fs.glob(base + "/*.json")):
         with fs.open(path, "r") as f:
             doc = json.load(f)
@@ -212,7 +211,7 @@ def import_videomme(parquet_url: str, video_root: str, suite: str = "videomme",
     """
     import pyarrow.parquet as pq
 
-    with fsspec.open(parquet_url, "rb") as f:
+    with storage.open_url(parquet_url, "rb") as f:
         rows = pq.read_table(f).to_pylist()
     for row in rows:
         options = [_strip_letter(o) for o in row["options"]]
@@ -270,18 +269,16 @@ def _parent(url: str) -> str:
 
 
 def _read_json(url: str):
-    with fsspec.open(url, "r", encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_bytes(url))
 
 
 def _read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as f:
-        return f.read()
+    return storage.read_bytes(url)
 
 
 def _read_tsv(url: str) -> Iterator[dict]:
     csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default field limit
-    with fsspec.open(url, "rb") as f:
+    with storage.open_url(url, "rb") as f:
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
         for row in csv.DictReader(text, delimiter="\t"):
             yield {k: (v if v is not None else "") for k, v in row.items()}

@@ -16,8 +16,9 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
 
-import fsspec
 from PIL import Image, ImageDraw
+
+from pipeline import storage
 
 from .dataset import read_samples
 from .metrics import LETTERS
@@ -136,8 +137,7 @@ def sweep_frames(model, processor, name: str, samples_at: Callable[[int], Iterab
     }
     if is_main_process():
         _save_plot(rows, model_name, results["plot"], title or name, chance)
-        with fsspec.open(f"{root}/results.json", "w", auto_mkdir=True) as f:
-            f.write(json.dumps(results, indent=2))
+        storage.write_text(f"{root}/results.json", json.dumps(results, indent=2))
     return results
 
 
@@ -161,5 +161,4 @@ def _save_plot(rows: list[dict], model_name: str, url: str, title: str, chance: 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    with fsspec.open(url, "wb", auto_mkdir=True) as f:
-        f.write(buf.getvalue())
+    storage.write_bytes(url, buf.getvalue())

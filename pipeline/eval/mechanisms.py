@@ -169,10 +169,9 @@ def char_accuracy(prediction: str, answer: str) -> float:
 
 def text_scores(samples_jsonl: str) -> dict:
     """Exact match and mean character accuracy (percent) of a scored dense-text suite's samples.jsonl."""
-    import fsspec
+    from pipeline import storage
 
-    with fsspec.open(samples_jsonl) as f:
-        records = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    records = [json.loads(line) for line in storage.read_text(samples_jsonl).splitlines() if line.strip()]
     n = len(records)
     exact = sum(r["score"] for r in records)
     chars = sum(char_accuracy(r["prediction"], r["answers"][0]) for r in records)

@@ -19,11 +19,11 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Iterable, Iterator
 
-import fsspec
 import torch
 from PIL import Image
 
 from model.cuda_graphs import grouped_vision
+from pipeline import storage
 
 from .dataset import decode_image
 from .metrics import LETTERS, aggregate, score_sample
@@ -165,7 +165,7 @@ def run_suite(model, processor, samples: Iterable[dict], suite: str, out_dir: st
     suite_dir = f"{out_dir.rstrip('/')}/{suite}"
     part = f"{suite_dir}/samples.jsonl" if world == 1 else f"{suite_dir}/samples.rank{rank:03d}.jsonl"
     count = 0
-    with fsspec.open(part, "w", auto_mkdir=True) as per_sample:
+    with storage.open_url(part, "w") as per_sample:  # streamed, so a long suite shows its progress
         for batch in _batches(mine, config.batch_size):
             predictions = generate_batch(model, processor, batch, config)
             for sample, prediction in zip(batch, predictions):
@@ -202,17 +202,14 @@ def _merge_parts(suite_dir: str, world: int) -> list[dict]:
     """Rank r answered samples r, r + world, …: interleaving the parts restores the sample order."""
     parts = [_read_jsonl(f"{suite_dir}/samples.rank{r:03d}.jsonl") for r in range(world)]
     records = [parts[i % world][i // world] for i in range(sum(len(p) for p in parts))]
-    with fsspec.open(f"{suite_dir}/samples.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    storage.write_text(f"{suite_dir}/samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     for r in range(world):
-        fs, path = fsspec.core.url_to_fs(f"{suite_dir}/samples.rank{r:03d}.jsonl")
-        fs.rm(path)
+        storage.delete(f"{suite_dir}/samples.rank{r:03d}.jsonl")
     return records
 
 
 def _read_jsonl(url: str) -> list[dict]:
-    with fsspec.open(url, "r") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
 
 
 def _report(records: list[dict], suite: str, suite_dir: str, config: EvalConfig, model_name: str) -> dict:
@@ -273,6 +270,5 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def _write_text(url: str, text: str) -> None:
-    with fsspec.open(url, "w", auto_mkdir=True) as f:
-        f.write(text)
+    storage.write_text(url, text)
 

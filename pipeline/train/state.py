@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 
-import fsspec
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -87,7 +86,7 @@ def _prune(output: str, keep_last: int) -> None:
     never mistaken for a complete one)."""
     found = list_checkpoints(output)
     for _, url in found[:-keep_last] if keep_last > 0 else []:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = storage.filesystem(url)
         fs.rm(join(path, MARKER))
         fs.rm(path, recursive=True)
 
@@ -100,7 +99,7 @@ def restore(engine, output: str, rank: int, local_rank: int, staging_root: str) 
     step, url = found[-1]
     work = local_path(url) if is_local(url) else os.path.join(staging_root, f"restore-{step:08d}")
     if not is_local(url) and local_rank == 0:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = storage.filesystem(url)
         fs.get(path.rstrip("/") + "/", work.rstrip("/") + "/", recursive=True)
     if local_rank == 0:  # nothing is loaded that is not what the checkpoint committed
         storage.verify_dir(work, checkpoint_metrics(url).get("files"))
