@@ -23,6 +23,12 @@ class S3Fixture:
     def fresh(self, prefix: str = "t") -> str:
         return self.url(f"{prefix}-{uuid.uuid4().hex[:8]}")
 
+    @property
+    def env(self) -> dict:
+        """The credentials as the environment variables a user's pipeline processes read."""
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
 
 _WEED_LOG: list[str] = []
 
@@ -37,6 +43,19 @@ def s3(tmp_path_factory):
     _WEED_LOG.append(log)
     with s3_server(buckets=["test"], log_path=log) as server:
         yield S3Fixture(server.endpoint, server.key, server.secret, "test", server.storage_options)
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The server's credentials in this test's environment, as users give them; s3fs's cached clients (made with
+    other credentials or none) are dropped on the way in and out."""
+    import s3fs
+
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.hookimpl(hookwrapper=True)

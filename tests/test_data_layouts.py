@@ -165,13 +165,9 @@ def test_llava_video_178k(published, s3, proc):
     assert supervised(sample, proc) == [youtube[0]["conversations"][1]["value"] + "<|im_end|>"]
 
 
-def test_the_run_config_names_the_datasets_and_mixes_stage_two_into_stage_three(published, s3, tmp_path,
-                                                                                 monkeypatch, processor):
+@pytest.mark.usefixtures("s3_env")
+def test_the_run_config_names_the_datasets_and_mixes_stage_two_into_stage_three(published, s3, tmp_path, processor):
     root, local = published
-    for k, v in {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
     run = s3.fresh("run")
     processor.save_pretrained(str(tmp_path / "teacher"))
     s3fs.S3FileSystem(**s3.storage_options).put(str(tmp_path / "teacher") + "/",

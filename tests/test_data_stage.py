@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import s3fs
 
 from pipeline import storage
@@ -13,11 +14,8 @@ from pipeline.data.stage import build_corpora
 from pipeline.stages import StageContext
 
 
-def test_tiny_run_builds_three_corpora_on_s3(s3, tmp_path, monkeypatch, processor):
-    for k, v in {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
+@pytest.mark.usefixtures("s3_env")
+def test_tiny_run_builds_three_corpora_on_s3(s3, tmp_path, processor):
     root = s3.fresh("run")
     processor.save_pretrained(str(tmp_path / "teacher"))
     s3fs.S3FileSystem(**s3.storage_options).put(str(tmp_path / "teacher") + "/", root.removeprefix("s3://") + "/teacher/",

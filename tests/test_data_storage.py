@@ -141,9 +141,9 @@ def test_a_store_that_fails_a_write_several_times_in_a_row_does_not_fail_the_wri
 
         # a user's own policy is kept: two attempts in all, then the error
         proxy.puts, proxy.failures = 0, 3
+        own = {**options, "config_kwargs": {"retries": {"total_max_attempts": 2, "mode": "standard"}}}
         with pytest.raises(OSError, match="internal error"):
-            storage.write_bytes(s3.fresh("flaky") + "/other.bin", b"x",
-                                {**options, "config_kwargs": {"retries": {"total_max_attempts": 2, "mode": "standard"}}})
+            storage.write_bytes(s3.fresh("flaky") + "/other.bin", b"x", own)
         assert proxy.puts == 2
     finally:
         proxy.shutdown()

@@ -62,12 +62,8 @@ def test_run_suite_writes_reports_that_rescore_to_the_same_numbers(tiny_teacher,
     assert (suite_dir / "results.md").read_text() == markdown_table([results])
 
 
-def test_a_suite_reads_its_samples_from_and_writes_its_reports_to_s3(tiny_teacher, s3, monkeypatch):
-    # credentials as a user's pipeline has them: from the environment
-    for k, v in {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
+@pytest.mark.usefixtures("s3_env")
+def test_a_suite_reads_its_samples_from_and_writes_its_reports_to_s3(tiny_teacher, s3):
     model, processor = tiny_teacher
     root = s3.fresh("eval")
     data = f"{root}/benchmarks/tiny.arrow"

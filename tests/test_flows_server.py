@@ -49,8 +49,7 @@ class Served:
 @pytest.fixture(scope="module")
 def s3_env(s3):
     """Credentials for fsspec in this process and in the served flow runs, as deployments get them."""
-    env = {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = s3.env
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     fsspec.filesystem("s3").clear_instance_cache()

@@ -67,10 +67,8 @@ def test_two_nodes_share_their_tuned_kernels_through_a_local_run_root(tmp_path):
     _roundtrip(str(tmp_path / "run" / FOLDER), tmp_path)
 
 
+@pytest.mark.usefixtures("s3_env")
 def test_two_nodes_share_their_tuned_kernels_through_an_s3_run_root(s3, tmp_path, monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
     _roundtrip(s3.fresh("run") + "/" + FOLDER, tmp_path)
     # compiled bundles through S3: written whole, loaded with their digest checked, dedup by their headers
     from pipeline import kernel_cache

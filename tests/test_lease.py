@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-import s3fs
 
 from pipeline import storage
 from pipeline.config import load_config
@@ -154,17 +153,11 @@ def test_attempts_racing_for_a_free_stage_on_local_disk_end_with_one_running(tmp
     assert race(lease_url(str(tmp_path), "teacher")) == ["busy", "busy", "busy", "won"]
 
 
-def test_attempts_racing_for_a_free_stage_on_s3_end_with_one_running(s3, monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        url = lease_url(s3.fresh("run"), "teacher")
-        assert race(url) == ["busy", "busy", "busy", "won"]
-        assert not storage.exists(url)
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
+@pytest.mark.usefixtures("s3_env")
+def test_attempts_racing_for_a_free_stage_on_s3_end_with_one_running(s3):
+    url = lease_url(s3.fresh("run"), "teacher")
+    assert race(url) == ["busy", "busy", "busy", "won"]
+    assert not storage.exists(url)
 
 
 def test_status_shows_who_runs_a_stage(tmp_path):

@@ -113,7 +113,8 @@ def _settings(config, suite) -> tuple[list[str], EvalConfig]:
 
 def _write_summary(results: dict[str, dict], out_dir: str) -> None:
     root = out_dir.rstrip("/")
-    storage.write_text(f"{root}/summary.json", json.dumps({"scores": flat_scores(results), "suites": results}, indent=2))
+    summary = {"scores": flat_scores(results), "suites": results}
+    storage.write_text(f"{root}/summary.json", json.dumps(summary, indent=2))
     table_rows = [r for r in results.values() if "rows" not in r]
     lines = [markdown_table(table_rows)] if table_rows else []
     for name, r in results.items():
