@@ -34,4 +34,3 @@ def test_tiny_run_builds_three_corpora_on_s3(s3, tmp_path, processor):
     batch = next(iter(long))
     assert "pixel_values_videos" in batch or "pixel_values" in batch
     assert build_corpora(ctx) == metrics  # committed corpora are not rebuilt
-    s3fs.S3FileSystem.clear_instance_cache()
