@@ -25,7 +25,7 @@ from rich.table import Table
 
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.plan import PlanError, check_plan, preflight, status as stage_statuses
-from pipeline.report import REPORT, eval_section
+from pipeline.report import REPORT, eval_section, format_number, format_seconds
 from pipeline.stages import STAGE_ORDER, join, model_folder
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -182,8 +182,8 @@ def summary_table(rows: list[dict], title: str) -> Table:
         table.add_column(column, justify=justify, no_wrap=True)
     table.add_column("output", overflow="fold")
     for row in rows:
-        table.add_row(row["stage"], row["status"], _seconds(row.get("time_s")), _number(row.get("loss")),
-                      _number(row.get("score")), row["output"])
+        table.add_row(row["stage"], row["status"], format_seconds(row.get("time_s")),
+                      format_number(row.get("loss")), format_number(row.get("score")), row["output"])
     return table
 
 
@@ -234,18 +234,6 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def _seconds(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
-
-
-def _number(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 def main() -> None:

@@ -53,8 +53,9 @@ def stage_rows(config: RunConfig, outcomes: dict[str, StageOutcome] | None = Non
             shown = {"missing": "to do", "partial": "unfinished (resumes)"}.get(state.state, state.state)
             shown += f" ({'; '.join(state.reasons)})" if state.reasons and state.state == "stale" else ""
         metrics = (marker or {}).get("metrics", {})
-        rows.append({"stage": name, "status": shown, "time": _seconds((marker or {}).get("duration_s")),
-                     "tokens": _tokens(name, metrics, marker), "loss": _number(metrics.get("loss")),
+        duration = (marker or {}).get("duration_s")
+        rows.append({"stage": name, "status": shown, "time": format_seconds(duration),
+                     "tokens": _tokens(name, metrics, marker), "loss": format_number(metrics.get("loss")),
                      "output": (marker or {}).get("output", "-"), "marker": marker})
     return rows
 
@@ -93,7 +94,8 @@ def eval_section(config: RunConfig, metrics: dict) -> list[str]:
              "| suite | student | teacher |", "|---|---|---|"]
     for spec in config.eval.benchmarks:
         name = resolve_suite(spec)[0]
-        lines.append(f"| {name} | {_number(metrics.get(name))} | {_number(metrics.get('teacher_' + name))} |")
+        student, teacher = format_number(metrics.get(name)), format_number(metrics.get("teacher_" + name))
+        lines.append(f"| {name} | {student} | {teacher} |")
     if metrics.get("retention") is not None:
         lines += ["", f"Retention (student / teacher on the held-out suite): **{metrics['retention']:.3f}**"]
     return lines
@@ -153,13 +155,15 @@ def _tokens(name: str, metrics: dict, marker: dict | None) -> str:
     return "-"
 
 
-def _seconds(value) -> str:
+def format_seconds(value) -> str:
+    """A duration as a person reads it: seconds, minutes past two of them; '-' where there is none."""
     if value is None:
         return "-"
     return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
-def _number(value) -> str:
+def format_number(value) -> str:
+    """A metric to four significant figures; '-' where there is none."""
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
