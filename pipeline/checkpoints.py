@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import time
 
-
 from . import storage
 from .stages import STAGE_ORDER, StageContext, current_attempt, join, stage_dir
 
