@@ -8,7 +8,7 @@ what our GPU numbers rest on, measured on this node.
 Steps, in this order; each runs as its own process group with its log in `OUT/<step>.log`, gets what is left of the
 budget up to its own cap, and is stopped (SIGTERM, then SIGKILL) when that runs out:
 
-  gpu-tests    `pytest -m gpu tests/`: every fla kernel and fused path against its reference, forward and gradients,
+  gpu-tests    `pytest -m gpu` on the modules with GPU tests: every fla kernel and fused path against its reference, forward and gradients,
                and a compiled kernel shared between two fresh Triton caches through a run root
   startup      the proof recipe's main run (configs/proof.yaml, no ablations) with this node's compile caches empty
                but for the autotuning results the project ships (infra/autotune), as on a node that never ran it;
@@ -117,6 +117,13 @@ def _pytest_counts(log_path: Path) -> str:
     return found[-1] if found else ""
 
 
+def gpu_test_files() -> list[str]:
+    """The test modules that hold GPU tests: collecting the whole suite would import what only CPU tests need
+    (s3fs, Prefect), which a GPU image need not have."""
+    return sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")
+                  if "mark.gpu" in path.read_text())
+
+
 def newest_committed_training_stage(root: str) -> str | None:
     from pipeline import stages
 
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         env, argv = {}, None
         if step.name == "gpu-tests":
-            argv = [py, "-m", "pytest", "-m", "gpu", "tests/", "-q", "-rs", "-p", "no:cacheprovider"]
+            argv = [py, "-m", "pytest", "-m", "gpu", *gpu_test_files(), "-q", "-rs", "-p", "no:cacheprovider"]
         elif step.name == "startup":
             env = fresh_caches(work / "node-1", keep=True, inductor=not args.tiny)
             argv = [py, "-m", "bench.proof", "--runner", "direct", "--no-ablations", "--root", str(proof_root),

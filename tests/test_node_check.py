@@ -56,6 +56,17 @@ def test_steps_that_no_longer_fit_the_budget_are_reported_skipped_and_unknown_st
         node_check.main(["--steps", "startup,warp-drive", "--out", str(tmp_path / "out")])
 
 
+def test_the_gpu_step_collects_the_modules_with_gpu_tests_and_none_that_needs_s3_or_prefect():
+    files = node_check.gpu_test_files()
+    assert "tests/test_model_gdn.py" in files and "tests/test_kernel_cache.py" in files
+    assert "tests/test_data_storage.py" not in files and "tests/test_flows_server.py" not in files
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                                "-p", "no:cacheprovider", *files], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0, collected.stdout[-2000:]
+    gpu_tests = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert len(gpu_tests) >= 20 and all(line.split("::")[0] in files for line in gpu_tests)
+
+
 def test_fresh_caches_hold_the_shipped_autotuning_and_nothing_else(tmp_path):
     folder = tmp_path / "node"
     (folder / "triton").mkdir(parents=True)
