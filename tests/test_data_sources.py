@@ -163,3 +163,17 @@ def test_documents_become_multi_image_samples(remote, s3, proc, kind):
         originals = [Image.open(local / kind / item["document"] / f"page{i}.png").convert("RGB").resize(
             (196, 252), Image.BICUBIC) for i in (1, 2, 3)]
         assert [np.asarray(p).tobytes() for p in pages] == [np.asarray(o).tobytes() for o in originals]
+
+
+def test_a_video_or_document_without_its_reader_installed_stops_the_build_saying_what_to_install(tmp_path,
+                                                                                                  monkeypatch):
+    video = tmp_path / "clip.mp4"
+    synthetic.write_video(video, [Image.new("RGB", (32, 32), (255, 0, 0))] * 4, fps=4)
+    monkeypatch.setitem(__import__("sys").modules, "av", None)  # what `import av` meets without PyAV
+    with pytest.raises(media.MissingMediaSupport, match=r"reading the video .*clip\.mp4 needs PyAV.*pip install av"):
+        media.decode_video(str(video), fps=2.0, max_frames=4)
+    with pytest.raises(media.MissingMediaSupport, match="WITH_MEDIA=1"):
+        synthetic.write_video(tmp_path / "other.mp4", [Image.new("RGB", (32, 32))] * 2)
+    monkeypatch.setitem(__import__("sys").modules, "pypdfium2", None)
+    with pytest.raises(media.MissingMediaSupport, match=r"rendering the document x\.pdf needs pypdfium2"):
+        media._render_pdf(b"%PDF-1.4", "x.pdf", 72.0, 2)

@@ -100,3 +100,19 @@ def test_student_layer_types_reach_the_student_config_and_a_wrong_length_is_refu
     assert InfiniteVLTextConfig(num_hidden_layers=4, **common, **fields).layer_types == ["linear_attention"] * 4
     with pytest.raises(ModelConfigError, match="layer_types has 4 entries but num_hidden_layers is 6"):
         InfiniteVLTextConfig(num_hidden_layers=6, **common, **fields)
+
+
+def test_the_sample_corpora_are_refused_before_any_work_where_pyav_is_missing(monkeypatch):
+    import importlib.util
+
+    data = RECIPES["data"]
+    cfg = load_config(TINY)
+    assert data.check(cfg) == []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "av" else real(name, *a))
+    problems = data.check(cfg)
+    samples = [f"data.{c}.sources[{i}]" for c in ("distill", "instruct", "long")
+               for i, s in enumerate(getattr(cfg.data, c).sources) if s == "sample"]
+    assert samples and [p.split(":")[0] for p in problems] == samples
+    assert all("need PyAV" in p and "pip install av" in p for p in problems)
+

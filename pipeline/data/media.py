@@ -20,6 +20,28 @@ from pipeline import storage
 
 from .quarantine import BadRecord
 
+# media readers the base install has but a bare GPU image may lack: module -> (what it is, what to install)
+MEDIA_PACKAGES = {"av": ("PyAV", "av"), "pypdfium2": ("pypdfium2", "pypdfium2")}
+
+
+class MissingMediaSupport(RuntimeError):
+    """A video or document needs a package this environment lacks: every record of its kind would fail, so the
+    stage stops instead of quarantining them one by one."""
+
+
+def media_module(module: str, what: str):
+    """`module` imported, or MissingMediaSupport saying what needed it and how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        name, pip = MEDIA_PACKAGES[module]
+        raise MissingMediaSupport(f"{what} needs {name}, which this environment lacks: pip install {pip} (an "
+                                  "air-gapped GPU node: build the wheelhouse with WITH_MEDIA=1, infra/wheelhouse.sh)"
+                                  ) from None
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -82,8 +104,7 @@ class VideoClip:
 
 def decode_video(url: str, fps: float, max_frames: int, storage_options: dict | None = None) -> VideoClip:
     """Samples frames at `fps`, or `max_frames` spread evenly over a longer video."""
-    import av
-
+    av = media_module("av", f"reading the video {url}")
     data = read_media(url, "video", storage_options)
     try:
         with av.open(io.BytesIO(data)) as container:
@@ -149,7 +170,7 @@ def _list(url: str, storage_options: dict | None) -> list[str]:
 
 
 def _render_pdf(data: bytes, url: str, dpi: float, max_pages: int) -> list[Image.Image]:
-    import pypdfium2 as pdfium
+    pdfium = media_module("pypdfium2", f"rendering the document {url}")
 
     try:
         pdf = pdfium.PdfDocument(data)

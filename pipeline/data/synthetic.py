@@ -114,7 +114,9 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def write_video(path: str | Path, frames: list[Image.Image], fps: int = 8, codec: str = "mpeg4") -> None:
-    import av
+    from .media import media_module
+
+    av = media_module("av", f"writing the sample video {path}")
 
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)

@@ -46,10 +46,17 @@ def outputs(folder: str) -> dict[str, dict]:
 
 def check(config) -> list[str]:
     """Every source of every corpus (a file, a folder or a glob matching something) and every media root exists
-    and can be read with the credentials at hand; the chat template a config names, too."""
+    and can be read with the credentials at hand; the chat template a config names, too. The built-in sample
+    corpora hold videos: they need PyAV here."""
+    import importlib.util
+
     problems = []
     for corpus in CORPORA:
         for i, source in enumerate(getattr(config.data, corpus).sources):
+            if source == SAMPLE and importlib.util.find_spec("av") is None:
+                problems.append(f"data.{corpus}.sources[{i}]: the sample corpora hold videos, which need PyAV, "
+                                "which this environment lacks: pip install av (an air-gapped GPU node: build the "
+                                "wheelhouse with WITH_MEDIA=1, infra/wheelhouse.sh)")
             if source in (SAMPLE, SAMPLE_PICTURES):
                 continue
             field = f"data.{corpus}.sources[{i}]"
