@@ -8,8 +8,9 @@ what our GPU numbers rest on, measured on this node.
 Steps, in this order; each runs as its own process group with its log in `OUT/<step>.log`, gets what is left of the
 budget up to its own cap, and is stopped (SIGTERM, then SIGKILL) when that runs out:
 
-  gpu-tests    `pytest -m gpu` on the modules with GPU tests: every fla kernel and fused path against its reference, forward and gradients,
-               and a compiled kernel shared between two fresh Triton caches through a run root
+  gpu-tests    `pytest -m gpu` on the modules that hold GPU tests: every fla kernel and fused path against its
+               reference, forward and gradients, and a compiled kernel shared between two fresh Triton caches
+               through a run root
   startup      the proof recipe's main run (configs/proof.yaml, no ablations) with this node's compile caches empty
                but for the autotuning results the project ships (infra/autotune), as on a node that never ran it;
                then bench.stage_startup → `OUT/stage_startup.json`: seconds from each training stage's process start
@@ -21,6 +22,8 @@ budget up to its own cap, and is stopped (SIGTERM, then SIGKILL) when that runs 
   inference    bench.inference: prefill, decode, streaming, teacher beside student → `OUT/inference.json`
   train        bench.train_throughput: Stage II at 8K, Stage III at 32K → `OUT/train_throughput.json`
 
+On a node prepared as README's "On GPUs" says (the wheelhouse, `source infra/gpu_env.sh`); the startup step's
+sample corpora hold videos, so the wheelhouse needs WITH_MEDIA=1 (the plan refuses them before any work otherwise).
 Writes `OUT/node_check.json` (the results contract of docs/benchmarks.md: a row a step with its status, seconds, log
 and what it wrote) and prints the table. The work (run root, caches) goes under --work (default runs/node_check).
 """
