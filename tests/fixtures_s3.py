@@ -15,6 +15,7 @@ class S3Fixture:
     secret: str
     bucket: str
     storage_options: dict
+    env: dict  # the credentials as the environment variables a user's pipeline processes read
 
     def url(self, *parts: str) -> str:
         """A fresh s3:// URL under the test bucket."""
@@ -22,12 +23,6 @@ class S3Fixture:
 
     def fresh(self, prefix: str = "t") -> str:
         return self.url(f"{prefix}-{uuid.uuid4().hex[:8]}")
-
-    @property
-    def env(self) -> dict:
-        """The credentials as the environment variables a user's pipeline processes read."""
-        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 _WEED_LOG: list[str] = []
@@ -42,7 +37,7 @@ def s3(tmp_path_factory):
     log = str(tmp_path_factory.mktemp("weed") / "weed.log")
     _WEED_LOG.append(log)
     with s3_server(buckets=["test"], log_path=log) as server:
-        yield S3Fixture(server.endpoint, server.key, server.secret, "test", server.storage_options)
+        yield S3Fixture(server.endpoint, server.key, server.secret, "test", server.storage_options, server.env)
 
 
 @pytest.fixture
