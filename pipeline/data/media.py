@@ -29,6 +29,13 @@ class MissingMediaSupport(RuntimeError):
     stage stops instead of quarantining them one by one."""
 
 
+def missing_package(module: str) -> str:
+    """The package behind `module`, said missing, with how to install it."""
+    name, pip = MEDIA_PACKAGES[module]
+    return (f"{name}, which this environment lacks: pip install {pip} (an air-gapped GPU node: build the wheelhouse "
+            "with WITH_MEDIA=1, infra/wheelhouse.sh)")
+
+
 def media_module(module: str, what: str):
     """`module` imported, or MissingMediaSupport saying what needed it and how to install it."""
     import importlib
@@ -36,10 +43,7 @@ def media_module(module: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        name, pip = MEDIA_PACKAGES[module]
-        raise MissingMediaSupport(f"{what} needs {name}, which this environment lacks: pip install {pip} (an "
-                                  "air-gapped GPU node: build the wheelhouse with WITH_MEDIA=1, infra/wheelhouse.sh)"
-                                  ) from None
+        raise MissingMediaSupport(f"{what} needs {missing_package(module)}") from None
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

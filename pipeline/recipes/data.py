@@ -54,9 +54,10 @@ def check(config) -> list[str]:
     for corpus in CORPORA:
         for i, source in enumerate(getattr(config.data, corpus).sources):
             if source == SAMPLE and importlib.util.find_spec("av") is None:
-                problems.append(f"data.{corpus}.sources[{i}]: the sample corpora hold videos, which need PyAV, "
-                                "which this environment lacks: pip install av (an air-gapped GPU node: build the "
-                                "wheelhouse with WITH_MEDIA=1, infra/wheelhouse.sh)")
+                from pipeline.data.media import missing_package
+
+                problems.append(f"data.{corpus}.sources[{i}]: the sample corpora hold videos, which need "
+                                f"{missing_package('av')}")
             if source in (SAMPLE, SAMPLE_PICTURES):
                 continue
             field = f"data.{corpus}.sources[{i}]"
