@@ -84,7 +84,8 @@ def with_retries(url: str, storage_options: dict | None) -> dict:
     """The storage options, with `S3_RETRIES` added for an S3 URL where neither the options nor the environment
     (botocore's AWS_MAX_ATTEMPTS, AWS_RETRY_MODE) set a retry policy."""
     options = dict(storage_options or {})
-    if url.split("://", 1)[0] not in ("s3", "s3a") or {"AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"} & set(os.environ):
+    user_policy = "AWS_MAX_ATTEMPTS" in os.environ or "AWS_RETRY_MODE" in os.environ
+    if url.split("://", 1)[0] not in ("s3", "s3a") or user_policy:
         return options
     config = copy.deepcopy(options.get("config_kwargs") or {})
     config.setdefault("retries", dict(S3_RETRIES))
@@ -133,11 +134,14 @@ def read_json_or_none(url: str, storage_options: dict | None = None) -> Any:
         return None
 
 
-def read_jsonl(url: str, storage_options: dict | None = None) -> list[dict]:
-    """A JSON-lines file's records (a training stage's `logs/steps.jsonl`); [] where there is none."""
+def read_jsonl(url: str, storage_options: dict | None = None, missing_ok: bool = True) -> list[dict]:
+    """A JSON-lines file's records (a training stage's `logs/steps.jsonl`); [] where there is none, or with
+    `missing_ok=False` FileNotFoundError (a file its reader's producer must have written)."""
     try:
         text = read_bytes(url, storage_options).decode()
     except FileNotFoundError:
+        if not missing_ok:
+            raise
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

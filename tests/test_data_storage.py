@@ -57,6 +57,9 @@ def test_commit_writes_the_marker_last_and_lists(s3, tmp_path, where, monkeypatc
         assert sorted(os.listdir(root)) == ["part-0.bin", "part-0.done.json", "part-0.q.jsonl"]
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(storage.join(root, "nope"), opts)
+    assert storage.read_jsonl(storage.join(root, "nope.jsonl"), opts) == []
+    with pytest.raises(FileNotFoundError):  # a file its producer must have written
+        storage.read_jsonl(storage.join(root, "nope.jsonl"), opts, missing_ok=False)
     storage.delete(root, opts)
     assert storage.list_files(root, opts) == []
 

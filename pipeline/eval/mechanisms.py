@@ -18,7 +18,6 @@ Every answer is determined by the picture or the frames: the generators draw it 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import string
@@ -171,7 +170,7 @@ def text_scores(samples_jsonl: str) -> dict:
     """Exact match and mean character accuracy (percent) of a scored dense-text suite's samples.jsonl."""
     from pipeline import storage
 
-    records = [json.loads(line) for line in storage.read_text(samples_jsonl).splitlines() if line.strip()]
+    records = storage.read_jsonl(samples_jsonl, missing_ok=False)
     n = len(records)
     exact = sum(r["score"] for r in records)
     chars = sum(char_accuracy(r["prediction"], r["answers"][0]) for r in records)

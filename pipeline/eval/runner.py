@@ -173,7 +173,7 @@ def run_suite(model, processor, samples: Iterable[dict], suite: str, out_dir: st
             count += len(batch)
             log.info("%s: %d samples scored on rank %d", suite, count, rank)
     if world == 1:
-        return _report(_read_jsonl(part), suite, suite_dir, config, model_name)
+        return _report(storage.read_jsonl(part, missing_ok=False), suite, suite_dir, config, model_name)
     import torch.distributed as dist
 
     dist.barrier()
@@ -200,16 +200,12 @@ def _rank_and_world() -> tuple[int, int]:
 
 def _merge_parts(suite_dir: str, world: int) -> list[dict]:
     """Rank r answered samples r, r + world, …: interleaving the parts restores the sample order."""
-    parts = [_read_jsonl(f"{suite_dir}/samples.rank{r:03d}.jsonl") for r in range(world)]
+    parts = [storage.read_jsonl(f"{suite_dir}/samples.rank{r:03d}.jsonl", missing_ok=False) for r in range(world)]
     records = [parts[i % world][i // world] for i in range(sum(len(p) for p in parts))]
     storage.write_text(f"{suite_dir}/samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     for r in range(world):
         storage.delete(f"{suite_dir}/samples.rank{r:03d}.jsonl")
     return records
-
-
-def _read_jsonl(url: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
 
 
 def _report(records: list[dict], suite: str, suite_dir: str, config: EvalConfig, model_name: str) -> dict:
@@ -245,7 +241,7 @@ def _score(sample: dict, prediction: str, config: EvalConfig) -> dict:
 
 def rescore(samples_url: str) -> dict:
     """The suite summary recomputed from a samples.jsonl: what results.json must agree with."""
-    records = _read_jsonl(samples_url)
+    records = storage.read_jsonl(samples_url, missing_ok=False)
     for r in records:
         r["score"], _ = score_sample(r["metric"], r["prediction"], r["answers"], r["options"], r["source"])
     return aggregate(records)
