@@ -59,7 +59,7 @@ class Step:
 
 STEPS = (
     Step("gpu-tests", 300, "kernels against their references"),
-    Step("startup", 420, "the proof's main run from empty caches; start-up per training stage"),
+    Step("startup", 560, "the proof's main run from empty caches; start-up per training stage"),
     Step("second-node", 240, "a committed stage again on empty local caches, with the run root's shared kernels"),
     Step("inference", 420, "bench.inference"),
     Step("train", 420, "bench.train_throughput"),
