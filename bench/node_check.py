@@ -15,10 +15,13 @@ budget up to its own cap, and is stopped (SIGTERM, then SIGKILL) when that runs 
                but for the autotuning results the project ships (infra/autotune), as on a node that never ran it;
                then bench.stage_startup → `OUT/stage_startup.json`: seconds from each training stage's process start
                to its first optimizer step, part by part. Run again with the same --work, it resumes from the
-               committed stages, on the same caches (the node it was)
-  second-node  the newest committed training stage of that run, forced again on empty local caches, so that only
-               the run root's shared kernels and tuning (`<run root>/_kernel_cache/`) stand between it and compiling:
-               `OUT/second_node/stage_startup.json`, and the seconds it saved beside the first node's
+               committed stages, on the same caches (the node it was). In both steps a training process prints
+               every thread's stack to its stage log every 30 s until its first step is done: what a cold first
+               step compiles or tunes is there to read
+  second-node  a committed training stage of that run (--second-node-stage; default the newest), forced again on
+               empty local caches, so that only the run root's shared kernels and tuning (`<run root>/_kernel_cache/`)
+               stand between it and compiling: `OUT/second_node/stage_startup.json`, and the seconds it saved beside
+               the first node's
   inference    bench.inference: prefill, decode, streaming, teacher beside student → `OUT/inference.json`
   train        bench.train_throughput: Stage II at 8K, Stage III at 32K → `OUT/train_throughput.json`
 
@@ -44,6 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import print_table, write_result
+from pipeline import stages
+from pipeline.stages import TRAINING_STAGES
+from pipeline.train.worker import FIRST_STEP_STACKS_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 GRACE_S = 20.0     # between SIGTERM and SIGKILL: bench.proof writes what it has on SIGTERM
@@ -128,8 +134,6 @@ def gpu_test_files() -> list[str]:
 
 
 def newest_committed_training_stage(root: str) -> str | None:
-    from pipeline import stages
-
     done = [s for s in stages.TRAINING_STAGES if stages.committed(stages.stage_dir(root, s))]
     return done[-1] if done else None
 
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="overrides of the proof recipe's config (the startup step)")
     p.add_argument("--eval-pictures", type=int, default=None, help="held-out pictures the proof scores each stage on")
+    p.add_argument("--second-node-stage", choices=TRAINING_STAGES, default=None,
+                   help="the committed stage the second-node step forces again (default: the newest)")
     p.add_argument("--rerun-stage", nargs=2, metavar=("CONFIG", "STAGE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rerun_stage:
@@ -199,21 +205,24 @@ def main(argv: list[str] | None = None) -> dict:
         if step.name == "gpu-tests":
             argv = [py, "-m", "pytest", "-m", "gpu", *gpu_test_files(), "-q", "-rs", "-p", "no:cacheprovider"]
         elif step.name == "startup":
-            env = fresh_caches(work / "node-1", keep=True, inductor=not args.tiny)
+            # stacks every 30 s of a first step: what a cold first step compiles or tunes shows in the stage logs
+            env = {**fresh_caches(work / "node-1", keep=True, inductor=not args.tiny), FIRST_STEP_STACKS_ENV: "30"}
             argv = [py, "-m", "bench.proof", "--runner", "direct", "--no-ablations", "--root", str(proof_root),
                     "--out", str(out / "proof"), *tiny, *[a for o in args.set for a in ("--set", o)]]
             if args.eval_pictures is not None:
                 argv += ["--eval-pictures", str(args.eval_pictures)]
         elif step.name == "second-node":
-            stage = newest_committed_training_stage(main_root) if os.path.isdir(main_root) else None
-            if stage is None:
-                rows.append({**row, "status": "skipped: the startup step committed no training stage yet",
+            newest = newest_committed_training_stage(main_root) if os.path.isdir(main_root) else None
+            stage = args.second_node_stage or newest
+            if stage is None or not stages.committed(stages.stage_dir(main_root, stage)):
+                why = "no training stage" if stage is None else stage
+                rows.append({**row, "status": f"skipped: the startup step has not committed {why} yet",
                              "seconds": 0.0})
                 continue
             from bench.stage_startup import first_steps
 
             first_node = {r["stage"]: r for r in first_steps(main_root)}.get(stage, {})  # before it is replaced
-            env = fresh_caches(work / "node-2", keep=False, inductor=not args.tiny)
+            env = {**fresh_caches(work / "node-2", keep=False, inductor=not args.tiny), FIRST_STEP_STACKS_ENV: "30"}
             argv = [py, "-m", "bench.node_check", "--rerun-stage", str(proof_root / "main" / "proof_config.yaml"),
                     stage]
             row["stage"] = stage

@@ -56,6 +56,14 @@ def test_steps_that_no_longer_fit_the_budget_are_reported_skipped_and_unknown_st
         node_check.main(["--steps", "startup,warp-drive", "--out", str(tmp_path / "out")])
 
 
+def test_a_second_node_of_a_stage_the_run_has_not_committed_is_reported_skipped(tmp_path):
+    for chosen, why in ((None, "no training stage"), ("stage2", "stage2")):
+        node_check.main(["--budget", "200", "--steps", "second-node", "--out", str(tmp_path / "out"),
+                         "--work", str(tmp_path / "work"), *(["--second-node-stage", chosen] if chosen else [])])
+        row = json.loads((tmp_path / "out" / "node_check.json").read_text())["rows"][0]
+        assert row["status"] == f"skipped: the startup step has not committed {why} yet"
+
+
 def test_the_gpu_step_collects_the_modules_with_gpu_tests_and_none_that_needs_s3_or_prefect():
     files = node_check.gpu_test_files()
     assert "tests/test_model_gdn.py" in files and "tests/test_kernel_cache.py" in files
@@ -86,7 +94,7 @@ def test_fresh_caches_hold_the_shipped_autotuning_and_nothing_else(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_tiny_startup_then_a_second_node_reruns_the_newest_stage_on_empty_caches(tmp_path):
+def test_tiny_startup_then_a_second_node_reruns_the_chosen_stage_on_empty_caches(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     overrides = ["teacher.train.steps=4", "teacher.train.num_layers=4", "teacher.train.hidden=32",
                  "teacher.train.intermediate=64", "teacher.train.vision_hidden=32", "teacher.train.vision_depth=1",
@@ -94,7 +102,8 @@ def test_tiny_startup_then_a_second_node_reruns_the_newest_stage_on_empty_caches
                  "train.stage1a.steps=2", "train.stage1b.steps=1", "train.stage2.steps=1", "train.stage3.steps=1",
                  "student.sliding_window=16"]
     cmd = [sys.executable, "-m", "bench.node_check", "--tiny", "--steps", "startup,second-node", "--budget", "540",
-           "--out", str(out), "--work", str(work), "--eval-pictures", "2", *[a for o in overrides for a in ("--set", o)]]
+           "--out", str(out), "--work", str(work), "--eval-pictures", "2", "--second-node-stage", "stage2",
+           *[a for o in overrides for a in ("--set", o)]]
     done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=580)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -104,12 +113,13 @@ def test_tiny_startup_then_a_second_node_reruns_the_newest_stage_on_empty_caches
     assert rows["second-node"]["status"] == "passed", (out / "second-node.log").read_text()[-3000:]
     summary = report["summary"]
     assert {f"startup_{s}_s" for s in ("stage1a", "stage1b", "stage2", "stage3")} <= set(summary)
-    # the newest committed training stage, run again as its second attempt, on caches made for it
-    assert summary["second_node_stage"] == rows["second-node"]["stage"] == "stage3"
-    marker = json.loads((work / "proof" / "main" / "stage3" / "_COMPLETE.json").read_text())
-    assert marker["attempt"].rstrip("/").endswith("attempt-0002")
+    # the chosen stage, run again as its second attempt, on caches made for it; the newer stage is left as it was
+    assert summary["second_node_stage"] == rows["second-node"]["stage"] == "stage2"
+    attempt = lambda stage: json.loads((work / "proof" / "main" / stage / "_COMPLETE.json").read_text())["attempt"]  # noqa: E731
+    assert attempt("stage2").rstrip("/").endswith("attempt-0002")
+    assert attempt("stage3").rstrip("/").endswith("attempt-0001")
     second = json.loads((out / "second_node" / "stage_startup.json").read_text())
-    assert {r["stage"]: r["seconds"] for r in second["rows"]}["stage3"] == summary["second_node_s"]
-    assert summary["second_node_saved_s"] == pytest.approx(summary["startup_stage3_s"] - summary["second_node_s"],
+    assert {r["stage"]: r["seconds"] for r in second["rows"]}["stage2"] == summary["second_node_s"]
+    assert summary["second_node_saved_s"] == pytest.approx(summary["startup_stage2_s"] - summary["second_node_s"],
                                                            abs=0.11)
     assert (work / "node-2" / "triton").is_dir() and (out / "proof" / "proof.json").exists()
