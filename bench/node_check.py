@@ -48,7 +48,6 @@ from pathlib import Path
 
 from bench.common import print_table, write_result
 from pipeline import stages
-from pipeline.stages import TRAINING_STAGES
 from pipeline.train.worker import FIRST_STEP_STACKS_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="overrides of the proof recipe's config (the startup step)")
     p.add_argument("--eval-pictures", type=int, default=None, help="held-out pictures the proof scores each stage on")
-    p.add_argument("--second-node-stage", choices=TRAINING_STAGES, default=None,
+    p.add_argument("--second-node-stage", choices=stages.TRAINING_STAGES, default=None,
                    help="the committed stage the second-node step forces again (default: the newest)")
     p.add_argument("--rerun-stage", nargs=2, metavar=("CONFIG", "STAGE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
