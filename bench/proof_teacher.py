@@ -5,8 +5,12 @@ runs it outside one, to try settings: it writes the teacher and processor in Hug
 `<out>/teacher/` (usable as `teacher.source`) and a JSON report to `<out>/report.json`.
 
     python -m bench.proof_teacher --out /tmp/proof [--steps N] [--hidden H] [--layers L] [--set field=value]
+    python -m bench.proof_teacher --out OUT --config configs/mechanisms.yaml --profile-step
 
-The defaults fit a few CPU minutes; configs/proof.yaml's `teacher.train` is the GPU setting.
+The defaults fit a few CPU minutes; configs/proof.yaml's `teacher.train` is the GPU setting. `--config` takes a run
+config's `teacher.train` (and family) instead, `--set` still overriding it. `--profile-step` trains nothing: it draws
+one training batch as the teacher stage does, times making it, and profiles the teacher's forward and backward on it
+(the device's kernels on a GPU: how busy the device is, and on what), writing `<out>/profile.json`.
 """
 
 from __future__ import annotations
@@ -14,22 +18,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import yaml
 
-from pipeline.config import TeacherTrainSection
+from pipeline.config import TeacherTrainSection, load_config
 from pipeline.teacher_train import train_teacher
 
 
 def run(args: argparse.Namespace) -> dict:
-    fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "hidden": args.hidden,
-              "num_layers": args.layers, "vision_hidden": args.vision_hidden, "vision_depth": args.vision_depth,
-              "eval_pictures": args.eval_pictures}
+    family = "qwen2_5_vl"
+    if args.config:
+        teacher = load_config(args.config).teacher
+        fields, family = teacher.train.model_dump(), teacher.family
+    else:
+        fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "hidden": args.hidden,
+                  "num_layers": args.layers, "vision_hidden": args.vision_hidden, "vision_depth": args.vision_depth,
+                  "eval_pictures": args.eval_pictures}
     for item in args.set:
         key, _, value = item.partition("=")
         fields[key] = yaml.safe_load(value)
     settings = TeacherTrainSection(**fields)
-    model, processor, metrics = train_teacher(settings, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    if args.profile_step:
+        return profile_step(settings, args.seed, family, args.out)
+    model, processor, metrics = train_teacher(settings, seed=args.seed, family=family)
     teacher_dir = os.path.join(args.out, "teacher")
     model.save_pretrained(teacher_dir)
     processor.save_pretrained(teacher_dir)
@@ -37,6 +50,41 @@ def run(args: argparse.Namespace) -> dict:
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"teacher saved to {teacher_dir}; report in {os.path.join(args.out, 'report.json')}")
+    return report
+
+
+def profile_step(settings: TeacherTrainSection, seed: int, family: str, out: str, calls: int = 3) -> dict:
+    """One training batch as the teacher stage's loader draws its first, what it holds and how long it took to make,
+    and the kernel profile of the teacher's forward and backward on it."""
+    from bench.profiling import kernel_profile, show_profile
+    from pipeline.teacher_train import PictureBatches, build_teacher, forward_backward, to_device
+
+    model, processor, device, autocast = build_teacher(settings, seed, family)
+    started = time.perf_counter()
+    batch = next(iter(PictureBatches(processor, settings.batch_size, seed, kinds=settings.pictures,
+                                     max_frames=settings.max_frames)))
+    made_s = time.perf_counter() - started
+    lengths = batch["attention_mask"].sum(1)
+    shape = {"rows": int(lengths.numel()), "longest": int(lengths.max()), "tokens": int(lengths.sum()),
+             "padding_share": round(1 - float(lengths.sum()) / batch["attention_mask"].numel(), 3),
+             "image_patches": int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0,
+             "video_patches": int(batch["pixel_values_videos"].shape[0]) if "pixel_values_videos" in batch else 0,
+             "seconds_to_make": round(made_s, 3)}
+    batch = to_device(batch, device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        forward_backward(model, batch, autocast)
+
+    profile = kernel_profile(step, calls=calls, cuda=device.type == "cuda", top=20)
+    print("batch:", "  ".join(f"{k} {v}" for k, v in shape.items()))
+    show_profile(f"teacher forward and backward ({family}, {device})", profile)
+    report = {"config": settings.model_dump(mode="json"), "family": family, "seed": seed, "device": str(device),
+              "batch": shape, "profile": profile}
+    path = os.path.join(out, "profile.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {path}")
     return report
 
 
@@ -54,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other teacher.train field (precision, target_accuracy, device, loader_workers, ...)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="a run config whose teacher.train (and family) to use")
+    p.add_argument("--profile-step", action="store_true",
+                   help="train nothing: profile one training batch's forward and backward (<out>/profile.json)")
     return p.parse_args(argv)
 
 

@@ -99,6 +99,16 @@ def teacher_forced_exact(model, batch: dict) -> torch.Tensor:
     return right.all(dim=1).float()
 
 
+def forward_backward(model, batch: dict, autocast) -> torch.Tensor:
+    """The batch's loss, its gradients accumulated into the parameters."""
+    # the vision tower's windows in a few SDPA calls, one per window size: transformers launches one per
+    # window, with a host sync per block, and a batch of long recall streams has tens of thousands
+    with autocast, grouped_vision(model):
+        loss = model(**batch).loss
+    loss.backward()
+    return loss
+
+
 def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
     """Linear warm-up, then cosine down to `floor` of the peak."""
     if step < warmup:
@@ -107,21 +117,29 @@ def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, family: str = "qwen2_5_vl"):
-    """Builds the tiny teacher of `family` (model/families/) with the dims of `settings` (a
-    `TeacherTrainSection`), trains it, scores it on the held-out pictures. Returns (model on the CPU in fp32,
-    processor, metrics)."""
+def build_teacher(settings, seed: int = 0, family: str = "qwen2_5_vl"):
+    """The untrained tiny teacher of `family` (model/families/) with the dims of `settings` (a
+    `TeacherTrainSection`), on its device in training mode: (model, processor, device, autocast)."""
     from model.tiny import build_processor, build_tiny_teacher
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, processor = build_tiny_teacher(
         seed, processor=build_processor(max_pixels=settings.max_pixels, family=family), family=family,
-        hidden=settings.hidden,
-        heads=settings.heads, kv_heads=settings.kv_heads, intermediate=settings.intermediate, num_layers=settings.num_layers, vision_hidden=settings.vision_hidden,
-        vision_depth=settings.vision_depth)
-    n_params = sum(p.numel() for p in model.parameters())
+        hidden=settings.hidden, heads=settings.heads, kv_heads=settings.kv_heads, intermediate=settings.intermediate,
+        num_layers=settings.num_layers, vision_hidden=settings.vision_hidden, vision_depth=settings.vision_depth)
     model.to(device).train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+    return model, processor, device, autocast
+
+
+def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, family: str = "qwen2_5_vl"):
+    """Builds the tiny teacher of `family` (model/families/) with the dims of `settings` (a
+    `TeacherTrainSection`), trains it, scores it on the held-out pictures. Returns (model on the CPU in fp32,
+    processor, metrics)."""
+    from model.tiny import build_processor
+
+    model, processor, device, autocast = build_teacher(settings, seed, family)
+    n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup_steps))
@@ -131,8 +149,8 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
                                          batch_size=None,
                                          num_workers=settings.loader_workers,
                                          prefetch_factor=4 if settings.loader_workers else None)
-    validation = _to(training_batch(processor, picture_samples(VALIDATION_PICTURES, VALIDATION_SEED, "pil", kinds,
-                                                               settings.max_frames)), device)
+    validation = to_device(training_batch(processor, picture_samples(VALIDATION_PICTURES, VALIDATION_SEED, "pil",
+                                                                     kinds, settings.max_frames)), device)
     check_every = max(25, settings.steps // 20)
     log(f"teacher: {n_params / 1e6:.2f}M parameters, training {settings.steps} steps of {settings.batch_size} "
         f"questions on {device} ({settings.precision})")
@@ -142,14 +160,10 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
     step, waited, ready = 0, 0.0, time.time()
     for step, batch in enumerate(loader, start=1):
         waited += time.time() - ready  # time the step stood waiting for its batch: the loader is the bottleneck
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         tokens += int(batch["attention_mask"].sum())
-        # the vision tower's windows in a few SDPA calls, one per window size: transformers launches one per
-        # window, with a host sync per block, and a batch of long recall streams has tens of thousands
-        with autocast, grouped_vision(model):
-            loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = forward_backward(model, batch, autocast)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -199,5 +213,5 @@ def score_pictures(model, processor, n_pictures: int = 64, out_dir: str | None =
     return {"pictures": results["score"], **{k: v["score"] for k, v in results.get("categories", {}).items()}}
 
 
-def _to(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
