@@ -230,6 +230,15 @@ def summarize(rows: list[dict], short: int, long: int) -> dict:
             "teacher_32k_checkpointing": by.get(("teacher", long), {}).get("checkpointing")}
 
 
+STAGE_NAMES = {"stage2": "Stage II", "stage3": "Stage III"}
+
+
+def length_labels(rows: list[dict]) -> list[str]:
+    """A label per sequence length, in increasing order, named by its rows' own stage (a run may hold one case)."""
+    stage_of = {r["seq_len"]: r["stage"] for r in rows}
+    return [f"{STAGE_NAMES.get(stage_of[n], stage_of[n])} {n // 1024}K" for n in sorted(stage_of)]
+
+
 def plot(rows: list[dict], path: str) -> str | None:
     """Tokens/s and MFU of teacher and student at each length, bars side by side."""
     try:
@@ -255,8 +264,7 @@ def plot(rows: list[dict], path: str) -> str | None:
                                                                f"{ck:.2f} of blocks recomputed"),
                                 (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
     for ax, title in zip(axes, ("tokens / s", "MFU (dense bf16 peak)")):
-        ax.set_xticks(range(len(lengths)), [f"{'Stage II' if n == lengths[0] else 'Stage III'} {n // 1024}K"
-                                            for n in lengths])
+        ax.set_xticks(range(len(lengths)), length_labels(rows))
         ax.set_title(title)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
