@@ -115,4 +115,3 @@ def test_the_sample_corpora_are_refused_before_any_work_where_pyav_is_missing(mo
                for i, s in enumerate(getattr(cfg.data, c).sources) if s == "sample"]
     assert samples and [p.split(":")[0] for p in problems] == samples
     assert all("need PyAV" in p and "pip install av" in p for p in problems)
-
