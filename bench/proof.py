@@ -221,6 +221,23 @@ def stage_tokens(stage_dir: str) -> int | None:
     return sum(int(r.get("tokens", 0) or 0) for r in storage.read_jsonl(path))
 
 
+SCORES = "scores.json"
+
+
+def cached_score(eval_dir: str, marker: dict, job: dict, score) -> dict:
+    """`score()`, or the scores an earlier run of this root committed for the same checkpoint (the stage's output
+    digest) under the same scoring settings: a run resumed after a cut re-trains nothing and re-scores nothing."""
+    settings = {k: v for k, v in job.items() if k not in ("name", "config", "stages", "runner", "score_stages")}
+    key = {"digest": marker.get("digest"), "settings": settings}
+    path = os.path.join(eval_dir, SCORES)
+    kept = storage.read_json_or_none(path)
+    if key["digest"] is not None and kept is not None and kept.get("key") == json.loads(json.dumps(key)):
+        return kept["scores"]
+    scores = score()
+    storage.write_json(path, {"key": key, "scores": scores})  # after scoring, whole: a cut leaves none
+    return scores
+
+
 def run_job(job: dict, result_path: Path | None = None) -> dict:
     """One worker's job: each stage, and the score of each stage in `score_stages` (default: the teacher in the
     main job, every student stage) by the job's `scorer` module. The result is rewritten after every score, so
@@ -240,7 +257,8 @@ def run_job(job: dict, result_path: Path | None = None) -> dict:
         checkpoint = out if stage == "teacher" else os.path.join(out, "export")
         metrics = marker.get("metrics", {})
         tokens = metrics.get("train_tokens") if stage == "teacher" else stage_tokens(out)
-        scores = scorer(checkpoint, job, os.path.join(cfg.run.root, "proof-eval", stage), cfg)
+        eval_dir = os.path.join(cfg.run.root, "proof-eval", stage)
+        scores = cached_score(eval_dir, marker, job, lambda: scorer(checkpoint, job, eval_dir, cfg))
         result["stages"][stage] = {**scores, "tokens": tokens, "seconds": round(marker.get("duration_s", 0.0), 1),
                                    "loss": metrics.get("loss")}
         result["seconds"] = round(time.time() - start, 1)

@@ -130,6 +130,25 @@ def test_scores_run_in_order_beside_the_caller_and_the_first_error_surfaces():
     assert seen == ["a", "b"]
 
 
+def test_a_resumed_run_reuses_the_scores_of_the_same_checkpoint_and_settings(tmp_path):
+    calls = []
+
+    def scorer(value):
+        return lambda: calls.append(value) or {"accuracy": value}
+
+    job = {"name": "main", "config": "a.yaml", "runner": "direct", "mechanisms": {"recall_samples": 4}}
+    marker = {"digest": "d1", "output": "somewhere"}
+    where = str(tmp_path / "proof-eval" / "stage2")
+    assert proof.cached_score(where, marker, job, scorer(10.0)) == {"accuracy": 10.0}
+    assert proof.cached_score(where, marker, {**job, "config": "b.yaml"}, scorer(11.0)) == {"accuracy": 10.0}
+    assert calls == [10.0]  # the same checkpoint, scored the same way: read back, not scored again
+    assert proof.cached_score(where, {**marker, "digest": "d2"}, job, scorer(12.0)) == {"accuracy": 12.0}
+    changed = {**job, "mechanisms": {"recall_samples": 8}}
+    assert proof.cached_score(where, {**marker, "digest": "d2"}, changed, scorer(13.0)) == {"accuracy": 13.0}
+    assert proof.cached_score(where, {"output": "x"}, changed, scorer(14.0)) == {"accuracy": 14.0}  # no digest
+    assert calls == [10.0, 12.0, 13.0, 14.0]
+
+
 def test_ablation_rows_and_bad_shares_fail_clearly():
     cfg = proof.base_config("configs/proof.yaml", False, [], "/tmp/x")
     rows = {r["name"]: r for r in proof.variants(cfg)}
