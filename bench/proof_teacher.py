@@ -6,11 +6,14 @@ runs it outside one, to try settings: it writes the teacher and processor in Hug
 
     python -m bench.proof_teacher --out /tmp/proof [--steps N] [--hidden H] [--layers L] [--set field=value]
     python -m bench.proof_teacher --out OUT --config configs/mechanisms.yaml --profile-step
+    python -m bench.proof_teacher --out OUT --config configs/mechanisms.yaml --set pictures=[dense_text] --mechanisms
 
 The defaults fit a few CPU minutes; configs/proof.yaml's `teacher.train` is the GPU setting. `--config` takes a run
 config's `teacher.train` (and family) instead, `--set` still overriding it. `--profile-step` trains nothing: it draws
 one training batch as the teacher stage does, times making it, and profiles the teacher's forward and backward on it
-(the device's kernels on a GPU: how busy the device is, and on what), writing `<out>/profile.json`.
+(the device's kernels on a GPU: how busy the device is, and on what), writing `<out>/profile.json`. `--mechanisms`
+scores the trained teacher on bench/mechanisms.py's sweeps (report key `mechanisms`): whether a teacher setting
+learns both tasks, tried alone.
 """
 
 from __future__ import annotations
@@ -47,10 +50,30 @@ def run(args: argparse.Namespace) -> dict:
     model.save_pretrained(teacher_dir)
     processor.save_pretrained(teacher_dir)
     report = {"config": settings.model_dump(mode="json"), "seed": args.seed, **metrics, "teacher_dir": teacher_dir}
+    if args.mechanisms is not None:
+        report["mechanisms"] = score_mechanisms_sweep(teacher_dir, args.mechanisms,
+                                                      os.path.join(args.out, "mechanisms"))
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"teacher saved to {teacher_dir}; report in {os.path.join(args.out, 'report.json')}")
     return report
+
+
+def score_mechanisms_sweep(teacher_dir: str, sweep_json: str, out_dir: str) -> dict:
+    """The saved teacher scored as bench/mechanisms.py scores every arm (recall against distance and frame count,
+    dense text exact and by character), on the sweep `sweep_json` overrides: a teacher setting tried alone says
+    whether the teacher learns both tasks before a whole mechanisms run is spent on it."""
+    from pipeline.eval.api import load_checkpoint
+    from pipeline.eval.mechanisms import MechanismsConfig, score_mechanisms
+
+    sweep = MechanismsConfig.from_dict(json.loads(sweep_json or "{}"))
+    model, processor = load_checkpoint(teacher_dir)
+    scores = score_mechanisms(model, processor, out_dir, sweep)
+    print("mechanisms: recall by distance "
+          + ", ".join(f"{r['tokens']} tokens {r['accuracy']:.0f}%" for r in scores["recall_by_distance"])
+          + f"; text exact {scores['text']['exact']:.1f}%, characters {scores['text']['char_accuracy']:.1f}%; frames "
+          + ", ".join(f"{r['frames']} {r['accuracy']:.0f}%" for r in scores["frames"]))
+    return scores
 
 
 def profile_step(settings: TeacherTrainSection, seed: int, family: str, out: str, calls: int = 3) -> dict:
@@ -103,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="any other teacher.train field (precision, target_accuracy, device, loader_workers, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default=None, help="a run config whose teacher.train (and family) to use")
+    p.add_argument("--mechanisms", nargs="?", const="{}", default=None, metavar="SWEEP_JSON",
+                   help="after training, score the teacher on the mechanisms sweeps (bench/mechanisms.py's scorer; "
+                        "the JSON overrides pipeline.eval.mechanisms.MechanismsConfig, e.g. '{\"recall_samples\": 8}')")
     p.add_argument("--profile-step", action="store_true",
                    help="train nothing: profile one training batch's forward and backward (<out>/profile.json)")
     return p.parse_args(argv)

@@ -14,12 +14,20 @@ from pipeline.teacher_train import lr_factor, training_batch
 def test_teacher_trains_saves_reloads_and_scores(tmp_path, one_thread):
     report = run(parse_args(["--out", str(tmp_path), "--steps", "30", "--batch-size", "4", "--hidden", "32",
                              "--layers", "2", "--vision-hidden", "32", "--vision-depth", "1", "--eval-pictures", "4",
-                             "--set", "intermediate=64", "--set", "warmup_steps=2"]))
+                             "--set", "intermediate=64", "--set", "warmup_steps=2", "--mechanisms",
+                             json.dumps({"distances": [2], "frame_counts": [8], "recall_samples": 2,
+                                         "text_samples": 3, "batch_size": 4})]))
     curve = report["loss_curve"]
     assert curve[-1]["step"] == 30 and curve[-1]["loss"] < curve[0]["loss"]
     assert report["train_tokens"] > 0 and 0 <= report["score"] <= 100
     assert set(report) >= {"heldout/pictures", "heldout/text_line/read", "heldout/shapes/count"}
     assert json.loads((tmp_path / "report.json").read_text())["score"] == report["score"]
+    # scored by the mechanisms bench's own sweeps, on the sweep asked for, into <out>/mechanisms
+    sweep = report["mechanisms"]
+    assert [r["distractor_frames"] for r in sweep["recall_by_distance"]] == [2]
+    assert [r["frames"] for r in sweep["frames"]] == [8] and sweep["text"]["n"] == 3
+    assert 0 <= sweep["text"]["char_accuracy"] <= 100
+    assert len((tmp_path / "mechanisms" / "dense_text" / "samples.jsonl").read_text().splitlines()) == 3
 
     teacher = tmp_path / "teacher"
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher).eval()
