@@ -26,12 +26,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def provenance(device: str | None = None) -> dict:
+    """Where and when a result was measured, and from which code: every result file's first keys."""
+    return {"device": device or device_name(), "date": datetime.date.today().isoformat(), "commit": git_commit()}
+
+
 def write_result(bench: str, config: dict, rows: list[dict], summary: dict, out_dir: str = RESULTS,
                  device: str | None = None) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{bench}.json")
-    record = {"bench": bench, "device": device or device_name(), "date": datetime.date.today().isoformat(),
-              "commit": git_commit(), "config": config, "rows": rows, "summary": summary}
+    record = {"bench": bench, **provenance(device), "config": config, "rows": rows, "summary": summary}
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)
     os.replace(path + ".tmp", path)

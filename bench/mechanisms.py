@@ -42,6 +42,7 @@ DEFAULT_SHARE = Fraction(1, 4)
 SHARES = (Fraction(1), Fraction(0), Fraction(1, 8), Fraction(1, 2))  # besides the main run's 1/4
 MIXERS = ("gla", "mamba2", "kda")                                    # besides the main run's Gated DeltaNet
 GOAL_RETENTION = 0.9
+MIN_TEACHER = 50.0  # percent held out: below it the students are not run (--min-teacher)
 
 # The CPU smoke test: the proof's tiny sizes, the two tasks at a few frames, a sweep of a few samples.
 TINY = {
@@ -143,16 +144,37 @@ def run(args: argparse.Namespace) -> dict:
         proof.link_shared(main_cfg.run.root, vcfg.run.root)
         jobs.append({"name": row["name"], "config": proof.write_config(vcfg), "stages": list(proof.ABLATION_STAGES),
                      "score_stages": ["stage2"], **common})
-    results, failures, interrupted = proof.run_jobs(main_path, jobs, runner, jobs_dir, gpus, started)
+    floor = args.min_teacher if args.min_teacher is not None else (0.0 if args.tiny else MIN_TEACHER)
+    results, failures, interrupted = proof.run_jobs(main_path, jobs, runner, jobs_dir, gpus, started,
+                                                    teacher_gate=lambda: teacher_gate(main_cfg, floor))
 
     report = build_report(args, cfg, runner, sweep, rows, results, failures, time.time() - started)
     if interrupted:
         report["interrupted"] = interrupted
     write_report(report, args.out, proof.report_name(args.config))
     print(json.dumps(report["summary"], indent=2))
+    if "teacher" in failures:
+        raise SystemExit(failures["teacher"])
     if "main" in failures:
         raise SystemExit(f"the main run failed: {failures['main']}")
     return report
+
+
+def teacher_gate(cfg: RunConfig, floor: float) -> str | None:
+    """Why distilling the committed teacher would measure nothing (its held-out score under `floor` percent), or
+    None: students of a teacher that learned neither task tie with it at chance, whatever their layers."""
+    from pipeline.stages import committed, stage_dir
+
+    metrics = (committed(stage_dir(cfg.run.root, "teacher")) or {}).get("metrics", {})
+    score = metrics.get("score")
+    if score is None or score >= floor:
+        return None
+    kinds = ", ".join(f"{k.removeprefix('heldout/')} {v:.0f}%" for k, v in sorted(metrics.items())
+                      if k.startswith("heldout/") and k != "heldout/pictures")
+    return (f"the teacher scored {score:.1f}% held out ({kinds}) after {metrics.get('steps')} steps, under "
+            f"--min-teacher {floor:g}: students distilled from it would measure nothing, so none was run. Find a "
+            "teacher setting that learns both tasks first (python -m bench.proof_teacher --out OUT --config "
+            "configs/mechanisms.yaml --mechanisms), or pass --min-teacher 0 to distil this one anyway")
 
 
 def beyond_window(scored: dict | None, window: int) -> float | None:
@@ -177,10 +199,11 @@ def build_report(args, cfg: RunConfig, runner: str, sweep: dict, rows: list[dict
         if row["name"] in failures or "error" in row:
             out["error"] = row.get("error") or failures[row["name"]]
         arms_out.append({**out, **_scored(results.get(row["name"], {}).get("stages", {}), "stage2")})
+    unscored = failures.get("teacher") or "not scored: the run was cut short or the stage failed"
     for a in arms_out:
         a["recall_beyond_window"] = beyond_window(a.get("scores"), window)
         if a.get("scores") is None and "error" not in a:
-            a["error"] = "not scored: the run was cut short or the stage failed"
+            a["error"] = unscored
     by_name = {a["name"]: a for a in arms_out}
 
     def text(name):
@@ -308,7 +331,8 @@ def _recall_axes(ax, xlabel: str, title: str) -> None:
     ax.set_ylabel("recall accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a report with nothing scored (a gated or cut run) draws no lines
+        ax.legend(fontsize=7)
 
 
 README_BEGIN, README_END = "<!-- mechanisms results: begin -->", "<!-- mechanisms results: end -->"
@@ -358,6 +382,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="flows: the Prefect flow; direct: the same stage calls without Prefect; auto: flows if installed")
     p.add_argument("--no-variants", dest="variants", action="store_false", help="the main run only")
     p.add_argument("--arms", default="", help="only these variants, comma-separated (e.g. share=0,mixer=gla)")
+    p.add_argument("--min-teacher", type=float, default=None, metavar="PERCENT",
+                   help=f"distil only a teacher that scores at least this held out (default {MIN_TEACHER:g}; 0 with "
+                        "--tiny, whose teacher learns nothing in its few steps)")
     p.add_argument("--readme", metavar="REPORT_JSON", help="fill README.md's mechanisms block from a report "
                                                           "(e.g. bench/results/mechanisms.json) and exit")
     return p.parse_args(argv)

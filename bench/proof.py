@@ -315,16 +315,24 @@ class InOrder:
 
 # -- the recipe -------------------------------------------------------------------------------------------------
 def run_jobs(main_path: str, jobs: list[dict], runner: str, jobs_dir: Path, gpus: list,
-             started: float) -> tuple[dict, dict, str | None]:
+             started: float, teacher_gate=None) -> tuple[dict, dict, str | None]:
     """The shared stages (teacher, data, teacher logits of `main_path`) on the first GPU, then `jobs` on one
     worker per entry of `gpus`. Returns (results, failures, why it was cut short or None): cut short by SIGTERM
-    or ^C, the results are what the jobs had scored."""
+    or ^C, the results are what the jobs had scored. `teacher_gate()`, called once the teacher is committed, may
+    return why the run should go no further: then nothing else runs and failures holds it under "teacher"."""
     for job in jobs:  # a result left by an earlier run of this root is not this run's
         (jobs_dir / f"{slug(job['name'])}.result.json").unlink(missing_ok=True)
     interrupted = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # `timeout`, a scheduler's kill
     try:
         _log_phase(started, "teacher, data and teacher logits")
+        if teacher_gate is not None:
+            _spawn({"name": "shared", "config": main_path, "stages": ["teacher"], "runner": runner, "score": False},
+                   jobs_dir, gpus[0])
+            why = teacher_gate()
+            if why:
+                print(why, flush=True)
+                return {}, {"teacher": why}, None
         _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner, "score": False},
                jobs_dir, gpus[0])
         _log_phase(started, f"{len(jobs)} student runs on {len(gpus)} worker(s)")

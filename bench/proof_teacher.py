@@ -25,6 +25,7 @@ import time
 
 import yaml
 
+from bench.common import provenance
 from pipeline.config import TeacherTrainSection, load_config
 from pipeline.teacher_train import train_teacher
 
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> dict:
     teacher_dir = os.path.join(args.out, "teacher")
     model.save_pretrained(teacher_dir)
     processor.save_pretrained(teacher_dir)
-    report = {"config": settings.model_dump(mode="json"), "seed": args.seed, **metrics, "teacher_dir": teacher_dir}
+    report = {**provenance(), "config": settings.model_dump(mode="json"), "seed": args.seed, **metrics,
+              "teacher_dir": teacher_dir}
     if args.mechanisms is not None:
         report["mechanisms"] = score_mechanisms_sweep(teacher_dir, args.mechanisms,
                                                       os.path.join(args.out, "mechanisms"))
@@ -102,8 +104,8 @@ def profile_step(settings: TeacherTrainSection, seed: int, family: str, out: str
     profile = kernel_profile(step, calls=calls, cuda=device.type == "cuda", top=20)
     print("batch:", "  ".join(f"{k} {v}" for k, v in shape.items()))
     show_profile(f"teacher forward and backward ({family}, {device})", profile)
-    report = {"config": settings.model_dump(mode="json"), "family": family, "seed": seed, "device": str(device),
-              "batch": shape, "profile": profile}
+    report = {**provenance(), "config": settings.model_dump(mode="json"), "family": family, "seed": seed,
+              "torch_device": str(device), "batch": shape, "profile": profile}
     path = os.path.join(out, "profile.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)

@@ -168,6 +168,50 @@ def test_tiny_mechanisms_bench_end_to_end(tmp_path):
     assert (out / "mechanisms.png").stat().st_size > 0 and "| teacher |" in (out / "mechanisms.md").read_text()
 
 
+def test_a_teacher_that_learned_neither_task_stops_the_bench_before_any_student(tmp_path, monkeypatch):
+    from bench import mechanisms as bench
+    from bench import proof
+
+    root = tmp_path / "runs"
+    cfg = bench.base_config("configs/mechanisms.yaml", False, [], str(root))
+    assert bench.teacher_gate(cfg, 50.0) is None  # nothing committed yet: nothing to judge
+    marker = {"stage": "teacher", "attempt": "attempt-0001", "fingerprint": "f", "digest": "d",
+              "metrics": {"score": 9.375, "steps": 790, "heldout/pictures": 9.375, "heldout/dense_text/line": 0.0,
+                          "heldout/recall/what": 15.625}}
+    (root / "main" / "teacher").mkdir(parents=True)
+    (root / "main" / "teacher" / "_COMPLETE.json").write_text(json.dumps(marker))
+    why = bench.teacher_gate(cfg, 50.0)
+    assert "9.4% held out" in why and "dense_text/line 0%" in why and "recall/what 16%" in why
+    assert "790 steps" in why and "--min-teacher 0" in why and "pictures" not in why.split("(")[1].split(")")[0]
+    assert bench.teacher_gate(cfg, 9.375) is None and bench.teacher_gate(cfg, 0.0) is None
+
+    # run_jobs: the teacher alone, then the gate; a reason stops it before the data stage and every job
+    spawned, ran = [], []
+    monkeypatch.setattr(proof, "_spawn", lambda job, *a, **k: spawned.append(job["stages"]) or {})
+    monkeypatch.setattr(proof, "_run_parallel", lambda jobs, *a: ran.append(jobs) or ({}, {}))
+    jobs_dir = tmp_path / "jobs"
+    jobs_dir.mkdir()
+    out = proof.run_jobs("main.yaml", [{"name": "main"}], "direct", jobs_dir, [None], 0.0,
+                         teacher_gate=lambda: "too weak")
+    assert out == ({}, {"teacher": "too weak"}, None) and spawned == [["teacher"]] and ran == []
+    proof.run_jobs("main.yaml", [{"name": "main"}], "direct", jobs_dir, [None], 0.0, teacher_gate=lambda: None)
+    assert spawned[1:] == [["teacher"], list(proof.SHARED)] and len(ran) == 1
+
+    # the bench: the report says why for every row, and the command fails with the reason
+    monkeypatch.setattr(proof, "run_jobs", lambda *a, teacher_gate: ({}, {"teacher": teacher_gate()}, None))
+    args = bench.parse_args(["--root", str(root), "--out", str(tmp_path / "out"), "--runner", "direct",
+                             "--no-variants"])
+    with pytest.raises(SystemExit, match="9.4% held out"):
+        bench.run(args)
+    report = json.loads((tmp_path / "out" / "mechanisms.json").read_text())
+    assert all("9.4% held out" in r["error"] for r in report["rows"]) and report["failures"]["teacher"]
+    # --min-teacher 0: the same teacher passes the gate and the run goes on
+    monkeypatch.setattr(proof, "run_jobs", lambda *a, teacher_gate: ({}, {"main": f"gate: {teacher_gate()}"}, None))
+    with pytest.raises(SystemExit, match="gate: None"):
+        bench.run(bench.parse_args(["--root", str(root), "--out", str(tmp_path / "out"), "--runner", "direct",
+                                    "--no-variants", "--min-teacher", "0"]))
+
+
 def test_readme_block_is_filled_from_the_report(tmp_path):
     from bench import mechanisms as bench
 

@@ -22,6 +22,7 @@ def test_teacher_trains_saves_reloads_and_scores(tmp_path, one_thread):
     assert report["train_tokens"] > 0 and 0 <= report["score"] <= 100
     assert set(report) >= {"heldout/pictures", "heldout/text_line/read", "heldout/shapes/count"}
     assert json.loads((tmp_path / "report.json").read_text())["score"] == report["score"]
+    assert report["device"].startswith("cpu") and report["date"] and report["commit"]
     # scored by the mechanisms bench's own sweeps, on the sweep asked for, into <out>/mechanisms
     sweep = report["mechanisms"]
     assert [r["distractor_frames"] for r in sweep["recall_by_distance"]] == [2]
