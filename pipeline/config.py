@@ -41,7 +41,7 @@ class RunSection(Section):
 class TeacherTrainSection(Section):
     """Trains the tiny teacher on the synthetic picture questions (pipeline/teacher_train.py), so that
     the distillation has something real to transfer; scored on the held-out `pictures` suite."""
-    RUN_ONLY: ClassVar[tuple[str, ...]] = ("device", "loader_workers", "max_seconds")
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("device", "loader_workers", "max_seconds", "checkpoint_seconds")
     steps: int = Field(gt=0)
     batch_size: int = Field(16, gt=0)
     lr: float = Field(2e-3, gt=0)
@@ -58,7 +58,10 @@ class TeacherTrainSection(Section):
     eval_pictures: int = Field(64, gt=0, description="held-out pictures scored after training (two questions each)")
     device: str | None = Field(None, description="cuda or cpu; default: cuda when available")
     loader_workers: int = Field(0, ge=0, description="processes drawing and encoding training pictures")
-    max_seconds: float | None = Field(None, gt=0, description="stop training after this long, whatever the step")
+    max_seconds: float | None = Field(None, gt=0, description="stop training after this long, whatever the step "
+                                                             "(seconds trained, summed over a killed run's resumes)")
+    checkpoint_seconds: float = Field(120.0, ge=0, description="how often the teacher stage saves its training, "
+                                                               "so that a killed stage goes on from there")
     pictures: list[Literal["shapes", "bar_chart", "line_chart", "text_line", "recall", "dense_text"]] | None = Field(
         None, min_length=1, description="the kinds of picture the teacher learns, and so the ones the run's "
                                         "sample-pictures corpora and held-out pictures suite use (default: the four "

@@ -19,12 +19,15 @@ processes. With `target_accuracy`, training stops once the teacher-forced exact 
 
 from __future__ import annotations
 
+import io
 import math
 import tempfile
 import time
 from typing import Callable
 
 import torch
+
+from pipeline import storage
 
 from model.cuda_graphs import grouped_vision
 from pipeline.eval.runner import EvalConfig, build_messages, build_prompt, run_suite
@@ -132,10 +135,39 @@ def build_teacher(settings, seed: int = 0, family: str = "qwen2_5_vl"):
     return model, processor, device, autocast
 
 
-def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, family: str = "qwen2_5_vl"):
+class TrainingState:
+    """Where a teacher training keeps what it needs to go on after a kill: one file (model, optimizer, schedule,
+    step, curve, seconds trained), written whole through the storage layer, so it is the last one saved or none."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def load(self) -> dict | None:
+        if not storage.exists(self.url):
+            return None
+        try:
+            return torch.load(io.BytesIO(storage.read_bytes(self.url)), map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable state is the same problem to the user
+            raise RuntimeError(f"{self.url}: the teacher's saved training state cannot be read "
+                               f"({type(exc).__name__}: {exc}); delete it to train the teacher from the start") from exc
+
+    def save(self, state: dict) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        storage.write_bytes(self.url, buffer.getvalue())
+
+    def clear(self) -> None:
+        if storage.exists(self.url):
+            storage.delete(self.url)
+
+
+def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, family: str = "qwen2_5_vl",
+                  state: TrainingState | None = None):
     """Builds the tiny teacher of `family` (model/families/) with the dims of `settings` (a
     `TeacherTrainSection`), trains it, scores it on the held-out pictures. Returns (model on the CPU in fp32,
-    processor, metrics)."""
+    processor, metrics). With `state`, the training saves itself there every `settings.checkpoint_seconds` and at
+    its end, and a training found there goes on from its step, exactly: the batches are a function of the step, and
+    `max_seconds` counts the seconds trained before the kill."""
     from model.tiny import build_processor
 
     model, processor, device, autocast = build_teacher(settings, seed, family)
@@ -143,8 +175,20 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup_steps))
+    curve, window, tokens, validation_acc, waited, trained_s, first = [], [], 0, None, 0.0, 0.0, 0
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        first, curve, window, tokens = saved["step"], saved["curve"], saved["window"], saved["tokens"]
+        validation_acc, waited, trained_s = saved["validation_exact"], saved["waited"], saved["seconds"]
+        torch.set_rng_state(saved["rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        log(f"teacher: going on from step {first} ({trained_s:.0f} s trained), saved in {state.url}")
     kinds = settings.pictures
-    loader = torch.utils.data.DataLoader(PictureBatches(processor, settings.batch_size, seed, kinds=kinds,
+    loader = torch.utils.data.DataLoader(PictureBatches(processor, settings.batch_size, seed, start=first, kinds=kinds,
                                                         max_frames=settings.max_frames),
                                          batch_size=None,
                                          num_workers=settings.loader_workers,
@@ -155,10 +199,18 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
     log(f"teacher: {n_params / 1e6:.2f}M parameters, training {settings.steps} steps of {settings.batch_size} "
         f"questions on {device} ({settings.precision})")
 
-    curve, window, tokens, validation_acc = [], [], 0, None
-    start = time.time()
-    step, waited, ready = 0, 0.0, time.time()
-    for step, batch in enumerate(loader, start=1):
+    start = time.time() - trained_s
+    step, ready, saved_at = first, time.time(), time.time()
+
+    def save(done: bool = False) -> None:
+        state.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "step": step, "curve": curve, "window": window,
+                    "tokens": tokens, "validation_exact": validation_acc,
+                    "waited": waited, "seconds": time.time() - start, "done": done, "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+
+    finished = bool(saved and saved.get("done"))
+    for step, batch in enumerate(() if finished else loader, start=first + 1):
         waited += time.time() - ready  # time the step stood waiting for its batch: the loader is the bottleneck
         batch = to_device(batch, device)
         tokens += int(batch["attention_mask"].sum())
@@ -186,7 +238,12 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
                 last = True
         if last:
             break
+        if state is not None and time.time() - saved_at >= settings.checkpoint_seconds:
+            save()
+            saved_at = time.time()
         ready = time.time()
+    if state is not None and not finished:
+        save(done=True)  # the end too: a kill while scoring or publishing does not train it again
     train_seconds = time.time() - start
     model.eval()
     with autocast:

@@ -1,7 +1,9 @@
 """The proof teacher's training: it learns, it saves as a loadable Hugging Face teacher, the stage records it."""
 
 import json
+import re
 
+import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -65,3 +67,99 @@ def test_profile_step_draws_the_stages_first_batch_and_profiles_its_step(tmp_pat
     profile = report["profile"]
     assert profile["profiled"].startswith("CPU") and profile["calls"] == 3 and profile["top"]
     assert json.loads((tmp_path / "profile.json").read_text())["batch"] == batch
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_teacher_training_goes_on_from_its_saved_state_exactly(tmp_path, one_thread, monkeypatch):
+    from pipeline import teacher_train
+    from pipeline.config import TeacherTrainSection
+
+    settings = TeacherTrainSection(steps=6, batch_size=4, lr=1e-3, warmup_steps=2, hidden=32, num_layers=2,
+                                   intermediate=64, vision_hidden=32, vision_depth=1, eval_pictures=2, device="cpu",
+                                   checkpoint_seconds=0)
+    whole, _, whole_metrics = teacher_train.train_teacher(settings, seed=1, log=lambda _: None)
+
+    state = teacher_train.TrainingState(str(tmp_path / "state.pt"))
+    real, calls = teacher_train.forward_backward, []
+
+    def killed_at_step_4(model, batch, autocast):
+        calls.append(int(batch["attention_mask"].sum()))
+        if len(calls) == 4:
+            raise Killed()
+        return real(model, batch, autocast)
+
+    monkeypatch.setattr(teacher_train, "forward_backward", killed_at_step_4)
+    with pytest.raises(Killed):
+        teacher_train.train_teacher(settings, seed=1, log=lambda _: None, state=state)
+    assert torch.load(state.url, weights_only=False)["step"] == 3
+
+    lines, seen = [], []
+    monkeypatch.setattr(teacher_train, "forward_backward",
+                        lambda model, batch, autocast: seen.append(int(batch["attention_mask"].sum()))
+                        or real(model, batch, autocast))
+    resumed, _, metrics = teacher_train.train_teacher(settings, seed=1, log=lines.append, state=state)
+    assert any("going on from step 3" in line for line in lines)
+    assert calls[3:] + seen[1:] == seen and len(seen) == 3  # steps 4-6 only, on the batches the whole run had
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert metrics["steps"] == 6 and metrics["loss"] == whole_metrics["loss"]
+    assert metrics["train_tokens"] == whole_metrics["train_tokens"]
+
+    # finished and saved: a kill after training (while scoring or publishing) trains nothing again
+    monkeypatch.setattr(teacher_train, "forward_backward", lambda *a: (_ for _ in ()).throw(Killed()))
+    again, _, _ = teacher_train.train_teacher(settings, seed=1, log=lambda _: None, state=state)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in whole.state_dict().items())
+
+    (tmp_path / "state.pt").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(RuntimeError, match="state.pt: the teacher's saved training state cannot be read"):
+        teacher_train.train_teacher(settings, seed=1, log=lambda _: None, state=state)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_the_teacher_stage_killed_mid_training_goes_on_from_its_state_and_commits(tmp_path):
+    """A real SIGKILL of the stage's process while it trains; the rerun resumes the attempt from its saved state."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipeline.config import config_from_dict, load_config
+    from pipeline.stages import committed, stage_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = config_from_dict(load_config(str(repo / "configs/tiny.yaml")).model_dump(mode="json"), [
+        f"run.root={json.dumps(str(tmp_path / 'run'))}", 'run.stages=["teacher"]', "teacher.train.steps=400",
+        "teacher.train.target_accuracy=null", "teacher.train.checkpoint_seconds=0", "teacher.train.eval_pictures=2",
+        "teacher.train.hidden=32", "teacher.train.num_layers=2", "teacher.train.vision_hidden=32"])
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+            "from bench.proof import run_stages; run_stages(sys.argv[1], ['teacher'], 'direct')")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    state = Path(stage_dir(str(tmp_path / "run"), "teacher")) / "attempt-0001" / "_training_state.pt"
+    first = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=repo, env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 200
+    while not (state.exists() and torch.load(state, weights_only=False)["step"] >= 5) and time.time() < deadline:
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = torch.load(state, weights_only=False)["step"]
+    assert 5 <= killed_at < 400 and committed(stage_dir(str(tmp_path / "run"), "teacher")) is None
+
+    again = subprocess.run([sys.executable, "-c", code, str(path)], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    went_on = [int(s) for s in re.findall(r"going on from step (\d+)", again.stdout + again.stderr)]
+    assert went_on and went_on[0] >= killed_at  # a later save may have landed between the read and the kill
+    marker = committed(stage_dir(str(tmp_path / "run"), "teacher"))
+    assert marker["metrics"]["steps"] == 400 and marker["output"].endswith("attempt-0001")
+    assert not state.exists()  # published and committed: the state is gone, the file list never held it
+    assert "_training_state.pt" not in marker["files"]

@@ -4,7 +4,8 @@
 config.json (the stage's result names it). Every later stage reads the teacher from this stage's committed output,
 not from wherever it came from, so a run keeps working (and stays reproducible) when the source moves or a Hub
 revision changes. With `teacher.train`, the in-code tiny teacher is trained on the synthetic picture questions
-first and its held-out accuracy reported (pipeline/teacher_train.py).
+first and its held-out accuracy reported (pipeline/teacher_train.py); the training saves itself in the attempt's
+folder every `teacher.train.checkpoint_seconds`, so a killed stage goes on from there when run again.
 
 Recipe version 1. Bump VERSION when a change makes this stage write other bytes for the same config.
 """
@@ -23,6 +24,7 @@ SECTIONS = ("teacher",)
 VERSION = 1
 TINY = "tiny"
 REPORT = "training_report.json"  # the tiny teacher's training curve: a report, not part of the model
+TRAINING_STATE = "_training_state.pt"  # a training in progress; deleted once the teacher is published
 
 
 def inputs(config) -> tuple[str, ...]:
@@ -33,13 +35,20 @@ def run(ctx: StageContext) -> dict:
     source, train = ctx.config.teacher.source, ctx.config.teacher.train
     metrics: dict = {"source": source}
     with tempfile.TemporaryDirectory() as tmp:
+        state = None
         if train is not None:
-            metrics.update(_train_tiny(ctx.config.teacher, tmp, ctx.log))
+            from pipeline.teacher_train import TrainingState
+
+            # in the attempt's folder, outside its file list: a killed stage resumes this attempt and goes on
+            state = TrainingState(storage.join(ctx.output, TRAINING_STATE))
+            metrics.update(_train_tiny(ctx.config.teacher, tmp, ctx.log, state))
             local = tmp
         else:
             local = _materialise(ctx.config.teacher, tmp)
         metrics["family"] = _family(local).name
         storage.publish_dir(local, ctx.output, keep=lambda rel: not rel.startswith(".cache/"), source=source)
+        if state is not None:
+            state.clear()  # published: what is left is the commit marker
     ctx.log.info("teacher %s%s saved to %s", source, " (trained)" if train else "", ctx.output)
     return metrics
 
@@ -104,10 +113,11 @@ def _family(local: str):
     return family
 
 
-def _train_tiny(section, tmp: str, log) -> dict:
+def _train_tiny(section, tmp: str, log, state) -> dict:
     from pipeline.teacher_train import train_teacher
 
-    teacher, processor, metrics = train_teacher(section.train, seed=section.seed, log=log.info, family=section.family)
+    teacher, processor, metrics = train_teacher(section.train, seed=section.seed, log=log.info, family=section.family,
+                                                state=state)
     teacher.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, REPORT), "w") as f:
