@@ -226,7 +226,7 @@ SCORES = "scores.json"
 
 def cached_score(eval_dir: str, marker: dict, job: dict, score) -> dict:
     """`score()`, or the scores an earlier run of this root committed for the same checkpoint (the stage's output
-    digest) under the same scoring settings: a run resumed after a cut re-trains nothing and re-scores nothing."""
+    digest) under the same scoring settings: a run resumed after a cut scores only what it had not scored yet."""
     settings = {k: v for k, v in job.items() if k not in ("name", "config", "stages", "runner", "score_stages")}
     key = {"digest": marker.get("digest"), "settings": settings}
     path = os.path.join(eval_dir, SCORES)
@@ -327,8 +327,8 @@ def run_jobs(main_path: str, jobs: list[dict], runner: str, jobs_dir: Path, gpus
     try:
         _log_phase(started, "teacher, data and teacher logits")
         if teacher_gate is not None:
-            _spawn({"name": "shared", "config": main_path, "stages": ["teacher"], "runner": runner, "score": False},
-                   jobs_dir, gpus[0])
+            _spawn({"name": "teacher", "config": main_path, "stages": ["teacher"], "runner": runner, "score": False},
+                   jobs_dir, gpus[0])  # its own log: the next spawn's would write over it
             why = teacher_gate()
             if why:
                 print(why, flush=True)

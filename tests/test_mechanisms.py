@@ -187,15 +187,15 @@ def test_a_teacher_that_learned_neither_task_stops_the_bench_before_any_student(
 
     # run_jobs: the teacher alone, then the gate; a reason stops it before the data stage and every job
     spawned, ran = [], []
-    monkeypatch.setattr(proof, "_spawn", lambda job, *a, **k: spawned.append(job["stages"]) or {})
+    monkeypatch.setattr(proof, "_spawn", lambda job, *a, **k: spawned.append((job["name"], job["stages"])) or {})
     monkeypatch.setattr(proof, "_run_parallel", lambda jobs, *a: ran.append(jobs) or ({}, {}))
     jobs_dir = tmp_path / "jobs"
     jobs_dir.mkdir()
     out = proof.run_jobs("main.yaml", [{"name": "main"}], "direct", jobs_dir, [None], 0.0,
                          teacher_gate=lambda: "too weak")
-    assert out == ({}, {"teacher": "too weak"}, None) and spawned == [["teacher"]] and ran == []
+    assert out == ({}, {"teacher": "too weak"}, None) and spawned == [("teacher", ["teacher"])] and ran == []
     proof.run_jobs("main.yaml", [{"name": "main"}], "direct", jobs_dir, [None], 0.0, teacher_gate=lambda: None)
-    assert spawned[1:] == [["teacher"], list(proof.SHARED)] and len(ran) == 1
+    assert spawned[1:] == [("teacher", ["teacher"]), ("shared", list(proof.SHARED))] and len(ran) == 1
 
     # the bench: the report says why for every row, and the command fails with the reason
     monkeypatch.setattr(proof, "run_jobs", lambda *a, teacher_gate: ({}, {"teacher": teacher_gate()}, None))
