@@ -27,9 +27,8 @@ from typing import Callable
 
 import torch
 
-from pipeline import storage
-
 from model.cuda_graphs import grouped_vision
+from pipeline import storage
 from pipeline.eval.runner import EvalConfig, build_messages, build_prompt, run_suite
 from pipeline.eval.synthetic import HELD_OUT_SEED, picture_samples
 
