@@ -21,7 +21,7 @@ def device_name() -> str:
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(__file__)).strip()
+                                       cwd=os.path.dirname(__file__), stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
 

@@ -33,6 +33,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from bench import proof
+from bench.common import device_name, git_commit
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.eval.mechanisms import MechanismsConfig
 from pipeline.eval.metrics import retention
@@ -233,11 +234,8 @@ def build_report(args, cfg: RunConfig, runner: str, sweep: dict, rows: list[dict
         "hybrid_text_retention": retention(text(hybrid), text("teacher")),
         "goal_retention": GOAL_RETENTION,
     }
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu: {os.cpu_count()} cores"
-    return {"bench": "mechanisms", "device": device,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": proof._commit(),
+    return {"bench": "mechanisms", "device": device_name(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
             "config": {"config": args.config, "tiny": args.tiny, "overrides": args.set, "runner": runner,
                        "arms": args.arms or "all",
                        "gpus": args.gpus, "sliding_window": window, "sweep": sweep, "run": cfg.model_dump(mode="json")},

@@ -39,6 +39,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+from bench.common import device_name, git_commit
 from pipeline import storage
 from pipeline.config import RunConfig, config_from_dict, load_config, to_yaml
 from pipeline.eval.metrics import retention
@@ -418,11 +419,9 @@ def build_report(args, cfg: RunConfig, runner: str, rows: list[dict], results: d
                "student_acc_final": final, "retention_final": retention(final, teacher),
                "goal_retention_stage2": 0.95,
                "teacher_acc_goal_met": teacher is not None and teacher >= 90.0}
-    import torch
-
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu: {os.cpu_count()} cores")
-    return {"bench": "proof", "device": device, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(), "config": {"config": args.config, "tiny": args.tiny, "overrides": args.set,
+    return {"bench": "proof", "device": device_name(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "config": {"config": args.config, "tiny": args.tiny, "overrides": args.set,
                                             "runner": runner, "gpus": args.gpus, "eval_questions": 2 * args.eval_pictures,
                                             "run": cfg.model_dump(mode="json")},
             "rows": stages, "ablations": ablations, "failures": failures, "seconds": round(seconds, 1),
@@ -612,14 +611,6 @@ def _run_parallel(jobs: list[dict], jobs_dir: Path, gpus: list, started: float) 
 
 def _log_phase(started: float, what: str) -> None:
     print(f"[{time.time() - started:.0f}s] {what}", flush=True)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
