@@ -2,8 +2,8 @@
 
 A tiny Qwen2.5-VL teacher is trained by the teacher stage on the mechanisms suite's two tasks
 (pipeline/eval/mechanisms.py: `recall`, a key frame then distractor frames, question last; `dense_text`, strings
-of 6-12 characters in small type), then distilled through the real pipeline (data → teacher logits → I-a →
-I-b → II) into students that differ only in their layers:
+of 6-12 random characters, one to each image token), then distilled through the real pipeline (data → teacher
+logits → I-a → I-b → II) into students that differ only in their layers:
 
     share=1       all sliding-window attention          share=0      all Gated DeltaNet
     share=1/8, 1/4 (the default: the main run), 1/2      one sliding layer per 8, 4, 2 layers, Gated DeltaNet

@@ -98,6 +98,13 @@ class TeacherSection(Section):
                              f"{self.source!r}, not 'tiny')")
         if self.train is not None and self.train.hidden % self.train.heads:
             raise ValueError(f"teacher.train.hidden ({self.train.hidden}) must be a multiple of heads ({self.train.heads})")
+        if self.train is not None and "dense_text" in (self.train.pictures or ()):
+            from pipeline.eval.mechanisms import TEXT_PIXELS, TEXT_SIZE
+
+            if self.train.max_pixels < TEXT_PIXELS:
+                raise ValueError(f"teacher.train.max_pixels ({self.train.max_pixels}) is under the dense_text "
+                                 f"picture's {TEXT_SIZE[0]}x{TEXT_SIZE[1]} = {TEXT_PIXELS}: the processor would "
+                                 f"shrink its characters out of their cells")
         return self
 
 

@@ -29,6 +29,7 @@ import torch
 
 from model.cuda_graphs import grouped_vision
 from pipeline import storage
+from pipeline.eval.mechanisms import length_octave
 from pipeline.eval.runner import EvalConfig, build_messages, build_prompt, run_suite
 from pipeline.eval.synthetic import HELD_OUT_SEED, picture_samples
 
@@ -73,7 +74,9 @@ def batch_seed(seed: int, index: int) -> int:
 
 class PictureBatches(torch.utils.data.IterableDataset):
     """Endless training batches of fresh pictures (`batch_size` questions, both questions of each picture);
-    loader process w of W makes batches w, w+W, ..., which the DataLoader hands out in index order."""
+    loader process w of W makes batches w, w+W, ..., which the DataLoader hands out in index order. The recall
+    streams of one batch are of one octave of lengths (pipeline/eval/mechanisms.py `length_octave`): a batch
+    pads to its longest row, and streams of 4 to 1024 frames drawn together would make most of it padding."""
 
     def __init__(self, processor, batch_size: int, seed: int, start: int = 0, kinds=None, max_frames: int = 64):
         self.processor, self.batch_size, self.seed, self.start, self.kinds = processor, batch_size, seed, start, kinds
@@ -84,8 +87,9 @@ class PictureBatches(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         index = self.start + worker
         while True:
+            low, high = length_octave(index, self.seed, self.max_frames)
             samples = picture_samples(math.ceil(self.batch_size / 2), batch_seed(self.seed, index), images_as="pil",
-                                      kinds=self.kinds, max_frames=self.max_frames)
+                                      kinds=self.kinds, max_frames=high, min_frames=low)
             yield training_batch(self.processor, samples[:self.batch_size])
             index += workers
 

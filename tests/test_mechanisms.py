@@ -67,6 +67,38 @@ def test_distances_and_frame_counts_land_where_configured(processor):
     assert min(lengths) >= mech.MIN_FRAMES and max(lengths) <= 64 and len(set(lengths)) > 5
 
 
+def test_teacher_batches_hold_recall_streams_of_one_octave(processor):
+    """A batch pads to its longest stream: each training batch's streams (both questions of 3 pictures) come from
+    one octave of lengths, and over the batches every octave from MIN_FRAMES to max_frames comes up about equally
+    often (log-uniform)."""
+    import collections
+    import itertools
+
+    from pipeline.teacher_train import PictureBatches
+
+    batches = PictureBatches(processor, batch_size=6, seed=3, kinds=["recall"], max_frames=64)
+    for index, batch in enumerate(itertools.islice(iter(batches), 6)):
+        low, high = mech.length_octave(index, 3, 64)
+        frames = (batch["video_grid_thw"][:, 0] * mech.TEMPORAL_PATCH).tolist()
+        assert len(frames) == 6 and all(low <= n <= high for n in frames), (index, low, high, frames)
+    octaves = collections.Counter(mech.length_octave(i, 0, 1024) for i in range(8000))
+    assert sorted(octaves) == [(4 * 2 ** k, 8 * 2 ** k) for k in range(8)]  # 4-8 frames ... 512-1024
+    assert all(800 < n < 1200 for n in octaves.values())
+    assert mech.length_octave(5, 0, 4) == (4, 4)  # streams no longer than the shortest: one length
+
+
+def test_dense_text_needs_a_processor_that_keeps_its_cells():
+    from pydantic import ValidationError
+
+    from pipeline.config import TeacherSection
+
+    train = {"steps": 1, "pictures": ["dense_text"], "max_pixels": 12544}
+    with pytest.raises(ValidationError, match=r"teacher.train.max_pixels \(12544\) is under the dense_text.*28224"):
+        TeacherSection(source="tiny", train=train)
+    TeacherSection(source="tiny", train={**train, "max_pixels": mech.TEXT_PIXELS})
+    TeacherSection(source="tiny", train={**train, "pictures": ["recall"]})  # frames are 56x56 whatever the cap
+
+
 def test_dense_text_answers_are_the_strings_drawn_on_their_lines():
     for seed in range(10):
         rng = random.Random(seed)
@@ -81,8 +113,15 @@ def test_dense_text_answers_are_the_strings_drawn_on_their_lines():
         for question, answer in qa:
             row = next((i for word, i in named.items() if word in question), 0)
             assert answer == lines[row]
-        ink_rows = {y // 28 for y in range(image.size[1]) if (np.asarray(image)[y] < 128).any()}
-        assert ink_rows == set(range(n))
+        ink = np.asarray(image).min(axis=2) < 128
+        assert {y // mech.TEXT_CELL for y in range(image.size[1]) if ink[y].any()} == set(range(n))
+        for row, line in enumerate(lines):
+            # a character a cell: the line's inked cells are len(line) neighbours, each inked in its own middle
+            band = ink[row * mech.TEXT_CELL:(row + 1) * mech.TEXT_CELL]
+            cells = [c for c in range(mech.TEXT_COLUMNS)
+                     if band[:, c * mech.TEXT_CELL:(c + 1) * mech.TEXT_CELL].any()]
+            assert cells == list(range(cells[0], cells[0] + len(line)))
+            assert not band[:, [c * mech.TEXT_CELL for c in cells]].any()  # no glyph crosses a cell's edge
 
 
 def test_character_accuracy_by_hand():

@@ -9,6 +9,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from bench.proof_teacher import parse_args, run
 from model.processing import InfiniteVLProcessor
+from pipeline.eval.mechanisms import length_octave
 from pipeline.eval.synthetic import picture_samples
 from pipeline.teacher_train import lr_factor, training_batch
 
@@ -56,9 +57,10 @@ def test_profile_step_draws_the_stages_first_batch_and_profiles_its_step(tmp_pat
     # the batch the teacher stage's loader makes first: the same pictures, counted here with the processor
     from model.tiny import build_processor
 
+    low, high = length_octave(0, 0, 16)
     expected = training_batch(build_processor(max_pixels=report["config"]["max_pixels"]),
                               picture_samples(2, batch_seed(0, 0), images_as="pil", kinds=["recall", "dense_text"],
-                                              max_frames=16))
+                                              max_frames=high, min_frames=low))
     lengths = expected["attention_mask"].sum(1)
     batch = report["batch"]
     assert (batch["rows"], batch["tokens"], batch["longest"]) == (4, int(lengths.sum()), int(lengths.max()))

@@ -5,10 +5,14 @@
               frame. A window that does not reach back to the key cannot answer; a linear state can, if it
               kept the key. Frames are 56x56, the processor's smallest, so a frame costs 2 tokens
               (TOKENS_PER_FRAME): a 64-token window covers 32 frames and 16x past it is 512 frames.
-  dense_text  one to three strings of 6-12 characters (lowercase letters and digits) in 10-pixel type on a
-              112x84 picture (12 image tokens, about three characters a token); the question names a line
-              and the answer is its string, scored by exact match and by character accuracy. Information
-              dense: what a fixed-size linear state is said to blur.
+  dense_text  one to three strings of 6-12 random characters (lowercase letters and digits) on a 336x84
+              picture, a character to each 28-pixel cell, the processor's merged token (22-pixel type; a line
+              starts at a drawn cell); the question names a line and the answer is its string, scored by
+              exact match and by character accuracy. Information dense: up to 36 unrelated characters in 36
+              tokens, what a fixed-size linear state is said to blur.
+              Why a character a cell: the from-scratch teacher never read strings in 10-pixel proportional
+              type, three characters a token (its loss stayed at the characters' prior, ln 36); it reads these
+              (docs/benchmarks.md "The mechanisms suite's teacher", where the change is measured).
 
 Both are picture kinds (pipeline/eval/synthetic.py PICTURE_KINDS), so the teacher stage trains on them, the
 data stage's `sample-pictures` corpora hold them and the held-out `pictures` suite scores them; the sweeps
@@ -40,9 +44,13 @@ PROMPT_TOKENS = 96
 
 RECALL_QUESTION = "what was shown in the video?"
 RECALL_DETAIL = {"shape": "what color was the shape in the video?", "word": "which word was written in the video?"}
-TEXT_SIZE = (112, 84)  # three lines, one row of 28-pixel tokens each
 TEXT_ALPHABET = string.ascii_lowercase + string.digits
 TEXT_LENGTHS = (6, 12)
+TEXT_CELL = 28                   # a character a merged token: the processor's 28-pixel cells
+TEXT_COLUMNS = TEXT_LENGTHS[1]
+TEXT_SIZE = (TEXT_COLUMNS * TEXT_CELL, 3 * TEXT_CELL)  # 336x84: three lines, 36 image tokens
+TEXT_TYPE = 22                   # pixels: the glyphs fill most of their cell
+TEXT_PIXELS = TEXT_SIZE[0] * TEXT_SIZE[1]  # the processor's max_pixels must reach it (no downscaling)
 LINE_NAMES = ("first", "second", "third")
 
 
@@ -83,13 +91,24 @@ def recall_stream(rng: random.Random, n_frames: int, key_at: int) -> tuple[list[
     return frames, [(RECALL_QUESTION, answer), (RECALL_DETAIL[kind], detail)]
 
 
-def recall(rng: random.Random, max_frames: int = 64) -> tuple[list[Image.Image], list[tuple[str, str]]]:
-    """A training or held-out recall stream: its length log-uniform from MIN_FRAMES to `max_frames` (so every
+def recall(rng: random.Random, max_frames: int = 64,
+           min_frames: int = MIN_FRAMES) -> tuple[list[Image.Image], list[tuple[str, str]]]:
+    """A training or held-out recall stream: its length log-uniform from `min_frames` to `max_frames` (so every
     distance scale is as common as every other), the key at any temporal patch."""
     top = max(MIN_FRAMES, max_frames // TEMPORAL_PATCH * TEMPORAL_PATCH)
-    n = int(round(math.exp(rng.uniform(math.log(MIN_FRAMES), math.log(top))) / TEMPORAL_PATCH)) * TEMPORAL_PATCH
-    n = min(top, max(MIN_FRAMES, n))
+    low = min(top, max(MIN_FRAMES, min_frames))
+    n = int(round(math.exp(rng.uniform(math.log(low), math.log(top))) / TEMPORAL_PATCH)) * TEMPORAL_PATCH
+    n = min(top, max(low, n))
     return recall_stream(rng, n, TEMPORAL_PATCH * rng.randrange(n // TEMPORAL_PATCH))
+
+
+def length_octave(index: int, seed: int, max_frames: int) -> tuple[int, int]:
+    """The frame range of training batch `index`'s recall streams: one octave [MIN_FRAMES·2^k, 2·MIN_FRAMES·2^k]
+    (capped at `max_frames`), k drawn uniformly, so the streams of one batch have about one length (the batch
+    pads to its longest) while over the batches the lengths stay log-uniform from MIN_FRAMES to `max_frames`."""
+    octaves = max(1, math.ceil(math.log2(max(MIN_FRAMES, max_frames) / MIN_FRAMES)))
+    low = MIN_FRAMES * 2 ** random.Random(f"octave/{seed}/{index}").randrange(octaves)
+    return low, min(max_frames, 2 * low)
 
 
 def recall_sample(distractors: int, index: int, seed: int = HELD_OUT_SEED, lead: int = 0,
@@ -130,16 +149,18 @@ def key_distance(processor, sample: dict) -> int:
 
 # -- dense text -------------------------------------------------------------------------------------------------
 def dense_text(rng: random.Random) -> tuple[Image.Image, list[tuple[str, str]]]:
-    """One to three strings in small type, one a line; two questions, each naming a line to read."""
+    """One to three strings, one a line, a character a cell (TEXT_CELL), each line starting at a drawn cell; two
+    questions, each naming a line to read."""
     n_lines = rng.choice((1, 2, 2, 3, 3))
     lines = ["".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randint(*TEXT_LENGTHS))) for _ in range(n_lines)]
     image = Image.new("RGB", TEXT_SIZE, "white")
     draw = ImageDraw.Draw(image)
-    font = _font()
+    font = _font(TEXT_TYPE)
     for row, text in enumerate(lines):
-        width = int(draw.textlength(text, font=font))
-        x = rng.randint(2, max(2, TEXT_SIZE[0] - width - 2))
-        draw.text((x, 28 * row + 8), text, fill="black", font=font)
+        start = rng.randint(0, TEXT_COLUMNS - len(text))
+        for k, char in enumerate(text):
+            centre = ((start + k + 0.5) * TEXT_CELL, (row + 0.5) * TEXT_CELL)
+            draw.text(centre, char, fill="black", font=font, anchor="mm")
     if n_lines == 1:
         return image, [("what does the text say?", lines[0]), ("what is written on the first line?", lines[0])]
     a, b = rng.sample(range(n_lines), 2)
@@ -216,12 +237,11 @@ def score_mechanisms(model, processor, out_dir: str, config: MechanismsConfig, f
     return out
 
 
-_FONT = None
+_FONTS: dict[int, ImageFont.FreeTypeFont] = {}
 
 
-def _font():
-    """Pillow's built-in 10-pixel font (the same glyphs on every machine: nothing is read from the system)."""
-    global _FONT
-    if _FONT is None:
-        _FONT = ImageFont.load_default(size=10)
-    return _FONT
+def _font(size: int = 10):
+    """Pillow's built-in font at `size` pixels (the same glyphs on every machine: nothing is read from the system)."""
+    if size not in _FONTS:
+        _FONTS[size] = ImageFont.load_default(size=size)
+    return _FONTS[size]

@@ -113,14 +113,16 @@ HELD_OUT_SEED = 1_000_000
 
 
 def picture_samples(n_pictures: int = 64, seed: int = HELD_OUT_SEED, images_as: str = "png",
-                    kinds: list[str] | tuple[str, ...] | None = None, max_frames: int = 64) -> list[dict]:
+                    kinds: list[str] | tuple[str, ...] | None = None, max_frames: int = 64,
+                    min_frames: int | None = None) -> list[dict]:
     """Two questions per picture, the makers taking turns, scored by exact match after the VQA normalisation
     (metric "vqa" with the answer given ten times). `images_as="pil"` keeps the PIL images (for training);
     `kinds` keeps only those makers (names of PICTURE_KINDS; None: DEFAULT_KINDS). A `recall` picture is a frame
-    stream of at most `max_frames` frames, carried as in-memory `frames` (PIL whatever `images_as`)."""
+    stream of `min_frames` (default: the fewest a stream has) to `max_frames` frames, carried as in-memory
+    `frames` (PIL whatever `images_as`)."""
     from pipeline.data.synthetic import PICTURES
 
-    from .mechanisms import FPS, dense_text, recall
+    from .mechanisms import FPS, MIN_FRAMES, dense_text, recall
 
     unknown = sorted(set(kinds or ()) - set(PICTURE_KINDS))
     if unknown:
@@ -130,7 +132,7 @@ def picture_samples(n_pictures: int = 64, seed: int = HELD_OUT_SEED, images_as: 
     samples = []
     for i in range(n_pictures):
         maker = makers[i % len(makers)]
-        image, qa = maker(rng, max_frames) if maker is recall else maker(rng)
+        image, qa = maker(rng, max_frames, min_frames or MIN_FRAMES) if maker is recall else maker(rng)
         frames = image if isinstance(image, list) else None
         stored = None if frames else image if images_as == "pil" else encode_image(image)
         for kind, (question, answer) in zip(PICTURE_KINDS[maker.__name__], qa):
