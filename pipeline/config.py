@@ -333,6 +333,25 @@ class RunConfig(Section):
                              f"one of: {', '.join(STAGE_ORDER[:-1])}")
         return self
 
+    @model_validator(mode="after")
+    def _sample_pictures_keep_text_cells(self) -> "RunConfig":
+        # The students see dense_text through the corpora's processors: a smaller cap shrinks the characters out
+        # of the cells the teacher learned them in, and every student would read worse than it could.
+        if "dense_text" not in (self.picture_kinds or ()):
+            return self
+        from pipeline.data import SAMPLE_PICTURES
+        from pipeline.eval.mechanisms import TEXT_PIXELS, TEXT_SIZE
+
+        small = [f"data.{name}.max_pixels ({corpus.max_pixels})"
+                 for name, corpus in (("distill", self.data.distill), ("instruct", self.data.instruct),
+                                      ("long", self.data.long))
+                 if SAMPLE_PICTURES in corpus.sources and corpus.max_pixels < TEXT_PIXELS]
+        if small:
+            raise ValueError(f"{', '.join(small)} under the dense_text picture's {TEXT_SIZE[0]}x{TEXT_SIZE[1]} = "
+                             f"{TEXT_PIXELS} (teacher.train.pictures has dense_text, these corpora are "
+                             f"{SAMPLE_PICTURES}): the processor would shrink its characters out of their cells")
+        return self
+
     @property
     def picture_kinds(self) -> list[str] | None:
         """The sample-picture kinds of this run: those the trained tiny teacher learned (None: all)."""

@@ -99,6 +99,19 @@ def test_dense_text_needs_a_processor_that_keeps_its_cells():
     TeacherSection(source="tiny", train={**train, "pictures": ["recall"]})  # frames are 56x56 whatever the cap
 
 
+def test_dense_text_needs_sample_picture_corpora_that_keep_its_cells():
+    from pipeline.config import ConfigError, load_config
+
+    small = ["data.distill.max_pixels=12544", "data.long.max_pixels=20000"]
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/mechanisms.yaml", small)
+    # both corpora named at once, the instruct one (at the picture's size) not
+    assert "data.distill.max_pixels (12544), data.long.max_pixels (20000) under the dense_text" in str(e.value)
+    assert "instruct" not in str(e.value)
+    load_config("configs/mechanisms.yaml", ["teacher.train.pictures=[\"recall\"]", *small])  # no text: any cap
+    load_config("configs/mechanisms.yaml", [*small, "data.distill.sources=[\"sample\"]", "data.long.sources=[\"sample\"]"])
+
+
 def test_dense_text_answers_are_the_strings_drawn_on_their_lines():
     for seed in range(10):
         rng = random.Random(seed)
