@@ -24,7 +24,6 @@ short; run again on the same root, it resumes from the committed stages). Writes
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import time
@@ -33,7 +32,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from bench import proof
-from bench.common import device_name, git_commit
+from bench.common import provenance
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.eval.mechanisms import MechanismsConfig
 from pipeline.eval.metrics import retention
@@ -234,8 +233,7 @@ def build_report(args, cfg: RunConfig, runner: str, sweep: dict, rows: list[dict
         "hybrid_text_retention": retention(text(hybrid), text("teacher")),
         "goal_retention": GOAL_RETENTION,
     }
-    return {"bench": "mechanisms", "device": device_name(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+    return {"bench": "mechanisms", **provenance(),
             "config": {"config": args.config, "tiny": args.tiny, "overrides": args.set, "runner": runner,
                        "arms": args.arms or "all",
                        "gpus": args.gpus, "sliding_window": window, "sweep": sweep, "run": cfg.model_dump(mode="json")},

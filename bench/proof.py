@@ -27,7 +27,6 @@ GPU recipe), proof_cpu.* for configs/proof_cpu.yaml.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import queue
@@ -39,7 +38,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from bench.common import device_name, git_commit
+from bench.common import provenance
 from pipeline import storage
 from pipeline.config import RunConfig, config_from_dict, load_config, to_yaml
 from pipeline.eval.metrics import retention
@@ -419,9 +418,7 @@ def build_report(args, cfg: RunConfig, runner: str, rows: list[dict], results: d
                "student_acc_final": final, "retention_final": retention(final, teacher),
                "goal_retention_stage2": 0.95,
                "teacher_acc_goal_met": teacher is not None and teacher >= 90.0}
-    return {"bench": "proof", "device": device_name(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "config": {"config": args.config, "tiny": args.tiny, "overrides": args.set,
+    return {"bench": "proof", **provenance(), "config": {"config": args.config, "tiny": args.tiny, "overrides": args.set,
                                             "runner": runner, "gpus": args.gpus, "eval_questions": 2 * args.eval_pictures,
                                             "run": cfg.model_dump(mode="json")},
             "rows": stages, "ablations": ablations, "failures": failures, "seconds": round(seconds, 1),

@@ -273,7 +273,7 @@ def test_readme_block_is_filled_from_the_report(tmp_path):
                "hybrid_recall_beyond_window": 85.5, "hybrid_text": 70.0, "swa_only_recall_beyond_window": 30.0,
                "linear_only_text": 12.5, "stage3_gain_1024_frames": 6.25, "stage3_gain_frames": 1024,
                "hybrid_recall_retention": 0.95, "hybrid_text_retention": 0.875, "goal_retention": 0.9}
-    report = {"summary": summary, "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06T12:00:00+00:00",
+    report = {"summary": summary, "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06",
               "commit": "abc1234", "config": {"sliding_window": 64, "tiny": False}}
     bench.update_readme(report, str(readme))
     text = readme.read_text()
