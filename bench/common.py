@@ -19,6 +19,10 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; INFINITEVL_COMMIT when set: a node sent the tree without its history (or with a stale
+    one) is told which commit it runs."""
+    if os.environ.get("INFINITEVL_COMMIT"):
+        return os.environ["INFINITEVL_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=os.path.dirname(__file__), stderr=subprocess.DEVNULL).strip()

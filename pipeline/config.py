@@ -46,6 +46,7 @@ class TeacherTrainSection(Section):
     batch_size: int = Field(16, gt=0)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule floor, as a fraction of lr")
     hidden: int = Field(128, gt=0)
     num_layers: int = Field(4, gt=0)
     heads: int = Field(4, gt=0)

@@ -177,7 +177,7 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup_steps))
+        optimizer, lambda step: lr_factor(step, settings.steps, settings.warmup_steps, settings.min_lr_ratio))
     curve, window, tokens, validation_acc, waited, trained_s, first = [], [], 0, None, 0.0, 0.0, 0
     saved = state.load() if state is not None else None
     if saved is not None:
@@ -231,9 +231,11 @@ def train_teacher(settings, seed: int = 0, log: Callable[[str], None] = print, f
             model.train()
             elapsed = time.time() - start
             curve.append({"step": step, "loss": sum(window) / len(window), "validation_exact": validation_acc,
-                          "seconds": round(elapsed, 1), "loader_wait": round(waited / elapsed, 3)})
+                          "lr": schedule.get_last_lr()[0], "seconds": round(elapsed, 1),
+                          "loader_wait": round(waited / elapsed, 3)})
             window = []
-            log(f"teacher step {step}/{settings.steps}  loss {curve[-1]['loss']:.4f}  validation exact match "
+            log(f"teacher step {step}/{settings.steps}  loss {curve[-1]['loss']:.4f}  lr {curve[-1]['lr']:.3g}  "
+                f"validation exact match "
                 f"{validation_acc:.3f}  {elapsed:.0f}s ({step / elapsed:.1f} steps/s, {100 * waited / elapsed:.0f}% "
                 f"waiting for batches)")
             if settings.target_accuracy and validation_acc >= settings.target_accuracy:

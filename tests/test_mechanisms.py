@@ -281,3 +281,15 @@ def test_readme_block_is_filled_from_the_report(tmp_path):
     for figure in ("H100", "abc1234", "recalls 91.2%", "all-sliding student recalls 30.0%", "hybrid (1/4 Gated "
                    "DeltaNet) 85.5%", "reads 12.5%", "retention 0.875", "at 1024 frames by 6.2 points"):
         assert figure in text, figure
+
+
+def test_reports_name_the_commit_they_ran_and_a_node_can_be_told_it(monkeypatch):
+    import subprocess
+
+    from bench.common import provenance
+
+    head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    monkeypatch.delenv("INFINITEVL_COMMIT", raising=False)
+    assert provenance("cpu")["commit"] == head
+    monkeypatch.setenv("INFINITEVL_COMMIT", "1234abc")  # a GPU node sent the tree with a stale .git
+    assert provenance("cpu") == {"device": "cpu", "date": provenance("cpu")["date"], "commit": "1234abc"}

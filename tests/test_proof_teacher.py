@@ -17,11 +17,12 @@ from pipeline.teacher_train import lr_factor, training_batch
 def test_teacher_trains_saves_reloads_and_scores(tmp_path, one_thread):
     report = run(parse_args(["--out", str(tmp_path), "--steps", "30", "--batch-size", "4", "--hidden", "32",
                              "--layers", "2", "--vision-hidden", "32", "--vision-depth", "1", "--eval-pictures", "4",
-                             "--set", "intermediate=64", "--set", "warmup_steps=2", "--mechanisms",
+                             "--set", "intermediate=64", "--set", "warmup_steps=2", "--set", "min_lr_ratio=0.5", "--mechanisms",
                              json.dumps({"distances": [2], "frame_counts": [8], "recall_samples": 2,
                                          "text_samples": 3, "batch_size": 4})]))
     curve = report["loss_curve"]
     assert curve[-1]["step"] == 30 and curve[-1]["loss"] < curve[0]["loss"]
+    assert curve[-1]["lr"] == pytest.approx(0.5 * report["config"]["lr"])  # the cosine ran out at its floor
     assert report["train_tokens"] > 0 and 0 <= report["score"] <= 100
     assert set(report) >= {"heldout/pictures", "heldout/text_line/read", "heldout/shapes/count"}
     assert json.loads((tmp_path / "report.json").read_text())["score"] == report["score"]
@@ -44,6 +45,7 @@ def test_teacher_trains_saves_reloads_and_scores(tmp_path, one_thread):
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(0, 100, 10) == 0.1 and lr_factor(9, 100, 10) == 1.0
     assert abs(lr_factor(100, 100, 10) - 0.1) < 1e-9 and lr_factor(50, 100, 10) < 1.0
+    assert lr_factor(100, 100, 10, floor=0.6) == pytest.approx(0.6) and lr_factor(55, 100, 10, floor=0.6) == pytest.approx(0.8)
 
 
 def test_profile_step_draws_the_stages_first_batch_and_profiles_its_step(tmp_path, one_thread):
