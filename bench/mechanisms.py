@@ -59,6 +59,20 @@ TINY = {
 TINY_SWEEP = {"distances": [2, 8, 18], "frame_counts": [8, 24], "recall_samples": 2, "text_samples": 2,
               "batch_size": 4}
 
+# The kernel warm-up (bench.proof.warm_up) beside the teacher: the students' shapes (widths, rows, micro batches,
+# precision) with a teacher of two steps, a few samples and two steps a stage; scored on a short sweep, the
+# longest stream included (the decode kernels and the evaluation's row counts).
+WARM = {
+    "teacher.train.steps": 2, "teacher.train.warmup_steps": 1, "teacher.train.eval_pictures": 4,
+    "teacher.train.loader_workers": 2, "teacher.train.target_accuracy": None, "teacher.train.max_seconds": None,
+    "data.distill.max_samples": 160, "data.instruct.max_samples": 160, "data.long.max_samples": 16,
+    "data.workers": 2, "data.shard_tokens": 16384,
+    **{f"train.{s}.{k}": v for s in TRAINING_STAGES for k, v in
+       {"steps": 2, "checkpoint_every": 2, "warmup_steps": 0}.items()},
+}
+WARM_SWEEP = {"distances": [2, 504], "frame_counts": [1024], "recall_samples": 16, "text_samples": 16,
+              "batch_size": 16}
+
 
 # -- the arms ---------------------------------------------------------------------------------------------------
 def arms(cfg: RunConfig) -> list[dict]:
@@ -145,8 +159,13 @@ def run(args: argparse.Namespace) -> dict:
         jobs.append({"name": row["name"], "config": proof.write_config(vcfg), "stages": list(proof.ABLATION_STAGES),
                      "score_stages": ["stage2"], **common})
     floor = args.min_teacher if args.min_teacher is not None else (0.0 if args.tiny else MIN_TEACHER)
+    if args.warm is None:
+        import torch
+
+        args.warm = torch.cuda.is_available() and not args.tiny
+    warm = warm_chain(main_cfg, rows, root, runner, args.tiny) if args.warm else None
     results, failures, interrupted = proof.run_jobs(main_path, jobs, runner, jobs_dir, gpus, started,
-                                                    teacher_gate=lambda: teacher_gate(main_cfg, floor))
+                                                    teacher_gate=lambda: teacher_gate(main_cfg, floor), warm=warm)
 
     report = build_report(args, cfg, runner, sweep, rows, results, failures, time.time() - started)
     if interrupted:
@@ -158,6 +177,32 @@ def run(args: argparse.Namespace) -> dict:
     if "main" in failures:
         raise SystemExit(f"the main run failed: {failures['main']}")
     return report
+
+
+def warm_chain(main_cfg: RunConfig, rows: list[dict], root: str, runner: str, tiny: bool = False) -> tuple:
+    """The kernel warm-up's chain under <root>/warm: the main run and one arm of each other mixer (the shares
+    call the same kernels), at the students' shapes, each stage two steps (WARM). Returns (its config path, its
+    jobs, their folder) for bench.proof.run_jobs."""
+    wroot = f"{root}/warm"
+    shrink = {k: v for k, v in WARM.items() if not (tiny and k.startswith("data."))}  # tiny corpora are smaller
+    wcfg = config_from_dict(main_cfg.model_dump(mode="json"),
+                            [*(f"{k}={json.dumps(v)}" for k, v in shrink.items()), f"run.root={wroot}/main"])
+    path = proof.write_config(wcfg)
+    common = {"runner": runner, "scorer": "bench.mechanisms", "mechanisms": TINY_SWEEP if tiny else WARM_SWEEP}
+    jobs = [{"name": "warm-main", "config": path, "stages": list(TRAINING_STAGES), "score_stages": ["stage3"],
+             "frames_sweep": ["stage3"], **common}]
+    mixers = {main_cfg.student.linear_mixer}
+    for row in rows:
+        if "error" in row or row["linear_mixer"] in mixers:
+            continue
+        mixers.add(row["linear_mixer"])
+        vcfg = proof.variant_config(wcfg, row, wroot)
+        proof.link_shared(wcfg.run.root, vcfg.run.root)
+        jobs.append({"name": f"warm-{row['name']}", "config": proof.write_config(vcfg),
+                     "stages": list(proof.ABLATION_STAGES), "score_stages": ["stage2"], **common})
+    jobs_dir = Path(wroot) / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    return path, jobs, jobs_dir
 
 
 def teacher_gate(cfg: RunConfig, floor: float) -> str | None:
@@ -235,7 +280,7 @@ def build_report(args, cfg: RunConfig, runner: str, sweep: dict, rows: list[dict
     }
     return {"bench": "mechanisms", **provenance(),
             "config": {"config": args.config, "tiny": args.tiny, "overrides": args.set, "runner": runner,
-                       "arms": args.arms or "all",
+                       "arms": args.arms or "all", "warm": args.warm,
                        "gpus": args.gpus, "sliding_window": window, "sweep": sweep, "run": cfg.model_dump(mode="json")},
             "rows": arms_out, "failures": failures, "seconds": round(seconds, 1), "summary": summary}
 
@@ -378,6 +423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="flows: the Prefect flow; direct: the same stage calls without Prefect; auto: flows if installed")
     p.add_argument("--no-variants", dest="variants", action="store_false", help="the main run only")
     p.add_argument("--arms", default="", help="only these variants, comma-separated (e.g. share=0,mixer=gla)")
+    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=None,
+                   help="a kernel warm-up beside the teacher: a throwaway chain under <root>/warm that compiles and "
+                        "autotunes the students' kernels while the teacher trains (default: on a GPU, not --tiny)")
     p.add_argument("--min-teacher", type=float, default=None, metavar="PERCENT",
                    help=f"distil only a teacher that scores at least this held out (default {MIN_TEACHER:g}; 0 with "
                         "--tiny, whose teacher learns nothing in its few steps)")

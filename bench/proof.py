@@ -315,26 +315,35 @@ class InOrder:
 
 # -- the recipe -------------------------------------------------------------------------------------------------
 def run_jobs(main_path: str, jobs: list[dict], runner: str, jobs_dir: Path, gpus: list,
-             started: float, teacher_gate=None) -> tuple[dict, dict, str | None]:
+             started: float, teacher_gate=None, warm: tuple | None = None) -> tuple[dict, dict, str | None]:
     """The shared stages (teacher, data, teacher logits of `main_path`) on the first GPU, then `jobs` on one
     worker per entry of `gpus`. Returns (results, failures, why it was cut short or None): cut short by SIGTERM
     or ^C, the results are what the jobs had scored. `teacher_gate()`, called once the teacher is committed, may
-    return why the run should go no further: then nothing else runs and failures holds it under "teacher"."""
+    return why the run should go no further: then nothing else runs and failures holds it under "teacher".
+    `warm`: (config path, jobs, jobs folder) of a throwaway chain run beside the shared stages (`warm_up`)."""
     for job in jobs:  # a result left by an earlier run of this root is not this run's
         (jobs_dir / f"{slug(job['name'])}.result.json").unlink(missing_ok=True)
     interrupted = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # `timeout`, a scheduler's kill
     try:
         _log_phase(started, "teacher, data and teacher logits")
+        warming = None
+        if warm is not None:
+            warming = threading.Thread(target=warm_up, args=(*warm, runner, gpus, started), daemon=True)
+            warming.start()
         if teacher_gate is not None:
             _spawn({"name": "teacher", "config": main_path, "stages": ["teacher"], "runner": runner, "score": False},
                    jobs_dir, gpus[0])  # its own log: the next spawn's would write over it
             why = teacher_gate()
             if why:
                 print(why, flush=True)
+                _stop_children()  # the warm-up's, if still running
                 return {}, {"teacher": why}, None
         _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner, "score": False},
                jobs_dir, gpus[0])
+        if warming is not None and warming.is_alive():
+            _log_phase(started, "waiting for the kernel warm-up")
+            warming.join()
         _log_phase(started, f"{len(jobs)} student runs on {len(gpus)} worker(s)")
         results, failures = _run_parallel(jobs, jobs_dir, gpus, started)
     except (Interrupted, KeyboardInterrupt) as e:
@@ -604,6 +613,21 @@ def _run_parallel(jobs: list[dict], jobs_dir: Path, gpus: list, started: float) 
     for t in threads:
         t.join()
     return results, failures
+
+
+def warm_up(main_path: str, jobs: list[dict], jobs_dir: Path, runner: str, gpus: list, started: float) -> None:
+    """Runs a throwaway chain (its own root: a teacher of a few steps, a few samples, a few steps a stage, the
+    students' shapes) while the real teacher trains: its stages compile and autotune, into the node's caches, the
+    kernels the students will call, which the students otherwise all do at once after the shared stages, each
+    slowed by the others (on an H100, the GLA and KDA students' first step took 270 s among eight). A failure
+    here only costs the time: the students compile what they lack themselves."""
+    try:
+        _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner, "score": False},
+               jobs_dir, gpus[0])
+        _, failures = _run_parallel(jobs, jobs_dir, gpus[:len(jobs)], started)
+    except Exception as e:  # noqa: BLE001 - reported, never fatal
+        failures = {"shared": str(e).splitlines()[0]}
+    _log_phase(started, "kernel warm-up done" + (f" (failed: {', '.join(sorted(failures))})" if failures else ""))
 
 
 def _log_phase(started: float, what: str) -> None:

@@ -184,18 +184,24 @@ def test_kinds_reach_teacher_batches_and_the_data_stage_corpus(tmp_path, process
 @pytest.mark.timeout(600)
 @pytest.mark.slow
 def test_tiny_mechanisms_bench_end_to_end(tmp_path):
-    """The tiny recipe (main run through Stage III, the all-linear and all-sliding arms through II) on two CPU
-    workers: every scored row has the configured distances and frame counts, the summary is computed from the rows;
+    """The tiny recipe (main run through Stage III, the all-linear and all-sliding arms through II, the kernel
+    warm-up beside the teacher) on two CPU workers: every scored row has the configured distances and frame counts, the summary is computed from the rows;
     the all-sliding student (no linear layer: Stages I-a and I-b hand on the converted teacher) is scored too."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     sweep = json.dumps({"distances": [2, 18], "frame_counts": [8], "recall_samples": 1, "text_samples": 1})
     cmd = [sys.executable, "-m", "bench.mechanisms", "--tiny", "--runner", "direct", "--root", str(runs),
            "--out", str(out), "--gpus", "0,0", "--sweep", sweep, "--arms", "share=0,share=1",
-           "--set", "teacher.train.num_layers=4", "--set", "teacher.train.steps=2"]
+           "--set", "teacher.train.num_layers=4", "--set", "teacher.train.steps=2", "--warm"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the kernel warm-up ran its own chain to the end (its main run through Stage III, scored) before the students
+    assert "kernel warm-up done\n" in done.stdout, done.stdout[-3000:]
+    assert done.stdout.index("kernel warm-up done") < done.stdout.index("student runs on")
+    assert (runs / "warm" / "main" / "stage3" / "_COMPLETE.json").exists()
+    assert (runs / "warm" / "main" / "proof-eval" / "stage3").is_dir()
     report = json.loads((out / "mechanisms.json").read_text())
+    assert report["config"]["warm"] is True
     assert {"bench", "device", "date", "commit", "config", "rows", "summary"} <= set(report)
     rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == ["teacher", "share=1/4", "share=1/4 + Stage III", "share=1", "share=0"]
@@ -250,7 +256,7 @@ def test_a_teacher_that_learned_neither_task_stops_the_bench_before_any_student(
     assert spawned[1:] == [("teacher", ["teacher"]), ("shared", list(proof.SHARED))] and len(ran) == 1
 
     # the bench: the report says why for every row, and the command fails with the reason
-    monkeypatch.setattr(proof, "run_jobs", lambda *a, teacher_gate: ({}, {"teacher": teacher_gate()}, None))
+    monkeypatch.setattr(proof, "run_jobs", lambda *a, teacher_gate, warm: ({}, {"teacher": teacher_gate()}, None))
     args = bench.parse_args(["--root", str(root), "--out", str(tmp_path / "out"), "--runner", "direct",
                              "--no-variants"])
     with pytest.raises(SystemExit, match="9.4% held out"):
@@ -258,7 +264,7 @@ def test_a_teacher_that_learned_neither_task_stops_the_bench_before_any_student(
     report = json.loads((tmp_path / "out" / "mechanisms.json").read_text())
     assert all("9.4% held out" in r["error"] for r in report["rows"]) and report["failures"]["teacher"]
     # --min-teacher 0: the same teacher passes the gate and the run goes on
-    monkeypatch.setattr(proof, "run_jobs", lambda *a, teacher_gate: ({}, {"main": f"gate: {teacher_gate()}"}, None))
+    monkeypatch.setattr(proof, "run_jobs", lambda *a, teacher_gate, warm: ({}, {"main": f"gate: {teacher_gate()}"}, None))
     with pytest.raises(SystemExit, match="gate: None"):
         bench.run(bench.parse_args(["--root", str(root), "--out", str(tmp_path / "out"), "--runner", "direct",
                                     "--no-variants", "--min-teacher", "0"]))
@@ -293,3 +299,67 @@ def test_reports_name_the_commit_they_ran_and_a_node_can_be_told_it(monkeypatch)
     assert provenance("cpu")["commit"] == head
     monkeypatch.setenv("INFINITEVL_COMMIT", "1234abc")  # a GPU node sent the tree with a stale .git
     assert provenance("cpu") == {"device": "cpu", "date": provenance("cpu")["date"], "commit": "1234abc"}
+
+
+def test_warm_up_chain_has_the_students_shapes_in_a_few_steps_and_one_arm_a_mixer(tmp_path):
+    from bench import mechanisms as bench
+    from model import mixer_names
+    from pipeline.config import load_config
+
+    root = str(tmp_path / "runs")
+    cfg = bench.base_config("configs/mechanisms.yaml", False, [], root)
+    path, jobs, jobs_dir = bench.warm_chain(cfg, bench.arms(cfg), root, "direct")
+    others = [m for m in ("gla", "mamba2", "kda") if m in mixer_names()]
+    assert [j["name"] for j in jobs] == ["warm-main", *(f"warm-mixer={m}" for m in others)]
+    assert jobs_dir == tmp_path / "runs" / "warm" / "jobs" and jobs_dir.is_dir()
+    warm = load_config(path)
+    assert warm.run.root == f"{root}/warm/main" and warm.teacher.train.steps == 2
+    for stage in ("stage1a", "stage1b", "stage2", "stage3"):
+        real, short = getattr(cfg.train, stage), getattr(warm.train, stage)
+        assert short.steps == 2 and (short.seq_len, short.micro_batch_size, short.precision, short.trainable) == (
+            real.seq_len, real.micro_batch_size, real.precision, real.trainable)
+    dims = ("hidden", "num_layers", "heads", "kv_heads", "intermediate", "vision_hidden", "vision_depth", "precision",
+            "max_pixels", "pictures", "max_frames")
+    assert [getattr(warm.teacher.train, d) for d in dims] == [getattr(cfg.teacher.train, d) for d in dims]
+    assert warm.student == cfg.student and warm.data.distill.seq_len == cfg.data.distill.seq_len
+    gla = load_config(jobs[1]["config"])
+    assert gla.student.linear_mixer == "gla" and gla.run.root == f"{root}/warm/mixer-gla"
+    assert os.path.realpath(f"{root}/warm/mixer-gla/teacher") == f"{root}/warm/main/teacher"  # the warm teacher
+    assert jobs[0]["frames_sweep"] == ["stage3"] and max(jobs[0]["mechanisms"]["frame_counts"]) == 1024
+
+
+def test_warm_up_runs_beside_the_shared_stages_and_the_students_wait_for_it(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from bench import proof
+
+    events, lock = [], threading.Lock()
+
+    def spawn(job, jobs_dir, gpu, workers=1):
+        with lock:
+            events.append(("start", job["config"], job["name"]))
+        time.sleep(0.3 if job["config"] == "warm.yaml" else 0.05)
+        with lock:
+            events.append(("end", job["config"], job["name"]))
+        if job["config"] == "warm.yaml" and job["name"] == "shared" and fail:
+            raise RuntimeError("job shared failed (exit 1); log x")
+        return {}
+
+    def parallel(jobs, jobs_dir, gpus, started):
+        with lock:
+            events.append(("parallel", [j["name"] for j in jobs], len(gpus)))
+        return {}, {}
+
+    monkeypatch.setattr(proof, "_spawn", spawn)
+    monkeypatch.setattr(proof, "_run_parallel", parallel)
+    for fail in (False, True):
+        events.clear()
+        warm = ("warm.yaml", [{"name": "warm-main"}, {"name": "warm-mixer=gla"}], tmp_path)
+        proof.run_jobs("main.yaml", [{"name": "main"}], "direct", tmp_path, ["0"] * 8, 0.0, warm=warm)
+        order = [e[:3] if e[0] != "parallel" else e for e in events]
+        # the warm chain's shared stages start at once, beside the real ones, and its two jobs run on two workers
+        assert order[0][:2] in (("start", "warm.yaml"), ("start", "main.yaml")) and len(order) == 6 - fail
+        assert ("parallel", ["warm-main", "warm-mixer=gla"], 2) in order or fail
+        # the students start last, once the warm-up is over (a failed warm-up only costs its time)
+        assert order[-1] == ("parallel", ["main"], 8) and ("end", "warm.yaml", "shared") in order
