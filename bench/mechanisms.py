@@ -17,7 +17,9 @@ it), dense-text exact match and character accuracy, and (teacher, main run) reca
     python -m bench.mechanisms --tiny                                   # the CPU smoke test of the same recipe
 
 It reuses bench.proof's machinery (shared stages once, then one worker process per job, results kept when cut
-short; run again on the same root, it resumes from the committed stages). Writes `<out>/mechanisms.{json,md,png}`
+short; run again on the same root, it resumes from the committed stages). On a GPU a throwaway chain at the
+students' shapes runs beside the teacher (`warm_chain`) so that the students find their kernels compiled and tuned
+(`--no-warm`: not). Writes `<out>/mechanisms.{json,md,png}`
 (the results contract of docs/benchmarks.md).
 """
 
