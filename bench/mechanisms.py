@@ -381,14 +381,23 @@ def _recall_axes(ax, xlabel: str, title: str) -> None:
 README_BEGIN, README_END = "<!-- mechanisms results: begin -->", "<!-- mechanisms results: end -->"
 
 
+MIXER_NAMES = {"gated_deltanet": "Gated DeltaNet", "gla": "GLA", "mamba2": "Mamba2", "kda": "KDA"}
+
+
 def readme_block(report: dict) -> str:
-    """What a user should take from a report, its numbers filled in: README's mechanisms block."""
+    """What a user should take from a report, its numbers filled in: README's mechanisms block. The summary's
+    lines always; with the report's rows, the arms side by side (mixers, shares, frames) and the students'
+    schedule, so that a rerun rewrites the comparison and not only the headline."""
     s, window = report["summary"], report["config"]["sliding_window"]
     frames = s.get("stage3_gain_frames")
-    return "\n".join([
+    train = report["config"].get("run", {}).get("train", {})
+    steps = [train.get(k, {}).get("steps") for k in ("stage1a", "stage1b", "stage2", "stage3")]
+    schedule = (f"; students trained {steps[0]} + {steps[1]} + {steps[2]} steps (I-a, I-b, II), Stage III "
+                f"{steps[3]}" if all(steps) else "")
+    lines = [
         README_BEGIN,
         f"Measured on {report['device']}, {report['date'][:10]}, commit {report['commit']}"
-        + (" (the CPU smoke test: tiny sizes, not evidence)" if report["config"]["tiny"] else "") + ":",
+        + (" (the CPU smoke test: tiny sizes, not evidence)" if report["config"]["tiny"] else "") + schedule + ":",
         f"- the teacher recalls {_f(s['teacher_recall'])}% of keys and reads {_f(s['teacher_text'])}% of the strings "
         "exactly;",
         f"- past the {window}-token window the all-sliding student recalls {_f(s['swa_only_recall_beyond_window'])}%, "
@@ -397,9 +406,52 @@ def readme_block(report: dict) -> str:
         f"- the all-linear student reads {_f(s['linear_only_text'])}% of the strings exactly, the hybrid "
         f"{_f(s['hybrid_text'])}% (retention {_r(s['hybrid_text_retention'])}; the goal is "
         f"{s['goal_retention']} on both tasks);",
-        f"- Stage III changes recall at {frames} frames by {_f(s['stage3_gain_1024_frames'])} points.",
+        f"- Stage III changes recall at {frames} frames by {_f(s['stage3_gain_1024_frames'])} points;",
+        *_arm_lines(report),
+        f"- the goal: {_goal(s)}.",
         "Per-arm tables (every mixer and share): `bench/results/mechanisms.md`; plots: `mechanisms.png`.",
-        README_END])
+        README_END]
+    return "\n".join(lines)
+
+
+def _goal(s: dict) -> str:
+    kept = [s.get("hybrid_recall_retention"), s.get("hybrid_text_retention")]
+    if any(k is None for k in kept):
+        return "not judged: the hybrid or the teacher was not scored"
+    verdict = "met" if min(kept) >= s["goal_retention"] else "not met"
+    return (f"{verdict}: the default hybrid keeps {_r(kept[0])} of the teacher's recall past the window and "
+            f"{_r(kept[1])} of its exact text (goal {s['goal_retention']} on both)")
+
+
+def _arm_lines(report: dict) -> list[str]:
+    """The arms side by side, from the report's rows: recall past the window by mixer (at the default share),
+    text and recall by sliding share, and the hybrid's recall against frames with and without Stage III."""
+    rows = {a["name"]: a for a in report.get("rows", []) if a.get("scores")}
+    if not rows:
+        return []
+    out, hybrid = [], f"share={DEFAULT_SHARE}"
+    mixers = [(MIXER_NAMES.get(a["linear_mixer"], a["linear_mixer"]), a["recall_beyond_window"])
+              for name, a in rows.items() if name == hybrid or name.startswith("mixer=")]
+    if len(mixers) > 1:
+        mixers.sort(key=lambda m: -(m[1] or 0))
+        out.append(f"- recall past the window by linear mixer (at {DEFAULT_SHARE}): "
+                   + ", ".join(f"{n} {_f(v)}%" for n, v in mixers) + ";")
+    shares = sorted((Fraction(a["share"]), a) for name, a in rows.items()
+                    if name.startswith("share=") and "Stage III" not in name)
+    if len(shares) > 1:
+        shares.reverse()  # all sliding first
+        out.append(f"- by sliding share ({', '.join(str(share) for share, _ in shares)}): text characters read "
+                   + ", ".join(_f(a["scores"]["text"]["char_accuracy"]) for _, a in shares) + "% (exact strings "
+                   + ", ".join(_f(a["scores"]["text"]["exact"]) for _, a in shares) + "%); recall past the window "
+                   + ", ".join(_f(a["recall_beyond_window"]) for _, a in shares) + "%;")
+    curves = [(label, rows[name]["scores"].get("frames")) for label, name in
+              (("without Stage III", hybrid), ("with it", f"{hybrid} + Stage III")) if name in rows]
+    curves = [(label, c) for label, c in curves if c]
+    if curves:
+        out.append("- the hybrid's recall against frames, " + "; ".join(
+            f"{label} {_f(c[0]['accuracy'])}% at {c[0]['frames']} and {_f(c[-1]['accuracy'])}% at {c[-1]['frames']}"
+            for label, c in curves) + ";")
+    return out
 
 
 def update_readme(report: dict, readme: str = "README.md") -> None:

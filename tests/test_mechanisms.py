@@ -270,6 +270,13 @@ def test_a_teacher_that_learned_neither_task_stops_the_bench_before_any_student(
                                     "--no-variants", "--min-teacher", "0"]))
 
 
+def _arm(name, mixer, share, beyond, chars, exact, frames=None):
+    scores = {"text": {"char_accuracy": chars, "exact": exact, "n": 8}, "recall_by_distance": [], "accuracy": 0.0}
+    if frames:
+        scores["frames"] = [{"frames": n, "accuracy": a} for n, a in frames]
+    return {"name": name, "linear_mixer": mixer, "share": share, "scores": scores, "recall_beyond_window": beyond}
+
+
 def test_readme_block_is_filled_from_the_report(tmp_path):
     from bench import mechanisms as bench
 
@@ -279,14 +286,38 @@ def test_readme_block_is_filled_from_the_report(tmp_path):
                "hybrid_recall_beyond_window": 85.5, "hybrid_text": 70.0, "swa_only_recall_beyond_window": 30.0,
                "linear_only_text": 12.5, "stage3_gain_1024_frames": 6.25, "stage3_gain_frames": 1024,
                "hybrid_recall_retention": 0.95, "hybrid_text_retention": 0.875, "goal_retention": 0.9}
-    report = {"summary": summary, "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06",
-              "commit": "abc1234", "config": {"sliding_window": 64, "tiny": False}}
+    rows = [_arm("teacher", None, None, 90.0, 95.0, 80.0),
+            _arm("share=1/4", "gated_deltanet", "1/4", 85.5, 90.0, 70.0, [(32, 100.0), (1024, 50.0)]),
+            _arm("share=1/4 + Stage III", "gated_deltanet", "1/4", 88.0, 89.0, 68.0, [(32, 100.0), (1024, 56.25)]),
+            _arm("share=1", "gated_deltanet", "1", 30.0, 93.0, 75.0),
+            _arm("share=0", "gated_deltanet", "0", 95.0, 40.0, 12.5),
+            _arm("mixer=gla", "gla", "1/4", 20.0, 60.0, 10.0),
+            {"name": "mixer=kda", "linear_mixer": "kda", "share": "1/4", "scores": None, "error": "cut"}]
+    train = {"stage1a": {"steps": 5}, "stage1b": {"steps": 6}, "stage2": {"steps": 7}, "stage3": {"steps": 3}}
+    report = {"summary": summary, "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06", "rows": rows,
+              "commit": "abc1234", "config": {"sliding_window": 64, "tiny": False, "run": {"train": train}}}
     bench.update_readme(report, str(readme))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text
     for figure in ("H100", "abc1234", "recalls 91.2%", "all-sliding student recalls 30.0%", "hybrid (1/4 Gated "
-                   "DeltaNet) 85.5%", "reads 12.5%", "retention 0.875", "at 1024 frames by 6.2 points"):
+                   "DeltaNet) 85.5%", "reads 12.5%", "retention 0.875", "at 1024 frames by 6.2 points",
+                   "trained 5 + 6 + 7 steps (I-a, I-b, II), Stage III 3",
+                   # the mixers best first; an arm that failed is left out, not shown as zero
+                   "by linear mixer (at 1/4): Gated DeltaNet 85.5%, GLA 20.0%;",
+                   # shares from all sliding to all linear, the Stage III row not among them
+                   "by sliding share (1, 1/4, 0): text characters read 93.0, 90.0, 40.0% (exact strings 75.0, "
+                   "70.0, 12.5%); recall past the window 30.0, 85.5, 95.0%",
+                   "without Stage III 100.0% at 32 and 50.0% at 1024; with it 100.0% at 32 and 56.2% at 1024",
+                   "the goal: not met: the default hybrid keeps 0.950 of the teacher's recall past the window and "
+                   "0.875 of its exact text"):
         assert figure in text, figure
+
+    # a report with the summary alone (no rows) still fills the headline lines
+    bench.update_readme({**report, "rows": [], "config": {"sliding_window": 64, "tiny": True}}, str(readme))
+    text = readme.read_text()
+    assert "smoke test" in text and "by linear mixer" not in text and "trained" not in text
+    met = {**summary, "hybrid_text_retention": 0.9}
+    assert "the goal: met:" in bench.readme_block({**report, "summary": met})
 
 
 def test_reports_name_the_commit_they_ran_and_a_node_can_be_told_it(monkeypatch):
