@@ -99,13 +99,6 @@ class TeacherSection(Section):
                              f"{self.source!r}, not 'tiny')")
         if self.train is not None and self.train.hidden % self.train.heads:
             raise ValueError(f"teacher.train.hidden ({self.train.hidden}) must be a multiple of heads ({self.train.heads})")
-        if self.train is not None and "dense_text" in (self.train.pictures or ()):
-            from pipeline.eval.mechanisms import TEXT_PIXELS, TEXT_SIZE
-
-            if self.train.max_pixels < TEXT_PIXELS:
-                raise ValueError(f"teacher.train.max_pixels ({self.train.max_pixels}) is under the dense_text "
-                                 f"picture's {TEXT_SIZE[0]}x{TEXT_SIZE[1]} = {TEXT_PIXELS}: the processor would "
-                                 f"shrink its characters out of their cells")
         return self
 
 
@@ -335,21 +328,24 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _sample_pictures_keep_text_cells(self) -> "RunConfig":
-        # The students see dense_text through the corpora's processors: a smaller cap shrinks the characters out
-        # of the cells the teacher learned them in, and every student would read worse than it could.
+    def _dense_text_keeps_its_cells(self) -> "RunConfig":
+        # A character a merged token: a processor capped under the picture's size shrinks the characters out of
+        # their cells. The teacher's cap makes the task unlearnable; a sample-pictures corpus's cap shows the
+        # students the text smaller than the teacher learned it, and every student reads worse than it could.
+        # Checked here rather than in the teacher's section so that every cap too small is named at once.
         if "dense_text" not in (self.picture_kinds or ()):
             return self
         from pipeline.data import SAMPLE_PICTURES
         from pipeline.eval.mechanisms import TEXT_PIXELS, TEXT_SIZE
 
-        small = [f"data.{name}.max_pixels ({corpus.max_pixels})"
+        caps = [("teacher.train", self.teacher.train.max_pixels)]
+        caps += [(f"data.{name}", corpus.max_pixels)
                  for name, corpus in (("distill", self.data.distill), ("instruct", self.data.instruct),
-                                      ("long", self.data.long))
-                 if SAMPLE_PICTURES in corpus.sources and corpus.max_pixels < TEXT_PIXELS]
+                                      ("long", self.data.long)) if SAMPLE_PICTURES in corpus.sources]
+        small = [f"{where}.max_pixels ({cap})" for where, cap in caps if cap < TEXT_PIXELS]
         if small:
             raise ValueError(f"{', '.join(small)} under the dense_text picture's {TEXT_SIZE[0]}x{TEXT_SIZE[1]} = "
-                             f"{TEXT_PIXELS} (teacher.train.pictures has dense_text, these corpora are "
+                             f"{TEXT_PIXELS} (teacher.train.pictures has dense_text; the corpora named are "
                              f"{SAMPLE_PICTURES}): the processor would shrink its characters out of their cells")
         return self
 

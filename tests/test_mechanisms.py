@@ -87,29 +87,28 @@ def test_teacher_batches_hold_recall_streams_of_one_octave(processor):
     assert mech.length_octave(5, 0, 4) == (4, 4)  # streams no longer than the shortest: one length
 
 
-def test_dense_text_needs_a_processor_that_keeps_its_cells():
-    from pydantic import ValidationError
-
-    from pipeline.config import TeacherSection
-
-    train = {"steps": 1, "pictures": ["dense_text"], "max_pixels": 12544}
-    with pytest.raises(ValidationError, match=r"teacher.train.max_pixels \(12544\) is under the dense_text.*28224"):
-        TeacherSection(source="tiny", train=train)
-    TeacherSection(source="tiny", train={**train, "max_pixels": mech.TEXT_PIXELS})
-    TeacherSection(source="tiny", train={**train, "pictures": ["recall"]})  # frames are 56x56 whatever the cap
-
-
-def test_dense_text_needs_sample_picture_corpora_that_keep_its_cells():
+def test_dense_text_needs_processors_that_keep_its_cells_every_one_named_at_once():
     from pipeline.config import ConfigError, load_config
 
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/mechanisms.yaml", ["teacher.train.max_pixels=12544"])
+    assert "teacher.train.max_pixels (12544) under the dense_text picture's 336x84 = 28224" in str(e.value)
     small = ["data.distill.max_pixels=12544", "data.long.max_pixels=20000"]
     with pytest.raises(ConfigError) as e:
         load_config("configs/mechanisms.yaml", small)
     # both corpora named at once, the instruct one (at the picture's size) not
     assert "data.distill.max_pixels (12544), data.long.max_pixels (20000) under the dense_text" in str(e.value)
-    assert "instruct" not in str(e.value)
-    load_config("configs/mechanisms.yaml", ["teacher.train.pictures=[\"recall\"]", *small])  # no text: any cap
+    assert "instruct" not in str(e.value) and "teacher.train.max_pixels" not in str(e.value)
+    # the teacher's cap and the corpora's in one error, not one after another fix
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/mechanisms.yaml", ["teacher.train.max_pixels=12544", *small])
+    assert ("teacher.train.max_pixels (12544), data.distill.max_pixels (12544), data.long.max_pixels (20000) "
+            "under the dense_text") in str(e.value)
+    # no text: any cap; corpora of other sources: theirs
+    load_config("configs/mechanisms.yaml", ["teacher.train.pictures=[\"recall\"]", "teacher.train.max_pixels=12544",
+                                            *small])
     load_config("configs/mechanisms.yaml", [*small, "data.distill.sources=[\"sample\"]", "data.long.sources=[\"sample\"]"])
+    load_config("configs/mechanisms.yaml", [f"teacher.train.max_pixels={mech.TEXT_PIXELS}"])
 
 
 def test_dense_text_answers_are_the_strings_drawn_on_their_lines():
