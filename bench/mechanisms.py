@@ -232,6 +232,14 @@ def beyond_window(scored: dict | None, window: int) -> float | None:
     return sum(past) / len(past) if past else None
 
 
+def text_reach(distances: list[int], window: int) -> dict:
+    """The dense-text questions' distances (tokens from the asked line's first character to the answer) against
+    the window: how many a sliding window alone cannot read."""
+    ordered = sorted(distances)
+    return {"min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1], "n": len(ordered),
+            "past_window": sum(d > window for d in ordered)} if ordered else {}
+
+
 def build_report(args, cfg: RunConfig, runner: str, sweep: dict, rows: list[dict], results: dict, failures: dict,
                  seconds: float) -> dict:
     window = cfg.student.sliding_window
@@ -249,6 +257,9 @@ def build_report(args, cfg: RunConfig, runner: str, sweep: dict, rows: list[dict
     unscored = failures.get("teacher") or "not scored: the run was cut short or the stage failed"
     for a in arms_out:
         a["recall_beyond_window"] = beyond_window(a.get("scores"), window)
+        text = (a.get("scores") or {}).get("text", {})
+        if "distances" in text:
+            text["distances"] = text_reach(text["distances"], window)
         if a.get("scores") is None and "error" not in a:
             a["error"] = unscored
     by_name = {a["name"]: a for a in arms_out}
@@ -325,6 +336,11 @@ def markdown(report: dict) -> str:
         s = a["scores"]
         lines.append(f"| {a['name']} | " + " | ".join(_f(r["accuracy"]) for r in s["recall_by_distance"])
                      + f" | {_f(a['recall_beyond_window'])} | {_f(s['text']['exact'])} | {_f(s['text']['char_accuracy'])} |")
+    reach = _text_reach(report)
+    if reach:
+        lines += ["", f"Text: the asked line's first character sits {reach['min']}-{reach['max']} tokens before the "
+                      f"answer (median {reach['median']}); {reach['past_window']} of {reach['n']} questions lie past "
+                      f"the {window}-token window, out of a sliding window's reach."]
     framed = [a for a in scored if a["scores"].get("frames")]
     if framed:
         counts = [r["frames"] for r in framed[0]["scores"]["frames"]]
@@ -408,10 +424,17 @@ def readme_block(report: dict) -> str:
         f"{s['goal_retention']} on both tasks);",
         f"- Stage III changes recall at {frames} frames by {_f(s['stage3_gain_1024_frames'])} points;",
         *_arm_lines(report),
+        *_reach_line(report, window),
         f"- the goal: {_goal(s)}.",
         "Per-arm tables (every mixer and share): `bench/results/mechanisms.md`; plots: `mechanisms.png`.",
         README_END]
     return "\n".join(lines)
+
+
+def _text_reach(report: dict) -> dict:
+    """The text questions' distances of the report (the same prompt and pictures for every arm: the first)."""
+    return next((a["scores"]["text"]["distances"] for a in report.get("rows", [])
+                 if (a.get("scores") or {}).get("text", {}).get("distances")), {})
 
 
 def _goal(s: dict) -> str:
@@ -421,6 +444,15 @@ def _goal(s: dict) -> str:
     verdict = "met" if min(kept) >= s["goal_retention"] else "not met"
     return (f"{verdict}: the default hybrid keeps {_r(kept[0])} of the teacher's recall past the window and "
             f"{_r(kept[1])} of its exact text (goal {s['goal_retention']} on both)")
+
+
+def _reach_line(report: dict, window: int) -> list[str]:
+    reach = _text_reach(report)
+    if not reach:
+        return []
+    return [f"- {reach['past_window']} of the {reach['n']} text questions ask for a line whose first character "
+            f"sits past the {window}-token window ({reach['min']}-{reach['max']} tokens back): no window alone reads "
+            "those;"]
 
 
 def _arm_lines(report: dict) -> list[str]:

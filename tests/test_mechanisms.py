@@ -136,6 +136,46 @@ def test_dense_text_answers_are_the_strings_drawn_on_their_lines():
             assert not band[:, [c * mech.TEXT_CELL for c in cells]].any()  # no glyph crosses a cell's edge
 
 
+def _text_picture(starts: dict[int, int], question: str, sample_id: str = "dense_text/t") -> dict:
+    """A dense-text sample whose picture has ink from column `starts[row]` to the line's end, row by row."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.eval.dataset import encode_image, make_sample
+
+    image = Image.new("RGB", mech.TEXT_SIZE, "white")
+    draw = ImageDraw.Draw(image)
+    for row, start in starts.items():
+        for c in range(start, mech.TEXT_COLUMNS):
+            x, y = c * mech.TEXT_CELL, row * mech.TEXT_CELL
+            draw.rectangle((x + 8, y + 8, x + 20, y + 20), fill="black")
+    return make_sample(id=sample_id, suite="mechanisms", image=encode_image(image), question=question,
+                       answers=["x"] * 10, metric="vqa", category="dense_text", source="synthetic")
+
+
+def test_text_distance_counts_back_to_the_asked_lines_first_character():
+    from model.tiny import build_processor
+
+    proc = build_processor(max_pixels=mech.TEXT_PIXELS)
+    first, third = "what is written on the first line?", "what is written on the third line?"
+    # a line starting 7 cells later is 7 tokens nearer the answer
+    assert (mech.text_distance(proc, _text_picture({0: 0, 2: 0}, first))
+            - mech.text_distance(proc, _text_picture({0: 7, 2: 0}, first))) == 7
+    # two rows down is 24 cells nearer, less what the longer question adds after the picture
+    words = [len(proc.tokenizer(q)["input_ids"]) for q in (first, third)]
+    assert (mech.text_distance(proc, _text_picture({0: 2, 2: 2}, first))
+            - mech.text_distance(proc, _text_picture({0: 2, 2: 2}, third))) == 2 * mech.TEXT_COLUMNS + words[0] - words[1]
+    # a question naming no line asks for the first
+    assert mech.text_distance(proc, _text_picture({0: 3}, "what does the text say?")) > mech.text_distance(
+        proc, _text_picture({0: 3, 1: 3}, "what is written on the second line?"))
+    with pytest.raises(ValueError, match="dense_text/empty: no character drawn on line 2"):
+        mech.text_distance(proc, _text_picture({0: 0}, "what is written on the second line?", "dense_text/empty"))
+    with pytest.raises(ValueError, match="not a token a cell"):
+        mech.text_distance(build_processor(max_pixels=12544), _text_picture({0: 0}, first))
+    # the held-out questions with this prompt: every one further back than the picture's 36 tokens
+    held_out = [mech.text_distance(proc, mech.text_sample(i)) for i in range(16)]
+    assert all(36 < d < 36 + 64 for d in held_out) and len(set(held_out)) > 3
+
+
 def test_character_accuracy_by_hand():
     assert mech.char_accuracy("abc123", "abc123") == 1.0
     assert mech.char_accuracy("abd123", "abc123") == pytest.approx(5 / 6)  # one substitution
@@ -222,7 +262,14 @@ def test_tiny_mechanisms_bench_end_to_end(tmp_path):
     frames = {n: rows[n]["scores"]["frames"] for n in ("share=1/4", "share=1/4 + Stage III")}
     assert [r["frames"] for r in frames["share=1/4"]] == [8] and rows["share=0"]["scores"]["frames"] == []
     assert s["stage3_gain_1024_frames"] == frames["share=1/4 + Stage III"][0]["accuracy"] - frames["share=1/4"][0]["accuracy"]
-    assert (out / "mechanisms.png").stat().st_size > 0 and "| teacher |" in (out / "mechanisms.md").read_text()
+    # the text question's reach, counted with the students' processor on the same question for every arm
+    reach = teacher["scores"]["text"]["distances"]
+    assert reach["n"] == 1 and 36 < reach["min"] == reach["median"] == reach["max"]
+    assert reach["past_window"] == 1  # the tiny window (16) is shorter than the picture's 36 tokens
+    assert all(rows[n]["scores"]["text"]["distances"] == reach for n in rows)
+    md = (out / "mechanisms.md").read_text()
+    assert (out / "mechanisms.png").stat().st_size > 0 and "| teacher |" in md
+    assert f"sits {reach['min']}-{reach['max']} tokens before the answer" in md and "1 of 1 questions" in md
 
 
 def test_a_teacher_that_learned_neither_task_stops_the_bench_before_any_student(tmp_path, monkeypatch):
@@ -292,6 +339,7 @@ def test_readme_block_is_filled_from_the_report(tmp_path):
             _arm("share=0", "gated_deltanet", "0", 95.0, 40.0, 12.5),
             _arm("mixer=gla", "gla", "1/4", 20.0, 60.0, 10.0),
             {"name": "mixer=kda", "linear_mixer": "kda", "share": "1/4", "scores": None, "error": "cut"}]
+    rows[0]["scores"]["text"]["distances"] = {"min": 50, "median": 70, "max": 79, "n": 8, "past_window": 6}
     train = {"stage1a": {"steps": 5}, "stage1b": {"steps": 6}, "stage2": {"steps": 7}, "stage3": {"steps": 3}}
     report = {"summary": summary, "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06", "rows": rows,
               "commit": "abc1234", "config": {"sliding_window": 64, "tiny": False, "run": {"train": train}}}
@@ -308,13 +356,16 @@ def test_readme_block_is_filled_from_the_report(tmp_path):
                    "70.0, 12.5%); recall past the window 30.0, 85.5, 95.0%",
                    "without Stage III 100.0% at 32 and 50.0% at 1024; with it 100.0% at 32 and 56.2% at 1024",
                    "the goal: not met: the default hybrid keeps 0.950 of the teacher's recall past the window and "
-                   "0.875 of its exact text"):
+                   "0.875 of its exact text",
+                   "6 of the 8 text questions ask for a line whose first character sits past the 64-token window "
+                   "(50-79 tokens back)"):
         assert figure in text, figure
 
     # a report with the summary alone (no rows) still fills the headline lines
     bench.update_readme({**report, "rows": [], "config": {"sliding_window": 64, "tiny": True}}, str(readme))
     text = readme.read_text()
     assert "smoke test" in text and "by linear mixer" not in text and "trained" not in text
+    assert "text questions" not in text
     met = {**summary, "hybrid_text_retention": 0.9}
     assert "the goal: met:" in bench.readme_block({**report, "summary": met})
 

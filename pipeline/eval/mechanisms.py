@@ -178,6 +178,31 @@ def text_sample(index: int, seed: int = HELD_OUT_SEED) -> dict:
                        answers=[answer] * 10, metric="vqa", category="dense_text", source="synthetic")
 
 
+def text_distance(processor, sample: dict) -> int:
+    """Tokens from the asked line's first character to the end of the prompt (the position that generates the
+    answer's first character; each later character is as far from its own cell), counted with `processor` on the
+    runner's own prompt: what a sliding window must reach to read the line. The line is the one the question
+    names (the first where it names none); its start, the first cell of that row with ink."""
+    from .dataset import decode_image
+    from .runner import build_messages, build_prompt
+
+    image = decode_image(sample["image"]) if isinstance(sample["image"], bytes) else sample["image"]
+    row = next((i for i, name in enumerate(LINE_NAMES) if f"the {name} line" in sample["question"]), 0)
+    band = image.convert("L").crop((0, row * TEXT_CELL, TEXT_SIZE[0], (row + 1) * TEXT_CELL))
+    start = next((c for c in range(TEXT_COLUMNS)
+                  if band.crop((c * TEXT_CELL, 0, (c + 1) * TEXT_CELL, TEXT_CELL)).getextrema()[0] < 128), None)
+    if start is None:
+        raise ValueError(f"{sample['id']}: no character drawn on line {row + 1} of the picture")
+    text = processor.apply_chat_template(build_messages(sample, build_prompt(sample)), add_generation_prompt=True)
+    inputs = processor(text=text, images=[image])
+    ids = inputs["input_ids"][0].tolist()
+    cells = [i for i, t in enumerate(ids) if t == processor.image_token_id]
+    if len(cells) != TEXT_COLUMNS * TEXT_SIZE[1] // TEXT_CELL:
+        raise ValueError(f"{sample['id']}: the processor made {len(cells)} image tokens of the "
+                         f"{TEXT_SIZE[0]}x{TEXT_SIZE[1]} picture, not a token a cell (its max_pixels is too small)")
+    return len(ids) - 1 - cells[row * TEXT_COLUMNS + start]
+
+
 def char_accuracy(prediction: str, answer: str) -> float:
     """1 - (edit distance / answer length), floored at 0: the share of the answer's characters read right
     (the complement of the character error rate), on the VQA-normalised strings."""
@@ -229,6 +254,7 @@ def score_mechanisms(model, processor, out_dir: str, config: MechanismsConfig, f
     texts = [text_sample(i) for i in range(config.text_samples)]
     run_suite(model, processor, texts, "dense_text", out_dir, eval_config, model_name)
     out["text"] = text_scores(f"{out_dir.rstrip('/')}/dense_text/samples.jsonl")
+    out["text"]["distances"] = [text_distance(processor, s) for s in texts]  # what a window must reach, a question
     if frames_sweep:
         for n in config.frame_counts:
             samples = [recall_sample(0, i, n_frames=n) for i in range(config.recall_samples)]
