@@ -26,7 +26,7 @@ import time
 import yaml
 
 from bench.common import provenance
-from pipeline.config import TeacherTrainSection, load_config
+from pipeline.config import TeacherTrainSection, dense_text_caps_too_small, load_config
 from pipeline.teacher_train import train_teacher
 
 
@@ -43,6 +43,10 @@ def run(args: argparse.Namespace) -> dict:
         key, _, value = item.partition("=")
         fields[key] = yaml.safe_load(value)
     settings = TeacherTrainSection(**fields)
+    if "dense_text" in (settings.pictures or ()):
+        problem = dense_text_caps_too_small([("teacher.train", settings.max_pixels)])
+        if problem:
+            raise SystemExit(f"proof_teacher: {problem}")
     os.makedirs(args.out, exist_ok=True)
     if args.profile_step:
         return profile_step(settings, args.seed, family, args.out)

@@ -102,6 +102,18 @@ class TeacherSection(Section):
         return self
 
 
+def dense_text_caps_too_small(caps: list[tuple[str, int]]) -> str | None:
+    """What is wrong with these (where, max_pixels) processor caps for the dense_text picture, every one named, or
+    None: a character a merged token, so a cap under the picture's size shrinks the characters out of their cells."""
+    from pipeline.eval.mechanisms import TEXT_PIXELS, TEXT_SIZE
+
+    small = [f"{where}.max_pixels ({cap})" for where, cap in caps if cap < TEXT_PIXELS]
+    if not small:
+        return None
+    return (f"{', '.join(small)} under the dense_text picture's {TEXT_SIZE[0]}x{TEXT_SIZE[1]} = {TEXT_PIXELS}: "
+            "the processor would shrink its characters out of their cells")
+
+
 class StudentSection(Section):
     """The hybrid decoder built from the teacher; names follow model/config.py. Fields left unset take the teacher
     family's defaults: 1 sliding-window layer : 3 linear layers with the teacher's attention dims (Qwen3.5: its own
@@ -336,17 +348,15 @@ class RunConfig(Section):
         if "dense_text" not in (self.picture_kinds or ()):
             return self
         from pipeline.data import SAMPLE_PICTURES
-        from pipeline.eval.mechanisms import TEXT_PIXELS, TEXT_SIZE
 
         caps = [("teacher.train", self.teacher.train.max_pixels)]
         caps += [(f"data.{name}", corpus.max_pixels)
                  for name, corpus in (("distill", self.data.distill), ("instruct", self.data.instruct),
                                       ("long", self.data.long)) if SAMPLE_PICTURES in corpus.sources]
-        small = [f"{where}.max_pixels ({cap})" for where, cap in caps if cap < TEXT_PIXELS]
-        if small:
-            raise ValueError(f"{', '.join(small)} under the dense_text picture's {TEXT_SIZE[0]}x{TEXT_SIZE[1]} = "
-                             f"{TEXT_PIXELS} (teacher.train.pictures has dense_text; the corpora named are "
-                             f"{SAMPLE_PICTURES}): the processor would shrink its characters out of their cells")
+        problem = dense_text_caps_too_small(caps)
+        if problem:
+            raise ValueError(f"{problem} (teacher.train.pictures has dense_text; the corpora named are "
+                             f"{SAMPLE_PICTURES})")
         return self
 
     @property

@@ -42,6 +42,16 @@ def test_teacher_trains_saves_reloads_and_scores(tmp_path, one_thread):
         assert torch.isfinite(reloaded(**batch).loss)
 
 
+def test_a_dense_text_teacher_whose_processor_shrinks_the_picture_is_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match=r"teacher.train.max_pixels \(12544\) under the dense_text picture's "
+                                         r"336x84 = 28224"):
+        small = ["steps=1", "batch_size=2", "hidden=32", "heads=2", "kv_heads=1", "num_layers=1", "intermediate=64",
+                 "vision_hidden=32", "vision_depth=1", "max_frames=8", "eval_pictures=2", "loader_workers=0"]
+        argv = ["--out", str(tmp_path), "--config", "configs/mechanisms.yaml", "--set", "max_pixels=12544"]
+        run(parse_args(argv + [x for item in small for x in ("--set", item)]))  # small: were it not refused, quick
+    assert not (tmp_path / "teacher").exists() and not (tmp_path / "report.json").exists()
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(0, 100, 10) == 0.1 and lr_factor(9, 100, 10) == 1.0
     assert abs(lr_factor(100, 100, 10) - 0.1) < 1e-9 and lr_factor(50, 100, 10) < 1.0
