@@ -339,8 +339,7 @@ def run_jobs(main_path: str, jobs: list[dict], runner: str, jobs_dir: Path, gpus
                 print(why, flush=True)
                 _stop_children()  # the warm-up's, if still running
                 return {}, {"teacher": why}, None
-        _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner, "score": False},
-               jobs_dir, gpus[0])
+        _spawn(_shared_job(main_path, runner), jobs_dir, gpus[0])
         if warming is not None and warming.is_alive():
             _log_phase(started, "waiting for the kernel warm-up")
             warming.join()
@@ -615,6 +614,11 @@ def _run_parallel(jobs: list[dict], jobs_dir: Path, gpus: list, started: float) 
     return results, failures
 
 
+def _shared_job(main_path: str, runner: str) -> dict:
+    """The job of a chain's shared stages (teacher, data, teacher logits), unscored."""
+    return {"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner, "score": False}
+
+
 def warm_up(main_path: str, jobs: list[dict], jobs_dir: Path, runner: str, gpus: list, started: float) -> None:
     """Runs a throwaway chain (its own root: a teacher of a few steps, a few samples, a few steps a stage, the
     students' shapes) while the real teacher trains: its stages compile and autotune, into the node's caches, the
@@ -622,8 +626,7 @@ def warm_up(main_path: str, jobs: list[dict], jobs_dir: Path, runner: str, gpus:
     slowed by the others (on an H100, the GLA and KDA students' first step took 270 s among eight). A failure
     here only costs the time: the students compile what they lack themselves."""
     try:
-        _spawn({"name": "shared", "config": main_path, "stages": list(SHARED), "runner": runner, "score": False},
-               jobs_dir, gpus[0])
+        _spawn(_shared_job(main_path, runner), jobs_dir, gpus[0])
         _, failures = _run_parallel(jobs, jobs_dir, gpus[:len(jobs)], started)
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         failures = {"shared": str(e).splitlines()[0]}
