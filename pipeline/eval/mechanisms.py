@@ -135,16 +135,21 @@ def frame_sample(sample_id: str, category: str, frames: list[Image.Image], quest
 def key_distance(processor, sample: dict) -> int:
     """Tokens from the key's last token to the end of the prompt (the position that generates the answer),
     counted with `processor` on the runner's own prompt."""
-    from .runner import build_messages, build_prompt
-
-    text = processor.apply_chat_template(build_messages(sample, build_prompt(sample)), add_generation_prompt=True)
-    ids = processor(text=text, videos=[sample["frames"]], video_fps=sample["video_fps"])["input_ids"][0].tolist()
+    ids = _prompt_ids(processor, sample, videos=[sample["frames"]], video_fps=sample["video_fps"])
     video = [i for i, t in enumerate(ids) if t == processor.video_token_id]
     key_patch = next(t for t in range(0, len(sample["frames"]), TEMPORAL_PATCH)
                      if sample["frames"][t].getpixel((0, 0)) == (255, 255, 255))
     per_patch = len(video) // math.ceil(len(sample["frames"]) / TEMPORAL_PATCH)
     last_key_token = video[(key_patch // TEMPORAL_PATCH + 1) * per_patch - 1]
     return len(ids) - 1 - last_key_token
+
+
+def _prompt_ids(processor, sample: dict, **media) -> list[int]:
+    """The token ids of the runner's own prompt for `sample`, with its media, up to the answer's first position."""
+    from .runner import build_messages, build_prompt
+
+    text = processor.apply_chat_template(build_messages(sample, build_prompt(sample)), add_generation_prompt=True)
+    return processor(text=text, **media)["input_ids"][0].tolist()
 
 
 # -- dense text -------------------------------------------------------------------------------------------------
@@ -184,7 +189,6 @@ def text_distance(processor, sample: dict) -> int:
     runner's own prompt: what a sliding window must reach to read the line. The line is the one the question
     names (the first where it names none); its start, the first cell of that row with ink."""
     from .dataset import decode_image
-    from .runner import build_messages, build_prompt
 
     image = decode_image(sample["image"]) if isinstance(sample["image"], bytes) else sample["image"]
     row = next((i for i, name in enumerate(LINE_NAMES) if f"the {name} line" in sample["question"]), 0)
@@ -193,9 +197,7 @@ def text_distance(processor, sample: dict) -> int:
                   if band.crop((c * TEXT_CELL, 0, (c + 1) * TEXT_CELL, TEXT_CELL)).getextrema()[0] < 128), None)
     if start is None:
         raise ValueError(f"{sample['id']}: no character drawn on line {row + 1} of the picture")
-    text = processor.apply_chat_template(build_messages(sample, build_prompt(sample)), add_generation_prompt=True)
-    inputs = processor(text=text, images=[image])
-    ids = inputs["input_ids"][0].tolist()
+    ids = _prompt_ids(processor, sample, images=[image])
     cells = [i for i, t in enumerate(ids) if t == processor.image_token_id]
     if len(cells) != TEXT_COLUMNS * TEXT_SIZE[1] // TEXT_CELL:
         raise ValueError(f"{sample['id']}: the processor made {len(cells)} image tokens of the "
